@@ -1,0 +1,32 @@
+"""Dense CRF refinement with the parameters shared by STEGO, HP and PriMaPs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import UserError
+
+# Gaussian (smoothness) and bilateral (appearance) kernels of STEGO/HP/PriMaPs.
+STEGO_CRF = dict(iterations=10, gauss_sxy=1, gauss_compat=3, bilateral_sxy=67, bilateral_srgb=3, bilateral_compat=4)
+
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10, gauss_sxy: float = 1,
+              gauss_compat: float = 3, bilateral_sxy: float = 67, bilateral_srgb: float = 3,
+              bilateral_compat: float = 4) -> np.ndarray:
+    """Refine class probabilities (C, H, W) on an RGB image (H, W, 3) uint8; returns (C, H, W) float32."""
+    try:
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
+    except ImportError as err:
+        raise UserError("dense CRF needs pydensecrf -- `pip install pydensecrf2`, or run with --no-crf") from err
+    c, h, w = probs.shape
+    if image.shape[:2] != (h, w):
+        raise ValueError(f"CRF image {image.shape[:2]} and probabilities {(h, w)} differ in size")
+    probs = np.clip(probs.astype(np.float32), 1e-8, 1.0)
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
+    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, compat=bilateral_compat,
+                             rgbim=np.ascontiguousarray(image, dtype=np.uint8))
+    q = crf.inference(iterations)
+    return np.asarray(q, dtype=np.float32).reshape(c, h, w)

@@ -1,0 +1,214 @@
+"""Feature extraction and the on-disk feature cache.
+
+Features are extracted once per (backbone, weights identity, dataset, split, protocol) and kept as
+float16 ``.npy`` memory maps, one file per feature kind, so every method, K and seed reuses them.
+Images may differ in size (``crop: none``): every kind is stored as flat rows, image ``i`` owning rows
+``offsets[i]:offsets[i+1]``. Progress is committed (atomic rename) after each batch is flushed, so an
+interrupted extraction resumes at the first image not yet committed. A file lock makes concurrent
+runs wait for one another instead of extracting twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data.base import SegDataset
+from .data.protocol import Protocol
+from .models.base import Backbone
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SSL_BENCH_CACHE", Path(".ssl-bench") / "cache"))
+
+
+def _per_image(kind: str) -> bool:
+    return kind == "cls"
+
+
+class FeatureStore:
+    """Read access to one cached feature kind; ``fs[i]`` gives image ``i`` as float32."""
+
+    def __init__(self, kind: str, flat: np.ndarray, offsets: np.ndarray, grids: np.ndarray):
+        self.kind, self.flat, self.offsets, self.grids = kind, flat, offsets, grids
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def grid(self, i: int) -> tuple[int, int]:
+        return int(self.grids[i][0]), int(self.grids[i][1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        rows = np.asarray(self.flat[self.offsets[i]:self.offsets[i + 1]], dtype=np.float32)
+        if _per_image(self.kind):
+            return rows[0]
+        h, w = self.grid(i)
+        grid = rows.reshape(h, w, -1)
+        return grid.transpose(2, 0, 1).copy() if self.kind == "attn" else grid  # attn: (heads, h, w)
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything that changes the features. Its hash names the cache folder."""
+
+    backbone: str
+    weights: str
+    dataset: str
+    split: str
+    ids_sha: str  # the image list itself, so a subset or a changed folder gets its own entry
+    protocol: tuple
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _ProtocolImages(Dataset):
+    """Dataset images at protocol resolution, uint8 (H, W, 3); decoded in a loader worker."""
+
+    def __init__(self, dataset: SegDataset, protocol: Protocol, multiple: int, indices: list[int]):
+        self.dataset, self.protocol, self.multiple, self.indices = dataset, protocol, multiple, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        i = self.indices[j]
+        return i, torch.from_numpy(self.protocol.apply_image(self.dataset.load_image(i), self.multiple))
+
+
+def _same_size_batches(grids: np.ndarray, start: int, batch_size: int) -> list[list[int]]:
+    """Consecutive indices grouped while the grid size stays the same (so they stack)."""
+    batches: list[list[int]] = []
+    for i in range(start, len(grids)):
+        if batches and len(batches[-1]) < batch_size and (grids[batches[-1][0]] == grids[i]).all():
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _locked(path: Path):
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root else default_cache_dir()
+
+    def key(self, backbone: Backbone, weights_identity: str, dataset: SegDataset, protocol: Protocol) -> CacheKey:
+        ids_sha = hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()[:16]
+        return CacheKey(backbone.spec.name, weights_identity, dataset.name, dataset.split, ids_sha,
+                        tuple(sorted(protocol.as_dict().items())))
+
+    def entry_dir(self, key: CacheKey) -> Path:
+        return self.root / key.backbone / f"{key.dataset}-{key.split}" / key.digest()
+
+    def missing_kinds(self, key: CacheKey, kinds: Iterable[str], n_images: int) -> list[str]:
+        folder = self.entry_dir(key)
+        return [k for k in sorted(set(kinds)) if self._done(folder, k) < n_images]
+
+    @staticmethod
+    def _done(folder: Path, kind: str) -> int:
+        path = folder / f"{kind}.progress.json"
+        return json.loads(path.read_text())["done"] if path.exists() else 0
+
+    def ensure(self, backbone: Backbone, weights_identity: str, dataset: SegDataset, protocol: Protocol,
+               kinds: Iterable[str], progress: Callable = lambda it, **_: it, batch_size: int = 8,
+               workers: int | None = None) -> dict[str, FeatureStore]:
+        """Extract whatever of ``kinds`` is not cached yet, then open every kind for reading."""
+        kinds = sorted(set(kinds))
+        backbone.check_kinds(kinds)
+        key = self.key(backbone, weights_identity, dataset, protocol)
+        folder = self.entry_dir(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        grids, offsets = self._plan(folder, key, dataset, protocol, backbone.patch_size)
+        if self.missing_kinds(key, kinds, len(dataset)):
+            with _locked(folder / ".lock"):  # another process may have finished it meanwhile
+                todo = self.missing_kinds(key, kinds, len(dataset))
+                if todo:
+                    self._extract(folder, backbone, dataset, protocol, todo, grids, offsets,
+                                  progress, batch_size, workers)
+        return {k: self.open(folder, k, grids, offsets) for k in kinds}
+
+    def _plan(self, folder: Path, key: CacheKey, dataset: SegDataset, protocol: Protocol, patch: int):
+        meta_path = folder / "meta.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            return np.array(meta["grids"], dtype=np.int64).reshape(-1, 2), np.array(meta["offsets"], dtype=np.int64)
+        sizes = [protocol.output_size(*dataset.image_size(i), patch) for i in range(len(dataset))]
+        grids = np.array([(h // patch, w // patch) for h, w in sizes], dtype=np.int64).reshape(-1, 2)
+        offsets = np.concatenate([[0], np.cumsum(grids[:, 0] * grids[:, 1])]).astype(np.int64)
+        _write_json_atomic(meta_path, {"key": key.__dict__, "ids": dataset.ids,
+                                       "grids": grids.tolist(), "offsets": offsets.tolist()})
+        return grids, offsets
+
+    def _extract(self, folder, backbone, dataset, protocol, kinds, grids, offsets, progress, batch_size, workers):
+        start = min(self._done(folder, k) for k in kinds)
+        batches = _same_size_batches(grids, start, batch_size)
+        images = _ProtocolImages(dataset, protocol, backbone.patch_size, list(range(len(dataset))))
+        if workers is None:  # decode the next batch while the model runs on this one
+            workers = 1 if (os.cpu_count() or 1) > 1 else 0
+        loader = DataLoader(images, batch_sampler=batches, num_workers=workers)
+        arrays: dict[str, np.ndarray] = {}
+        for indices, batch in progress(loader, desc=f"extract {backbone.spec.name} on {dataset.name}/{dataset.split}",
+                                       total=len(batches)):
+            device = next(iter(backbone.buffers())).device
+            feats = backbone.extract(backbone.normalize(batch.to(device)), kinds)
+            for kind in kinds:
+                rows = self._rows(kind, feats[kind]).astype(np.float16)
+                if kind not in arrays:
+                    fresh = self._done(folder, kind) == 0
+                    arrays[kind] = self._open_for_write(folder, kind, rows.shape[1], len(grids), offsets, fresh)
+                lo = indices[0].item() if _per_image(kind) else offsets[indices[0]]
+                arrays[kind][lo:lo + len(rows)] = rows
+            for kind in kinds:  # commit only what is on disk
+                arrays[kind].flush()
+                _write_json_atomic(folder / f"{kind}.progress.json", {"done": int(indices[-1]) + 1})
+
+    @staticmethod
+    def _rows(kind: str, t: torch.Tensor) -> np.ndarray:
+        t = t.float().cpu()
+        if kind == "attn":
+            t = t.permute(0, 2, 3, 1)  # (B, heads, h, w) -> rows of per-patch head weights
+        return t.reshape(-1, t.shape[-1]).numpy() if t.dim() > 2 else t.numpy()
+
+    @staticmethod
+    def _open_for_write(folder: Path, kind: str, dim: int, n_images: int, offsets: np.ndarray,
+                        fresh: bool) -> np.ndarray:
+        path = folder / f"{kind}.npy"
+        shape = (n_images if _per_image(kind) else int(offsets[-1]), dim)
+        if not fresh:  # resume: committed rows are kept
+            array = np.load(path, mmap_mode="r+")
+            if array.shape != shape:
+                raise RuntimeError(f"cache file {path} has shape {array.shape}, expected {shape}: delete {folder}")
+            return array
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+
+    @staticmethod
+    def open(folder: Path, kind: str, grids: np.ndarray, offsets: np.ndarray) -> FeatureStore:
+        flat = np.load(folder / f"{kind}.npy", mmap_mode="r")
+        if _per_image(kind):
+            offsets = np.arange(len(grids) + 1)
+        return FeatureStore(kind, flat, offsets, grids)

@@ -1,0 +1,51 @@
+"""The k-means baseline ("DINO baseline" of STEGO, HP and PriMaPs).
+
+Cosine k-means on L2-normalised patch features of a whole split; each patch takes its nearest
+centroid; scores are upsampled bilinearly to label resolution before the argmax, optionally refined
+by the dense CRF those papers share.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..crf import STEGO_CRF, dense_crf
+from ..ops import kmeans, l2_normalize, sample_rows, softmax, upsample_scores
+
+
+def fit_centroids(features: np.ndarray, k: int, seed: int, iterations: int = 50) -> np.ndarray:
+    """Unit-norm centroids (k, d) of cosine k-means on feature rows (n, d)."""
+    return kmeans(l2_normalize(features), k, seed=seed, iterations=iterations, spherical=True)
+
+
+def cluster_scores(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each patch (h, w, d) to each centroid: (k, h, w)."""
+    return np.einsum("hwd,kd->khw", l2_normalize(features), l2_normalize(centroids))
+
+
+def predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None = None,
+            crf_alpha: float = 0.0) -> np.ndarray:
+    """Labels (H, W) from patch scores (k, h, w); with ``image`` and ``crf_alpha`` > 0, CRF-refined
+    (probabilities are softmax(alpha * cosine), as STEGO's cluster probabilities)."""
+    up = upsample_scores(scores, size)
+    if image is not None and crf_alpha > 0:
+        up = dense_crf(image, softmax(crf_alpha * up, axis=0), **STEGO_CRF)
+    return up.argmax(0).astype(np.int64)
+
+
+def run(ctx):
+    from ..runner import Prediction, TaskResult
+
+    p = ctx.params
+    fit = ctx.features("patch", p["fit_split"])
+    rows = sample_rows(len(fit.flat), p["max_fit_patches"], ctx.seed)
+    centroids = fit_centroids(np.asarray(fit.flat[rows], dtype=np.float32), ctx.k, ctx.seed, p["iterations"])
+    feats = ctx.features("patch")
+
+    def predictions():
+        for i in range(len(feats)):
+            image = ctx.image(i) if p["crf"] else None
+            labels = predict(cluster_scores(feats[i], centroids), ctx.label_size(i), image, p["crf_alpha"])
+            yield Prediction(i, labels)
+
+    return TaskResult(predictions(), stats={"fit_patches": int(len(rows))})

@@ -1,0 +1,25 @@
+"""Backbone construction: registry entry + weights source -> a frozen ``Backbone``."""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import BackboneSpec, load_entrypoint
+from .base import Backbone
+from .weights import WeightsSource, read_checkpoint, resolve, unwrap_state_dict
+
+
+def build_backbone(spec: BackboneSpec, source: WeightsSource, seed: int = 0) -> Backbone:
+    """Build ``spec`` with the weights of ``source``; random weights are drawn from ``seed``."""
+    builder = load_entrypoint(spec.builder)
+    if source.is_random:
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = builder(spec, None)
+    else:
+        state = unwrap_state_dict(read_checkpoint(source.path), spec.checkpoint)
+        model = builder(spec, state)
+    return model.eval().requires_grad_(False)
+
+
+__all__ = ["Backbone", "WeightsSource", "build_backbone", "resolve"]

@@ -1,0 +1,143 @@
+"""Where weights come from, and how official checkpoint files are unwrapped into a plain state dict.
+
+Resolution order: ``--weights PATH``; the local weights folder ``$SSL_BENCH_WEIGHTS``; the hub caches
+of timm / Hugging Face / torch.hub. Nothing found offline is one line naming the file and where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..registry import BackboneSpec
+
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    path: Path | None  # None: random initialisation
+    identity: str  # sha256 of the file, or "random:<seed>"
+    origin: str  # "random", "--weights", "$SSL_BENCH_WEIGHTS", "timm cache", ...
+
+    @property
+    def is_random(self) -> bool:
+        return self.path is None
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def expected_file(spec: BackboneSpec) -> str:
+    return spec.file or (spec.url.rsplit("/", 1)[-1] if spec.url else f"{spec.name}.pth")
+
+
+def _hub_candidates(spec: BackboneSpec) -> list[tuple[str, Path]]:
+    """Files the usual hub caches would hold for this entry (checked in order, none downloaded)."""
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    out = []
+    for origin, repo in (("timm cache", f"timm/{spec.timm}" if spec.timm else None), ("Hugging Face cache", spec.hf)):
+        if repo:
+            snapshots = hf_home / f"models--{repo.replace('/', '--')}" / "snapshots"
+            for name in ("model.safetensors", "pytorch_model.bin"):
+                out += [(origin, p) for p in sorted(snapshots.glob(f"*/{name}"))]
+    out.append(("torch.hub cache", torch_home / "hub" / "checkpoints" / expected_file(spec)))
+    return out
+
+
+def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0, verify: bool = True) -> WeightsSource:
+    """Find the weights for ``spec``; ``weights`` is a path, ``"random"``, or None (search)."""
+    if weights == RANDOM:
+        return WeightsSource(None, f"random:{seed}", RANDOM)
+    if spec.family == "reference":  # non-learned: nothing to load
+        return WeightsSource(None, "none", "non-learned")
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise UserError(f"--weights {weights}: no such file -- give the checkpoint path, or --weights random")
+        return WeightsSource(path, _identity(spec, path, verify), "--weights")
+    local = os.environ.get("SSL_BENCH_WEIGHTS")
+    candidates = [("$SSL_BENCH_WEIGHTS", Path(local) / expected_file(spec))] if local else []
+    for origin, path in candidates + _hub_candidates(spec):
+        if path.is_file():
+            return WeightsSource(path, _identity(spec, path, verify), origin)
+    where = f"$SSL_BENCH_WEIGHTS ({local})" if local else "a folder named by $SSL_BENCH_WEIGHTS"
+    source = f" (download: {spec.url})" if spec.url else (f" (Hugging Face: {spec.hf})" if spec.hf else "")
+    raise UserError(f"no weights for {spec.name}: put {expected_file(spec)}{source} in {where}, "
+                    "or pass --weights PATH, or --weights random for a smoke run")
+
+
+def _identity(spec: BackboneSpec, path: Path, verify: bool) -> str:
+    digest = sha256_of(path)
+    if verify and spec.sha256 and path.name == expected_file(spec) and not digest.startswith(spec.sha256):
+        raise UserError(f"{path} has sha256 {digest[:12]}..., the registry expects {spec.sha256[:12]}... "
+                        "for that file -- download it again")
+    return digest
+
+
+def read_checkpoint(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- any unreadable file gets the same advice
+        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}) -- is it a PyTorch file?") from err
+
+
+# Wrappers of the official releases, most specific first: DINO/iBOT/Mugs keep the teacher
+# beside the student; MoCo and many trainers keep the model under 'state_dict' or 'model'.
+DEFAULT_WRAPPERS = ("teacher", "target_encoder", "state_dict", "model", "module", "student")
+DEFAULT_PREFIXES = ("module.", "backbone.", "encoder.")
+
+
+def unwrap_state_dict(checkpoint: dict, layout: dict | None = None) -> dict[str, torch.Tensor]:
+    """Plain ``{key: tensor}`` from an official checkpoint: wrapper dicts and key prefixes removed.
+
+    ``layout`` (the registry's ``checkpoint`` field) may give ``wrappers`` (dict keys to descend
+    into, in order of preference), ``prefixes`` (key prefixes selecting and stripping the model,
+    e.g. MoCo's ``module.encoder_q.``) and ``drop`` (prefixes of keys to discard, e.g. heads)."""
+    layout = layout or {}
+    state = checkpoint
+    wrappers = tuple(layout.get("wrappers", ())) + DEFAULT_WRAPPERS
+    while isinstance(state, dict) and not any(torch.is_tensor(v) for v in state.values()):
+        key = next((w for w in wrappers if isinstance(state.get(w), dict)), None)
+        if key is None:
+            raise UserError(f"checkpoint has no model weights under {sorted(state)} -- "
+                            "expected a state dict or one wrapped in teacher/student/state_dict/model")
+        state = state[key]
+    state = {k: v for k, v in state.items() if torch.is_tensor(v)}
+    for prefix in layout.get("prefixes", ()):  # family prefix selects the sub-model (e.g. MoCo query encoder)
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    changed = True
+    while changed:  # generic wrappers may nest: 'module.backbone.'
+        changed = False
+        for prefix in DEFAULT_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    drop = tuple(layout.get("drop", ()))
+    return {k: v for k, v in state.items() if not (drop and k.startswith(drop))}
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, ignore=()) -> None:
+    """Strict load that tells the user which keys do not fit, in one line."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(tuple(ignore))]
+    if missing:
+        raise UserError(f"checkpoint does not fit {name}: {len(missing)} weights missing (e.g. {missing[:3]}) "
+                        "-- is it the right file for this backbone?")

@@ -1,0 +1,158 @@
+"""Declarative registries: ``backbones/*.yaml`` (one file per family) and ``tasks/*.yaml`` (one per method).
+
+The runner, store and reports only ever see the dataclasses below; the code behind an entry is
+named by its ``entrypoint`` ("module:function") and imported when first needed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .errors import UserError
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+_PACKAGED = Path(__file__).resolve().parent / "_registry"
+
+
+def registry_dir(kind: str) -> Path:
+    """Folder of a registry: the checkout's top-level folder, else the copy packed into the wheel."""
+    for base in (_CHECKOUT, _PACKAGED):
+        if (base / kind).is_dir():
+            return base / kind
+    raise UserError(f"registry folder '{kind}/' not found next to the package -- reinstall ssl-bench")
+
+
+def load_entrypoint(path: str) -> Callable[..., Any]:
+    module, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"entrypoint '{path}' cannot be imported ({err}) -- check the registry file") from err
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registered backbone: everything a user needs to know, and where its weights come from."""
+
+    name: str
+    family: str
+    builder: str  # "module:function" building the model from (spec, state_dict | None)
+    arch: str  # architecture id understood by the builder (timm name, torchvision name, ...)
+    patch_size: int  # patch size, or output stride for CNNs
+    embed_dim: int
+    params_m: float  # parameters in millions (checked against the built model by the tests)
+    pretraining_data: str
+    licence: str
+    heads: int = 0  # 0 for models without attention
+    input_size: int = 224  # the model's pre-training resolution
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    timm: str | None = None  # timm model name with pretrained tag
+    hf: str | None = None  # Hugging Face model id
+    url: str | None = None  # official checkpoint URL
+    sha256: str | None = None
+    file: str | None = None  # file name expected under $SSL_BENCH_WEIGHTS
+    checkpoint: dict = field(default_factory=dict)  # layout: wrappers, prefixes, key renames
+    options: dict = field(default_factory=dict)  # builder options (e.g. registers, dilation)
+    paper: str = ""
+
+    @property
+    def has_attention(self) -> bool:
+        return self.heads > 0
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One registered task (method or method variant)."""
+
+    name: str
+    title: str
+    entrypoint: str
+    features: tuple[str, ...]
+    params: dict
+    paper: str = ""
+    produces_segments: bool = False
+
+    def resolve_params(self, overrides: dict | None) -> dict:
+        unknown = set(overrides or {}) - set(self.params)
+        if unknown:
+            raise UserError(
+                f"task '{self.name}' has no parameter(s) {sorted(unknown)} -- known: {sorted(self.params)}"
+            )
+        return {**self.params, **(overrides or {})}
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML ({err}) -- fix the registry file") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping -- see the other files in {path.parent}")
+    return data
+
+
+@cache
+def backbones() -> dict[str, BackboneSpec]:
+    """All registered backbones; a family file gives defaults shared by its ``models``."""
+    specs: dict[str, BackboneSpec] = {}
+    for path in sorted(registry_dir("backbones").glob("*.yaml")):
+        data = _read_yaml(path)
+        shared = {k: v for k, v in data.items() if k != "models"}
+        for model in data.get("models", []):
+            entry = {**shared, **model}
+            for key in ("mean", "std"):
+                if key in entry:
+                    entry[key] = tuple(entry[key])
+            try:
+                spec = BackboneSpec(**entry)
+            except TypeError as err:
+                raise UserError(f"{path}: bad backbone entry {model.get('name')!r} ({err})") from err
+            specs[spec.name] = spec
+    return specs
+
+
+@cache
+def tasks() -> dict[str, TaskSpec]:
+    """All registered tasks; ``variants`` in a task file register more names with other params."""
+    specs: dict[str, TaskSpec] = {}
+    for path in sorted(registry_dir("tasks").glob("*.yaml")):
+        data = _read_yaml(path)
+        variants = data.pop("variants", []) or []
+        data["features"] = tuple(data.get("features", ()))
+        data.setdefault("params", {})
+        try:
+            base = TaskSpec(**data)
+        except TypeError as err:
+            raise UserError(f"{path}: bad task entry ({err})") from err
+        specs[base.name] = base
+        for variant in variants:
+            params = {**base.params, **variant.get("params", {})}
+            specs[variant["name"]] = TaskSpec(
+                **{**base.__dict__, "name": variant["name"], "title": variant.get("title", base.title),
+                   "params": params}
+            )
+    return specs
+
+
+def lookup(registry: dict[str, Any], name: str, what: str) -> Any:
+    if name in registry:
+        return registry[name]
+    close = difflib.get_close_matches(name, list(registry), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else f"see `ssl-bench list {what}s`"
+    raise UserError(f"unknown {what} '{name}' -- {hint}")
+
+
+def backbone(name: str) -> BackboneSpec:
+    return lookup(backbones(), name, "backbone")
+
+
+def task(name: str) -> TaskSpec:
+    return lookup(tasks(), name, "task")

@@ -1,0 +1,295 @@
+"""Runs one cell (backbone x task x dataset x split x K x seed) from configuration to stored result.
+
+The runner knows no method by name: it resolves the task's entrypoint from the registry, hands it a
+``TaskContext`` (features from the cache, images, the backbone on demand) and evaluates the
+``Prediction`` stream it yields with a streaming confusion matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from . import __version__, registry
+from .data import open_dataset
+from .data.base import SegDataset
+from .data.protocol import Protocol
+from .errors import UserError
+from .features import FeatureCache, FeatureStore
+from .metrics import StreamingConfusion
+from .models import Backbone, WeightsSource, build_backbone, resolve
+from .store import ResultStore, RunRecord
+
+FINAL = "final"
+
+
+# ---- what a task receives and returns ---------------------------------------------------------------
+
+@dataclass
+class Prediction:
+    index: int  # image index within ``split``
+    labels: np.ndarray  # int64 at protocol (label) resolution; -1 = unlabelled
+    stream: str = FINAL  # e.g. "initial", "denoised"; "final" on the run's split is the headline
+    split: str | None = None  # None: the run's split
+
+
+@dataclass
+class TaskResult:
+    predictions: Iterable[Prediction]
+    stats: dict = field(default_factory=dict)  # JSON-serialisable statistics (e.g. segment statistics)
+
+
+# ---- configuration ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What the user asked for; ``Runner.resolve`` turns it into a complete, hashable configuration."""
+
+    backbone: str
+    task: str
+    dataset: str
+    split: str | None = None
+    k: int | None = None  # None: the dataset's number of classes
+    seed: int = 0
+    weights: str | None = None  # path, "random", or None (search the usual places)
+    weights_seed: int = 0  # random initialisation; apart from ``seed`` so seeds share one extraction
+    data_root: str | None = None
+    dataset_options: tuple = ()  # sorted (key, value) pairs, e.g. (("classes", 6),)
+    params: tuple = ()  # task parameter overrides as sorted (key, value) pairs
+    protocol: Protocol = Protocol()
+
+
+@dataclass
+class ResolvedRun:
+    config: dict  # everything that determines the numbers; hashed
+    config_hash: str
+    spec: registry.BackboneSpec
+    task: registry.TaskSpec
+    weights: WeightsSource
+    dataset: SegDataset
+    protocol: Protocol
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+# ---- the context handed to a task ---------------------------------------------------------------------
+
+class TaskContext:
+    """Read-only view of one run for a task adapter (see tasks/*.yaml for what each task reads)."""
+
+    def __init__(self, runner: "Runner", run: ResolvedRun, progress: Callable):
+        self._runner, self._run = runner, run
+        self.k: int = run.config["k"]
+        self.seed: int = run.config["seed"]
+        self.params: dict = run.config["params"]
+        self.split: str = run.dataset.split
+        self.dataset: SegDataset = run.dataset
+        self.protocol: Protocol = run.protocol
+        self.patch_size: int = run.spec.patch_size
+        self.progress = progress
+        self.device = runner.device
+
+    @property
+    def backbone(self) -> Backbone:
+        return self._runner.backbone(self._run.spec, self._run.weights, self._run.config["weights_seed"])
+
+    def build_backbone(self, name: str, weights: str | None = None) -> Backbone:
+        """Another registered backbone (e.g. the CNN of DatUS^2's ablation), same weights rules."""
+        spec = registry.backbone(name)
+        seed = self._run.config["weights_seed"]
+        wanted = weights or ("random" if self._run.weights.is_random else None)
+        return self._runner.backbone(spec, resolve(spec, wanted, seed), seed)
+
+    def dataset_for(self, split: str | None) -> SegDataset:
+        return self._runner.dataset(self._run, split or self.split)
+
+    def features(self, kind: str, split: str | None = None) -> FeatureStore:
+        stores = self._runner.features(self._run, self.dataset_for(split), [kind], self.progress)
+        return stores[kind]
+
+    def label_size(self, i: int, split: str | None = None) -> tuple[int, int]:
+        """(H, W) of image ``i`` at protocol resolution, without decoding it."""
+        w, h = self.dataset_for(split).image_size(i)
+        return self.protocol.output_size(w, h, self.patch_size)
+
+    def image(self, i: int, split: str | None = None) -> np.ndarray:
+        image = self.dataset_for(split).load_image(i)
+        return self.protocol.apply_image(image, self._run.spec.patch_size)
+
+    def label(self, i: int, split: str | None = None) -> np.ndarray:
+        return self.protocol.apply_label(self.dataset_for(split).load_label(i), self._run.spec.patch_size)
+
+
+# ---- the runner ---------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    config_hash: str
+    record: dict
+    computed: bool  # False: the result was already stored
+
+
+def _environment() -> dict:
+    import faiss
+    import sklearn
+    import timm
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"ssl_bench": __version__, "git_commit": commit, "python": platform.python_version(),
+            "torch": torch.__version__, "timm": timm.__version__, "numpy": np.__version__,
+            "faiss": getattr(faiss, "__version__", "?"), "sklearn": sklearn.__version__,
+            "host": platform.node(), "device": device}
+
+
+class Runner:
+    """Holds the store, the feature cache and what was already built (backbones, datasets)."""
+
+    def __init__(self, store: ResultStore | None = None, cache: FeatureCache | None = None,
+                 device: str | None = None):
+        self.store = store or ResultStore()
+        self.cache = cache or FeatureCache()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._backbones: dict[tuple, Backbone] = {}
+        self._datasets: dict[tuple, SegDataset] = {}
+
+    # -- building blocks, memoised per runner --
+    def backbone(self, spec: registry.BackboneSpec, source: WeightsSource, seed: int) -> Backbone:
+        key = (spec.name, source.identity)
+        if key not in self._backbones:
+            self._backbones[key] = build_backbone(spec, source, seed).to(self.device)
+        return self._backbones[key]
+
+    def dataset(self, run: ResolvedRun, split: str) -> SegDataset:
+        cfg = run.config
+        key = (cfg["dataset"], cfg["data_root"], split, tuple(sorted(cfg["dataset_options"].items())))
+        if key not in self._datasets:
+            self._datasets[key] = open_dataset(cfg["dataset"], cfg["data_root"], split, **cfg["dataset_options"])
+        return self._datasets[key]
+
+    def features(self, run: ResolvedRun, dataset: SegDataset, kinds: list[str],
+                 progress: Callable) -> dict[str, FeatureStore]:
+        seed = run.config["weights_seed"]
+        # The backbone is built only when something is missing from the cache.
+        lazy = _LazyBackbone(lambda: self.backbone(run.spec, run.weights, seed), run.spec)
+        return self.cache.ensure(lazy, run.weights.identity, dataset, run.protocol, kinds, progress)
+
+    # -- configuration --
+    def resolve(self, cfg: RunConfig) -> ResolvedRun:
+        spec = registry.backbone(cfg.backbone)
+        task = registry.task(cfg.task)
+        params = task.resolve_params(dict(cfg.params))
+        options = dict(cfg.dataset_options)
+        probe = open_dataset(cfg.dataset, cfg.data_root, cfg.split, **options)
+        split = probe.split
+        weights_seed = cfg.weights_seed
+        source = resolve(spec, cfg.weights, weights_seed)
+        protocol = cfg.protocol.for_patch_size(spec.patch_size)
+        k = cfg.k or probe.num_classes
+        if k < 1:
+            raise UserError(f"--k must be at least 1, got {k}")
+        config = {
+            "backbone": spec.name, "weights": source.identity, "random_weights": source.is_random,
+            "weights_seed": weights_seed if source.is_random else None,
+            "task": task.name, "params": params, "dataset": probe.name, "dataset_options": options,
+            "split": split, "images": len(probe), "ids_sha": hashlib.sha256("\n".join(probe.ids).encode()).hexdigest()[:16],
+            "num_classes": probe.num_classes, "k": k, "seed": cfg.seed, "protocol": protocol.as_dict(),
+            "data_root": cfg.data_root,
+        }
+        hashed = {key: v for key, v in config.items() if key != "data_root"}  # same data elsewhere: same run
+        run = ResolvedRun(config, config_hash(hashed), spec, task, source, probe, protocol)
+        self._datasets[(probe.name, cfg.data_root, split, tuple(sorted(options.items())))] = probe
+        return run
+
+    # -- one cell --
+    def run(self, cfg: RunConfig, force: bool = False, progress: Callable = lambda it, **_: it) -> Outcome:
+        run = self.resolve(cfg)
+        if not force and (stored := self.store.get(run.config_hash)):
+            return Outcome(run.config_hash, stored, computed=False)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if run.task.features:  # one extraction pass for every kind the task declares
+            self.features(run, run.dataset, list(run.task.features), progress)
+        timings["features"] = time.perf_counter() - t0
+
+        ctx = TaskContext(self, run, progress)
+        entry = registry.load_entrypoint(run.task.entrypoint)
+        t0 = time.perf_counter()
+        result: TaskResult = entry(ctx)
+        metrics, eval_seconds = self._evaluate(ctx, run, result.predictions, progress)
+        timings["task"] = time.perf_counter() - t0 - eval_seconds
+        timings["evaluate"] = eval_seconds
+        headline = metrics.get(f"{FINAL}@{run.dataset.split}")
+        if headline is None:
+            raise RuntimeError(f"task {run.task.name} produced no '{FINAL}' predictions on {run.dataset.split}")
+        record = RunRecord(
+            config_hash=run.config_hash, backbone=run.spec.name, weights=run.weights.identity,
+            random_weights=run.weights.is_random, task=run.task.name, dataset=run.config["dataset"],
+            split=run.dataset.split, k=run.config["k"], seed=run.config["seed"],
+            miou=headline["miou"], acc=headline["acc"], f1=headline["f1"],
+            config=run.config, metrics=metrics, stats=result.stats or {}, timings=timings,
+            environment=_environment(),
+        )
+        self.store.put(record, replace=force)
+        return Outcome(run.config_hash, self.store.get(run.config_hash), computed=True)
+
+    def _evaluate(self, ctx: TaskContext, run: ResolvedRun, predictions: Iterable[Prediction],
+                  progress: Callable) -> tuple[dict[str, Any], float]:
+        streams: dict[str, StreamingConfusion] = {}
+        seconds = 0.0
+        iterator: Iterator[Prediction] = iter(predictions)
+        for pred in progress(iterator, desc=f"{run.task.name} (K={ctx.k})", total=len(run.dataset)):
+            t0 = time.perf_counter()
+            split = pred.split or ctx.split
+            label = ctx.label(pred.index, split)
+            if pred.labels.shape != label.shape:
+                raise RuntimeError(f"task {run.task.name} predicted {pred.labels.shape} for image {pred.index}, "
+                                   f"labels are {label.shape}")
+            key = f"{pred.stream}@{split}"
+            if key not in streams:
+                streams[key] = StreamingConfusion(run.config["num_classes"], ctx.k)
+            streams[key].update(pred.labels, label)
+            seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        metrics = {key: conf.compute(ctx.k) for key, conf in streams.items()}
+        return metrics, seconds + time.perf_counter() - t0
+
+
+class _LazyBackbone:
+    """Stands in for a backbone until the cache needs a forward pass (a cache hit never builds one)."""
+
+    def __init__(self, build: Callable[[], Backbone], spec: registry.BackboneSpec):
+        self._build, self.spec = build, spec
+
+    @cached_property
+    def _model(self) -> Backbone:
+        return self._build()
+
+    @property
+    def patch_size(self) -> int:
+        return self.spec.patch_size
+
+    def check_kinds(self, kinds) -> None:
+        from .models.base import ATTENTION_KINDS
+
+        if not self.spec.has_attention and set(kinds) & set(ATTENTION_KINDS):
+            self._model.check_kinds(kinds)  # the real model words the refusal
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)

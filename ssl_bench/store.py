@@ -1,0 +1,122 @@
+"""Embedded SQLite results store: one row per run, keyed by the hash of its resolved configuration.
+
+WAL mode and a UNIQUE config hash make concurrent writers (two sweeps, Ray workers on one host) safe:
+a second insert of the same configuration is ignored, never duplicated, and a crash mid-write leaves
+the database consistent (SQLite transactions are atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    config_hash   TEXT UNIQUE NOT NULL,
+    backbone      TEXT NOT NULL,
+    weights       TEXT NOT NULL,      -- weights identity: sha256 of the file, or 'random:<seed>'
+    random_weights INTEGER NOT NULL,
+    task          TEXT NOT NULL,
+    dataset       TEXT NOT NULL,
+    split         TEXT NOT NULL,
+    k             INTEGER NOT NULL,
+    seed          INTEGER NOT NULL,
+    miou          REAL,
+    acc           REAL,
+    f1            REAL,
+    config        TEXT NOT NULL,      -- full resolved configuration (JSON)
+    metrics       TEXT NOT NULL,      -- all streams, per-class IoU, matching policy (JSON)
+    stats         TEXT NOT NULL,      -- task statistics, e.g. segment statistics (JSON)
+    timings       TEXT NOT NULL,      -- seconds per stage (JSON)
+    environment   TEXT NOT NULL,      -- library versions, git commit, host (JSON)
+    created_at    TEXT NOT NULL DEFAULT (datetime('now'))
+);
+CREATE INDEX IF NOT EXISTS runs_cell ON runs (backbone, task, dataset, split, k, seed);
+"""
+
+JSON_COLUMNS = ("config", "metrics", "stats", "timings", "environment")
+
+
+def default_store_path() -> Path:
+    return Path(os.environ.get("SSL_BENCH_STORE", Path(".ssl-bench") / "results.sqlite"))
+
+
+@dataclass
+class RunRecord:
+    config_hash: str
+    backbone: str
+    weights: str
+    random_weights: bool
+    task: str
+    dataset: str
+    split: str
+    k: int
+    seed: int
+    miou: float
+    acc: float
+    f1: float
+    config: dict
+    metrics: dict
+    stats: dict
+    timings: dict
+    environment: dict
+
+
+class ResultStore:
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else default_store_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._connect()) as db, db:
+            db.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.row_factory = sqlite3.Row
+        return db
+
+    def has(self, config_hash: str) -> bool:
+        with closing(self._connect()) as db:
+            return db.execute("SELECT 1 FROM runs WHERE config_hash=?", (config_hash,)).fetchone() is not None
+
+    def stored_hashes(self) -> set[str]:
+        with closing(self._connect()) as db:
+            return {r[0] for r in db.execute("SELECT config_hash FROM runs")}
+
+    def put(self, record: RunRecord, replace: bool = False) -> None:
+        row = dict(record.__dict__)
+        for col in JSON_COLUMNS:
+            row[col] = json.dumps(row[col], sort_keys=True, default=str)
+        row["random_weights"] = int(row["random_weights"])
+        cols = ", ".join(row)
+        marks = ", ".join(f":{c}" for c in row)
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        with closing(self._connect()) as db, db:
+            db.execute(f"{verb} INTO runs ({cols}) VALUES ({marks})", row)
+
+    def get(self, config_hash: str) -> dict | None:
+        rows = self.query("config_hash = ?", (config_hash,))
+        return rows[0] if rows else None
+
+    def query(self, where: str = "1", params: tuple = ()) -> list[dict]:
+        with closing(self._connect()) as db:
+            rows = db.execute(f"SELECT * FROM runs WHERE {where} ORDER BY id", params).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            for col in JSON_COLUMNS:
+                d[col] = json.loads(d[col])
+            d["random_weights"] = bool(d["random_weights"])
+            out.append(d)
+        return out
+
+    def frame(self):
+        """All runs as a pandas DataFrame (one row per run, JSON columns decoded)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.query())
