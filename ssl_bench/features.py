@@ -83,7 +83,8 @@ class _ProtocolImages(Dataset):
 
     def __getitem__(self, j: int):
         i = self.indices[j]
-        return i, torch.from_numpy(self.protocol.apply_image(self.dataset.load_image(i), self.multiple))
+        image = self.protocol.apply_image(self.dataset.load_image(i), self.multiple)
+        return i, torch.from_numpy(np.array(image))  # writable copy: PIL-backed arrays are read-only
 
 
 def _same_size_batches(grids: np.ndarray, start: int, batch_size: int) -> list[list[int]]:

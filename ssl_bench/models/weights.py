@@ -100,7 +100,8 @@ def read_checkpoint(path: Path) -> dict:
 # Wrappers of the official releases, most specific first: DINO/iBOT/Mugs keep the teacher
 # beside the student; MoCo and many trainers keep the model under 'state_dict' or 'model'.
 DEFAULT_WRAPPERS = ("teacher", "target_encoder", "state_dict", "model", "module", "student")
-DEFAULT_PREFIXES = ("module.", "backbone.", "encoder.")
+STRIP_PREFIXES = ("module.", "encoder.")  # stripped when every key has them (DDP, plain encoders)
+SELECT_PREFIXES = ("backbone.",)  # select the backbone beside heads (DINO's MultiCropWrapper)
 
 
 def unwrap_state_dict(checkpoint: dict, layout: dict | None = None) -> dict[str, torch.Tensor]:
@@ -126,9 +127,10 @@ def unwrap_state_dict(checkpoint: dict, layout: dict | None = None) -> dict[str,
     changed = True
     while changed:  # generic wrappers may nest: 'module.backbone.'
         changed = False
-        for prefix in DEFAULT_PREFIXES:
-            if state and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+        for prefix in STRIP_PREFIXES + SELECT_PREFIXES:
+            hits = [k.startswith(prefix) for k in state]
+            if hits and (all(hits) or (prefix in SELECT_PREFIXES and any(hits))):
+                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
                 changed = True
     drop = tuple(layout.get("drop", ()))
     return {k: v for k, v in state.items() if not (drop and k.startswith(drop))}

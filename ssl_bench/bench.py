@@ -1,0 +1,110 @@
+"""Benchmarks behind ``ssl-bench bench NAME``: each returns a JSON-serialisable dict of measurements.
+
+They measure on this machine, with whatever weights are at hand (random by default, which costs the
+same as pretrained), and write ``results/bench/NAME.json`` so the figures are committed with the code
+that produced them. No benchmark asserts a threshold; the closing notes compare with the targets.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import registry
+from .data import open_dataset
+from .data.protocol import Protocol
+from .features import FeatureCache
+from .metrics import StreamingConfusion
+from .models import build_backbone, resolve
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def _dataset(name: str, root: str | None, split: str | None, limit: int | None):
+    ds = open_dataset(name, root, split)
+    if limit and limit < len(ds):
+        ds.samples = ds.samples[:limit]
+    return ds
+
+
+def extraction(backbone: str = "dino-vits16", dataset: str = "camvid", data_root: str | None = None,
+               split: str | None = "val", images: int | None = None, batch: int = 8, repeats: int = 2) -> dict:
+    """Harness extraction (decode + protocol + forward + float16 memmap writes) against the bare forward
+    pass of the same model on the same, already decoded and normalised, images."""
+    spec = registry.backbone(backbone)
+    source = resolve(spec, "random")
+    model = build_backbone(spec, source, 0)
+    ds = _dataset(dataset, data_root, split, images)
+    protocol = Protocol().for_patch_size(spec.patch_size)
+    kinds = ["patch", "key", "cls", "attn"] if spec.has_attention else ["patch", "cls"]
+    decoded = [protocol.apply_image(ds.load_image(i), spec.patch_size) for i in range(len(ds))]
+    tensors = [model.normalize(np.stack(decoded[i:i + batch])) for i in range(0, len(decoded), batch)]
+    model.extract(tensors[0][:1], kinds)  # warm-up: allocator, thread pool
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        for x in tensors:
+            model.extract(x, kinds)
+        return time.perf_counter() - t0
+
+    def harness() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            FeatureCache(tmp).ensure(model, source.identity, ds, protocol, kinds, batch_size=batch)
+            return time.perf_counter() - t0
+
+    bare_s = min(bare() for _ in range(repeats))
+    harness_s = min(harness() for _ in range(repeats))
+    n = len(ds)
+    return {"backbone": backbone, "dataset": f"{dataset}/{ds.split}", "images": n, "batch": batch,
+            "kinds": kinds, "input": list(decoded[0].shape[:2]),
+            "bare_forward_images_per_s": n / bare_s, "harness_images_per_s": n / harness_s,
+            "harness_fraction_of_bare": bare_s / harness_s}
+
+
+def eval_memory(image_counts: tuple[int, ...] = (50, 200, 800), size: int = 320, num_classes: int = 27,
+                k: int = 27) -> dict:
+    """Peak Python-heap memory of streaming evaluation as the number of images grows (should stay flat)."""
+    rows = []
+    rng = np.random.default_rng(0)
+    pred = rng.integers(0, k, (size, size))
+    target = rng.integers(-1, num_classes, (size, size))
+    for n in image_counts:
+        gc.collect()
+        tracemalloc.start()
+        conf = StreamingConfusion(num_classes, k)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            conf.update(pred, target)
+        conf.compute(k)
+        seconds = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        rows.append({"images": n, "peak_mib": peak / 2**20, "seconds": seconds})
+    return {"size": size, "num_classes": num_classes, "k": k, "rows": rows}
+
+
+BENCHMARKS: dict[str, Callable[..., dict]] = {"extraction": extraction, "eval-memory": eval_memory}
+
+
+def run_benchmark(name: str, output_dir: Path | None = Path("results/bench"), **kwargs) -> dict:
+    result = {"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M"),
+              "result": BENCHMARKS[name](**kwargs)}
+    if output_dir:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

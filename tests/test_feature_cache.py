@@ -1,0 +1,122 @@
+"""The feature cache: one extraction, float16 memmaps, variable image sizes, resume after interruption."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_bench import registry
+from ssl_bench.data.base import SegDataset
+from ssl_bench.data.protocol import Protocol
+from ssl_bench.features import FeatureCache
+from ssl_bench.models import build_backbone, resolve
+
+
+class ArrayDataset(SegDataset):
+    """Images held in memory; sizes may differ."""
+
+    name = "arrays"
+    title = "in-memory test images"
+
+    def __init__(self, images):
+        self.images, self.split, self.num_classes = images, "val", 2
+
+    @property
+    def ids(self):
+        return [f"img{i}" for i in range(len(self.images))]
+
+    def __len__(self):
+        return len(self.images)
+
+    def load_image(self, i):
+        return Image.fromarray(self.images[i])
+
+    def image_size(self, i):
+        return self.images[i].shape[1], self.images[i].shape[0]
+
+
+class CountingBackbone:
+    """Wraps a backbone and counts forward passes (the cache must not run one on a hit)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.spec, self.patch_size = inner.spec, inner.patch_size
+
+    def extract(self, x, kinds):
+        self.calls += 1
+        return self.inner.extract(x, kinds)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    spec = registry.backbone("dino-vits16")
+    return build_backbone(spec, resolve(spec, "random"), 0)
+
+
+def images(n, sizes=((48, 64),)):
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (*sizes[i % len(sizes)], 3), dtype=np.uint8) for i in range(n)]
+
+
+def test_cached_features_equal_direct_extraction(tmp_path, vit):
+    ds = ArrayDataset(images(5))
+    protocol = Protocol(resize=32, crop="none")
+    counting = CountingBackbone(vit)
+    stores = FeatureCache(tmp_path).ensure(counting, "random:0", ds, protocol, ["patch", "key", "cls", "attn"],
+                                           batch_size=2, workers=0)
+    assert counting.calls == 3
+    x = vit.normalize(np.stack([protocol.apply_image(ds.load_image(i), 16) for i in range(5)]))
+    direct = vit.extract(x, {"patch", "key", "cls", "attn"})
+    assert stores["patch"].flat.dtype == np.float16
+    for i in range(5):
+        np.testing.assert_allclose(stores["patch"][i], direct["patch"][i].numpy(), atol=2e-2, rtol=1e-2)
+        np.testing.assert_allclose(stores["key"][i], direct["key"][i].numpy(), atol=2e-2, rtol=1e-2)
+        np.testing.assert_allclose(stores["cls"][i], direct["cls"][i].numpy(), atol=2e-2, rtol=1e-2)
+        np.testing.assert_allclose(stores["attn"][i], direct["attn"][i].numpy(), atol=1e-3)
+    # a second call is a pure cache hit
+    again = CountingBackbone(vit)
+    FeatureCache(tmp_path).ensure(again, "random:0", ds, protocol, ["patch", "cls"], workers=0)
+    assert again.calls == 0
+
+
+def test_variable_sizes_are_stored_flat(tmp_path, vit):
+    ds = ArrayDataset(images(4, sizes=((48, 64), (64, 48), (32, 96))))
+    stores = FeatureCache(tmp_path).ensure(vit, "random:0", ds, Protocol(resize=32, crop="none"), ["patch"],
+                                           batch_size=4, workers=0)
+    fs = stores["patch"]
+    assert [fs.grid(i) for i in range(4)] == [(2, 2), (2, 2), (2, 6), (2, 2)]
+    assert len(fs.flat) == fs.offsets[-1] == 4 + 4 + 12 + 4
+    assert fs[2].shape == (2, 6, 384)
+
+
+def test_interrupted_extraction_resumes_where_it_stopped(tmp_path, vit):
+    ds = ArrayDataset(images(6))
+    protocol = Protocol(resize=32, crop="none")
+    full = FeatureCache(tmp_path / "full").ensure(vit, "random:0", ds, protocol, ["patch"], batch_size=1, workers=0)
+
+    def dies_after_three(iterable, **_):
+        for n, item in enumerate(iterable):
+            if n == 3:
+                raise KeyboardInterrupt
+            yield item
+
+    cache = FeatureCache(tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        cache.ensure(vit, "random:0", ds, protocol, ["patch"], progress=dies_after_three, batch_size=1, workers=0)
+    counting = CountingBackbone(vit)
+    resumed = cache.ensure(counting, "random:0", ds, protocol, ["patch"], batch_size=1, workers=0)
+    assert counting.calls == 3  # only the images not committed before the interruption
+    np.testing.assert_array_equal(np.asarray(resumed["patch"].flat), np.asarray(full["patch"].flat))
+
+
+def test_new_kind_extends_an_existing_entry(tmp_path, vit):
+    ds = ArrayDataset(images(2))
+    protocol = Protocol(resize=32, crop="none")
+    cache = FeatureCache(tmp_path)
+    cache.ensure(vit, "random:0", ds, protocol, ["patch"], workers=0)
+    counting = CountingBackbone(vit)
+    stores = cache.ensure(counting, "random:0", ds, protocol, ["patch", "value"], batch_size=1, workers=0)
+    assert counting.calls == 2 and stores["value"][0].shape == (2, 2, 384)
