@@ -93,7 +93,7 @@ def run(
         outcome = runner.run(cfg, force=force, progress=progress)
     rec = outcome.record
     tag = "computed" if outcome.computed else "already stored (use --force to recompute)"
-    random_note = "  [random weights: smoke run, not a result]" if rec["random_weights"] else ""
+    random_note = "  (RANDOM WEIGHTS: smoke run, not a result)" if rec["random_weights"] else ""
     out.print(f"{rec['backbone']} / {rec['task']} / {rec['dataset']}:{rec['split']} K={rec['k']} seed={rec['seed']}: "
               f"mIoU {rec['miou']:.2f}  Acc {rec['acc']:.2f}  F1 {rec['f1']:.2f}  ({tag}){random_note}")
     for key, m in rec["metrics"].items():

@@ -27,6 +27,6 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10, gauss_
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
     crf.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
     crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, compat=bilateral_compat,
-                             rgbim=np.ascontiguousarray(image, dtype=np.uint8))
+                             rgbim=np.array(image, dtype=np.uint8, order="C"))  # a writable copy: pydensecrf rejects read-only buffers
     q = crf.inference(iterations)
     return np.asarray(q, dtype=np.float32).reshape(c, h, w)

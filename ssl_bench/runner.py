@@ -98,6 +98,7 @@ class TaskContext:
         self.dataset: SegDataset = run.dataset
         self.protocol: Protocol = run.protocol
         self.patch_size: int = run.spec.patch_size
+        self.input_size: int = run.spec.input_size  # the backbone's pre-training resolution (crops etc.)
         self.progress = progress
         self.device = runner.device
 
@@ -206,7 +207,7 @@ class Runner:
             raise UserError(f"--k must be at least 1, got {k}")
         config = {
             "backbone": spec.name, "weights": source.identity, "random_weights": source.is_random,
-            "weights_seed": weights_seed if source.is_random else None,
+            "weights_seed": weights_seed,  # used only by random initialisation
             "task": task.name, "params": params, "dataset": probe.name, "dataset_options": options,
             "split": split, "images": len(probe), "ids_sha": hashlib.sha256("\n".join(probe.ids).encode()).hexdigest()[:16],
             "num_classes": probe.num_classes, "k": k, "seed": cfg.seed, "protocol": protocol.as_dict(),

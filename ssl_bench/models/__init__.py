@@ -12,7 +12,7 @@ from .weights import WeightsSource, read_checkpoint, resolve, unwrap_state_dict
 def build_backbone(spec: BackboneSpec, source: WeightsSource, seed: int = 0) -> Backbone:
     """Build ``spec`` with the weights of ``source``; random weights are drawn from ``seed``."""
     builder = load_entrypoint(spec.builder)
-    if source.is_random:
+    if source.path is None:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(seed)
             model = builder(spec, None)

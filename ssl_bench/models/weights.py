@@ -21,13 +21,13 @@ RANDOM = "random"
 
 @dataclass(frozen=True)
 class WeightsSource:
-    path: Path | None  # None: random initialisation
-    identity: str  # sha256 of the file, or "random:<seed>"
-    origin: str  # "random", "--weights", "$SSL_BENCH_WEIGHTS", "timm cache", ...
+    path: Path | None  # None: nothing to load (random initialisation, or a non-learned backbone)
+    identity: str  # sha256 of the file, "random:<seed>", or "none"
+    origin: str  # "random", "non-learned", "--weights", "$SSL_BENCH_WEIGHTS", "timm cache", ...
 
     @property
     def is_random(self) -> bool:
-        return self.path is None
+        return self.origin == RANDOM
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:

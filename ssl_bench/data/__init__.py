@@ -1,0 +1,57 @@
+"""Dataset readers and the evaluation input protocol.
+
+``open_dataset(name, root, split, **options)`` is the only entry point the rest of ssl-bench needs;
+``DATASETS`` maps registered names to reader classes (their class attributes document each one).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from ssl_bench.data.base import IGNORE, SegDataset
+from ssl_bench.data.camvid import CamVid
+from ssl_bench.data.cityscapes import Cityscapes27
+from ssl_bench.data.cocostuff import CocoStuff27
+from ssl_bench.data.folder import FolderDataset
+from ssl_bench.data.potsdam import Potsdam3
+from ssl_bench.data.protocol import Protocol
+from ssl_bench.data.suim import SUIM, SUIM8
+from ssl_bench.data.synthetic import SyntheticDataset
+from ssl_bench.data.voc2012 import VOC2012
+from ssl_bench.errors import UserError
+
+DATASETS: dict[str, type[SegDataset]] = {
+    "camvid": CamVid,
+    "suim": SUIM,  # DatUS^2 6-class form (BW, PF, SR merged)
+    "suim8": SUIM8,
+    "voc2012": VOC2012,
+    "cityscapes27": Cityscapes27,
+    "cocostuff27": CocoStuff27,
+    "potsdam3": Potsdam3,
+    "folder": FolderDataset,
+    "synthetic": SyntheticDataset,
+}
+
+
+def dataset_options(cls: type[SegDataset]) -> dict[str, object]:
+    """Reader-specific options (constructor keywords beyond root and split) with their defaults."""
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p.default for n, p in params.items() if n not in ("self", "root", "split")}
+
+
+def open_dataset(name: str, root: str | Path | None, split: str | None, **options) -> SegDataset:
+    """Open split ``split`` (None: the dataset's evaluation split) of dataset ``name`` at ``root``;
+    every failure is one clear UserError."""
+    cls = DATASETS.get(name)
+    if cls is None:
+        raise UserError(f"unknown dataset {name!r} -- choose one of: {', '.join(DATASETS)}")
+    known = dataset_options(cls)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        valid = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+        raise UserError(f"unknown option(s) {', '.join(unknown)} for dataset {name!r} -- valid options: {valid}")
+    return cls(root, split or cls.default_split, **options)
+
+
+__all__ = ["DATASETS", "IGNORE", "Protocol", "SegDataset", "dataset_options", "open_dataset"]

@@ -1,0 +1,170 @@
+"""SegDataset: the one interface every dataset reader implements.
+
+A reader indexes its files once (``_index``) and decodes one image / label on demand, so opening a
+dataset is cheap and memory stays flat. Labels come back as int64 at the original resolution with
+``-1`` = ignore, whatever the on-disk convention (255 void, 0 boundary, colour codes ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ssl_bench.errors import UserError
+
+IGNORE = -1
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its ground-truth file (``label`` is None for readers that synthesise labels)."""
+
+    id: str
+    image: Path
+    label: Path | None
+
+
+def label_lut(mapping: dict[int, int] | Sequence[int], size: int = 256) -> np.ndarray:
+    """A lookup table raw value -> class id (int64, every unmapped value -> IGNORE).
+
+    ``mapping`` is either {raw: class} or a sequence whose position is the raw value.
+    """
+    lut = np.full(size, IGNORE, dtype=np.int64)
+    items = mapping.items() if isinstance(mapping, dict) else enumerate(mapping)
+    for raw, cls in items:
+        lut[raw] = cls
+    return lut
+
+
+def bitwise_palette(n: int) -> np.ndarray:
+    """The PASCAL VOC colour map (bit-interleaved): distinct, stable colours for any class count."""
+    palette = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+def apply_lut(raw: np.ndarray, lut: np.ndarray, what: str) -> np.ndarray:
+    """Map a single-channel label array through ``lut``; values beyond the table become IGNORE."""
+    if raw.ndim != 2:
+        raise UserError(f"{what}: expected a single-channel label image, got shape {raw.shape} -- "
+                        f"labels must be grey/palette PNGs of class ids")
+    if raw.dtype.kind not in "ui":
+        raw = raw.astype(np.int64)
+    if raw.size and (raw.min() < 0 or raw.max() >= len(lut)):
+        inside = (raw >= 0) & (raw < len(lut))
+        return np.where(inside, lut[np.clip(raw, 0, len(lut) - 1)], IGNORE)
+    return lut[raw]
+
+
+def pair_by_stem(image_dir: Path, mask_dir: Path, what: str, mask_exts: Iterable[str] = (".png",)) -> list[Sample]:
+    """Images of ``image_dir`` paired with the mask of the same stem in ``mask_dir`` (sorted by stem).
+
+    An image without a mask is an error, not a silent skip: an evaluation on a quietly smaller set
+    would not be comparable.
+    """
+    masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in tuple(mask_exts)}
+    images = sorted((p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS), key=lambda p: p.stem)
+    unmatched = [p.name for p in images if p.stem not in masks]
+    if unmatched:
+        raise UserError(
+            f"{what}: {len(unmatched)} image(s) in {image_dir} have no mask in {mask_dir} (e.g. {unmatched[0]})"
+            f" -- give every image a mask with the same file stem"
+        )
+    return [Sample(p.stem, p, masks[p.stem]) for p in images]
+
+
+def require_dir(path: Path, what: str, hint: str) -> Path:
+    if not path.is_dir():
+        raise UserError(f"{what} not found at {path} -- {hint}")
+    return path
+
+
+class SegDataset:
+    """Base reader. Subclasses set the class attributes and implement ``_index`` and ``decode_label``.
+
+    Class attributes double as the registry's documentation (``ssl-bench datasets`` can list them):
+    ``default_root`` says what a data root must look like, ``splits`` which splits exist and
+    ``default_split`` the split benchmarks evaluate on.
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    default_root: ClassVar[str] = ""
+    splits: ClassVar[tuple[str, ...]] = ("train", "val")
+    default_split: ClassVar[str] = "val"
+    num_classes: int
+    class_names: list[str]
+    palette: np.ndarray  # (num_classes, 3) uint8
+
+    def __init__(self, root: str | Path | None, split: str):
+        self._check_split(split)
+        if root is None:
+            raise UserError(f"{self.title} needs a data root -- pass --data-root pointing at {self.default_root}")
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise UserError(f"{self.title} not found at {self.root} -- pass --data-root pointing at {self.default_root}")
+        self.split = split
+        self.samples: list[Sample] = self._index()
+        if not self.samples:
+            raise UserError(f"{self.title} split {split!r} at {self.root} has no images -- check the data root")
+
+    @classmethod
+    def _check_split(cls, split: str) -> None:
+        if split not in cls.splits:
+            raise UserError(f"{cls.title} has no split {split!r} -- choose one of: {', '.join(cls.splits)}")
+
+    # --- subclass hooks -------------------------------------------------------------------------
+    def _index(self) -> list[Sample]:
+        raise NotImplementedError
+
+    def decode_label(self, raw: np.ndarray) -> np.ndarray:
+        """Raw label file content -> int64 class ids, -1 = ignore."""
+        raise NotImplementedError
+
+    # --- public interface -----------------------------------------------------------------------
+    @property
+    def ids(self) -> list[str]:
+        return [s.id for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n={len(self)}, root={str(getattr(self, 'root', None))!r})"
+
+    def load_image(self, i: int) -> Image.Image:
+        """Image ``i`` as RGB at its original size."""
+        with self._open(self.samples[i].image) as im:
+            return im.convert("RGB")
+
+    def load_label(self, i: int) -> np.ndarray:
+        """Ground truth of image ``i``: int64 (H, W) at the original size, -1 = ignore."""
+        with self._open(self.samples[i].label) as im:
+            raw = np.asarray(im)
+        return self.decode_label(raw)
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(width, height) of image ``i`` read from the file header only (PIL opens lazily)."""
+        with self._open(self.samples[i].image) as im:
+            return im.size
+
+    def _open(self, path: Path | None) -> Image.Image:
+        try:
+            return Image.open(path)
+        except FileNotFoundError:
+            raise UserError(
+                f"{self.title}: missing file {path} -- the data root {self.root} is incomplete; "
+                f"re-download or point --data-root at {self.default_root}"
+            ) from None

@@ -1,0 +1,113 @@
+"""The evaluation input protocol: how an original image / label becomes the network input / target.
+
+Benchmark protocol (STEGO, HP, PriMaPs): resize the shorter side to 320 (nearest for labels),
+centre-crop a 320 x 320 square, evaluate at that resolution. 320 is a multiple of the /8 and /16
+patch sizes; for /14 backbones (DINOv2) the same papers' code uses 322 = 23 * 14 so the patch grid
+covers the crop exactly (``Protocol.for_patch_size``).
+
+Every geometric step here is exact and shared by image and label, so a prediction on the patch grid
+upsampled to (H, W) lines up with the target pixel for pixel:
+
+1. resize so the shorter side is ``resize`` (longer side ``int(resize * long / short)``, as
+   torchvision's ``Resize(int)``);
+2. ``crop="center"``: centre-crop a ``resize x resize`` square; ``crop="none"``: keep the aspect;
+3. centre-crop each side down to a multiple of ``multiple`` (the patch size), so the patch grid is
+   exact (a no-op for the benchmark sizes). Crop offsets round like torchvision's ``CenterCrop``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ssl_bench.errors import UserError
+
+DEFAULT_RESIZE = 320
+CROPS = ("center", "none")
+_PIL_INTERP = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    resize: int = DEFAULT_RESIZE
+    crop: str = "center"  # "center" | "none"
+    image_interp: str = "bilinear"
+    label_interp: str = "nearest"  # the only choice: class ids cannot be interpolated
+
+    def __post_init__(self):
+        if not isinstance(self.resize, int) or self.resize < 1:
+            raise UserError(f"protocol resize must be a positive integer, got {self.resize!r} -- e.g. --resize 320")
+        if self.crop not in CROPS:
+            raise UserError(f"unknown protocol crop {self.crop!r} -- choose one of: {', '.join(CROPS)}")
+        if self.image_interp not in _PIL_INTERP:
+            raise UserError(f"unknown image interpolation {self.image_interp!r} -- choose one of: {', '.join(_PIL_INTERP)}")
+        if self.label_interp != "nearest":
+            raise UserError(f"label interpolation {self.label_interp!r} is not supported -- labels are resized with 'nearest'")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def for_patch_size(self, patch: int) -> "Protocol":
+        """The benchmark protocol for a backbone of patch size ``patch``.
+
+        The default 320 is rounded up to a multiple of the patch (320 for /8 and /16, 322 for /14,
+        as HP and PriMaPs do for DINOv2); an explicitly chosen resize is kept as given.
+        """
+        if self.resize != DEFAULT_RESIZE or self.resize % patch == 0:
+            return self
+        return dataclasses.replace(self, resize=-(-self.resize // patch) * patch)
+
+    # --- geometry ---------------------------------------------------------------------------------
+    def _plan(self, w: int, h: int, multiple: int) -> tuple[int, int, int, int, int, int]:
+        """(resized_w, resized_h, left, top, out_w, out_h) for an input of size w x h."""
+        if w < 1 or h < 1 or multiple < 1:
+            raise ValueError(f"bad size {w}x{h} or multiple {multiple}")
+        if w <= h:
+            rw, rh = self.resize, int(self.resize * h / w)
+        else:
+            rw, rh = int(self.resize * w / h), self.resize
+        ow, oh = (min(rw, self.resize), min(rh, self.resize)) if self.crop == "center" else (rw, rh)
+        ow, oh = ow - ow % multiple, oh - oh % multiple
+        if ow == 0 or oh == 0:
+            raise UserError(f"protocol resize {self.resize} is smaller than the patch size {multiple} -- raise --resize")
+        left, top = int(round((rw - ow) / 2.0)), int(round((rh - oh) / 2.0))
+        return rw, rh, left, top, ow, oh
+
+    def output_size(self, w: int, h: int, multiple: int) -> tuple[int, int]:
+        """(H, W) of the protocol output for an original image of width ``w`` and height ``h``."""
+        *_, ow, oh = self._plan(w, h, multiple)
+        return oh, ow
+
+    def apply_image(self, image: Image.Image, multiple: int) -> np.ndarray:
+        """PIL image -> uint8 (H, W, 3) at protocol resolution."""
+        rw, rh, left, top, ow, oh = self._plan(*image.size, multiple)
+        image = image.convert("RGB")
+        if (rw, rh) != image.size:
+            image = image.resize((rw, rh), _PIL_INTERP[self.image_interp])
+        return np.asarray(image.crop((left, top, left + ow, top + oh)), dtype=np.uint8)
+
+    def apply_label(self, label: np.ndarray, multiple: int) -> np.ndarray:
+        """int64 (h, w) label -> int64 (H, W) at protocol resolution; nearest, so ids (and -1) survive.
+
+        Nearest samples the source pixel under each output pixel centre (half-pixel convention, like
+        PIL and torch ``nearest-exact``), computed only for the pixels the crop keeps.
+        """
+        h, w = label.shape
+        rw, rh, left, top, ow, oh = self._plan(w, h, multiple)
+        rows = _nearest_index(rh, h)[top:top + oh]
+        cols = _nearest_index(rw, w)[left:left + ow]
+        return np.ascontiguousarray(label[rows[:, None], cols[None, :]], dtype=np.int64)
+
+
+def _nearest_index(out_len: int, in_len: int) -> np.ndarray:
+    idx = np.floor((np.arange(out_len) + 0.5) * (in_len / out_len)).astype(np.int64)
+    return np.minimum(idx, in_len - 1)

@@ -1,0 +1,646 @@
+"""PriMaPs-EM: principal mask proposals + stochastic EM fitting of class prototypes.
+
+Hahn, Araslanov, Schaub-Meyer, Roth, "Boosting Unsupervised Semantic Segmentation with Principal Mask
+Proposals", TMLR 2024 (reference code: github.com/visinf/primaps; this is an independent implementation).
+
+Pipeline on cached patch features (h, w, d):
+1. ``proposal_soft_masks`` / ``principal_mask_proposals``: per image, repeatedly take the first principal
+   component of the not-yet-assigned features, anchor it to its nearest feature, and cut the mask of
+   features similar to the anchor, until ``coverage`` of the positions is assigned.
+2. ``proposals_to_image``: median-filter the soft masks, add a background channel, upsample bilinearly to
+   the image and refine with the dense CRF -> proposal ids at image resolution (-1 = unassigned).
+3. ``PrimapsEM``: prototypes initialised by PCA, pre-trained with the cosine batch k-means loss (Eq. 9),
+   then EM: the EMA teacher labels each proposal with its majority class (E), the student is fitted to
+   those pseudo labels with a confidence-weighted focal loss (M). Inference uses the teacher (+ CRF).
+
+Rows of the paper's tables on the same features: ``PrototypeBaseline`` (Eq. 9 only), ``LinearProbe``
+(supervised upper bound) and ``oracle_pseudo_labels`` (each proposal gets its best ground-truth class).
+
+Deviations from the reference code, all deliberate:
+- The sign of a principal component is arbitrary (the reference uses whatever randomised SVD returns, and
+  can pick an already-assigned position when every cosine is negative). We anchor on the unassigned
+  feature with the largest *absolute* cosine, which is sign-invariant and deterministic.
+- Pseudo-label training runs on a configurable grid (default: the patch grid) instead of full image
+  resolution, to stay tractable on CPU. Logits are upsampled (not features): for the raw-feature heads used
+  in EM this is exactly equivalent, since bilinear interpolation and a 1x1 linear layer commute.
+- Photometric student augmentation needs backbone passes on augmented images. ``PrimapsEM`` takes an
+  optional ``augmented_features`` callable for that; without it it falls back to ``feature_space_augment``,
+  a heuristic stand-in (spatial blur + channel gain + noise on the features), NOT the paper's augmentation.
+- With ``ema=False`` the teacher *is* the student (pseudo labels from the current student); the reference
+  code's "no EMA update" setting would instead freeze the teacher at its initialisation.
+- Test-time horizontal-flip averaging of the reference evaluation is not applied (the cache holds one view).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _t(a, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Tensor copy of an array-like (cached features may be read-only memmaps; torch warns on those)."""
+    if isinstance(a, torch.Tensor):
+        return a.to(dtype)
+    return torch.tensor(np.asarray(a), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Principal mask proposals
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _principal_directions(x: torch.Tensor, count: int) -> torch.Tensor:
+    """Top ``count`` principal directions (count, d) of the rows of x, largest variance first."""
+    xc = x - x.mean(0, keepdim=True)
+    if len(x) >= x.shape[1]:
+        # eigh of the d x d scatter matrix: ~5x faster than an SVD of (n, d), and deterministic
+        _, vecs = torch.linalg.eigh(xc.T @ xc)
+        return vecs.flip(1).T[:count]
+    # few rows left (late iterations): eigenvectors of the small n x n Gram matrix, mapped back to d
+    _, u = torch.linalg.eigh(xc @ xc.T)
+    dirs = (xc.T @ u.flip(1)[:, :count]).T
+    norms = dirs.norm(dim=1, keepdim=True)
+    if len(dirs) and norms[0] < 1e-12:  # no variance at all (e.g. one row): any direction will do
+        return torch.eye(x.shape[1])[:count]
+    return dirs / norms.clamp_min(1e-12)
+
+
+def proposal_soft_masks(features: np.ndarray, psi: float = 0.4, coverage: float = 0.95, nn_anchor: bool = True,
+                        iterative: bool = True, max_masks: int | None = None) -> np.ndarray:
+    """Soft principal mask proposals (n_masks, h, w) float32 of one image's features (h, w, d).
+
+    Inside mask m the value is the anchor similarity divided by its maximum (in [psi, 1]), 0 elsewhere;
+    masks are disjoint. As in the reference code, the similarity is computed to all features but only
+    unassigned positions may join (assigned ones are zeroed before thresholding).
+    """
+    feats = _t(features)
+    h, w, d = feats.shape
+    x = feats.reshape(-1, d)
+    xn = F.normalize(x, dim=1)
+    free = torch.ones(len(x), dtype=torch.bool)
+    limit = len(x) if max_masks is None else max_masks
+    fixed_dirs = None if iterative else _principal_directions(x, min(limit, d, len(x)))
+    masks: list[torch.Tensor] = []
+    while len(masks) < limit and 1.0 - free.float().mean().item() < coverage:
+        if iterative:
+            v = _principal_directions(x[free], 1)[0]
+        elif len(masks) < len(fixed_dirs):
+            v = fixed_dirs[len(masks)]  # ablation: next component of the whole image, not recomputed
+        else:
+            break
+        cos_v = xn @ v
+        best = int(torch.where(free, cos_v.abs(), torch.full_like(cos_v, -1.0)).argmax())  # an unassigned one
+        if nn_anchor:
+            sim = xn @ xn[best]  # nearest-neighbour anchoring: a real feature replaces the direction
+        else:
+            sim = cos_v * torch.sign(cos_v[best])
+        sim = torch.where(free, sim, torch.zeros(()))
+        peak = sim.max()
+        if not peak > 1e-6:  # zero / degenerate features: nothing left to propose
+            break
+        keep = free & (sim >= psi * peak) & (sim > 0)
+        if not keep.any():
+            break
+        masks.append(torch.where(keep, sim / peak, torch.zeros(())).reshape(h, w))
+        free &= ~keep
+    if not masks:
+        return np.zeros((0, h, w), dtype=np.float32)
+    return torch.stack(masks).numpy()
+
+
+def principal_mask_proposals(features: np.ndarray, psi: float = 0.4, coverage: float = 0.95,
+                             nn_anchor: bool = True, iterative: bool = True,
+                             max_masks: int | None = None) -> np.ndarray:
+    """Proposal-id map (h, w) int64 on the patch grid; -1 = left unassigned (the 1 - coverage remainder)."""
+    soft = proposal_soft_masks(features, psi, coverage, nn_anchor, iterative, max_masks)
+    if len(soft) == 0:
+        return np.full(np.shape(features)[:2], -1, dtype=np.int64)
+    return np.where(soft.max(0) > 0, soft.argmax(0), -1).astype(np.int64)
+
+
+def _median3x3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 median filter of (n, h, w) maps, reflect padding (as the reference MedianPool2d)."""
+    mode = "reflect" if min(x.shape[-2:]) > 1 else "replicate"
+    p = F.pad(x[None], (1, 1, 1, 1), mode=mode)[0]
+    return p.unfold(1, 3, 1).unfold(2, 3, 1).reshape(*x.shape, 9).median(-1).values
+
+
+def proposals_to_image(soft_masks: np.ndarray, size: tuple[int, int], image: np.ndarray | None = None,
+                       crf: bool = True, gain: float = 10.0, median: bool = True) -> np.ndarray:
+    """Patch-grid soft masks (n, h, w) -> proposal ids (H, W) int64 at image resolution, -1 = background.
+
+    Follows the reference: median filter, saturate (x gain, clip to [0, 1]), a background channel that is
+    high where no mask is, log-softmax, bilinear upsampling, softmax, dense CRF on the image, argmax.
+    """
+    from ..ops import softmax, upsample_scores
+
+    n = len(soft_masks)
+    if n == 0:
+        return np.full(size, -1, dtype=np.int64)
+    m = _t(soft_masks)
+    if median:
+        m = _median3x3(m)
+    m = (m * gain).clamp(0, 1)
+    level = m[m > 0].mean() if (m > 0).any() else torch.tensor(1.0)
+    bg = (level - m.sum(0, keepdim=True)).clamp(0, 1)
+    logp = F.log_softmax(torch.cat([bg, m]), dim=0).numpy()
+    probs = softmax(upsample_scores(logp, tuple(size)), axis=0)
+    if crf:
+        if image is None:
+            raise ValueError("proposals_to_image(crf=True) needs the image")
+        from ..crf import dense_crf
+
+        # a writable copy: pydensecrf rejects read-only buffers (np.asarray of a PIL image is read-only)
+        probs = dense_crf(np.array(image, dtype=np.uint8, order="C"), probs.astype(np.float32))
+    return (probs.argmax(0) - 1).astype(np.int64)
+
+
+def resize_label_map(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Majority-vote resampling of an id map (-1 counts as its own value) to ``size``; (h, w) int64.
+
+    Area voting keeps thin regions better than nearest sampling when going from image to patch grid.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape == tuple(size):
+        return labels.copy()
+    t = torch.from_numpy(labels + 1)
+    onehot = F.one_hot(t, int(t.max()) + 1).permute(2, 0, 1).float()[None]
+    if size[0] <= labels.shape[0] and size[1] <= labels.shape[1]:
+        votes = F.adaptive_avg_pool2d(onehot, size)
+    else:
+        votes = F.interpolate(onehot, size=size, mode="nearest")
+    return (votes[0].argmax(0) - 1).numpy().astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Heads, losses, one EM step
+# ----------------------------------------------------------------------------------------------------------
+
+
+class PrototypeHead(nn.Module):
+    """K class prototypes scored against features (N, d) -> logits (N, K).
+
+    ``cosine=True``: cos(f, theta_k), the clustering layer of Eq. 9 (weight-normed, magnitude fixed to 1).
+    ``cosine=False``: g_k <f, theta_k / |theta_k|> on raw features with a learnable g, the weight-normed 1x1
+    segmentation head of the reference code; its argmax equals the cosine argmax while all g_k are equal.
+    """
+
+    def __init__(self, prototypes: torch.Tensor | np.ndarray, cosine: bool):
+        super().__init__()
+        v = _t(prototypes)
+        self.cosine = cosine
+        self.v = nn.Parameter(v)
+        self.g = nn.Parameter(torch.ones(len(v)), requires_grad=not cosine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.normalize(self.v, dim=1)
+        if self.cosine:
+            return F.normalize(x, dim=1) @ w.T
+        return (x @ w.T) * self.g
+
+    def prototypes(self) -> np.ndarray:
+        return F.normalize(self.v.detach(), dim=1).numpy().copy()
+
+
+def _grid_logits(head: nn.Module, feats: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Logits (K, H, W) of one image's features (h, w, d), bilinearly upsampled to ``size``."""
+    h, w, d = feats.shape
+    logits = head(feats.reshape(-1, d)).T.reshape(-1, h, w)
+    if size is not None and tuple(size) != (h, w):
+        logits = F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+    return logits
+
+
+def majority_per_proposal(votes: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+    """Each proposal takes the most frequent valid vote inside it; -1 where no proposal / no valid vote.
+
+    votes, proposals: int64 tensors of equal shape (-1 = no vote / no proposal). Ties go to the lower id.
+    """
+    out = torch.full_like(proposals, -1)
+    valid = (proposals >= 0) & (votes >= 0)
+    if not valid.any():
+        return out
+    n_prop, n_cls = int(proposals.max()) + 1, int(votes.max()) + 1
+    counts = torch.bincount(proposals[valid] * n_cls + votes[valid], minlength=n_prop * n_cls)
+    counts = counts.reshape(n_prop, n_cls)
+    best = torch.where(counts.sum(1) > 0, counts.argmax(1), torch.full((n_prop,), -1))
+    inside = proposals >= 0
+    out[inside] = best[proposals[inside]]
+    return out
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Cross-entropy weighted per class by (1 - chi_k)^gamma, chi_k = mean softmax confidence of class k.
+
+    logits (N, K), target (N,) with -1 = ignore. As in the reference, chi is averaged over all pixels of
+    the batch and the loss over all pixels (ignored ones contribute 0): rare, unconfident classes weigh more.
+    """
+    chi = logits.detach().softmax(1).mean(0)
+    weight = (1.0 - chi) ** gamma
+    return F.cross_entropy(logits, target, weight=weight, ignore_index=-1, reduction="none").mean()
+
+
+def _as_tensors(arrays: Sequence, dtype=torch.float32) -> list[torch.Tensor]:
+    return [_t(a, dtype) for a in arrays]
+
+
+def em_step(theta_s: nn.Module, theta_t: nn.Module, optimizer: torch.optim.Optimizer, features: Sequence,
+            proposals: Sequence, student_features: Sequence | None = None, focal_gamma: float = 2.0) -> dict:
+    """One stochastic EM step on a batch of images.
+
+    E: the teacher theta_t predicts every pixel of the proposal grid; each proposal gets its majority
+    class. M: one optimiser step of the student theta_s on those pseudo labels (focal loss), fed with
+    ``student_features`` (augmented views; default: the same features). The EMA update is the caller's.
+    features / student_features: (h, w, d) per image; proposals: (H, W) int64 per image, -1 = none.
+    """
+    feats = _as_tensors(features)
+    props = _as_tensors(proposals, torch.int64)
+    s_feats = feats if student_features is None else _as_tensors(student_features)
+    with torch.no_grad():
+        pseudo = [majority_per_proposal(_grid_logits(theta_t, f, p.shape).argmax(0), p)
+                  for f, p in zip(feats, props)]
+    logits = torch.cat([_grid_logits(theta_s, f, p.shape).flatten(1).T for f, p in zip(s_feats, props)])
+    target = torch.cat([p.flatten() for p in pseudo])
+    loss = focal_loss(logits, target, focal_gamma)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {"loss": float(loss.detach()), "pseudo_fraction": float((target >= 0).float().mean())}
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, parameter by parameter."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.lerp_(s, 1.0 - decay)
+
+
+def feature_space_augment(feats: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Heuristic stand-in for photometric augmentation when no backbone pass is available.
+
+    NOT the paper's augmentation: blur -> a random 3x3 Gaussian blur of the feature map; colour jitter /
+    greyscale -> a per-channel gain N(1, 0.1) and Gaussian noise at 10% of each channel's spread.
+    """
+    h, w, d = feats.shape
+    x = feats.permute(2, 0, 1)[None]
+    if float(torch.rand((), generator=gen)) < 0.5 and min(h, w) > 1:
+        sigma = 0.1 + 0.9 * float(torch.rand((), generator=gen))
+        k1 = torch.exp(-torch.tensor([1.0, 0.0, 1.0]) / (2 * sigma**2))
+        k2 = (k1[:, None] * k1[None]) / (k1.sum() ** 2)
+        x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k2.expand(d, 1, 3, 3).contiguous(), groups=d)
+    x = x[0].permute(1, 2, 0)
+    gain = 1.0 + 0.1 * torch.randn(d, generator=gen)
+    spread = x.reshape(-1, d).std(0) if h * w > 1 else torch.zeros(d)
+    return x * gain + 0.1 * spread * torch.randn(x.shape, generator=gen)
+
+
+def photometric_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The reference student augmentation on a uint8 image (H, W, 3): Gaussian blur (sigma U[0.1, 2],
+    kernel 21) always, then with prob. 0.5 colour jitter (p=0.3, strength 0.1) else greyscale (p=0.1)."""
+    import torchvision.transforms.functional as TF
+
+    x = _t(image).permute(2, 0, 1) / 255.0
+    x = TF.gaussian_blur(x, kernel_size=21, sigma=float(rng.uniform(0.1, 2.0)))
+    if rng.random() < 0.5:
+        if rng.random() < 0.3:
+            # ColorJitter(0.1, 0.1, 0.1, 0.1) with factors from ``rng``, applied in a random order
+            ops = [(TF.adjust_brightness, rng.uniform(0.9, 1.1)), (TF.adjust_contrast, rng.uniform(0.9, 1.1)),
+                   (TF.adjust_saturation, rng.uniform(0.9, 1.1)), (TF.adjust_hue, rng.uniform(-0.1, 0.1))]
+            for i in rng.permutation(4):
+                op, factor = ops[i]
+                x = op(x, float(factor))
+    elif rng.random() < 0.1:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Estimators
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pca_prototypes(features: Sequence, k: int, max_images: int = 2975, seed: int = 0) -> np.ndarray:
+    """First k principal components (k, d) of the patch features of up to ``max_images`` images.
+
+    The covariance is accumulated image by image (float64), so any number of images fits in memory.
+    Signs follow the largest-|entry|-positive convention (the reference leaves them to randomised SVD).
+    """
+    n = len(features)
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(n, max_images, replace=False)) if n > max_images else np.arange(n)
+    total, sxx, count = None, None, 0
+    for i in chosen:
+        x = np.asarray(features[int(i)], dtype=np.float64).reshape(-1, np.shape(features[int(i)])[-1])
+        total = x.sum(0) if total is None else total + x.sum(0)
+        sxx = x.T @ x if sxx is None else sxx + x.T @ x
+        count += len(x)
+    mean = total / count
+    _, vecs = np.linalg.eigh(sxx / count - np.outer(mean, mean))
+    comps = vecs[:, ::-1].T[:k]
+    if len(comps) < k:  # more classes than feature dimensions: fill with random directions
+        comps = np.concatenate([comps, rng.standard_normal((k - len(comps), comps.shape[1]))])
+    signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(1)])
+    return (comps * signs[:, None]).astype(np.float32)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[list[int]]:
+    """Shuffled batches; the last incomplete batch is dropped (as the reference) unless it is the only one."""
+    order = torch.randperm(n, generator=gen).tolist()
+    cut = (n // batch_size) * batch_size if n >= batch_size else n
+    return [order[i:i + batch_size] for i in range(0, cut, batch_size)]
+
+
+def _flat(features: Sequence, idx: Sequence[int]) -> torch.Tensor:
+    return torch.cat([_t(features[i]).flatten(0, -2) for i in idx])
+
+
+def _scores(head: nn.Module, features: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return _grid_logits(head, _t(features)).numpy()
+
+
+def kmeans_pretrain(head: PrototypeHead, features: Sequence, epochs: int, batch_size: int, lr: float,
+                    gen: torch.Generator, progress: Callable | None = None) -> list[float]:
+    """Cosine batch k-means (Eq. 9): maximise each feature's cosine to its closest prototype, with Adam."""
+    opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for epoch in range(epochs):
+        batches = _batches(len(features), batch_size, gen)
+        for idx in _wrap(progress, batches, f"PriMaPs k-means epoch {epoch + 1}/{epochs}"):
+            loss = -head(_flat(features, idx)).max(1).values.mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    return losses
+
+
+def _wrap(progress: Callable | None, items: list, desc: str):
+    return items if progress is None else progress(items, desc=desc, total=len(items))
+
+
+class PrototypeBaseline:
+    """The paper's baseline: PCA-initialised cosine prototypes trained with Eq. 9 only."""
+
+    def __init__(self, k: int, epochs: int = 2, batch_size: int = 32, lr: float = 5e-3, pca_images: int = 2975,
+                 progress: Callable | None = None):
+        self.k, self.epochs, self.batch_size, self.lr = k, epochs, batch_size, lr
+        self.pca_images, self.progress = pca_images, progress
+
+    def fit(self, features: Sequence, seed: int = 0) -> "PrototypeBaseline":
+        gen = torch.Generator().manual_seed(seed)
+        self.head = PrototypeHead(pca_prototypes(features, self.k, self.pca_images, seed), cosine=True)
+        self.losses = kmeans_pretrain(self.head, features, self.epochs, self.batch_size, self.lr, gen,
+                                      self.progress)
+        return self
+
+    def predict_scores(self, features: np.ndarray) -> np.ndarray:
+        """Cosine similarity to each prototype, (K, h, w)."""
+        return _scores(self.head, features)
+
+
+class LinearProbe:
+    """Supervised upper bound: a linear layer trained with cross-entropy on ground-truth labels (-1 ignore)
+    given on any grid (logits are upsampled bilinearly to it), Adam, as the reference linear probe."""
+
+    def __init__(self, k: int, epochs: int = 2, batch_size: int = 32, lr: float = 5e-3,
+                 progress: Callable | None = None):
+        self.k, self.epochs, self.batch_size, self.lr, self.progress = k, epochs, batch_size, lr, progress
+
+    def fit(self, features: Sequence, labels: Sequence, seed: int = 0) -> "LinearProbe":
+        gen = torch.Generator().manual_seed(seed)
+        d = np.shape(features[0])[-1]
+        # convex problem: a zero start is as good as any and leaves the global RNG alone (no default init)
+        self.head = torch.nn.utils.skip_init(nn.Linear, d, self.k)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        opt = torch.optim.Adam(self.head.parameters(), lr=self.lr)
+        self.losses = []
+        for epoch in range(self.epochs):
+            batches = _batches(len(features), self.batch_size, gen)
+            for idx in _wrap(self.progress, batches, f"linear probe epoch {epoch + 1}/{self.epochs}"):
+                labs = _as_tensors([labels[i] for i in idx], torch.int64)
+                logits = torch.cat([_grid_logits(self.head, _t(features[i]), lab.shape).flatten(1).T
+                                    for i, lab in zip(idx, labs)])
+                target = torch.cat([lab.flatten() for lab in labs])
+                target = torch.where(target < self.k, target, torch.full_like(target, -1))
+                loss = F.cross_entropy(logits, target, ignore_index=-1)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                self.losses.append(float(loss.detach()))
+        return self
+
+    def predict_scores(self, features: np.ndarray) -> np.ndarray:
+        return _scores(self.head, features)
+
+
+class PrimapsEM:
+    """PriMaPs-EM prototype fitting on cached features.
+
+    fit(features, proposals): features[i] (h, w, d); proposals[i] (H, W) int64 ids on the training grid
+    (-1 = none; any grid, teacher/student logits are upsampled to it). ``augmented_features(batch_indices,
+    rng) -> list of (h, w, d)`` gives features of photometrically augmented images for the student; when
+    None and ``augment`` is on, ``feature_space_augment`` is used instead (a heuristic, see its docstring).
+    """
+
+    def __init__(self, k: int, pretrain_epochs: int = 2, epochs: int = 50, max_steps: int | None = None,
+                 batch_size: int = 32, lr: float = 5e-3, ema: bool = True, ema_every: int = 10,
+                 ema_decay: float = 0.98, augment: bool = True, focal_gamma: float = 2.0, pca_images: int = 2975,
+                 augmented_features: Callable | None = None, progress: Callable | None = None):
+        self.k, self.pretrain_epochs, self.epochs, self.max_steps = k, pretrain_epochs, epochs, max_steps
+        self.batch_size, self.lr, self.ema, self.ema_every, self.ema_decay = batch_size, lr, ema, ema_every, ema_decay
+        self.augment, self.focal_gamma, self.pca_images = augment, focal_gamma, pca_images
+        self.augmented_features, self.progress = augmented_features, progress
+
+    def fit(self, features: Sequence, proposals: Sequence, seed: int = 0) -> "PrimapsEM":
+        if len(features) != len(proposals):
+            raise ValueError(f"{len(features)} feature maps but {len(proposals)} proposal maps")
+        gen = torch.Generator().manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        init = PrototypeHead(pca_prototypes(features, self.k, self.pca_images, seed), cosine=True)
+        self.pretrain_losses = kmeans_pretrain(init, features, self.pretrain_epochs, self.batch_size, self.lr,
+                                               gen, self.progress)
+        self.initial_prototypes = init.prototypes()
+        self.theta_s = PrototypeHead(init.v.detach(), cosine=False)
+        # Without EMA the pseudo labels come from the current student itself.
+        self.theta_t = copy.deepcopy(self.theta_s).requires_grad_(False) if self.ema else self.theta_s
+        opt = torch.optim.Adam(self.theta_s.parameters(), lr=self.lr)
+        self.history: dict[str, list[float]] = {"loss": [], "pseudo_fraction": []}
+        step, updates = 0, 0
+        for epoch in range(self.epochs):
+            batches = _batches(len(features), self.batch_size, gen)
+            if self.max_steps is not None:
+                batches = batches[: max(0, self.max_steps - step)]
+            if not batches:
+                break
+            for idx in _wrap(self.progress, batches, f"PriMaPs-EM epoch {epoch + 1}/{self.epochs}"):
+                feats = [features[i] for i in idx]
+                student = self._student_views(idx, feats, gen, rng)
+                out = em_step(self.theta_s, self.theta_t, opt, feats, [proposals[i] for i in idx], student,
+                              self.focal_gamma)
+                step += 1
+                for key in self.history:
+                    self.history[key].append(out[key])
+                if self.ema and step % self.ema_every == 0:
+                    # Reference EMA warm-up: the n-th update uses decay min(beta, 1 - 1/n); the first copies.
+                    updates += 1
+                    ema_update(self.theta_t, self.theta_s, min(self.ema_decay, 1.0 - 1.0 / updates))
+        self.steps = step
+        return self
+
+    def _student_views(self, idx, feats, gen, rng):
+        if not self.augment:
+            return None
+        if self.augmented_features is not None:
+            return self.augmented_features(list(idx), rng)
+        return [feature_space_augment(_t(f), gen) for f in feats]
+
+    def predict_scores(self, features: np.ndarray, head: str = "teacher") -> np.ndarray:
+        """Logits (K, h, w) of the teacher theta_T (default) or the student theta_S."""
+        return _scores(self.theta_t if head == "teacher" else self.theta_s, features)
+
+
+def oracle_pseudo_labels(proposals: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Paper Table 5 oracle: every proposal takes its majority ground-truth class (ignore pixels do not vote);
+    pixels outside every proposal stay -1. proposals and gt: (H, W) int64 of the same shape."""
+    if np.shape(proposals) != np.shape(gt):
+        raise ValueError(f"proposals {np.shape(proposals)} and labels {np.shape(gt)} differ in shape")
+    return majority_per_proposal(_t(gt, torch.int64), _t(proposals, torch.int64)).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Task adapter
+# ----------------------------------------------------------------------------------------------------------
+
+DEFAULTS = dict(
+    mode="em", fit_split=None, psi=0.4, coverage=0.95, nn_anchor=True, iterative=True, max_masks=None,
+    proposal_crf=True, mask_gain=10.0, train_resolution="patch", pca_images=2975, pretrain_epochs=2,
+    epochs=50, max_steps=None, batch_size=32, lr=5e-3, ema=True, ema_every=10, ema_decay=0.98,
+    augment="feature", focal_gamma=2.0, crf=True, baseline_epochs=None, probe_epochs=None,
+)
+MODES = ("em", "baseline", "linear-probe", "oracle")
+
+
+def _train_grid(resolution, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int]:
+    if resolution == "patch":
+        return tuple(grid)
+    if resolution == "image":
+        return tuple(image_size)
+    return (grid[0] * int(resolution), grid[1] * int(resolution))
+
+
+def image_proposals(features: np.ndarray, size: tuple[int, int], image: np.ndarray | None, p: dict) -> np.ndarray:
+    """Full PriMaPs proposal pipeline for one image: ids (H, W) at label resolution, -1 = none."""
+    soft = proposal_soft_masks(features, p["psi"], p["coverage"], p["nn_anchor"], p["iterative"],
+                               p["max_masks"])
+    return proposals_to_image(soft, size, image, crf=p["proposal_crf"], gain=p["mask_gain"])
+
+
+def _predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Upsample scores to label size, argmax; with an image (CRF on) also keep the un-refined prediction."""
+    from ..ops import softmax, upsample_scores
+
+    up = upsample_scores(scores, size)
+    out = {"final": up.argmax(0).astype(np.int64)}
+    if image is not None:
+        from ..crf import dense_crf
+
+        refined = dense_crf(np.array(image, dtype=np.uint8, order="C"), softmax(up, 0))  # writable copy
+        out = {"nocrf": out["final"], "final": refined.argmax(0).astype(np.int64)}
+    return out
+
+
+def run(ctx):
+    """Task adapter (see /work/spec.md). params.mode: em | baseline | linear-probe (supervised) | oracle."""
+    from ..errors import UserError
+    from ..runner import Prediction, TaskResult
+
+    p = {**DEFAULTS, **ctx.params}
+    mode = p["mode"]
+    if mode not in MODES:
+        raise UserError(f"primaps: unknown mode '{mode}' -- use one of {', '.join(MODES)}")
+    if p["augment"] not in ("feature", "image", "none", False, None):
+        raise UserError(f"primaps: augment '{p['augment']}' unknown -- use feature, image or none")
+    evaluated = ctx.features("patch")
+    stats: dict = {"mode": mode}
+
+    if mode == "oracle":  # pseudo-label quality with ground truth (paper Table 5): uses labels by design
+        def oracle():
+            coverage = []
+            for i in range(len(evaluated)):  # the runner shows progress while it consumes predictions
+                gt = ctx.label(i)
+                image = ctx.image(i) if p["proposal_crf"] else None
+                ids = image_proposals(evaluated[i], gt.shape, image, p)
+                coverage.append(float((ids >= 0).mean()))
+                stats["proposal_pixel_fraction"] = float(np.mean(coverage))  # filled while streaming
+                yield Prediction(index=i, labels=oracle_pseudo_labels(ids, gt))
+        return TaskResult(predictions=oracle(), stats=stats)
+
+    fit_split = p["fit_split"] or ctx.split
+    fit = ctx.features("patch", split=fit_split)
+    n = len(fit)
+    if mode == "baseline":
+        epochs = p["baseline_epochs"] if p["baseline_epochs"] is not None else p["pretrain_epochs"]
+        model = PrototypeBaseline(ctx.k, epochs, p["batch_size"], p["lr"], p["pca_images"], ctx.progress)
+        model.fit(fit, ctx.seed)
+        stats["final_loss"] = model.losses[-1] if model.losses else None
+    elif mode == "linear-probe":  # supervised upper bound: ground truth of the fit split
+        labels = []
+        for i in ctx.progress(range(n), desc="linear probe labels", total=n):
+            gt = ctx.label(i, fit_split)
+            labels.append(resize_label_map(gt, _train_grid(p["train_resolution"], fit.grid(i), gt.shape)))
+        epochs = p["probe_epochs"] if p["probe_epochs"] is not None else p["epochs"]
+        model = LinearProbe(ctx.k, epochs, p["batch_size"], p["lr"], ctx.progress).fit(fit, labels, ctx.seed)
+        stats["final_loss"] = model.losses[-1] if model.losses else None
+    else:
+        proposals, counts, covered = [], [], []
+        for i in ctx.progress(range(n), desc="PriMaPs proposals", total=n):
+            size = tuple(ctx.label_size(i, fit_split))
+            ids = image_proposals(fit[i], size, ctx.image(i, fit_split) if p["proposal_crf"] else None, p)
+            counts.append(int(ids.max()) + 1)
+            covered.append(float((ids >= 0).mean()))
+            grid = _train_grid(p["train_resolution"], fit.grid(i), size)
+            proposals.append(resize_label_map(ids, grid).astype(np.int16))  # int16: memory of many images
+        stats.update(proposals_per_image=float(np.mean(counts)), proposal_pixel_fraction=float(np.mean(covered)))
+        augmented = _image_augmenter(ctx, fit, fit_split) if p["augment"] == "image" else None
+        model = PrimapsEM(ctx.k, p["pretrain_epochs"], p["epochs"], p["max_steps"], p["batch_size"], p["lr"],
+                          p["ema"], p["ema_every"], p["ema_decay"], p["augment"] not in ("none", False, None),
+                          p["focal_gamma"], p["pca_images"], augmented, ctx.progress)
+        model.fit(fit, proposals, ctx.seed)
+        hist = model.history
+        stats.update(steps=model.steps, final_loss=hist["loss"][-1] if hist["loss"] else None,
+                     pseudo_fraction=float(np.mean(hist["pseudo_fraction"])) if hist["loss"] else None,
+                     augmentation=p["augment"] if p["augment"] else "none")
+
+    def predictions():
+        for i in range(len(evaluated)):  # the runner shows progress while it consumes predictions
+            image = ctx.image(i) if p["crf"] else None
+            for stream, labels in _predict(model.predict_scores(evaluated[i]), ctx.label_size(i), image).items():
+                yield Prediction(index=i, labels=labels, stream=stream)
+
+    return TaskResult(predictions=predictions(), stats=stats)
+
+
+def _image_augmenter(ctx, fit, split) -> Callable:
+    """Student features from backbone passes on photometrically augmented images (the paper's setting)."""
+    backbone = ctx.backbone
+
+    def augmented_features(idx, rng):
+        feats = []
+        for i in idx:  # one pass per image: images of a split may differ in size
+            image = photometric_augment(ctx.image(i, split), rng)
+            with torch.inference_mode():
+                out = backbone.extract(backbone.normalize(image[None]), {"patch"})["patch"]
+            feats.append(out[0].float().cpu().numpy())
+        for f, i in zip(feats, idx):
+            if f.shape[:2] != tuple(fit.grid(i)):
+                raise ValueError(f"augmented features {f.shape[:2]} do not match the cached grid {fit.grid(i)}")
+        return list(feats)
+
+    return augmented_features
