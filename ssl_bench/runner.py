@@ -255,7 +255,7 @@ class Runner:
         streams: dict[str, StreamingConfusion] = {}
         seconds = 0.0
         iterator: Iterator[Prediction] = iter(predictions)
-        for pred in progress(iterator, desc=f"{run.task.name} (K={ctx.k})", total=len(run.dataset)):
+        for pred in progress(iterator, desc=f"{run.task.name} (K={ctx.k}) predictions", total=None):  # streams vary
             t0 = time.perf_counter()
             split = pred.split or ctx.split
             label = ctx.label(pred.index, split)

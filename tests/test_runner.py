@@ -1,0 +1,84 @@
+"""End to end through the runner: configuration -> cache -> task -> evaluation -> store."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ssl_bench.errors import UserError
+from ssl_bench.runner import RunConfig
+
+SMALL = (("n", 12),)  # synthetic images
+
+
+def test_run_stores_once_and_rerun_does_no_work(runner):
+    cfg = RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=SMALL)
+    first = runner.run(cfg)
+    assert first.computed and first.record["k"] == 5 and not first.record["random_weights"]
+    again = runner.run(cfg)
+    assert not again.computed and again.record["config_hash"] == first.record["config_hash"]
+    assert len(runner.store.query()) == 1
+    assert runner.run(cfg, force=True).computed and len(runner.store.query()) == 1
+    cfg_k = RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=SMALL, k=10)
+    assert runner.run(cfg_k).record["metrics"]["final@val"]["matching"] == "majority"
+
+
+def test_kmeans_on_separable_features_beats_chance(runner):
+    rec = runner.run(RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=SMALL)).record
+    assert rec["miou"] > 45 and rec["acc"] > 60  # 5 classes: chance mIoU is about 20
+    assert rec["config"]["protocol"]["resize"] == 320 and rec["environment"]["torch"]
+    assert set(rec["timings"]) == {"features", "task", "evaluate"}
+
+
+def test_primaps_em_scores_clearly_above_chance(runner):
+    cfg = RunConfig(backbone="reference", task="primaps-em", dataset="synthetic", dataset_options=SMALL,
+                    params=(("epochs", 10),))
+    rec = runner.run(cfg).record
+    assert rec["miou"] > 30 and rec["acc"] > 50  # a collapsed model scores mIoU ~6, acc ~27
+    assert rec["stats"]["proposals_per_image"] > 1.5
+
+
+def test_random_weights_are_recorded(runner):
+    rec = runner.run(RunConfig(backbone="dino-vits16", task="kmeans", dataset="synthetic", weights="random",
+                               dataset_options=(("n", 4),))).record
+    assert rec["random_weights"] and rec["weights"] == "random:0"
+    assert rec["config"]["protocol"]["resize"] == 320
+
+
+def test_dinov2_uses_322_protocol(runner):
+    rec = runner.run(RunConfig(backbone="dinov2-vits14", task="kmeans", dataset="synthetic", weights="random",
+                               dataset_options=(("n", 2),))).record
+    assert rec["config"]["protocol"]["resize"] == 322
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(backbone="dino-vit16"), "unknown backbone 'dino-vit16' -- did you mean dino-vits16"),
+    (dict(task="k-means"), "unknown task 'k-means'"),
+    (dict(dataset="camvid", dataset_options=()), "needs a data root"),
+    (dict(params=(("nope", 1),)), "task 'kmeans' has no parameter"),
+    (dict(backbone="reference", task="datus2"), "cannot give 'key' features"),
+])
+def test_bad_input_is_one_clear_error(runner, cfg, message):
+    base = dict(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=SMALL)
+    with pytest.raises(UserError, match=message):
+        runner.run(RunConfig(**{**base, **cfg}))
+
+
+def test_cli_prints_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", "from ssl_bench.cli import main; main()", "run",
+                           "--backbone", "nope", "--store", str(tmp_path / "s.sqlite")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "unknown backbone 'nope'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_camvid_random_dino_end_to_end(runner, shared_dataset):
+    root = shared_dataset("camvid")
+    cfg = RunConfig(backbone="dino-vits16", weights="random", task="kmeans", dataset="camvid",
+                    data_root=str(root), split="val")
+    rec = runner.run(cfg).record
+    assert rec["config"]["images"] == 101 and rec["random_weights"] and rec["k"] == 11
+    assert 0 < rec["miou"] < 100
+    assert not runner.run(cfg).computed
