@@ -213,3 +213,31 @@ class FeatureCache:
         if _per_image(kind):
             offsets = np.arange(len(grids) + 1)
         return FeatureStore(kind, flat, offsets, grids)
+
+
+def features_of(backbone: Backbone, dataset: SegDataset, protocol: Protocol, kinds: Iterable[str],
+                n: int) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]]]:
+    """Protocol images and features of the first ``n`` images, uncached (for benchmarks and probes)."""
+    protocol = protocol.for_patch_size(backbone.patch_size)
+    images = [protocol.apply_image(dataset.load_image(i), backbone.patch_size) for i in range(min(n, len(dataset)))]
+    feats = []
+    for image in images:
+        out = backbone.extract(backbone.normalize(image[None]), set(kinds))
+        feats.append({k: v[0].float().cpu().numpy() for k, v in out.items()})
+    return images, feats
+
+
+def benchmark_inputs(backbone: str, n: int, kinds=("patch",)):
+    """Random-weight ``backbone`` features of ``n`` real CamVid images when ../shared/data is there,
+    else of the synthetic dataset; returns (images, features, dataset description)."""
+    from . import registry
+    from .data import open_dataset
+    from .data.shared import shared_data_dir
+    from .models import build_backbone, resolve
+
+    spec = registry.backbone(backbone)
+    model = build_backbone(spec, resolve(spec, "random"), 0)
+    camvid = shared_data_dir() / "camvid" if shared_data_dir() else None
+    dataset = open_dataset("camvid", camvid, "val") if camvid and camvid.is_dir() else open_dataset("synthetic", None, "val")
+    images, feats = features_of(model, dataset, Protocol(), kinds, n)
+    return images, feats, f"{dataset.name}/{dataset.split} ({backbone}, random weights)"

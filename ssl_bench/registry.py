@@ -79,6 +79,7 @@ class TaskSpec:
     params: dict
     paper: str = ""
     produces_segments: bool = False
+    benchmark: str | None = None  # "module:function" measured by `ssl-bench bench TASK`
 
     def resolve_params(self, overrides: dict | None) -> dict:
         unknown = set(overrides or {}) - set(self.params)

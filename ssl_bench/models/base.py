@@ -56,7 +56,7 @@ class Backbone(nn.Module):
 
     def normalize(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 images (B, H, W, 3) -> normalised float tensor (B, 3, H, W) on the model's device."""
-        x = torch.as_tensor(images).to(self.mean.device)
+        x = torch.as_tensor(np.array(images) if isinstance(images, np.ndarray) else images).to(self.mean.device)
         x = x.permute(0, 3, 1, 2).float() / 255.0
         return (x - self.mean) / self.std
 
