@@ -137,3 +137,44 @@ def test_resnet_like_backbone_refuses_attention_kinds():
 def test_unwrap_strips_nested_prefixes():
     state = {"module.backbone.blocks.0.w": torch.zeros(1), "module.backbone.norm.w": torch.zeros(1)}
     assert set(unwrap_state_dict({"model": state})) == {"blocks.0.w", "norm.w"}
+
+
+def _hf_model(name):
+    """A transformers model of the same architecture with random weights, in eval mode."""
+    import transformers as tf
+
+    spec = registry.backbone(name)
+    common = dict(hidden_size=spec.embed_dim, num_hidden_layers=12, num_attention_heads=spec.heads,
+                  intermediate_size=4 * spec.embed_dim, patch_size=spec.patch_size, layer_norm_eps=1e-6)
+    if name.startswith("dinov2") and name.endswith("-reg"):
+        model = tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(image_size=518, num_register_tokens=4, **common))
+    elif name.startswith("dinov2"):
+        model = tf.Dinov2Model(tf.Dinov2Config(image_size=518, **common))
+    else:
+        model = tf.ViTModel(tf.ViTConfig(image_size=224, qkv_bias=True, **common), add_pooling_layer=False)
+    return spec, model.eval()
+
+
+@pytest.mark.parametrize("name, size", [("dino-vits16", 224), ("dinov2-vits14", 518), ("dinov2-vits14-reg", 518)])
+def test_hugging_face_cache_layout_matches_transformers(tmp_path, monkeypatch, name, size):
+    from safetensors.torch import save_file
+
+    spec, hf = _hf_model(name)
+    with torch.no_grad():
+        for p in hf.parameters():  # layer scales and norms away from their trivial init
+            p.add_(torch.randn_like(p) * 0.02)
+    snapshot = tmp_path / "hub" / f"models--{spec.hf.replace('/', '--')}" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, snapshot / "model.safetensors")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("SSL_BENCH_WEIGHTS", raising=False)
+    source = resolve(spec, None)
+    assert source.origin == "Hugging Face cache"
+    ours = build_backbone(spec, source)
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        hidden = hf(pixel_values=x).last_hidden_state
+    out = ours.extract(x, {"patch", "cls"})
+    prefix = hidden.shape[1] - out["patch"].shape[1] * out["patch"].shape[2]
+    torch.testing.assert_close(out["cls"], hidden[:, 0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(out["patch"].flatten(1, 2), hidden[:, prefix:], rtol=1e-3, atol=1e-3)

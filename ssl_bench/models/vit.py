@@ -12,6 +12,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 from ..registry import BackboneSpec
 from .base import Backbone, is_layer_kind
+from .hf import hf_to_official, is_hf_layout
 from .weights import load_into
 
 
@@ -72,6 +73,8 @@ def create(spec: BackboneSpec) -> torch.nn.Module:
 def build(spec: BackboneSpec, state: dict | None) -> ViTBackbone:
     model = create(spec)
     if state is not None:
+        if is_hf_layout(state):  # Hugging Face cache: transformers names -> official names
+            state = hf_to_official(state)
         # timm's filter converts the official DINO/DINOv2 layouts (patchify, layer scale, registers,
         # position-embedding size) into timm's own.
         state = checkpoint_filter_fn(state, model)
