@@ -1,0 +1,285 @@
+"""DatUS^2 core functions and adapter (ssl_bench.methods.datus): small synthetic inputs, < 30 s."""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ssl_bench.methods import datus
+
+
+def one_hot_keys(groups: np.ndarray, dim: int = 8) -> np.ndarray:
+    """Keys (h, w, dim): patch with group g gets basis vector e_g, so groups are orthogonal."""
+    return np.eye(dim, dtype=np.float32)[groups]
+
+
+# ---------------------------------------------------------------- segment discovery
+
+
+@pytest.mark.parametrize("backend", datus.BACKENDS)
+def test_two_orthogonal_regions_give_two_segments(backend):
+    groups = np.zeros((4, 6), dtype=int)
+    groups[:, 3:] = 1
+    seg, info = datus.discover_segments(one_hot_keys(groups), tau=5, backend=backend)
+    expected = np.where(groups == 0, 0, 1)
+    np.testing.assert_array_equal(seg, expected)
+    assert seg.dtype == np.int64
+    assert info == {"n_communities": 2, "n_segments": 2, "n_valid": 2, "valid_sizes": [12, 12]}
+
+
+def test_community_in_two_separate_regions_gives_two_segments():
+    groups = np.zeros((4, 9), dtype=int)
+    groups[:, 3:6] = 1  # group 0 occupies two stripes separated by group 1
+    seg, info = datus.discover_segments(one_hot_keys(groups), tau=5)
+    expected = np.repeat(np.array([[0, 0, 0, 1, 1, 1, 2, 2, 2]]), 4, axis=0)
+    np.testing.assert_array_equal(seg, expected)
+    assert (info["n_communities"], info["n_segments"], info["n_valid"]) == (2, 3, 3)
+
+
+def test_segments_up_to_tau_patches_are_noise():
+    groups = np.zeros((6, 6), dtype=int)
+    groups[0, :5] = 1  # exactly 5 patches: noise for tau=5
+    groups[5, :] = 2  # 6 patches: valid
+    seg, info = datus.discover_segments(one_hot_keys(groups), tau=5)
+    assert (seg[0, :5] == -1).all()
+    assert (seg[5] == 1).all()
+    assert (seg[groups == 0] == 0).all()
+    assert (info["n_segments"], info["n_valid"], info["valid_sizes"]) == (3, 2, [25, 6])
+    # one lower threshold makes the 5-patch segment valid
+    seg4, info4 = datus.discover_segments(one_hot_keys(groups), tau=4)
+    assert info4["n_valid"] == 3 and (seg4[0, :5] == 0).all()
+
+
+def test_diagonal_touch_is_one_segment():
+    groups = np.zeros((6, 6), dtype=int)
+    groups[:3, 3:] = 1
+    groups[3:, :3] = 1  # each group: two 3x3 blocks touching only at a corner
+    seg, info = datus.discover_segments(one_hot_keys(groups), tau=5)
+    np.testing.assert_array_equal(seg, np.where(groups == 0, 0, 1))
+    assert info["n_segments"] == 2  # 4-connectivity would give 4
+
+
+@pytest.mark.parametrize("shape", [(5, 9), (11, 3)])
+def test_non_square_grids(shape):
+    h, w = shape
+    groups = np.zeros(shape, dtype=int)
+    groups[h // 2 :, :] = 1
+    seg, info = datus.discover_segments(one_hot_keys(groups), tau=2)
+    assert seg.shape == shape
+    np.testing.assert_array_equal(seg, groups)
+    assert info["n_valid"] == 2
+
+
+@pytest.mark.parametrize("backend", datus.BACKENDS)
+def test_seeded_discovery_is_deterministic(backend):
+    keys, _ = datus.synthetic_keys(14, 14, noise=1.5, seed=1)
+    a = datus.discover_segments(keys, seed=3, backend=backend)
+    b = datus.discover_segments(keys, seed=3, backend=backend)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == b[1]
+
+
+def test_modularity_matches_python_louvain():
+    import community as community_louvain
+    import networkx as nx
+
+    keys, _ = datus.synthetic_keys(10, 10, noise=1.5, seed=0)
+    adjacency = datus.key_adjacency(keys.reshape(100, -1), weighted=True)
+    labels = np.random.default_rng(0).integers(0, 4, 100)
+    graph = nx.from_numpy_array(adjacency)
+    reference = community_louvain.modularity(dict(enumerate(labels.tolist())), graph)
+    assert datus.modularity(adjacency, labels) == pytest.approx(reference, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("backend", ["igraph", "leiden"])
+def test_fast_backends_reach_louvain_modularity(seed, backend):
+    keys, _ = datus.synthetic_keys(14, 14, noise=2.0, seed=seed)
+    adjacency = datus.key_adjacency(keys.reshape(196, -1))
+    q_ref = datus.modularity(adjacency, datus.detect_communities(adjacency, seed, "louvain"))
+    q_fast = datus.modularity(adjacency, datus.detect_communities(adjacency, seed, backend))
+    assert q_ref > 0.05  # a graph with real structure, not a trivial one
+    assert abs(q_fast - q_ref) < 0.01
+
+
+def test_summarize_segments():
+    infos = [
+        {"n_communities": 2, "n_segments": 4, "n_valid": 2, "valid_sizes": [10, 20]},
+        {"n_communities": 4, "n_segments": 6, "n_valid": 1, "valid_sizes": [30]},
+    ]
+    s = datus.summarize_segments(infos)
+    assert s["total_segments"] == 10 and s["valid_segments"] == 3
+    assert s["pct_valid_segments"] == pytest.approx(30.0)
+    assert s["segments_per_image"] == 5.0 and s["communities_per_image"] == 3.0
+    assert s["patches_per_valid_segment"] == pytest.approx(20.0)
+
+
+# ---------------------------------------------------------------- crops, clustering
+
+
+def test_upsample_nearest_non_square():
+    labels = np.arange(6).reshape(2, 3)
+    up = datus.upsample_nearest(labels, (4, 9))
+    np.testing.assert_array_equal(up, np.repeat(np.repeat(labels, 2, 0), 3, 1))
+
+
+def test_segment_crop_tight_box_and_fill():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    seg = np.full((20, 30), -1)
+    seg[5:9, 10:14] = 3
+    seg[6, 11] = 4  # another segment inside the box must be filled
+    crop = datus.segment_crop(image, seg, 3, fill=7, size=4)  # same size: no resampling
+    expected = image[5:9, 10:14].copy()
+    expected[1, 1] = 7
+    np.testing.assert_array_equal(crop, expected)
+    assert datus.segment_crop(image, seg == 3, None, size=16).shape == (16, 16, 3)
+    assert datus.segment_crop(image, seg, 3, size=16, fit="authors").shape == (16, 16, 3)
+    with pytest.raises(ValueError):
+        datus.segment_crop(image, seg, 99)
+
+
+def test_kmeans_groups_segments_of_the_same_class():
+    rng = np.random.default_rng(0)
+    classes = np.repeat(np.arange(3), 30)
+    centres = rng.normal(size=(3, 16)) * 3
+    feats = centres[classes] + rng.normal(size=(90, 16)) * 0.3
+    labels, centroids = datus.cluster_segments(feats, k=3, seed=0)
+    assert centroids.shape == (3, 16)
+    for c in range(3):  # every class in one cluster, different classes in different clusters
+        assert len(set(labels[classes == c])) == 1
+    assert len(set(labels)) == 3
+    np.testing.assert_array_equal(datus.nearest_centroid(feats, centroids), labels)
+
+
+def test_paint_segments_keeps_noise_unlabelled():
+    seg = np.array([[0, 0, -1], [1, 2, 2]])
+    np.testing.assert_array_equal(
+        datus.paint_segments(seg, np.array([5, 1, 5])), [[5, 5, -1], [1, 5, 5]]
+    )
+
+
+# ---------------------------------------------------------------- denoiser
+
+TINY = datus.DenoiserConfig(arch="resnet18", input_size=32, steps=2, batch_size=2,
+                            predict_batch_size=3)
+
+
+def test_usable_masks_drops_near_single_class():
+    single = np.zeros((4, 4), int)
+    empty = np.full((4, 4), -1)
+    mixed = np.zeros((4, 4), int)
+    mixed[:, 2:] = 1
+    mostly = np.zeros((10, 10), int)
+    mostly[0, 0] = 1  # 99 % one class
+    keep = datus.usable_masks([single, empty, mixed, mostly], threshold=0.95)
+    np.testing.assert_array_equal(keep, [False, False, True, False])
+
+
+def test_denoiser_smoke_shapes():
+    rng = np.random.default_rng(0)
+    sizes = [(40, 50), (36, 36), (30, 44), (32, 32)]
+    images = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in sizes]
+    masks = [rng.integers(-1, 3, (5, 6)) for _ in sizes]
+    model, used = datus.train_denoiser(images, masks, num_classes=3, config=TINY, seed=0)
+    assert used == 4
+    preds = list(datus.predict_denoiser(model, images, TINY))
+    assert [p.shape for p in preds] == sizes
+    assert all(p.dtype == np.int64 and p.min() >= 0 and p.max() < 3 for p in preds)
+
+
+def test_denoiser_config_rejects_unknown_params():
+    from ssl_bench.errors import UserError
+
+    assert datus.DenoiserConfig.from_params({"steps": 5}).steps == 5
+    with pytest.raises(UserError):
+        datus.DenoiserConfig.from_params({"stepz": 5})
+
+
+# ---------------------------------------------------------------- adapter
+
+
+@pytest.fixture
+def runner_types(monkeypatch):
+    """Real ssl_bench.runner types if present, else a stub with the spec's names."""
+    try:
+        from ssl_bench.runner import Prediction, TaskResult  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("ssl_bench.runner")
+
+        @dataclass
+        class Prediction:
+            index: int
+            labels: np.ndarray
+            stream: str = "final"
+            split: str | None = None
+
+        @dataclass
+        class TaskResult:
+            predictions: object
+            stats: dict = field(default_factory=dict)
+
+        stub.Prediction, stub.TaskResult = Prediction, TaskResult
+        monkeypatch.setitem(sys.modules, "ssl_bench.runner", stub)
+
+
+def fake_ctx(params, split="val"):
+    """Images half red / half blue; keys orthogonal on the two halves of a 4x6 grid."""
+    import torch
+
+    groups = np.zeros((4, 6), dtype=int)
+    groups[:, 3:] = 1
+    image = np.zeros((32, 48, 3), dtype=np.uint8)
+    image[:, :24, 0] = 200
+    image[:, 24:, 2] = 200
+    n = {"train": 3, "val": 2}
+    backbone = SimpleNamespace(
+        normalize=lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255,
+        embed=lambda x: x.mean((2, 3)),  # mean colour: crops of the same half look alike
+    )
+    return SimpleNamespace(
+        k=2, seed=0, params=params, split=split,
+        features=lambda kind, split=None: [one_hot_keys(groups)] * n[split],
+        image=lambda i, split=None: image.copy(),
+        backbone=backbone, protocol=SimpleNamespace(input_size=16),
+        device="cpu", progress=lambda it, desc=None, total=None: it,
+    )
+
+
+def test_adapter_streams_and_stats(runner_types):
+    tiny = {f: getattr(TINY, f) for f in ("arch", "input_size", "steps", "batch_size")}
+    result = datus.run(fake_ctx({"denoise": True, "denoiser": tiny}))
+    preds = list(result.predictions)
+    streams = {(p.stream, p.split) for p in preds}
+    assert streams == {("initial", None), ("denoised", None), ("final", None)}
+    initial = [p.labels for p in preds if p.stream == "initial"]
+    assert len(initial) == 2 and initial[0].shape == (32, 48)
+    left, right = initial[0][:, :24], initial[0][:, 24:]
+    assert len(np.unique(left)) == 1 and len(np.unique(right)) == 1 and left[0, 0] != right[0, 0]
+    assert result.stats["total_segments"] == 4 and result.stats["pct_valid_segments"] == 100.0
+    assert result.stats["denoiser_train_masks"] == 2
+
+
+def test_adapter_fit_split_yields_train_and_val(runner_types):
+    result = datus.run(fake_ctx({"fit_split": "train"}))
+    preds = list(result.predictions)
+    counts = {}
+    for p in preds:
+        counts[(p.stream, p.split)] = counts.get((p.stream, p.split), 0) + 1
+    assert counts == {("initial", "train"): 3, ("final", "train"): 3,
+                      ("initial", None): 2, ("final", None): 2}
+    assert result.stats["fit_split"]["split"] == "train"
+
+
+def test_adapter_cnn_crops_need_a_backbone(runner_types):
+    from ssl_bench.errors import UserError
+
+    with pytest.raises(UserError, match="crop_backbone"):
+        datus.run(fake_ctx({"crop_feature": "cnn-pooled"}))
+    with pytest.raises(UserError, match="build_backbone"):
+        datus.run(fake_ctx({"crop_feature": "cnn-pooled", "crop_backbone": "mocov2-r50"}))
