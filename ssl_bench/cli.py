@@ -160,6 +160,32 @@ def report(
         sys.stdout.write(text)
 
 
+@app.command()
+def bench(
+    name: Optional[str] = typer.Argument(None, help="benchmark to run (omit to list them)"),
+    arg: list[str] = typer.Option([], "--arg", "-a", help="benchmark argument key=value (repeatable)"),
+    output_dir: Path = typer.Option(Path("results/bench"), help="where NAME.json is written (committed figures)"),
+    no_write: bool = typer.Option(False, "--no-write", help="print only, write no file"),
+):
+    """Run a committed performance benchmark and write results/bench/NAME.json."""
+    import json
+
+    from . import bench as benches
+
+    available = benches.available_benchmarks()
+    if name is None:
+        table = Table("benchmark", "measures")
+        for key, function in available.items():
+            function = registry.load_entrypoint(function) if isinstance(function, str) else function
+            table.add_row(key, (function.__doc__ or "").strip().splitlines()[0])
+        out.print(table)
+        return
+    result = benches.run_benchmark(name, None if no_write else output_dir, **dict(parse_pairs(arg, "--arg")))
+    out.print_json(json.dumps(result))
+    if not no_write:
+        console.print(f"wrote {output_dir / (name + '.json')}")
+
+
 def main() -> None:
     try:
         app()
