@@ -11,6 +11,8 @@ runs wait for one another instead of extracting twice.
 from __future__ import annotations
 
 import fcntl
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 import hashlib
 import json
 import os
@@ -21,7 +23,6 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from .data.base import SegDataset
 from .data.protocol import Protocol
@@ -72,19 +73,34 @@ class CacheKey:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class _ProtocolImages(Dataset):
-    """Dataset images at protocol resolution, uint8 (H, W, 3); decoded in a loader worker."""
+class _ProtocolImages:
+    """Dataset images at protocol resolution, stacked per batch as a uint8 tensor (B, H, W, 3)."""
 
-    def __init__(self, dataset: SegDataset, protocol: Protocol, multiple: int, indices: list[int]):
-        self.dataset, self.protocol, self.multiple, self.indices = dataset, protocol, multiple, indices
+    def __init__(self, dataset: SegDataset, protocol: Protocol, multiple: int):
+        self.dataset, self.protocol, self.multiple = dataset, protocol, multiple
 
-    def __len__(self) -> int:
-        return len(self.indices)
+    def batch(self, indices: list[int]) -> torch.Tensor:
+        images = [self.protocol.apply_image(self.dataset.load_image(i), self.multiple) for i in indices]
+        return torch.from_numpy(np.stack(images))  # np.stack copies: PIL-backed arrays are read-only
 
-    def __getitem__(self, j: int):
-        i = self.indices[j]
-        image = self.protocol.apply_image(self.dataset.load_image(i), self.multiple)
-        return i, torch.from_numpy(np.array(image))  # writable copy: PIL-backed arrays are read-only
+
+def _prefetched(load: Callable[[list[int]], torch.Tensor], batches: list[list[int]], threads: int):
+    """Yield ``(indices, load(indices))`` in order, decoding up to ``threads`` batches ahead.
+
+    Threads, not processes: PIL decoding and resizing release the GIL, and on a small machine a
+    forked loader worker costs start-up time and a copy of every batch for nothing.
+    """
+    if threads <= 0:
+        for indices in batches:
+            yield indices, load(indices)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="ssl-bench-decode") as pool:
+        pending = deque(pool.submit(load, b) for b in batches[:threads + 1])
+        for j, indices in enumerate(batches):
+            batch = pending.popleft().result()
+            if j + threads + 1 < len(batches):
+                pending.append(pool.submit(load, batches[j + threads + 1]))
+            yield indices, batch
 
 
 def _same_size_batches(grids: np.ndarray, start: int, batch_size: int) -> list[list[int]]:
@@ -137,8 +153,11 @@ class FeatureCache:
 
     def ensure(self, backbone: Backbone, weights_identity: str, dataset: SegDataset, protocol: Protocol,
                kinds: Iterable[str], progress: Callable = lambda it, **_: it, batch_size: int = 8,
-               workers: int | None = None) -> dict[str, FeatureStore]:
-        """Extract whatever of ``kinds`` is not cached yet, then open every kind for reading."""
+               workers: int = 1) -> dict[str, FeatureStore]:
+        """Extract whatever of ``kinds`` is not cached yet, then open every kind for reading.
+
+        ``workers`` threads decode the next batches while the model runs (0: decode in line).
+        """
         kinds = sorted(set(kinds))
         backbone.check_kinds(kinds)
         key = self.key(backbone, weights_identity, dataset, protocol)
@@ -168,12 +187,10 @@ class FeatureCache:
     def _extract(self, folder, backbone, dataset, protocol, kinds, grids, offsets, progress, batch_size, workers):
         start = min(self._done(folder, k) for k in kinds)
         batches = _same_size_batches(grids, start, batch_size)
-        images = _ProtocolImages(dataset, protocol, backbone.patch_size, list(range(len(dataset))))
-        if workers is None:  # decode the next batch while the model runs on this one
-            workers = 1 if (os.cpu_count() or 1) > 1 else 0
-        loader = DataLoader(images, batch_sampler=batches, num_workers=workers)
+        images = _ProtocolImages(dataset, protocol, backbone.patch_size)
         arrays: dict[str, np.ndarray] = {}
-        for indices, batch in progress(loader, desc=f"extract {backbone.spec.name} on {dataset.name}/{dataset.split}",
+        for indices, batch in progress(_prefetched(images.batch, batches, workers),
+                                       desc=f"extract {backbone.spec.name} on {dataset.name}/{dataset.split}",
                                        total=len(batches)):
             device = next(iter(backbone.buffers())).device
             feats = backbone.extract(backbone.normalize(batch.to(device)), kinds)
@@ -182,11 +199,11 @@ class FeatureCache:
                 if kind not in arrays:
                     fresh = self._done(folder, kind) == 0
                     arrays[kind] = self._open_for_write(folder, kind, rows.shape[1], len(grids), offsets, fresh)
-                lo = indices[0].item() if _per_image(kind) else offsets[indices[0]]
+                lo = indices[0] if _per_image(kind) else offsets[indices[0]]
                 arrays[kind][lo:lo + len(rows)] = rows
             for kind in kinds:  # commit only what is on disk
                 arrays[kind].flush()
-                _write_json_atomic(folder / f"{kind}.progress.json", {"done": int(indices[-1]) + 1})
+                _write_json_atomic(folder / f"{kind}.progress.json", {"done": indices[-1] + 1})
 
     @staticmethod
     def _rows(kind: str, t: torch.Tensor) -> np.ndarray:
