@@ -190,7 +190,7 @@ def main() -> None:
     try:
         app()
     except UserError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)  # one line, never wrapped
         raise SystemExit(2)
     except KeyboardInterrupt:
         console.print("interrupted: stored results and cached features are kept; run again to resume")

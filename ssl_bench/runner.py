@@ -202,7 +202,7 @@ class Runner:
         weights_seed = cfg.weights_seed
         source = resolve(spec, cfg.weights, weights_seed)
         protocol = cfg.protocol.for_patch_size(spec.patch_size)
-        k = cfg.k or probe.num_classes
+        k = probe.num_classes if cfg.k is None else cfg.k
         if k < 1:
             raise UserError(f"--k must be at least 1, got {k}")
         config = {
