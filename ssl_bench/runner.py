@@ -234,7 +234,7 @@ class Runner:
         entry = registry.load_entrypoint(run.task.entrypoint)
         t0 = time.perf_counter()
         result: TaskResult = entry(ctx)
-        kept: list[tuple[int, np.ndarray, np.ndarray]] = []  # first headline predictions, for report panels
+        kept: list[tuple[int, np.ndarray, np.ndarray]] = []  # a few headline predictions, for report panels
         metrics, eval_seconds = self._evaluate(ctx, run, result.predictions, progress, kept)
         timings["task"] = time.perf_counter() - t0 - eval_seconds
         timings["evaluate"] = eval_seconds
@@ -258,6 +258,7 @@ class Runner:
         streams: dict[str, StreamingConfusion] = {}
         seconds = 0.0
         iterator: Iterator[Prediction] = iter(predictions)
+        sample_indices = samples.spread_indices(len(ctx.dataset))  # headline predictions kept for report panels
         for pred in progress(iterator, desc=f"{run.task.name} (K={ctx.k}) predictions", total=None):  # streams vary
             t0 = time.perf_counter()
             split = pred.split or ctx.split
@@ -269,8 +270,9 @@ class Runner:
             if key not in streams:
                 streams[key] = StreamingConfusion(run.config["num_classes"], ctx.k)
             streams[key].update(pred.labels, label)
-            if kept is not None and key == f"{FINAL}@{ctx.split}" and len(kept) < samples.SAMPLES_PER_RUN:
+            if kept is not None and key == f"{FINAL}@{ctx.split}" and pred.index in sample_indices:
                 kept.append((pred.index, pred.labels.copy(), label))
+                sample_indices.discard(pred.index)
             seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         metrics = {key: conf.compute(ctx.k) for key, conf in streams.items()}

@@ -1,6 +1,7 @@
 """A few predictions kept per run, for the qualitative panels of ``ssl-bench report``.
 
-The runner keeps the first ``SAMPLES_PER_RUN`` headline predictions, maps their cluster ids to classes
+The runner keeps ``SAMPLES_PER_RUN`` headline predictions spread evenly over the split (the first
+images of a video dataset such as CamVid are near-identical frames), maps their cluster ids to classes
 with the run's own matching (``metrics[...]["cluster_to_class"]``, so colours match the ground truth)
 and writes them next to the store::
 
@@ -24,6 +25,11 @@ from pathlib import Path
 import numpy as np
 
 SAMPLES_PER_RUN = 4
+
+
+def spread_indices(images: int, count: int = SAMPLES_PER_RUN) -> set[int]:
+    """``count`` image indices spread evenly over ``images`` (first and last included)."""
+    return {int(i) for i in np.linspace(0, images - 1, min(count, images)).round()} if images > 0 else set()
 
 
 def samples_dir(store_path: str | Path) -> Path:
