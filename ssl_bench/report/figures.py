@@ -65,9 +65,8 @@ def overclustering_figure(column: str, data: dict) -> plt.Figure:
         handles.append(line)
     classes = data["classes"]
     for ax, metric in zip(axes, METRICS):
-        ax.axvline(classes, color="0.5", linestyle=":", linewidth=1.2)
-        ax.annotate(f"K = C = {classes}", (classes, 0.0), xycoords=("data", "axes fraction"), xytext=(4, 6),
-                    textcoords="offset points", color="0.35", fontsize=9)
+        classes_line = ax.axvline(classes, color="0.5", linestyle=":", linewidth=1.5,
+                                  label=f"K = C = {classes} (number of classes)")
         ax.set_xlabel("K (number of clusters)")
         ax.set_ylabel(METRIC_AXES[metric])
         ax.set_title(METRIC_AXES[metric].replace(" (%)", "") + " against K")
@@ -75,6 +74,7 @@ def overclustering_figure(column: str, data: dict) -> plt.Figure:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle(f"Over-clustering on {column} (C = {classes} classes); error bars: ± std over seeds",
                  fontsize=13)
+    handles.append(classes_line)
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), frameon=False)
     return fig
 

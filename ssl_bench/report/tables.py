@@ -58,10 +58,11 @@ class Column:
     header: str  # e.g. "mIoU"
     group: str = ""  # e.g. the dataset; drawn as a spanning header above its columns
     numeric: bool = True
+    flat: str = ""  # header where groups cannot span (Markdown, CSV); default "group header"
 
     @property
     def key(self) -> str:
-        return f"{self.group} {self.header}".strip()
+        return self.flat or f"{self.group} {self.header}".strip()
 
 
 @dataclass
@@ -308,7 +309,7 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
                 Column("Pre-training data", numeric=False), Column("Seeds", numeric=False)]
     columns += [Column(label, group=d) for d in datasets for label in METRICS.values()]
     table = Table(f"Leaderboard, {k_text}", columns, label_columns=2 if several_methods else 1)
-    multi_seed = False
+    multi_seed = multi_count = False
     for (model, backbone, method, random), runs in frame.groupby(["model", "backbone", "method", "random_weights"],
                                                                   sort=True):
         info = backbone_info(backbone)
@@ -323,11 +324,15 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
                 mean, std, n = _mean_std(in_column[metric])
                 numbers.append(Cell(mean, std, n))
         multi_seed |= any(s > 1 for s in seeds)
-        cells.append(Cell(str(seeds[0]) if len(set(seeds)) == 1 else "/".join(map(str, seeds))))
+        per_dataset = len(set(seeds)) > 1
+        multi_count |= per_dataset
+        cells.append(Cell(str(seeds[0]) if not per_dataset else " / ".join(map(str, seeds))))
         table.add(cells + numbers, random=bool(random))
     mark_best(table)
     notes = ["Bold: best per column" + (" among rows not marked †." if any(table.random) else ".")]
-    return table.finish(notes + ([SEEDS_NOTE] if multi_seed else []))
+    notes += [SEEDS_NOTE] if multi_seed else []
+    notes += ["Seeds \"a / b\": seeds per dataset, in column order."] if multi_count else []
+    return table.finish(notes)
 
 
 SEGMENT_FIELDS = {"images": ("Images", 0), "total": ("Total segments", 0), "valid_percent": ("Valid segments (%)", 1),
@@ -360,8 +365,9 @@ def streams_table(records: list[dict]) -> Table:
     columns = [Column("Backbone", numeric=False), Column("Method", numeric=False), Column("Dataset", numeric=False),
                Column("K", numeric=False), Column("Stream@split", numeric=False)]
     columns += [Column(label, group="all pixels") for label in METRICS.values()]
-    columns += [Column("Labelled (%)", group="labelled pixels only")]
-    columns += [Column(label, group="labelled pixels only") for label in METRICS.values()]
+    columns += [Column("Labelled (%)", group="labelled pixels only", flat="Labelled pixels (%)")]
+    columns += [Column(label, group="labelled pixels only", flat=f"{label} (labelled only)")
+                for label in METRICS.values()]
     table = Table("Prediction streams", columns, label_columns=5)
 
     def interesting(r: dict) -> bool:
