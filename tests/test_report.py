@@ -208,7 +208,7 @@ def test_html_is_self_contained(real_run, records):
     runner, record = real_run
     page = report.html_report(runner.store.query() + records, runner.store.path)
     refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", page, flags=re.I)
-    assert refs and all(ref.startswith("data:image/png;base64,") for ref in refs)
+    assert refs and all(ref.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for ref in refs)
     assert "<link" not in page and "@import" not in page and "url(" not in page
     assert "Leaderboard" in page and "Over-clustering on synthetic" in page and record["config_hash"] in page
     assert "random weights: smoke run, not a result" in page

@@ -15,8 +15,8 @@ from pathlib import Path
 from .. import samples
 from ..errors import UserError
 from . import figures, html
-from .tables import (DAGGER, FORMATS, RANDOM_NOTE, Table, leaderboard, runs_frame, segment_table, streams_table, to_csv,
-                     to_html, to_latex, to_markdown)
+from .tables import (DAGGER, FORMATS, RANDOM_NOTE, Table, leaderboard, runs_frame, segment_table, streams_table,
+                     task_label, to_csv, to_html, to_latex, to_markdown)
 
 TABLES = {"leaderboard": leaderboard, "segments": segment_table, "streams": streams_table}
 EXTENSIONS = {"markdown": "md", "latex": "tex", "csv": "csv", "html": "html"}
@@ -57,7 +57,8 @@ def _task_filter(records: list[dict], task: str | None) -> list[dict]:
 
 def panel_title(record: dict) -> str:
     rand = f"{DAGGER} RANDOM WEIGHTS (smoke run, not a result) | " if record["random_weights"] else ""
-    return (f"{rand}{record['backbone']} | {record['task']} | {record['dataset']}:{record['split']} | "
+    method = task_label(record["task"], record["config"].get("params") or {})
+    return (f"{rand}{record['backbone']} | {method} | {record['dataset']}:{record['split']} | "
             f"K={record['k']} seed={record['seed']} | mIoU {record['miou']:.1f}  Acc {record['acc']:.1f}  "
             f"F1 {record['f1']:.1f}  (run {record['config_hash']})")
 
@@ -96,7 +97,7 @@ def html_report(records: list[dict], store_path: Path, k: str | int = "classes",
     tables = build_tables(records, "all", k, task)
     sections.append(("Leaderboard", f"<div class='scroll'>{to_html(tables['leaderboard'])}</div>"))
     curves = figures.curve_data(_task_filter(records, task))
-    body = "".join(html.figure(figures.png_bytes(figures.overclustering_figure(column, data)),
+    body = "".join(html.figure(figures.image_bytes(figures.overclustering_figure(column, data)),
                                f"Over-clustering on {column}: each metric against K, per backbone and method.")
                    for column, data in curves.items())
     sections.append(("Over-clustering curves", body or "<p><em>No backbone and method ran with several K.</em></p>"))
@@ -114,8 +115,8 @@ def html_report(records: list[dict], store_path: Path, k: str | int = "classes",
         if found is None:
             missing += 1
             continue
-        png = figures.png_bytes(figures.panel_figure(found, panel_title(record)), dpi=80)
-        panels.append(html.figure(png, panel_title(record)))
+        jpeg = figures.image_bytes(figures.panel_figure(found, panel_title(record)), dpi=80, fmt="jpeg")
+        panels.append(html.figure(jpeg, panel_title(record), "image/jpeg"))
     note = ""
     shown_limit = len(panels) >= max_panels
     if missing:

@@ -64,6 +64,7 @@ def overclustering_figure(column: str, data: dict) -> plt.Figure:
             line = ax.errorbar(ks, stats[(metric, "mean")], yerr=std if std.any() else None, label=label, **style)
         handles.append(line)
     classes = data["classes"]
+    all_ks = sorted({int(k) for stats in data["series"].values() for k in stats.index} | {classes})
     for ax, metric in zip(axes, METRICS):
         classes_line = ax.axvline(classes, color="0.5", linestyle=":", linewidth=1.5,
                                   label=f"K = C = {classes} (number of classes)")
@@ -71,7 +72,10 @@ def overclustering_figure(column: str, data: dict) -> plt.Figure:
         ax.set_ylabel(METRIC_AXES[metric])
         ax.set_title(METRIC_AXES[metric].replace(" (%)", "") + " against K")
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if len(all_ks) <= 12:  # the K values that ran, not interpolated ticks
+            ax.set_xticks(all_ks)
+        else:
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle(f"Over-clustering on {column} (C = {classes} classes); error bars: ± std over seeds",
                  fontsize=13)
     handles.append(classes_line)
@@ -107,7 +111,7 @@ def panel_figure(samples: RunSamples, title: str) -> plt.Figure:
     if shown - set(range(n_classes)):
         key.append(Patch(color=IGNORE_COLOUR / 255, label="ignore / unlabelled"))
     fig.suptitle(title, fontsize=12, wrap=True)
-    fig.legend(handles=key, loc="outside lower center", ncol=min(len(key), 4), frameon=False, fontsize=9)
+    fig.legend(handles=key, loc="outside lower center", ncol=min(len(key), 6), frameon=False, fontsize=10)
     return fig
 
 
@@ -122,8 +126,9 @@ def save_figure(fig: plt.Figure, path: Path, formats: tuple[str, ...] = ("png", 
     return written
 
 
-def png_bytes(fig: plt.Figure, dpi: int = 110) -> bytes:
+def image_bytes(fig: plt.Figure, dpi: int = 110, fmt: str = "png") -> bytes:
+    """The figure encoded in memory: PNG for plots; JPEG keeps photo panels small in the HTML page."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.savefig(buffer, format=fmt, dpi=dpi, **({"pil_kwargs": {"quality": 85}} if fmt == "jpeg" else {}))
     plt.close(fig)
     return buffer.getvalue()

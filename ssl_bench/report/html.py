@@ -29,13 +29,13 @@ figcaption { font-size: 13px; color: #444; }
 """
 
 
-def image_tag(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+def image_tag(data: bytes, alt: str, mime: str = "image/png") -> str:
+    encoded = base64.b64encode(data).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:{mime};base64,{encoded}">'
 
 
-def figure(png: bytes, caption: str) -> str:
-    return f"<figure>{image_tag(png, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>"
+def figure(data: bytes, caption: str, mime: str = "image/png") -> str:
+    return f"<figure>{image_tag(data, caption, mime)}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
 def page(title: str, meta: str, sections: list[tuple[str, str]], warning: str = "") -> str:

@@ -310,7 +310,8 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     columns += [Column(label, group=d) for d in datasets for label in METRICS.values()]
     table = Table(f"Leaderboard, {k_text}", columns, label_columns=2 if several_methods else 1)
     multi_seed = multi_count = False
-    for (model, backbone, method, random), runs in frame.groupby(["model", "backbone", "method", "random_weights"],
+    # Random-weight rows last: they are smoke runs, listed for completeness.
+    for (random, model, backbone, method), runs in frame.groupby(["random_weights", "model", "backbone", "method"],
                                                                   sort=True):
         info = backbone_info(backbone)
         cells = [Cell(model)] + ([Cell(method)] if several_methods else [])
