@@ -271,7 +271,7 @@ class Runner:
                 streams[key] = StreamingConfusion(run.config["num_classes"], ctx.k)
             streams[key].update(pred.labels, label)
             if kept is not None and key == f"{FINAL}@{ctx.split}" and pred.index in sample_indices:
-                kept.append((pred.index, pred.labels.copy(), label))
+                kept.append((pred.index, pred.labels.astype(np.int16), label.astype(np.int16)))
                 sample_indices.discard(pred.index)
             seconds += time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -64,9 +64,10 @@ def panel_title(record: dict) -> str:
 
 
 def _panel_order(records: list[dict]) -> list[dict]:
-    """K = C runs first (the leaderboard's), then by dataset, backbone, task, K, seed."""
-    return sorted(records, key=lambda r: (r["k"] != r["config"].get("num_classes"), r["dataset"], r["backbone"],
-                                          r["task"], r["k"], r["seed"]))
+    """K = C runs first (the leaderboard's), random weights after the others, then by dataset, backbone,
+    task, K, seed."""
+    return sorted(records, key=lambda r: (r["k"] != r["config"].get("num_classes"), r["random_weights"],
+                                          r["dataset"], r["backbone"], r["task"], r["k"], r["seed"]))
 
 
 def write_all(records: list[dict], store_path: Path, out_dir: Path, k: str | int = "classes",

@@ -181,9 +181,10 @@ def to_csv(table: Table) -> str:
         rec: dict = {}
         for column, cell in zip(table.columns, row):
             if column.numeric:
-                rec[column.key] = cell.value if not isinstance(cell.value, str) else None
+                number = cell.value if isinstance(cell.value, float) and not math.isnan(cell.value) else None
+                rec[column.key] = number
                 rec[f"{column.key} std"] = cell.std
-                rec[f"{column.key} n"] = cell.n if cell.value is not None else None
+                rec[f"{column.key} n"] = cell.n if number is not None else None
             else:
                 rec[column.key] = cell.text()
         rec["random_weights"] = table.random[i]
@@ -332,7 +333,7 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     mark_best(table)
     notes = ["Bold: best per column" + (" among rows not marked †." if any(table.random) else ".")]
     notes += [SEEDS_NOTE] if multi_seed else []
-    notes += ["Seeds \"a / b\": seeds per dataset, in column order."] if multi_count else []
+    notes += ["Seeds a / b: seeds per dataset, in column order."] if multi_count else []
     return table.finish(notes)
 
 
