@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,14 @@ def load(store_path: str | Path, config_hash: str) -> RunSamples | None:
     path = folder / f"{config_hash}.npz"
     if not path.exists():
         return None
+    try:
+        return _read(folder, path)
+    except Exception as err:  # noqa: BLE001 -- a damaged file (any decoding error) costs its panel only
+        warnings.warn(f"samples of run {config_hash} in {path} are unreadable ({err}); rerun with --force")
+        return None
+
+
+def _read(folder: Path, path: Path) -> RunSamples | None:
     with np.load(path, allow_pickle=True) as run:
         view_path = folder / f"view-{run['view'].item()}.npz"
         if not view_path.exists():

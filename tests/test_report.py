@@ -230,3 +230,24 @@ def test_cli_writes_html_and_every_output(real_run, tmp_path):
         report.text_report([fake_record(metrics={"final@val": {}, "initial@val": {}})], "csv", "all")
     with pytest.raises(UserError, match="unknown format"):
         report.text_report([], "docx")
+
+
+def test_display_palette_keeps_dataset_colours_and_separates_repeats():
+    from ssl_bench.data.base import display_palette
+    from ssl_bench.data.camvid import CamVid
+    from ssl_bench.data.synthetic import SyntheticDataset
+
+    assert np.array_equal(display_palette(CamVid.palette, 11), CamVid.palette)
+    synthetic = display_palette(SyntheticDataset.palette, 5)  # two colour pairs told apart by texture only
+    assert len({tuple(c) for c in synthetic}) == 5 and np.array_equal(synthetic[0], SyntheticDataset.palette[0])
+    fallback = display_palette(None, 30)  # no official palette: deterministic, distinct, no black
+    assert fallback.shape == (30, 3) and len({tuple(c) for c in fallback}) == 30 and fallback.sum(1).min() > 0
+    assert np.array_equal(fallback, display_palette(np.zeros((3, 3)), 30))
+
+
+def test_damaged_samples_cost_only_the_panel(tmp_path):
+    folder = samples.samples_dir(tmp_path / "results.sqlite")
+    folder.mkdir()
+    (folder / "abc.npz").write_bytes(b"not a zip file")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert samples.load(tmp_path / "results.sqlite", "abc") is None

@@ -56,7 +56,7 @@ def overclustering_figure(column: str, data: dict) -> plt.Figure:
         label = f"{name} / {method}" if several_methods else name
         if random:
             label += " (random weights)"
-        style = dict(color=cmap(i % 10), marker="o", linestyle="--" if random else "-", linewidth=2, markersize=6,
+        style = dict(color=cmap(i % 10), marker="osD^v"[i // 10 % 5],  # marker tells apart repeated colours linestyle="--" if random else "-", linewidth=2, markersize=6,
                      capsize=4)
         ks = stats.index.to_numpy()
         for ax, metric in zip(axes, METRICS):
