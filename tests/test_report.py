@@ -156,6 +156,9 @@ def test_curves_written_as_png_and_pdf(records, tmp_path):
     fig = figures.overclustering_figure("synthetic", data["synthetic"])
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert any("random weights" in t and "dino-vits16†" in t for t in legend)
+    styles = {c.get_label(): c.lines[0].get_linestyle() for c in fig.axes[0].containers}
+    assert {label: style for label, style in styles.items() if "random" in label} == {
+        "dino-vits16† (random weights)": "--"} and "-" in styles.values()  # random series dashed
     assert [ax.get_ylabel() for ax in fig.axes] == ["mIoU (%)", "Pixel accuracy (%)", "Mean F1 (%)"]
     assert "synthetic" in fig._suptitle.get_text()
     written = figures.save_figure(fig, tmp_path / "curve")

@@ -56,8 +56,9 @@ def overclustering_figure(column: str, data: dict) -> plt.Figure:
         label = f"{name} / {method}" if several_methods else name
         if random:
             label += " (random weights)"
-        style = dict(color=cmap(i % 10), marker="osD^v"[i // 10 % 5],  # marker tells apart repeated colours linestyle="--" if random else "-", linewidth=2, markersize=6,
-                     capsize=4)
+        # Random weights dashed; the marker tells apart series that share a colour (more than 10).
+        style = dict(color=cmap(i % 10), marker="osD^v"[i // 10 % 5], linestyle="--" if random else "-",
+                     linewidth=2, markersize=6, capsize=4)
         ks = stats.index.to_numpy()
         for ax, metric in zip(axes, METRICS):
             std = stats[(metric, "std")].fillna(0.0).to_numpy()
