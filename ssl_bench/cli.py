@@ -140,24 +140,40 @@ def list_(what: str = typer.Argument(..., help="backbones | tasks | datasets")):
 
 @app.command()
 def report(
-    format: str = typer.Option("markdown", "--format", "-f", help="markdown | latex | csv"),
+    format: str = typer.Option("markdown", "--format", "-f", help="markdown | latex | csv | html (tables only)"),
+    table: Optional[str] = typer.Option(None, "--table", help="leaderboard | segments | streams | all "
+                                        "(default: all; leaderboard for csv)"),
     task: Optional[str] = typer.Option(None, help="only this task"),
-    k: str = typer.Option("classes", "--k", help="'classes' (K = number of classes) or a number"),
-    output: Optional[Path] = typer.Option(None, "--output", help="write to this file instead of stdout"),
+    k: str = typer.Option("classes", "--k", help="leaderboard K: 'classes' (K = number of classes) or a number"),
+    output: Optional[Path] = typer.Option(None, "--output", help="write the tables to this file instead of stdout"),
+    html: Optional[Path] = typer.Option(None, "--html", help="also write one self-contained HTML page here"),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="also write every table (md, tex, csv, html), "
+                                           "the over-clustering curves (PNG, PDF) and the panels (PNG) here"),
+    max_panels: int = typer.Option(24, help="at most this many qualitative panels in the HTML page"),
     store: Optional[Path] = StoreOpt,
 ):
-    """Leaderboard of the stored runs."""
+    """Tables, figures and an HTML page from the stored runs (random-weight runs are marked)."""
     from . import report as reports
     from .store import ResultStore
 
-    if format not in reports.FORMATS:
-        raise UserError(f"unknown format '{format}' -- choose {', '.join(reports.FORMATS)}")
-    text = reports.FORMATS[format](reports.leaderboard(ResultStore(store).query(), k=k, task=task))
+    results = ResultStore(store)
+    records = results.query()
+    if task and task not in {r["task"] for r in records}:
+        raise UserError(f"no stored run of task '{task}' -- stored tasks: "
+                        f"{', '.join(sorted({r['task'] for r in records})) or 'none (run ssl-bench run first)'}")
+    text = reports.text_report(records, format, table or ("leaderboard" if format == "csv" else "all"), k, task)
     if output:
         output.write_text(text)
         console.print(f"wrote {output}")
-    else:
+    elif not (html or out_dir):
         sys.stdout.write(text)
+    if out_dir:
+        written = reports.write_all(records, results.path, out_dir, k, task)
+        console.print(f"wrote {len(written)} files to {out_dir}")
+    if html:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        html.write_text(reports.html_report(records, results.path, k, task, max_panels))
+        console.print(f"wrote {html}")
 
 
 @app.command()

@@ -12,6 +12,7 @@ import json
 import platform
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from . import __version__, registry
+from . import __version__, registry, samples
 from .data import open_dataset
 from .data.base import SegDataset
 from .data.protocol import Protocol
@@ -233,7 +234,8 @@ class Runner:
         entry = registry.load_entrypoint(run.task.entrypoint)
         t0 = time.perf_counter()
         result: TaskResult = entry(ctx)
-        metrics, eval_seconds = self._evaluate(ctx, run, result.predictions, progress)
+        kept: list[tuple[int, np.ndarray, np.ndarray]] = []  # a few headline predictions, for report panels
+        metrics, eval_seconds = self._evaluate(ctx, run, result.predictions, progress, kept)
         timings["task"] = time.perf_counter() - t0 - eval_seconds
         timings["evaluate"] = eval_seconds
         headline = metrics.get(f"{FINAL}@{run.dataset.split}")
@@ -248,13 +250,15 @@ class Runner:
             environment=_environment(),
         )
         self.store.put(record, replace=force)
+        self._save_samples(ctx, run, kept, headline["cluster_to_class"])
         return Outcome(run.config_hash, self.store.get(run.config_hash), computed=True)
 
     def _evaluate(self, ctx: TaskContext, run: ResolvedRun, predictions: Iterable[Prediction],
-                  progress: Callable) -> tuple[dict[str, Any], float]:
+                  progress: Callable, kept: list | None = None) -> tuple[dict[str, Any], float]:
         streams: dict[str, StreamingConfusion] = {}
         seconds = 0.0
         iterator: Iterator[Prediction] = iter(predictions)
+        sample_indices = samples.spread_indices(len(ctx.dataset))  # headline predictions kept for report panels
         for pred in progress(iterator, desc=f"{run.task.name} (K={ctx.k}) predictions", total=None):  # streams vary
             t0 = time.perf_counter()
             split = pred.split or ctx.split
@@ -266,10 +270,24 @@ class Runner:
             if key not in streams:
                 streams[key] = StreamingConfusion(run.config["num_classes"], ctx.k)
             streams[key].update(pred.labels, label)
+            if kept is not None and key == f"{FINAL}@{ctx.split}" and pred.index in sample_indices:
+                kept.append((pred.index, pred.labels.astype(np.int16), label.astype(np.int16)))
+                sample_indices.discard(pred.index)
             seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         metrics = {key: conf.compute(ctx.k) for key, conf in streams.items()}
         return metrics, seconds + time.perf_counter() - t0
+
+    def _save_samples(self, ctx: TaskContext, run: ResolvedRun, kept: list, cluster_to_class: list) -> None:
+        """Best effort: the stored row is the result; a failed sample write only warns."""
+        try:
+            indices = [i for i, _, _ in kept]
+            samples.save(self.store.path, run.config_hash, run.config, indices, [ctx.image(i) for i in indices],
+                         [label for *_, label in kept], [pred for _, pred, _ in kept], cluster_to_class,
+                         getattr(run.dataset, "palette", None), list(run.dataset.class_names))
+        except Exception as err:  # noqa: BLE001 -- any failure here must not lose the computed run
+            warnings.warn(f"run {run.config_hash} is stored, but its sample predictions were not saved ({err})",
+                          stacklevel=2)
 
 
 class _LazyBackbone:

@@ -55,6 +55,24 @@ def bitwise_palette(n: int) -> np.ndarray:
     return palette
 
 
+def display_palette(palette: np.ndarray | None, n: int) -> np.ndarray:
+    """(n, 3) uint8 colours for drawing label maps: the dataset's own palette where it has one for
+    every class, with repeated colours (e.g. synthetic classes told apart only by texture) shifted
+    towards white or black so every class is visible; else a deterministic fallback (the VOC colour
+    map without its black, which VOC uses for background)."""
+    palette = np.asarray(palette if palette is not None else np.zeros((0, 3)), dtype=np.float64)
+    if palette.ndim != 2 or palette.shape != (n, 3):
+        return bitwise_palette(n + 1)[1:]
+    out, seen = palette.copy(), {}
+    for i, colour in enumerate(palette):
+        repeat = seen.setdefault(tuple(colour), 0)
+        seen[tuple(colour)] += 1
+        if repeat:
+            target = 255.0 if colour.mean() < 128 else 0.0
+            out[i] = colour + (target - colour) * min(0.45 * repeat, 0.9)
+    return np.rint(out).astype(np.uint8)
+
+
 def apply_lut(raw: np.ndarray, lut: np.ndarray, what: str) -> np.ndarray:
     """Map a single-channel label array through ``lut``; values beyond the table become IGNORE."""
     if raw.ndim != 2:

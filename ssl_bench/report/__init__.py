@@ -1,0 +1,134 @@
+"""``ssl-bench report``: tables, figures and one HTML page from the results store.
+
+tables.py   leaderboard (DatUS^2 Table I), segment statistics (Table II), prediction streams (Table IV)
+figures.py  over-clustering curves (Fig. 9), qualitative panels
+html.py     the self-contained page
+
+Rows, series and panels from random weights are marked in every output.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .. import samples
+from ..errors import UserError
+from . import figures, html
+from .tables import (DAGGER, FORMATS, RANDOM_NOTE, Table, leaderboard, runs_frame, segment_table, streams_table,
+                     task_label, to_csv, to_html, to_latex, to_markdown)
+
+TABLES = {"leaderboard": leaderboard, "segments": segment_table, "streams": streams_table}
+EXTENSIONS = {"markdown": "md", "latex": "tex", "csv": "csv", "html": "html"}
+
+__all__ = ["FORMATS", "TABLES", "Table", "leaderboard", "runs_frame", "segment_table", "streams_table", "to_csv",
+           "to_html", "to_latex", "to_markdown", "text_report", "write_all", "html_report"]
+
+
+def build_tables(records: list[dict], which: str = "all", k: str | int = "classes",
+                 task: str | None = None) -> dict[str, Table]:
+    """The named table, or for ``"all"`` the leaderboard plus every other table that has rows."""
+    if which != "all" and which not in TABLES:
+        raise UserError(f"unknown table '{which}' -- choose {', '.join(TABLES)} or all")
+    names = list(TABLES) if which == "all" else [which]
+    built = {name: leaderboard(records, k=k, task=task) if name == "leaderboard"
+             else TABLES[name](_task_filter(records, task)) for name in names}
+    return {n: t for n, t in built.items() if n == "leaderboard" or which != "all" or not t.empty}
+
+
+def text_report(records: list[dict], fmt: str, which: str = "all", k: str | int = "classes",
+                task: str | None = None) -> str:
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format '{fmt}' -- choose {', '.join(FORMATS)}")
+    tables = build_tables(records, which, k, task)
+    if fmt == "csv" and len(tables) > 1:
+        raise UserError("a CSV file holds one table -- pass --table leaderboard (or segments, streams), "
+                        "or --out-dir DIR to write every table")
+    return "\n".join(FORMATS[fmt](table) for table in tables.values())
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def _task_filter(records: list[dict], task: str | None) -> list[dict]:
+    return [r for r in records if r["task"] == task] if task else records
+
+
+def panel_title(record: dict) -> str:
+    rand = f"{DAGGER} RANDOM WEIGHTS (smoke run, not a result) | " if record["random_weights"] else ""
+    method = task_label(record["task"], record["config"].get("params") or {})
+    return (f"{rand}{record['backbone']} | {method} | {record['dataset']}:{record['split']} | "
+            f"K={record['k']} seed={record['seed']} | mIoU {record['miou']:.1f}  Acc {record['acc']:.1f}  "
+            f"F1 {record['f1']:.1f}  (run {record['config_hash']})")
+
+
+def _panel_order(records: list[dict]) -> list[dict]:
+    """K = C runs first (the leaderboard's), random weights after the others, then by dataset, backbone,
+    task, K, seed."""
+    return sorted(records, key=lambda r: (r["k"] != r["config"].get("num_classes"), r["random_weights"],
+                                          r["dataset"], r["backbone"], r["task"], r["k"], r["seed"]))
+
+
+def write_all(records: list[dict], store_path: Path, out_dir: Path, k: str | int = "classes",
+              task: str | None = None) -> list[Path]:
+    """Every table in every format, the curves as PNG + PDF and a panel PNG per run with samples."""
+    written = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, table in build_tables(records, "all", k, task).items():
+        for fmt, ext in EXTENSIONS.items():
+            path = out_dir / f"{name}.{ext}"
+            path.write_text(FORMATS[fmt](table))
+            written.append(path)
+    for column, data in figures.curve_data(_task_filter(records, task)).items():
+        fig = figures.overclustering_figure(column, data)
+        written += figures.save_figure(fig, out_dir / "curves" / f"overclustering_{_slug(column)}")
+    for record in _panel_order(_task_filter(records, task)):
+        found = samples.load(store_path, record["config_hash"])
+        if found is not None:
+            fig = figures.panel_figure(found, panel_title(record))
+            written += figures.save_figure(fig, out_dir / "panels" / record["config_hash"], ("png",))
+    return written
+
+
+def html_report(records: list[dict], store_path: Path, k: str | int = "classes", task: str | None = None,
+                max_panels: int = 24) -> str:
+    """The whole report as one self-contained HTML page."""
+    sections = []
+    tables = build_tables(records, "all", k, task)
+    sections.append(("Leaderboard", f"<div class='scroll'>{to_html(tables['leaderboard'])}</div>"))
+    curves = figures.curve_data(_task_filter(records, task))
+    body = "".join(html.figure(figures.image_bytes(figures.overclustering_figure(column, data)),
+                               f"Over-clustering on {column}: each metric against K, per backbone and method.")
+                   for column, data in curves.items())
+    sections.append(("Over-clustering curves", body or "<p><em>No backbone and method ran with several K.</em></p>"))
+    seg = tables.get("segments")
+    sections.append(("Segment statistics", to_html(seg) if seg else
+                     "<p><em>No stored run reports segment statistics (tasks that produce segments do).</em></p>"))
+    streams = tables.get("streams")
+    sections.append(("Prediction streams", f"<div class='scroll'>{to_html(streams)}</div>" if streams else
+                     "<p><em>No stored run reports streams besides its headline.</em></p>"))
+    panels, missing = [], 0
+    for record in _panel_order(_task_filter(records, task)):
+        if len(panels) >= max_panels:
+            break
+        found = samples.load(store_path, record["config_hash"])
+        if found is None:
+            missing += 1
+            continue
+        jpeg = figures.image_bytes(figures.panel_figure(found, panel_title(record)), dpi=80, fmt="jpeg")
+        panels.append(html.figure(jpeg, panel_title(record), "image/jpeg"))
+    note = ""
+    shown_limit = len(panels) >= max_panels
+    if missing:
+        note += (f"<p class='note'>{missing} run(s) have no stored samples (computed before samples were kept, "
+                 f"or writing them failed): rerun with --force to get their panels.</p>")
+    if shown_limit:
+        note += f"<p class='note'>Showing the first {max_panels} panels (--max-panels to change).</p>"
+    sections.append(("Qualitative results", note + f"<div class='panels'>{''.join(panels)}</div>" if panels
+                     else note + "<p><em>No stored samples.</em></p>"))
+    shown = _task_filter(records, task)
+    warning = (f"Some runs use random weights ({sum(r['random_weights'] for r in shown)} of {len(shown)}): "
+               f"{RANDOM_NOTE}" if any(r["random_weights"] for r in shown) else "")
+    meta = f"{len(shown)} stored run(s) from {store_path}" + (f", task {task}" if task else "")
+    return html.page("ssl-bench report", meta, sections, warning)

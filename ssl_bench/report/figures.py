@@ -1,0 +1,135 @@
+"""Figures from the results store (matplotlib, Agg backend: no display needed).
+
+- ``overclustering_figure``: mIoU, pixel accuracy and mean F1 against K for each backbone and method
+  on one dataset (DatUS^2 Fig. 9); mean over seeds with +- std error bars where several seeds ran.
+- ``panel_figure``: image | ground truth | prediction for the samples the runner kept of one run,
+  in the dataset's colours (cluster ids mapped to classes by the run's own matching).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from ..data.base import display_palette  # noqa: E402
+from ..samples import RunSamples  # noqa: E402
+from .tables import DAGGER, METRICS, runs_frame  # noqa: E402
+
+IGNORE_COLOUR = np.array([224, 224, 192], dtype=np.uint8)  # VOC's void colour: ignore / unlabelled pixels
+RANDOM_LEGEND = f"{DAGGER} random weights"
+METRIC_AXES = {"miou": "mIoU (%)", "acc": "Pixel accuracy (%)", "f1": "Mean F1 (%)"}
+
+plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10, "figure.dpi": 100})
+
+
+def curve_data(records: list[dict]) -> dict[str, dict]:
+    """Per dataset label: the number of classes and, per (model, method, random), a frame of
+    mean / std / seeds of each metric by K. Only datasets where some series has several K."""
+    frame = runs_frame(records)
+    out = {}
+    for column, runs in frame.groupby("column"):
+        series = {}
+        for key, group in runs.groupby(["model", "method", "random_weights"]):
+            stats = group.groupby("k")[list(METRICS)].agg(["mean", "std", "count"])
+            series[key] = stats
+        if any(len(s) > 1 for s in series.values()):
+            out[column] = {"classes": int(runs.num_classes.iloc[0]), "series": series}
+    return out
+
+
+def overclustering_figure(column: str, data: dict) -> plt.Figure:
+    """One row of three panels (mIoU, accuracy, F1 against K) for one dataset."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
+    several_methods = len({method for _, method, _ in data["series"]}) > 1
+    cmap = plt.get_cmap("tab10")
+    handles = []
+    for i, ((model, method, random), stats) in enumerate(sorted(data["series"].items())):
+        name = f"{model}{DAGGER}" if random else model
+        label = f"{name} / {method}" if several_methods else name
+        if random:
+            label += " (random weights)"
+        # Random weights dashed; the marker tells apart series that share a colour (more than 10).
+        style = dict(color=cmap(i % 10), marker="osD^v"[i // 10 % 5], linestyle="--" if random else "-",
+                     linewidth=2, markersize=6, capsize=4)
+        ks = stats.index.to_numpy()
+        for ax, metric in zip(axes, METRICS):
+            std = stats[(metric, "std")].fillna(0.0).to_numpy()
+            line = ax.errorbar(ks, stats[(metric, "mean")], yerr=std if std.any() else None, label=label, **style)
+        handles.append(line)
+    classes = data["classes"]
+    all_ks = sorted({int(k) for stats in data["series"].values() for k in stats.index} | {classes})
+    for ax, metric in zip(axes, METRICS):
+        classes_line = ax.axvline(classes, color="0.5", linestyle=":", linewidth=1.5,
+                                  label=f"K = C = {classes} (number of classes)")
+        ax.set_xlabel("K (number of clusters)")
+        ax.set_ylabel(METRIC_AXES[metric])
+        ax.set_title(METRIC_AXES[metric].replace(" (%)", "") + " against K")
+        ax.grid(alpha=0.3)
+        if len(all_ks) <= 12:  # the K values that ran, not interpolated ticks
+            ax.set_xticks(all_ks)
+        else:
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.suptitle(f"Over-clustering on {column} (C = {classes} classes); error bars: ± std over seeds",
+                 fontsize=13)
+    handles.append(classes_line)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), frameon=False)
+    return fig
+
+
+def colourise(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8; ids outside the palette (ignore, unlabelled) in IGNORE_COLOUR."""
+    table = np.vstack([palette, IGNORE_COLOUR[None]])
+    ids = np.where((labels >= 0) & (labels < len(palette)), labels, len(palette))
+    return table[ids]
+
+
+def panel_figure(samples: RunSamples, title: str) -> plt.Figure:
+    """Rows of image | ground truth | prediction, with a colour key of the classes shown."""
+    n_classes = len(samples.class_names)
+    palette = display_palette(samples.palette, n_classes)
+    rows = len(samples.indices)
+    fig, axes = plt.subplots(rows, 3, figsize=(10, 3.1 * rows + 1.2), squeeze=False, constrained_layout=True)
+    for r, index in enumerate(samples.indices):
+        views = [samples.images[r], colourise(samples.labels[r], palette), colourise(samples.predictions[r], palette)]
+        for c, (view, name) in enumerate(zip(views, ("image", "ground truth", "prediction"))):
+            ax = axes[r, c]
+            ax.imshow(view, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"#{index} {name}", fontsize=10)
+    shown = set()
+    for arr in list(samples.labels) + list(samples.predictions):
+        shown |= set(np.unique(arr).tolist())
+    key = [Patch(color=palette[c] / 255, label=samples.class_names[c]) for c in range(n_classes) if c in shown]
+    if shown - set(range(n_classes)):
+        key.append(Patch(color=IGNORE_COLOUR / 255, label="ignore / unlabelled"))
+    fig.suptitle(title, fontsize=12, wrap=True)
+    fig.legend(handles=key, loc="outside lower center", ncol=min(len(key), 6), frameon=False, fontsize=10)
+    return fig
+
+
+def save_figure(fig: plt.Figure, path: Path, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        target = path.with_suffix(f".{fmt}")
+        fig.savefig(target, dpi=150 if fmt == "png" else None)
+        written.append(target)
+    plt.close(fig)
+    return written
+
+
+def image_bytes(fig: plt.Figure, dpi: int = 110, fmt: str = "png") -> bytes:
+    """The figure encoded in memory: PNG for plots; JPEG keeps photo panels small in the HTML page."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt, dpi=dpi, **({"pil_kwargs": {"quality": 85}} if fmt == "jpeg" else {}))
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,398 @@
+"""Tables from the results store, each rendered to Markdown, LaTeX (booktabs), CSV and HTML.
+
+- ``leaderboard``: one row per backbone (+ method when several), with family, parameters and
+  pre-training data from the backbone registry; mIoU / pixel accuracy / mean F1 per dataset
+  (DatUS^2 Table I); mean +- std over seeds where more than one seed ran.
+- ``segment_table``: segment statistics of tasks that produce segments (DatUS^2 Table II).
+- ``streams_table``: every prediction stream / split of a run, with the labelled-pixels-only scores
+  where a method leaves pixels unlabelled (DatUS^2 Table IV).
+
+Rows from random weights carry a dagger and a footnote in every format (a ``random_weights`` column
+in CSV). Best values are computed over the other rows: a smoke run is never "best".
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .. import registry
+from ..data import DATASETS, dataset_options
+from ..data.protocol import Protocol
+from ..errors import UserError
+
+METRICS = {"miou": "mIoU", "acc": "Acc", "f1": "F1"}
+DAGGER = "†"
+RANDOM_NOTE = f"{DAGGER} random weights: smoke run, not a result."
+SEEDS_NOTE = "mean ± std (sample standard deviation) over seeds where more than one seed ran."
+
+
+# ---- a small table model, rendered by every format ----------------------------------------------------
+
+@dataclass
+class Cell:
+    """A number (mean, optional std over ``n`` runs) or a text; ``best`` is drawn bold."""
+
+    value: float | str | None
+    std: float | None = None
+    n: int = 1
+    best: bool = False
+    digits: int = 1
+
+    def text(self) -> str:
+        if self.value is None or (isinstance(self.value, float) and math.isnan(self.value)):
+            return "–"
+        if isinstance(self.value, str):
+            return self.value
+        text = f"{self.value:.{self.digits}f}"
+        return text + (f" ± {self.std:.{self.digits}f}" if self.std is not None and not math.isnan(self.std) else "")
+
+
+@dataclass
+class Column:
+    header: str  # e.g. "mIoU"
+    group: str = ""  # e.g. the dataset; drawn as a spanning header above its columns
+    numeric: bool = True
+    flat: str = ""  # header where groups cannot span (Markdown, CSV); default "group header"
+
+    @property
+    def key(self) -> str:
+        return self.flat or f"{self.group} {self.header}".strip()
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[Column]
+    rows: list[list[Cell]] = field(default_factory=list)
+    random: list[bool] = field(default_factory=list)  # per row: random weights
+    notes: list[str] = field(default_factory=list)
+    label_columns: int = 1  # leading columns that name the row (the dagger goes on the first)
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows
+
+    def add(self, cells: list[Cell], random: bool = False) -> None:
+        self.rows.append(cells)
+        self.random.append(bool(random))
+
+    def finish(self, extra_notes: list[str] = ()) -> "Table":
+        if any(self.random):
+            self.notes.append(RANDOM_NOTE)
+        self.notes.extend(extra_notes)
+        return self
+
+    def _row_texts(self, row: int, dagger: str) -> list[str]:
+        texts = [cell.text() for cell in self.rows[row]]
+        if self.random[row]:
+            texts[0] += dagger
+        return texts
+
+
+def mark_best(table: Table) -> None:
+    """Bold the highest mean of each numeric column, over non-random rows when there are any."""
+    candidates = [i for i, r in enumerate(table.random) if not r] or list(range(len(table.rows)))
+    for c, column in enumerate(table.columns):
+        if not column.numeric:
+            continue
+        values = {i: table.rows[i][c].value for i in candidates}
+        values = {i: v for i, v in values.items() if isinstance(v, float) and not math.isnan(v)}
+        if not values:
+            continue
+        top = max(values.values())
+        for i, v in values.items():
+            table.rows[i][c].best = bool(np.isclose(v, top))
+
+
+def _groups(columns: list[Column]) -> list[tuple[str, int]]:
+    """Consecutive runs of the same group: [(group, span), ...]."""
+    spans: list[tuple[str, int]] = []
+    for col in columns:
+        if spans and spans[-1][0] == col.group:
+            spans[-1] = (col.group, spans[-1][1] + 1)
+        else:
+            spans.append((col.group, 1))
+    return spans
+
+
+def to_markdown(table: Table) -> str:
+    if table.empty:
+        return f"_{table.title}: no stored runs match._\n"
+    lines = [f"**{table.title}**", "", "| " + " | ".join(c.key for c in table.columns) + " |",
+             "|" + "|".join("---:" if c.numeric else "---" for c in table.columns) + "|"]
+    for i, row in enumerate(table.rows):
+        texts = table._row_texts(i, DAGGER)
+        lines.append("| " + " | ".join(f"**{t}**" if cell.best else t for t, cell in zip(texts, row)) + " |")
+    return "\n".join(lines + [""] + [f"_{n}_  " for n in table.notes]) + "\n"
+
+
+def latex_escape(text: str) -> str:
+    out = []
+    for ch in text:
+        out.append({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                    "±": r"$\pm$", "–": "--", DAGGER: r"$^\dagger$"}.get(ch, ch))
+    return "".join(out)
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs tabular (needs ``\\usepackage{booktabs}``); the title goes in a comment."""
+    if table.empty:
+        return f"% {table.title}: no stored runs match.\n"
+    align = "".join("r" if c.numeric else "l" for c in table.columns)
+    lines = [f"% {table.title}", r"\begin{tabular}{" + align + "}", r"\toprule"]
+    spans = _groups(table.columns)
+    if any(group for group, _ in spans):
+        heads, rules, start = [], [], 1
+        for group, span in spans:
+            if group and span > 1:
+                heads.append(rf"\multicolumn{{{span}}}{{c}}{{{latex_escape(group)}}}")
+            else:
+                heads += [latex_escape(group)] * span
+            if group:
+                rules.append(rf"\cmidrule(lr){{{start}-{start + span - 1}}}")
+            start += span
+        lines += [" & ".join(heads) + r" \\", " ".join(rules)]
+    lines.append(" & ".join(latex_escape(c.header) for c in table.columns) + r" \\")
+    lines.append(r"\midrule")
+    for i, row in enumerate(table.rows):
+        texts = [latex_escape(t) for t in table._row_texts(i, DAGGER)]
+        lines.append(" & ".join(rf"\textbf{{{t}}}" if cell.best else t for t, cell in zip(texts, row)) + r" \\")
+    lines.append(r"\bottomrule")
+    width = len(table.columns)
+    lines += [rf"\multicolumn{{{width}}}{{l}}{{\footnotesize {latex_escape(n)}}} \\" for n in table.notes]
+    lines.append(r"\end{tabular}")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """Tidy CSV: numbers unrounded, a ``std`` and ``n`` column beside each numeric column, a
+    ``random_weights`` column and a ``note`` column saying what a random-weight row is."""
+    if table.empty:
+        return ""
+    records = []
+    for i, row in enumerate(table.rows):
+        rec: dict = {}
+        for column, cell in zip(table.columns, row):
+            if column.numeric:
+                number = cell.value if isinstance(cell.value, float) and not math.isnan(cell.value) else None
+                rec[column.key] = number
+                rec[f"{column.key} std"] = cell.std
+                rec[f"{column.key} n"] = cell.n if number is not None else None
+            else:
+                rec[column.key] = cell.text()
+        rec["random_weights"] = table.random[i]
+        rec["note"] = RANDOM_NOTE.lstrip(DAGGER + " ") if table.random[i] else ""
+        records.append(rec)
+    frame = pd.DataFrame(records)
+    # std / n columns that say nothing (one seed everywhere) are dropped.
+    frame = frame.drop(columns=[c for c in frame.columns if c.endswith((" std", " n")) and frame[c].isna().all()])
+    return frame.to_csv(index=False)
+
+
+def to_html(table: Table) -> str:
+    if table.empty:
+        return f"<p><em>{html.escape(table.title)}: no stored runs match.</em></p>\n"
+    esc = html.escape
+    spans = _groups(table.columns)
+    head = ""
+    if any(group for group, _ in spans):
+        head += "<tr>" + "".join(f'<th colspan="{s}" class="group">{esc(g)}</th>' for g, s in spans) + "</tr>"
+    head += "<tr>" + "".join(f'<th class="{"num" if c.numeric else "txt"}">{esc(c.header)}</th>'
+                             for c in table.columns) + "</tr>"
+    body = []
+    for i, row in enumerate(table.rows):
+        texts = table._row_texts(i, DAGGER)
+        cells = "".join(
+            f'<td class="{"num" if col.numeric else "txt"}">{"<b>" + esc(t) + "</b>" if cell.best else esc(t)}</td>'
+            for t, cell, col in zip(texts, row, table.columns))
+        body.append(f'<tr class="{"random" if table.random[i] else ""}">{cells}</tr>')
+    notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in table.notes)
+    return (f"<table><caption>{esc(table.title)}</caption><thead>{head}</thead><tbody>{''.join(body)}</tbody>"
+            f"</table>{notes}\n")
+
+
+FORMATS = {"markdown": to_markdown, "latex": to_latex, "csv": to_csv, "html": to_html}
+
+
+# ---- from stored runs to labelled rows ------------------------------------------------------------------
+
+def _overrides(actual: dict, defaults: dict) -> str:
+    diff = {k: v for k, v in sorted(actual.items()) if k not in defaults or defaults[k] != v}
+    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in diff.items())
+
+
+def task_label(task: str, params: dict) -> str:
+    """The task name, plus the parameters that differ from the registry's defaults."""
+    spec = registry.tasks().get(task)
+    extra = _overrides(params, spec.params) if spec else ""
+    return f"{task} ({extra})" if extra else task
+
+
+def dataset_label(config: dict) -> str:
+    """Dataset name, plus the split, options and protocol where they differ from the defaults."""
+    name = config["dataset"]
+    cls = DATASETS.get(name)
+    parts = [name]
+    if cls is not None and config.get("split") != cls.default_split:
+        parts[0] += f":{config.get('split')}"
+    extra = [_overrides(config.get("dataset_options") or {}, dataset_options(cls) if cls else {})]
+    spec = registry.backbones().get(config["backbone"])
+    if spec is not None and config.get("protocol"):
+        extra.append(_overrides(config["protocol"], Protocol().for_patch_size(spec.patch_size).as_dict()))
+    extra = ", ".join(e for e in extra if e)
+    return f"{parts[0]} ({extra})" if extra else parts[0]
+
+
+def runs_frame(records: list[dict]) -> pd.DataFrame:
+    """Flat table of runs, one row per stored run, with the labels reports group on."""
+    rows = []
+    for r in records:
+        cfg = r["config"]
+        rows.append({"backbone": r["backbone"], "weights": r["weights"], "random_weights": bool(r["random_weights"]),
+                     "task": r["task"], "method": task_label(r["task"], cfg.get("params") or {}),
+                     "dataset": r["dataset"], "column": dataset_label(cfg), "split": r["split"], "k": r["k"],
+                     "num_classes": cfg.get("num_classes"), "seed": r["seed"], "miou": r["miou"],
+                     "acc": r["acc"], "f1": r["f1"], "config_hash": r["config_hash"]})
+    columns = ["backbone", "weights", "random_weights", "task", "method", "dataset", "column", "split", "k",
+               "num_classes", "seed", "miou", "acc", "f1", "config_hash"]
+    frame = pd.DataFrame(rows, columns=columns)
+    # A backbone stored with several checkpoints gets their identities in its name.
+    several = frame.groupby(["backbone", "random_weights"])["weights"].nunique()
+    frame["model"] = [f"{b} [{w[:12]}]" if several.get((b, r), 1) > 1 else b
+                      for b, r, w in zip(frame.backbone, frame.random_weights, frame.weights)]
+    return frame
+
+
+def select_k(frame: pd.DataFrame, k: str | int) -> pd.DataFrame:
+    """``"classes"``: runs with K = number of classes; a number: runs with that K."""
+    if str(k) in ("classes", "C"):
+        return frame[frame.k == frame.num_classes]
+    try:
+        return frame[frame.k == int(k)]
+    except ValueError:
+        raise UserError(f"--k must be 'classes' (K = number of classes) or a number, got '{k}'") from None
+
+
+def backbone_info(name: str) -> dict:
+    spec = registry.backbones().get(name)
+    if spec is None:
+        return {"family": "?", "params": "?", "data": "?"}
+    params = "–" if spec.params_m == 0 else f"{spec.params_m:.1f}"
+    return {"family": spec.family, "params": params, "data": spec.pretraining_data}
+
+
+def _mean_std(values) -> tuple[float, float | None, int]:
+    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not values:
+        return float("nan"), None, 0
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return float(np.mean(values)), std, len(values)
+
+
+def leaderboard(records: list[dict], k: str | int = "classes", task: str | None = None) -> Table:
+    """DatUS^2 Table I: one row per backbone (and method, when several), metrics per dataset."""
+    frame = runs_frame(records)
+    if task:
+        frame = frame[frame.task == task]
+    frame = select_k(frame, k)
+    k_text = "K = C (number of classes)" if str(k) in ("classes", "C") else f"K = {int(k)}"
+    several_methods = frame.method.nunique() > 1
+    datasets = sorted(frame.column.unique())
+    columns = [Column("Backbone", numeric=False)] + ([Column("Method", numeric=False)] if several_methods else [])
+    columns += [Column("Family", numeric=False), Column("Params (M)", numeric=False),
+                Column("Pre-training data", numeric=False), Column("Seeds", numeric=False)]
+    columns += [Column(label, group=d) for d in datasets for label in METRICS.values()]
+    table = Table(f"Leaderboard, {k_text}", columns, label_columns=2 if several_methods else 1)
+    multi_seed = multi_count = False
+    # Random-weight rows last: they are smoke runs, listed for completeness.
+    for (random, model, backbone, method), runs in frame.groupby(["random_weights", "model", "backbone", "method"],
+                                                                  sort=True):
+        info = backbone_info(backbone)
+        cells = [Cell(model)] + ([Cell(method)] if several_methods else [])
+        cells += [Cell(info["family"]), Cell(info["params"]), Cell(info["data"])]
+        seeds, numbers = [], []
+        for d in datasets:
+            in_column = runs[runs.column == d]
+            if not in_column.empty:
+                seeds.append(in_column.seed.nunique())
+            for metric in METRICS:
+                mean, std, n = _mean_std(in_column[metric])
+                numbers.append(Cell(mean, std, n))
+        multi_seed |= any(s > 1 for s in seeds)
+        per_dataset = len(set(seeds)) > 1
+        multi_count |= per_dataset
+        cells.append(Cell(str(seeds[0]) if not per_dataset else " / ".join(map(str, seeds))))
+        table.add(cells + numbers, random=bool(random))
+    mark_best(table)
+    notes = ["Bold: best per column" + (" among rows not marked †." if any(table.random) else ".")]
+    notes += [SEEDS_NOTE] if multi_seed else []
+    notes += ["Seeds a / b: seeds per dataset, in column order."] if multi_count else []
+    return table.finish(notes)
+
+
+SEGMENT_FIELDS = {"images": ("Images", 0), "total": ("Total segments", 0), "valid_percent": ("Valid segments (%)", 1),
+                  "per_image": ("Segments / image", 2), "valid_per_image": ("Valid segments / image", 2),
+                  "patches_per_segment": ("Patches / segment", 2)}
+
+
+def segment_table(records: list[dict]) -> Table:
+    """DatUS^2 Table II, from ``stats["segments"]`` of the runs that have it (see names.md)."""
+    rows = [r for r in records if isinstance((r.get("stats") or {}).get("segments"), dict)]
+    columns = [Column("Backbone", numeric=False), Column("Method", numeric=False), Column("Dataset", numeric=False),
+               Column("Runs", numeric=False)] + [Column(h) for h, _ in SEGMENT_FIELDS.values()]
+    table = Table("Segment statistics", columns, label_columns=3)
+    if not rows:
+        return table
+    frame = runs_frame(rows)
+    frame["segments"] = [r["stats"]["segments"] for r in rows]
+    for (model, method, column, random), runs in frame.groupby(["model", "method", "column", "random_weights"]):
+        cells = [Cell(model), Cell(method), Cell(column), Cell(str(len(runs)))]
+        for key, (_, digits) in SEGMENT_FIELDS.items():
+            mean, std, n = _mean_std(s.get(key) for s in runs.segments)
+            cells.append(Cell(mean, std if std else None, n, digits=digits))  # identical values: no "± 0"
+        table.add(cells, random=bool(random))
+    return table.finish(["Segments are counted per image; valid segments pass the method's own validity test."])
+
+
+def streams_table(records: list[dict]) -> Table:
+    """DatUS^2 Table IV: the scores of each stream / split of runs that report more than the headline,
+    or that leave pixels unlabelled (then also the scores on labelled pixels only)."""
+    columns = [Column("Backbone", numeric=False), Column("Method", numeric=False), Column("Dataset", numeric=False),
+               Column("K", numeric=False), Column("Stream@split", numeric=False)]
+    columns += [Column(label, group="all pixels") for label in METRICS.values()]
+    columns += [Column("Labelled (%)", group="labelled pixels only", flat="Labelled pixels (%)")]
+    columns += [Column(label, group="labelled pixels only", flat=f"{label} (labelled only)")
+                for label in METRICS.values()]
+    table = Table("Prediction streams", columns, label_columns=5)
+
+    def interesting(r: dict) -> bool:
+        return len(r["metrics"]) > 1 or any(m.get("labelled_fraction", 1.0) < 1.0 for m in r["metrics"].values())
+
+    rows = [r for r in records if interesting(r)]
+    if not rows:
+        return table
+    frame = runs_frame(rows)
+    frame["metrics"] = [r["metrics"] for r in rows]
+    for (model, method, column, k, random), runs in frame.groupby(["model", "method", "column", "k",
+                                                                    "random_weights"]):
+        headline = f"final@{runs.split.iloc[0]}"
+        keys = sorted({key for m in runs.metrics for key in m}, key=lambda s: (s != headline, s))
+        for key in keys:
+            present = [m[key] for m in runs.metrics if key in m]
+            name = key + (" (headline)" if key == headline else "")
+            cells = [Cell(model), Cell(method), Cell(column), Cell(str(k)), Cell(name)]
+            cells += [Cell(*_mean_std(m.get(metric) for m in present)) for metric in METRICS]
+            fraction = _mean_std(m.get("labelled_fraction", 1.0) * 100 for m in present)
+            cells.append(Cell(*fraction))
+            partial = [m for m in present if m.get("labelled_fraction", 1.0) < 1.0 and "labelled" in m]
+            cells += [Cell(*_mean_std(m["labelled"].get(metric) for m in partial)) for metric in METRICS]
+            table.add(cells, random=bool(random))
+    return table.finish(["All pixels: unlabelled pixels count as wrong (the headline). Labelled pixels only: "
+                         "scores over the pixels the method labelled; – where it labels every pixel."])

@@ -1,0 +1,256 @@
+"""ssl-bench report: tables, figures, panels and the HTML page.
+
+Table tests use FABRICATED store rows (``fake_record``) with chosen numbers, so the expected marks and
+means are known exactly; the panel and CLI tests use a real short run (reference backbone, synthetic).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ssl_bench import report, samples
+from ssl_bench.data.protocol import Protocol
+from ssl_bench.errors import UserError
+from ssl_bench.report import figures
+from ssl_bench.report.tables import latex_escape
+from ssl_bench.runner import RunConfig
+from ssl_bench.store import ResultStore, RunRecord
+
+NUM_CLASSES = {"synthetic": 5, "camvid": 11}
+
+
+def fake_record(backbone="reference", task="kmeans", dataset="synthetic", k=None, seed=0, miou=50.0, acc=70.0,
+                f1=60.0, random=False, metrics=None, stats=None, params=None) -> dict:
+    """A FABRICATED store row (the fields reports read), for tests only."""
+    classes = NUM_CLASSES[dataset]
+    k = k or classes
+    split = "val"
+    config = {"backbone": backbone, "task": task, "dataset": dataset, "split": split, "k": k, "seed": seed,
+              "num_classes": classes, "params": params or {}, "dataset_options": {}, "random_weights": random,
+              "weights": "random:0" if random else "none", "protocol": None}
+    headline = {"miou": miou, "acc": acc, "f1": f1, "labelled_fraction": 1.0, "cluster_to_class": []}
+    ident = f"{backbone}-{task}-{dataset}-{k}-{seed}-{random}-{sorted((params or {}).items())}"
+    return {"config_hash": ident, "backbone": backbone, "weights": config["weights"], "random_weights": random,
+            "task": task, "dataset": dataset, "split": split, "k": k, "seed": seed, "miou": miou, "acc": acc,
+            "f1": f1, "config": config, "metrics": metrics or {f"final@{split}": headline}, "stats": stats or {},
+            "timings": {}, "environment": {}}
+
+
+@pytest.fixture
+def records():
+    return [
+        fake_record("reference", seed=0, miou=40.0, acc=60.0, f1=50.0),
+        fake_record("reference", seed=1, miou=50.0, acc=70.0, f1=54.0),
+        fake_record("dino-vits16", miou=90.0, acc=95.0, f1=91.0, random=True),  # higher, but a smoke run
+        fake_record("dino-vitb16", miou=47.0, acc=80.0, f1=52.0),
+        fake_record("dino-vitb16", k=10, miou=70.0, acc=85.0, f1=66.0),
+        fake_record("dino-vitb16", dataset="camvid", miou=30.0, acc=75.0, f1=40.0),
+    ]
+
+
+def markdown_row(text: str, name: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {name}"))
+
+
+def test_leaderboard_markdown_marks_random_best_and_seeds(records):
+    text = report.to_markdown(report.leaderboard(records))
+    ref = markdown_row(text, "reference |")
+    assert "45.0 ± 7.1" in ref and "65.0 ± 7.1" in ref  # mean, sample std of (40, 50) and (60, 70)
+    assert "| 2 |" in ref  # number of seeds
+    dino = markdown_row(text, "dino-vitb16")
+    assert "**47.0**" in dino and "**80.0**" in dino and "**52.0**" in ref.replace(" ± 2.8", "")
+    assert "ViT" not in dino and "ImageNet-1k" in dino and "85.8" in dino  # family / params / data from registry
+    random_row = markdown_row(text, "dino-vits16")
+    assert random_row.startswith("| dino-vits16†") and "**" not in random_row  # never "best"
+    assert "† random weights: smoke run, not a result." in text
+    assert "70.0" not in text  # K = 10 is not in the K = C leaderboard
+    assert "| 30.0 |" in dino or "**30.0**" in dino  # the CamVid column of the same row
+    assert "Method" not in text  # one method: no method column
+
+
+def test_leaderboard_k_selection_and_method_column(records):
+    text = report.to_markdown(report.leaderboard(records, k=10))
+    assert "K = 10" in text and "**70.0**" in text and "reference" not in text
+    several = records + [fake_record("reference", task="primaps-em", params={"epochs": 3}, miou=55.0)]
+    text = report.to_markdown(report.leaderboard(several))
+    assert "| Method |" in text and "primaps-em (epochs=3)" in text
+    with pytest.raises(UserError, match="--k must be 'classes'"):
+        report.leaderboard(records, k="many")
+
+
+def test_latex_is_booktabs_with_escaped_names(records):
+    records.append(fake_record("reference", task="primaps-em", params={"max_steps": 3}, miou=41.0))
+    tex = report.to_latex(report.leaderboard(records))
+    assert tex.count(r"\toprule") == tex.count(r"\midrule") == tex.count(r"\bottomrule") == 1
+    assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule") < tex.index(r"\end{tabular}")
+    assert r"primaps-em (max\_steps=3)" in tex and r"dino-vits16$^\dagger$" in tex and r"$^\dagger$ random" in tex
+    assert r"\textbf{47.0}" in tex and r"45.0 $\pm$ 7.1" in tex
+    columns = len(re.search(r"\\begin\{tabular\}\{(\w+)\}", tex).group(1))
+    body = tex[tex.index(r"\midrule"):tex.index(r"\bottomrule")].splitlines()[1:]
+    assert body and all(len(re.findall(r"(?<!\\)&", line)) == columns - 1 for line in body)
+    assert tex.count("{") == tex.count("}")
+    assert latex_escape("a_b & 50% #1 {x}") == r"a\_b \& 50\% \#1 \{x\}"
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_latex_compiles(records, tmp_path):
+    tex = report.to_latex(report.leaderboard(records))
+    doc = tmp_path / "t.tex"
+    doc.write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + tex + "\\end{document}\n")
+    subprocess.run(["pdflatex", "-interaction=nonstopmode", doc.name], cwd=tmp_path, check=True, capture_output=True)
+
+
+def test_csv_parses_with_pandas(records):
+    frame = pd.read_csv(io.StringIO(report.to_csv(report.leaderboard(records))))
+    ref = frame[frame.Backbone == "reference"].iloc[0]
+    assert ref["synthetic mIoU"] == pytest.approx(45.0) and ref["synthetic mIoU std"] == pytest.approx(50 ** 0.5)
+    assert ref["synthetic mIoU n"] == 2 and not ref["random_weights"]
+    rand = frame[frame.Backbone == "dino-vits16"].iloc[0]
+    assert bool(rand["random_weights"]) and "random weights" in rand["note"]
+
+
+def test_segment_statistics_table():
+    """A FABRICATED DatUS^2-like row following the stats["segments"] schema of names.md."""
+    segments = {"images": 8, "total": 120, "valid": 90, "valid_percent": 75.0, "per_image": 15.0,
+                "valid_per_image": 11.25, "patches_per_segment": 33.5}
+    rows = [fake_record("dino-vits16", task="datus2", stats={"segments": segments}),
+            fake_record("dino-vits16", task="datus2", seed=1, stats={"segments": {**segments, "total": 140}}),
+            fake_record("reference")]  # no segments: not in the table
+    table = report.segment_table(rows)
+    text = report.to_markdown(table)
+    assert len(table.rows) == 1 and "reference" not in text
+    assert "Valid segments (%)" in text and "75.0" in text and "± 0" not in text
+    assert "130 ± 14" in text  # total segments over the two runs
+    assert report.segment_table([fake_record()]).empty
+
+
+def test_streams_table_with_unlabelled_pixels():
+    def scores(miou, fraction=1.0):
+        m = {"miou": miou, "acc": miou + 10, "f1": miou + 5, "labelled_fraction": fraction}
+        if fraction < 1:
+            m["labelled"] = {"miou": miou + 20, "acc": miou + 30, "f1": miou + 25}
+        return m
+
+    metrics = {"final@val": scores(40.0), "initial@train": scores(30.0, 0.8), "denoised@val": scores(35.0)}
+    table = report.streams_table([fake_record(task="datus2", metrics=metrics), fake_record()])
+    text = report.to_markdown(table)
+    lines = [line for line in text.splitlines() if line.startswith("| reference")]
+    assert len(lines) == 3 and "final@val (headline)" in lines[0]
+    initial = next(line for line in lines if "initial@train" in line)
+    assert "| 80.0 |" in initial and "| 50.0 |" in initial  # labelled fraction, labelled-only mIoU
+    assert "| – |" in next(line for line in lines if "denoised@val" in line)  # every pixel labelled
+
+
+def test_curves_written_as_png_and_pdf(records, tmp_path):
+    records += [fake_record("dino-vits16", k=8, random=True, miou=20.0),
+                fake_record("reference", k=10, miou=60.0), fake_record("reference", k=10, seed=1, miou=64.0)]
+    data = figures.curve_data(records)
+    assert set(data) == {"synthetic"}  # CamVid has a single K: no curve
+    fig = figures.overclustering_figure("synthetic", data["synthetic"])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any("random weights" in t and "dino-vits16†" in t for t in legend)
+    styles = {c.get_label(): c.lines[0].get_linestyle() for c in fig.axes[0].containers}
+    assert {label: style for label, style in styles.items() if "random" in label} == {
+        "dino-vits16† (random weights)": "--"} and "-" in styles.values()  # random series dashed
+    assert [ax.get_ylabel() for ax in fig.axes] == ["mIoU (%)", "Pixel accuracy (%)", "Mean F1 (%)"]
+    assert "synthetic" in fig._suptitle.get_text()
+    written = figures.save_figure(fig, tmp_path / "curve")
+    assert [p.suffix for p in written] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in written)
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """One real short run shared by the panel, HTML and CLI tests (small protocol: 96 px)."""
+    from ssl_bench.features import FeatureCache
+    from ssl_bench.runner import Runner
+
+    folder = tmp_path_factory.mktemp("real_run")
+    runner = Runner(ResultStore(folder / "results.sqlite"), FeatureCache(folder / "cache"), "cpu")
+    cfg = RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=(("n", 6),),
+                    protocol=Protocol(resize=96))
+    return runner, runner.run(cfg).record
+
+
+def test_run_keeps_matched_samples_and_panel(real_run, tmp_path):
+    runner, record = real_run
+    kept = samples.load(runner.store.path, record["config_hash"])
+    assert kept is not None and kept.indices == [0, 2, 3, 5]  # spread over the 6 images
+    assert kept.class_names[0] == "calm water" and kept.palette.shape == (5, 3)
+    for label, pred in zip(kept.labels, kept.predictions):
+        assert pred.shape == label.shape and pred.dtype == np.int16 and pred.max() < 5
+        assert (pred == label).mean() > 0.5  # classes, not raw cluster ids: the run's matching was applied
+    fig = figures.panel_figure(kept, report.panel_title(record))
+    assert len(fig.axes) == 3 * samples.SAMPLES_PER_RUN
+    gt = fig.axes[1].get_images()[0].get_array()
+    palette = figures.display_palette(kept.palette, 5)
+    assert np.array_equal(np.asarray(gt), figures.colourise(kept.labels[0], palette))
+    assert figures.save_figure(fig, tmp_path / "panel", ("png",))[0].stat().st_size > 1000
+
+
+def test_failed_sample_write_keeps_the_result(runner, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(samples, "save", broken)
+    cfg = RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=(("n", 2),),
+                    protocol=Protocol(resize=64))
+    with pytest.warns(UserWarning, match="is stored, but its sample predictions were not saved"):
+        record = runner.run(cfg).record
+    assert runner.store.get(record["config_hash"]) is not None
+    assert samples.load(runner.store.path, record["config_hash"]) is None
+
+
+def test_html_is_self_contained(real_run, records):
+    runner, record = real_run
+    page = report.html_report(runner.store.query() + records, runner.store.path)
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", page, flags=re.I)
+    assert refs and all(ref.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for ref in refs)
+    assert "<link" not in page and "@import" not in page and "url(" not in page
+    assert "Leaderboard" in page and "Over-clustering on synthetic" in page and record["config_hash"] in page
+    assert "random weights: smoke run, not a result" in page
+
+
+def test_cli_writes_html_and_every_output(real_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from ssl_bench.cli import app
+
+    runner, _ = real_run
+    result = CliRunner().invoke(app, ["report", "--store", str(runner.store.path), "--html", str(tmp_path / "r.html"),
+                                      "--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.html").stat().st_size > 10_000
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"leaderboard.md", "leaderboard.tex", "leaderboard.csv",
+                                                              "panels"}
+    with pytest.raises(UserError, match="a CSV file holds one table"):
+        report.text_report([fake_record(metrics={"final@val": {}, "initial@val": {}})], "csv", "all")
+    with pytest.raises(UserError, match="unknown format"):
+        report.text_report([], "docx")
+
+
+def test_display_palette_keeps_dataset_colours_and_separates_repeats():
+    from ssl_bench.data.base import display_palette
+    from ssl_bench.data.camvid import CamVid
+    from ssl_bench.data.synthetic import SyntheticDataset
+
+    assert np.array_equal(display_palette(CamVid.palette, 11), CamVid.palette)
+    synthetic = display_palette(SyntheticDataset.palette, 5)  # two colour pairs told apart by texture only
+    assert len({tuple(c) for c in synthetic}) == 5 and np.array_equal(synthetic[0], SyntheticDataset.palette[0])
+    fallback = display_palette(None, 30)  # no official palette: deterministic, distinct, no black
+    assert fallback.shape == (30, 3) and len({tuple(c) for c in fallback}) == 30 and fallback.sum(1).min() > 0
+    assert np.array_equal(fallback, display_palette(np.zeros((3, 3)), 30))
+
+
+def test_damaged_samples_cost_only_the_panel(tmp_path):
+    folder = samples.samples_dir(tmp_path / "results.sqlite")
+    folder.mkdir()
+    (folder / "abc.npz").write_bytes(b"not a zip file")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert samples.load(tmp_path / "results.sqlite", "abc") is None
