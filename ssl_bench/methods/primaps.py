@@ -16,19 +16,24 @@ Pipeline on cached patch features (h, w, d):
 Rows of the paper's tables on the same features: ``PrototypeBaseline`` (Eq. 9 only), ``LinearProbe``
 (supervised upper bound) and ``oracle_pseudo_labels`` (each proposal gets its best ground-truth class).
 
-Deviations from the reference code, all deliberate:
+Faithful by default; two speed substitutes exist, are named, and are stored in the run's config (and
+listed in ``stats["substitutions"]``) whenever they are used (variant ``primaps-em-fast`` uses both):
+- ``train_resolution: patch`` trains on the patch grid (proposals majority-resampled to it) instead of the
+  image resolution of the reference. Logits, not features, are upsampled; for the linear heads of EM that is
+  exactly equivalent (bilinear interpolation and a 1x1 linear layer commute).
+- ``augment: feature-standin`` replaces the photometric augmentation of the student's *images* (which
+  needs a backbone pass per image and step) by ``feature_space_augment``, a heuristic on the features.
+  The default ``augment: image`` is the paper's: blur / jitter / greyscale on the image, then the backbone.
+
+Deliberate differences from the reference code:
 - The sign of a principal component is arbitrary (the reference uses whatever randomised SVD returns, and
   can pick an already-assigned position when every cosine is negative). We anchor on the unassigned
   feature with the largest *absolute* cosine, which is sign-invariant and deterministic.
-- Pseudo-label training runs on a configurable grid (default: the patch grid) instead of full image
-  resolution, to stay tractable on CPU. Logits are upsampled (not features): for the raw-feature heads used
-  in EM this is exactly equivalent, since bilinear interpolation and a 1x1 linear layer commute.
-- Photometric student augmentation needs backbone passes on augmented images. ``PrimapsEM`` takes an
-  optional ``augmented_features`` callable for that; without it it falls back to ``feature_space_augment``,
-  a heuristic stand-in (spatial blur + channel gain + noise on the features), NOT the paper's augmentation.
-- With ``ema=False`` the teacher *is* the student (pseudo labels from the current student); the reference
-  code's "no EMA update" setting would instead freeze the teacher at its initialisation.
-- Test-time horizontal-flip averaging of the reference evaluation is not applied (the cache holds one view).
+- With ``ema=False`` (Table 4 ablation) the teacher *is* the student (pseudo labels from the current
+  student, plain stochastic EM); the reference code's "no EMA update" setting would instead freeze the
+  teacher at its initialisation.
+- Training sees the protocol's centre crop of each image (no random resized crops / flips of the
+  reference's data loader); test-time flip averaging is not applied (the cache holds one view).
 """
 
 from __future__ import annotations
@@ -280,6 +285,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
         t.lerp_(s, 1.0 - decay)
 
 
+def ema_decay_at(update: int, decay: float) -> float:
+    """Decay of the n-th EMA update (1-based), the warm-up of the reference EMA (ema-pytorch, inverse decay,
+    power 1): the first two updates copy the student, then 1 - 1/n, capped at ``decay``."""
+    return 0.0 if update <= 2 else min(decay, 1.0 - 1.0 / update)
+
+
 def feature_space_augment(feats: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Heuristic stand-in for photometric augmentation when no backbone pass is available.
 
@@ -488,9 +499,8 @@ class PrimapsEM:
                 for key in self.history:
                     self.history[key].append(out[key])
                 if self.ema and step % self.ema_every == 0:
-                    # Reference EMA warm-up: the n-th update uses decay min(beta, 1 - 1/n); the first copies.
                     updates += 1
-                    ema_update(self.theta_t, self.theta_s, min(self.ema_decay, 1.0 - 1.0 / updates))
+                    ema_update(self.theta_t, self.theta_s, ema_decay_at(updates, self.ema_decay))
         self.steps = step
         return self
 
@@ -520,11 +530,67 @@ def oracle_pseudo_labels(proposals: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 DEFAULTS = dict(
     mode="em", fit_split=None, psi=0.4, coverage=0.95, nn_anchor=True, iterative=True, max_masks=None,
-    proposal_crf=True, mask_gain=10.0, train_resolution="patch", pca_images=2975, pretrain_epochs=2,
+    proposal_crf=True, mask_gain=10.0, train_resolution="image", pca_images=2975, pretrain_epochs=2,
     epochs=50, max_steps=None, batch_size=32, lr=5e-3, ema=True, ema_every=10, ema_decay=0.98,
-    augment="feature", focal_gamma=2.0, crf=True, baseline_epochs=None, probe_epochs=None,
+    augment="image", focal_gamma=2.0, crf=True, baseline_epochs=None, probe_epochs=None,
 )
 MODES = ("em", "baseline", "linear-probe", "oracle")
+AUGMENTS = ("image", "feature-standin", "none")
+# What a speed substitute changes, for the record of every run that uses one (see the module docstring).
+SUBSTITUTES = {
+    ("augment", "feature-standin"): "student augmentation in feature space, not photometric on the image",
+    ("train_resolution", "patch"): "pseudo labels and EM loss on the patch grid, not at image resolution",
+}
+
+
+def check_params(p: dict) -> None:
+    """Reject a bad parameter with one line naming it and the fix (before any training)."""
+    from ..errors import UserError
+
+    def bad(key, want):
+        raise UserError(f"primaps: parameter {key}={p[key]!r} is invalid -- use {want} (-p {key}=...)")
+
+    def number(key, lo, hi, lo_open=False, integer=False, optional=False):
+        v = p[key]
+        if v is None and optional:
+            return
+        kind = "an integer" if integer else "a number"
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not integer or float(v).is_integer())
+        if not ok or v < lo or v > hi or (lo_open and v == lo):
+            bad(key, f"{kind} in {'(' if lo_open else '['}{lo}, {hi}]" + (" or null" if optional else ""))
+
+    if p["mode"] not in MODES:
+        raise UserError(f"primaps: unknown mode {p['mode']!r} -- use one of {', '.join(MODES)}")
+    if p["augment"] is False:
+        p["augment"] = "none"
+    if p["augment"] not in AUGMENTS:
+        bad("augment", " | ".join(AUGMENTS))
+    for key in ("psi", "coverage"):
+        number(key, 0, 1, lo_open=True)
+    number("ema_decay", 0, 1)
+    for key in ("lr", "mask_gain"):
+        number(key, 0, float("inf"), lo_open=True)
+    number("focal_gamma", 0, float("inf"))
+    for key in ("batch_size", "ema_every", "pca_images"):
+        number(key, 1, float("inf"), integer=True)
+    for key in ("pretrain_epochs", "epochs"):
+        number(key, 0, float("inf"), integer=True)
+    for key in ("baseline_epochs", "probe_epochs", "max_steps"):
+        number(key, 0, float("inf"), integer=True, optional=True)
+    number("max_masks", 1, float("inf"), integer=True, optional=True)
+    for key in ("nn_anchor", "iterative", "proposal_crf", "ema", "crf"):
+        if not isinstance(p[key], bool):
+            bad(key, "true or false")
+    res = p["train_resolution"]
+    if res not in ("patch", "image") and not (isinstance(res, int) and not isinstance(res, bool) and res >= 1):
+        bad("train_resolution", "image | patch | an integer factor >= 1 of the patch grid")
+
+
+def substitutions(p: dict) -> list[str]:
+    """The speed substitutes in effect for this mode (empty when the run is the paper's setting)."""
+    if p["mode"] != "em":
+        return []
+    return [f"{key}={p[key]}: {what}" for (key, value), what in SUBSTITUTES.items() if p[key] == value]
 
 
 def _train_grid(resolution, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int]:
@@ -557,18 +623,14 @@ def _predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None
 
 
 def run(ctx):
-    """Task adapter (see /work/spec.md). params.mode: em | baseline | linear-probe (supervised) | oracle."""
-    from ..errors import UserError
+    """Task adapter (parameters: tasks/primaps-em.yaml). mode: em | baseline | linear-probe | oracle."""
     from ..runner import Prediction, TaskResult
 
     p = {**DEFAULTS, **ctx.params}
+    check_params(p)
     mode = p["mode"]
-    if mode not in MODES:
-        raise UserError(f"primaps: unknown mode '{mode}' -- use one of {', '.join(MODES)}")
-    if p["augment"] not in ("feature", "image", "none", False, None):
-        raise UserError(f"primaps: augment '{p['augment']}' unknown -- use feature, image or none")
     evaluated = ctx.features("patch")
-    stats: dict = {"mode": mode}
+    stats: dict = {"mode": mode, "substitutions": substitutions(p)}
 
     if mode == "oracle":  # pseudo-label quality with ground truth (paper Table 5): uses labels by design
         def oracle():
@@ -610,13 +672,13 @@ def run(ctx):
         stats.update(proposals_per_image=float(np.mean(counts)), proposal_pixel_fraction=float(np.mean(covered)))
         augmented = _image_augmenter(ctx, fit, fit_split) if p["augment"] == "image" else None
         model = PrimapsEM(ctx.k, p["pretrain_epochs"], p["epochs"], p["max_steps"], p["batch_size"], p["lr"],
-                          p["ema"], p["ema_every"], p["ema_decay"], p["augment"] not in ("none", False, None),
+                          p["ema"], p["ema_every"], p["ema_decay"], p["augment"] != "none",
                           p["focal_gamma"], p["pca_images"], augmented, ctx.progress)
         model.fit(fit, proposals, ctx.seed)
         hist = model.history
         stats.update(steps=model.steps, final_loss=hist["loss"][-1] if hist["loss"] else None,
                      pseudo_fraction=float(np.mean(hist["pseudo_fraction"])) if hist["loss"] else None,
-                     augmentation=p["augment"] if p["augment"] else "none")
+                     augmentation=p["augment"], train_resolution=p["train_resolution"])
 
     def predictions():
         for i in range(len(evaluated)):  # the runner shows progress while it consumes predictions
@@ -627,21 +689,27 @@ def run(ctx):
     return TaskResult(predictions=predictions(), stats=stats)
 
 
-def _image_augmenter(ctx, fit, split) -> Callable:
+def _image_augmenter(ctx, fit, split, chunk: int = 8) -> Callable:
     """Student features from backbone passes on photometrically augmented images (the paper's setting)."""
     backbone = ctx.backbone
 
     def augmented_features(idx, rng):
-        feats = []
-        for i in idx:  # one pass per image: images of a split may differ in size
-            image = photometric_augment(ctx.image(i, split), rng)
-            with torch.inference_mode():
-                out = backbone.extract(backbone.normalize(image[None]), {"patch"})["patch"]
-            feats.append(out[0].float().cpu().numpy())
+        images = [photometric_augment(ctx.image(i, split), rng) for i in idx]
+        feats: list = [None] * len(idx)
+        by_shape: dict = {}  # images of a split may differ in size: one forward pass per shape and chunk
+        for j, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(j)
+        for members in by_shape.values():
+            for start in range(0, len(members), chunk):
+                part = members[start:start + chunk]
+                with torch.inference_mode():
+                    out = backbone.extract(backbone.normalize(np.stack([images[j] for j in part])), {"patch"})
+                for j, f in zip(part, out["patch"].float().cpu().numpy()):
+                    feats[j] = f
         for f, i in zip(feats, idx):
             if f.shape[:2] != tuple(fit.grid(i)):
                 raise ValueError(f"augmented features {f.shape[:2]} do not match the cached grid {fit.grid(i)}")
-        return list(feats)
+        return feats
 
     return augmented_features
 
