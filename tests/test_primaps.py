@@ -337,6 +337,7 @@ class _Ctx:
         feats, labels = synthetic_set(n_images=12, k=k, seed=7)
         self.store, self.labels = _Store(feats), labels
         self.k, self.seed, self.split, self.params = k, 0, "val", params
+        self.dataset = types.SimpleNamespace(num_classes=k)
         palette = np.random.default_rng(0).integers(0, 255, (k, 3))
         self.images = [palette[np.kron(lab, np.ones((4, 4), np.int64))].astype(np.uint8) for lab in labels]
         for image in self.images:
@@ -389,6 +390,10 @@ def test_run_adapter_modes(runner_module, mode):
     assert result.stats["mode"] == mode
     if mode == "em":
         assert result.stats["steps"] == 9 and 0 < result.stats["proposal_pixel_fraction"] <= 1
+    if mode in ("linear-probe", "oracle"):  # class ids: also scored without cluster matching
+        ids = result.stats["class_id_scores"]
+        direct = 100 * np.mean([(p.labels == g).mean() for p, g in zip(preds, gt)])
+        assert ids["all"]["acc"] == pytest.approx(direct) and ids["labelled"]["acc"] >= ids["all"]["acc"]
 
 
 def test_run_adapter_crf_streams(runner_module):
