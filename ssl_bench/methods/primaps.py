@@ -645,6 +645,7 @@ def run(ctx):
         return TaskResult(predictions=_with_class_id_scores(oracle(), ctx, stats), stats=stats)
 
     fit_split = p["fit_split"] or ctx.split
+    stats["fit_split"] = fit_split  # == the evaluated split: fitted transductively (the paper fits on train)
     fit = ctx.features("patch", split=fit_split)
     n = len(fit)
     if mode == "baseline":
