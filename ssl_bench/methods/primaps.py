@@ -19,13 +19,17 @@ Rows of the paper's tables on the same features: ``PrototypeBaseline`` (Eq. 9 on
 Faithful by default; two speed substitutes exist, are named, and are stored in the run's config (and
 listed in ``stats["substitutions"]``) whenever they are used (variant ``primaps-em-fast`` uses both):
 - ``train_resolution: patch`` trains on the patch grid (proposals majority-resampled to it) instead of the
-  image resolution of the reference. Logits, not features, are upsampled; for the linear heads of EM that is
-  exactly equivalent (bilinear interpolation and a 1x1 linear layer commute).
+  image resolution of the reference.
 - ``augment: feature-standin`` replaces the photometric augmentation of the student's *images* (which
   needs a backbone pass per image and step) by ``feature_space_augment``, a heuristic on the features.
   The default ``augment: image`` is the paper's: blur / jitter / greyscale on the image, then the backbone.
 
 Deliberate differences from the reference code:
+- Logits, not features, are upsampled bilinearly. For the linear heads of EM and the probe that is exactly
+  equivalent (interpolation and a 1x1 linear layer commute); for the baseline's cosine head it is not
+  (the reference normalises upsampled features), a small difference at region borders only.
+- The runner matches clusters to classes (Hungarian) for every task; the oracle and the linear probe
+  predict class ids already, so their runs also store unmatched scores in ``stats["class_id_scores"]``.
 - The sign of a principal component is arbitrary (the reference uses whatever randomised SVD returns, and
   can pick an already-assigned position when every cosine is negative). We anchor on the unassigned
   feature with the largest *absolute* cosine, which is sign-invariant and deterministic.
