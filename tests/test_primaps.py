@@ -90,6 +90,19 @@ def test_higher_psi_gives_smaller_first_mask():
     assert sizes[0] > sizes[1] > sizes[2] > 0
 
 
+def test_psi_extremes():
+    # three distinct feature values on a 6x6 grid, all with positive cosine to each other
+    feats = np.zeros((6, 6, 3), np.float32)
+    feats[:, :2] = (1.0, 0.1, 0.0)
+    feats[:, 2:4] = (0.6, 0.8, 0.0)
+    feats[:, 4:] = (0.1, 0.0, 1.0)
+    # psi = 1: only exact copies of the anchor (similarity = the maximum) form a mask -> one mask per value
+    ids = pm.principal_mask_proposals(feats, psi=1.0)
+    assert ids.max() + 1 == 3 and all(len(np.unique(ids[:, c:c + 2])) == 1 for c in (0, 2, 4))
+    # tiny psi: every position with positive similarity to the anchor joins the first mask
+    assert np.all(pm.principal_mask_proposals(feats, psi=0.01) == 0)
+
+
 def test_nn_anchor_versus_principal_direction():
     # features m + a*u with a strong common offset m: v1 = u is far from every feature
     h, w = 8, 8
@@ -216,6 +229,12 @@ def test_em_step_fits_student_to_proposal_majority():
     assert (pm._scores(student, clean).argmax(0) == truth).all()
 
 
+def test_ema_decay_follows_reference_warmup():
+    # first two updates copy the student, then 1 - 1/n until the decay (0.98 at n = 50)
+    assert [pm.ema_decay_at(n, 0.98) for n in (1, 2, 3, 4)] == [0.0, 0.0, pytest.approx(2 / 3), 0.75]
+    assert pm.ema_decay_at(50, 0.98) == pytest.approx(0.98) and pm.ema_decay_at(500, 0.98) == 0.98
+
+
 def test_ema_update():
     a = pm.PrototypeHead(np.zeros((2, 3)), cosine=False)
     b = pm.PrototypeHead(np.ones((2, 3)), cosine=False)
@@ -318,6 +337,7 @@ class _Ctx:
         feats, labels = synthetic_set(n_images=12, k=k, seed=7)
         self.store, self.labels = _Store(feats), labels
         self.k, self.seed, self.split, self.params = k, 0, "val", params
+        self.dataset = types.SimpleNamespace(num_classes=k)
         palette = np.random.default_rng(0).integers(0, 255, (k, 3))
         self.images = [palette[np.kron(lab, np.ones((4, 4), np.int64))].astype(np.uint8) for lab in labels]
         for image in self.images:
@@ -356,7 +376,7 @@ def runner_module(monkeypatch):
 @pytest.mark.parametrize("mode", ["em", "baseline", "linear-probe", "oracle"])
 def test_run_adapter_modes(runner_module, mode):
     params = dict(mode=mode, proposal_crf=False, crf=False, epochs=3, pretrain_epochs=2, batch_size=4,
-                  baseline_epochs=3)
+                  baseline_epochs=3, augment="none")
     ctx = _Ctx(params)
     result = ctx_run = pm.run(ctx)
     preds = list(ctx_run.predictions)
@@ -370,11 +390,16 @@ def test_run_adapter_modes(runner_module, mode):
     assert result.stats["mode"] == mode
     if mode == "em":
         assert result.stats["steps"] == 9 and 0 < result.stats["proposal_pixel_fraction"] <= 1
+    if mode in ("linear-probe", "oracle"):  # class ids: also scored without cluster matching
+        ids = result.stats["class_id_scores"]
+        direct = 100 * np.mean([(p.labels == g).mean() for p, g in zip(preds, gt)])
+        assert ids["all"]["acc"] == pytest.approx(direct) and ids["labelled"]["acc"] >= ids["all"]["acc"]
 
 
 def test_run_adapter_crf_streams(runner_module):
     pytest.importorskip("pydensecrf", reason="dense CRF needs pydensecrf (pip install pydensecrf2)")
-    ctx = _Ctx(dict(mode="em", proposal_crf=True, crf=True, epochs=1, pretrain_epochs=1, batch_size=4))
+    ctx = _Ctx(dict(mode="em", proposal_crf=True, crf=True, epochs=1, pretrain_epochs=1, batch_size=4,
+                    augment="none"))
     preds = list(pm.run(ctx).predictions)
     assert {p.stream for p in preds} == {"final", "nocrf"} and len(preds) == 24
 
@@ -383,7 +408,7 @@ class _FakeBackbone:
     """Patch features = mean colour of each 4x4 patch, so augmented images give comparable features."""
 
     def __init__(self, d):
-        self.d, self.calls = d, 0
+        self.d, self.calls, self.images = d, 0, 0
 
     def normalize(self, images):
         return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
@@ -391,6 +416,7 @@ class _FakeBackbone:
     def extract(self, x, kinds):
         assert set(kinds) == {"patch"}
         self.calls += 1
+        self.images += len(x)
         pooled = torch.nn.functional.avg_pool2d(x, 4).permute(0, 2, 3, 1)  # (B, 8, 8, 3)
         return {"patch": pooled.repeat(1, 1, 1, self.d // 3 + 1)[..., : self.d]}
 
@@ -400,8 +426,9 @@ def test_run_adapter_image_augmentation_uses_backbone(runner_module):
                     augment="image"))
     ctx.backbone = _FakeBackbone(d=16)
     result = pm.run(ctx)
-    assert ctx.backbone.calls == 12  # one pass per image of the 3 steps of 4 images
-    assert result.stats["augmentation"] == "image" and len(list(result.predictions)) == 12
+    assert ctx.backbone.images == 12 and ctx.backbone.calls == 3  # 3 steps of 4 images, one pass per step
+    assert result.stats["augmentation"] == "image" and result.stats["substitutions"] == []
+    assert len(list(result.predictions)) == 12
 
 
 def test_task_yaml_matches_defaults():
@@ -419,8 +446,29 @@ def test_task_yaml_matches_defaults():
         assert variant["params"].get("mode", "em") in pm.MODES
 
 
-def test_run_rejects_unknown_mode(runner_module):
+@pytest.mark.parametrize("params, message", [
+    (dict(mode="kmeans"), "unknown mode 'kmeans'"),
+    (dict(psi=1.5), "psi=1.5 is invalid -- use a number in \\(0, 1\\]"),
+    (dict(coverage=0), "coverage=0 is invalid"),
+    (dict(epochs=-1), "epochs=-1 is invalid"),
+    (dict(batch_size=2.5), "batch_size=2.5 is invalid -- use an integer"),
+    (dict(augment="feature"), "augment='feature' is invalid -- use image | feature-standin | none"),
+    (dict(train_resolution="full"), "train_resolution='full' is invalid"),
+    (dict(ema="yes"), "ema='yes' is invalid -- use true or false"),
+    (dict(max_masks=0), "max_masks=0 is invalid"),
+])
+def test_run_rejects_bad_parameters_in_one_line(runner_module, params, message):
     from ssl_bench.errors import UserError
 
-    with pytest.raises(UserError, match="unknown mode"):
-        pm.run(_Ctx(dict(mode="kmeans")))
+    with pytest.raises(UserError, match=message) as err:
+        pm.run(_Ctx(params))
+    assert "\n" not in str(err.value)
+
+
+def test_speed_substitutes_are_recorded(runner_module):
+    fast = dict(mode="em", proposal_crf=False, crf=False, epochs=1, pretrain_epochs=1, batch_size=4,
+                augment="feature-standin", train_resolution="patch")
+    stats = pm.run(_Ctx(fast)).stats
+    assert [s.split(":")[0] for s in stats["substitutions"]] == ["augment=feature-standin", "train_resolution=patch"]
+    assert stats["augmentation"] == "feature-standin" and stats["train_resolution"] == "patch"
+    assert pm.substitutions({**pm.DEFAULTS}) == []  # the defaults are the paper's setting

@@ -16,19 +16,28 @@ Pipeline on cached patch features (h, w, d):
 Rows of the paper's tables on the same features: ``PrototypeBaseline`` (Eq. 9 only), ``LinearProbe``
 (supervised upper bound) and ``oracle_pseudo_labels`` (each proposal gets its best ground-truth class).
 
-Deviations from the reference code, all deliberate:
+Faithful by default; two speed substitutes exist, are named, and are stored in the run's config (and
+listed in ``stats["substitutions"]``) whenever they are used (variant ``primaps-em-fast`` uses both):
+- ``train_resolution: patch`` trains on the patch grid (proposals majority-resampled to it) instead of the
+  image resolution of the reference.
+- ``augment: feature-standin`` replaces the photometric augmentation of the student's *images* (which
+  needs a backbone pass per image and step) by ``feature_space_augment``, a heuristic on the features.
+  The default ``augment: image`` is the paper's: blur / jitter / greyscale on the image, then the backbone.
+
+Deliberate differences from the reference code:
+- Logits, not features, are upsampled bilinearly. For the linear heads of EM and the probe that is exactly
+  equivalent (interpolation and a 1x1 linear layer commute); for the baseline's cosine head it is not
+  (the reference normalises upsampled features), a small difference at region borders only.
+- The runner matches clusters to classes (Hungarian) for every task; the oracle and the linear probe
+  predict class ids already, so their runs also store unmatched scores in ``stats["class_id_scores"]``.
 - The sign of a principal component is arbitrary (the reference uses whatever randomised SVD returns, and
   can pick an already-assigned position when every cosine is negative). We anchor on the unassigned
   feature with the largest *absolute* cosine, which is sign-invariant and deterministic.
-- Pseudo-label training runs on a configurable grid (default: the patch grid) instead of full image
-  resolution, to stay tractable on CPU. Logits are upsampled (not features): for the raw-feature heads used
-  in EM this is exactly equivalent, since bilinear interpolation and a 1x1 linear layer commute.
-- Photometric student augmentation needs backbone passes on augmented images. ``PrimapsEM`` takes an
-  optional ``augmented_features`` callable for that; without it it falls back to ``feature_space_augment``,
-  a heuristic stand-in (spatial blur + channel gain + noise on the features), NOT the paper's augmentation.
-- With ``ema=False`` the teacher *is* the student (pseudo labels from the current student); the reference
-  code's "no EMA update" setting would instead freeze the teacher at its initialisation.
-- Test-time horizontal-flip averaging of the reference evaluation is not applied (the cache holds one view).
+- With ``ema=False`` (Table 4 ablation) the teacher *is* the student (pseudo labels from the current
+  student, plain stochastic EM); the reference code's "no EMA update" setting would instead freeze the
+  teacher at its initialisation.
+- Training sees the protocol's centre crop of each image (no random resized crops / flips of the
+  reference's data loader); test-time flip averaging is not applied (the cache holds one view).
 """
 
 from __future__ import annotations
@@ -280,6 +289,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
         t.lerp_(s, 1.0 - decay)
 
 
+def ema_decay_at(update: int, decay: float) -> float:
+    """Decay of the n-th EMA update (1-based), the warm-up of the reference EMA (ema-pytorch, inverse decay,
+    power 1): the first two updates copy the student, then 1 - 1/n, capped at ``decay``."""
+    return 0.0 if update <= 2 else min(decay, 1.0 - 1.0 / update)
+
+
 def feature_space_augment(feats: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Heuristic stand-in for photometric augmentation when no backbone pass is available.
 
@@ -488,9 +503,8 @@ class PrimapsEM:
                 for key in self.history:
                     self.history[key].append(out[key])
                 if self.ema and step % self.ema_every == 0:
-                    # Reference EMA warm-up: the n-th update uses decay min(beta, 1 - 1/n); the first copies.
                     updates += 1
-                    ema_update(self.theta_t, self.theta_s, min(self.ema_decay, 1.0 - 1.0 / updates))
+                    ema_update(self.theta_t, self.theta_s, ema_decay_at(updates, self.ema_decay))
         self.steps = step
         return self
 
@@ -520,11 +534,67 @@ def oracle_pseudo_labels(proposals: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 DEFAULTS = dict(
     mode="em", fit_split=None, psi=0.4, coverage=0.95, nn_anchor=True, iterative=True, max_masks=None,
-    proposal_crf=True, mask_gain=10.0, train_resolution="patch", pca_images=2975, pretrain_epochs=2,
+    proposal_crf=True, mask_gain=10.0, train_resolution="image", pca_images=2975, pretrain_epochs=2,
     epochs=50, max_steps=None, batch_size=32, lr=5e-3, ema=True, ema_every=10, ema_decay=0.98,
-    augment="feature", focal_gamma=2.0, crf=True, baseline_epochs=None, probe_epochs=None,
+    augment="image", focal_gamma=2.0, crf=True, baseline_epochs=None, probe_epochs=None,
 )
 MODES = ("em", "baseline", "linear-probe", "oracle")
+AUGMENTS = ("image", "feature-standin", "none")
+# What a speed substitute changes, for the record of every run that uses one (see the module docstring).
+SUBSTITUTES = {
+    ("augment", "feature-standin"): "student augmentation in feature space, not photometric on the image",
+    ("train_resolution", "patch"): "pseudo labels and EM loss on the patch grid, not at image resolution",
+}
+
+
+def check_params(p: dict) -> None:
+    """Reject a bad parameter with one line naming it and the fix (before any training)."""
+    from ..errors import UserError
+
+    def bad(key, want):
+        raise UserError(f"primaps: parameter {key}={p[key]!r} is invalid -- use {want} (-p {key}=...)")
+
+    def number(key, lo, hi, lo_open=False, integer=False, optional=False):
+        v = p[key]
+        if v is None and optional:
+            return
+        kind = "an integer" if integer else "a number"
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not integer or float(v).is_integer())
+        if not ok or v < lo or v > hi or (lo_open and v == lo):
+            bad(key, f"{kind} in {'(' if lo_open else '['}{lo}, {hi}]" + (" or null" if optional else ""))
+
+    if p["mode"] not in MODES:
+        raise UserError(f"primaps: unknown mode {p['mode']!r} -- use one of {', '.join(MODES)}")
+    if p["augment"] is False:
+        p["augment"] = "none"
+    if p["augment"] not in AUGMENTS:
+        bad("augment", " | ".join(AUGMENTS))
+    for key in ("psi", "coverage"):
+        number(key, 0, 1, lo_open=True)
+    number("ema_decay", 0, 1)
+    for key in ("lr", "mask_gain"):
+        number(key, 0, float("inf"), lo_open=True)
+    number("focal_gamma", 0, float("inf"))
+    for key in ("batch_size", "ema_every", "pca_images"):
+        number(key, 1, float("inf"), integer=True)
+    for key in ("pretrain_epochs", "epochs"):
+        number(key, 0, float("inf"), integer=True)
+    for key in ("baseline_epochs", "probe_epochs", "max_steps"):
+        number(key, 0, float("inf"), integer=True, optional=True)
+    number("max_masks", 1, float("inf"), integer=True, optional=True)
+    for key in ("nn_anchor", "iterative", "proposal_crf", "ema", "crf"):
+        if not isinstance(p[key], bool):
+            bad(key, "true or false")
+    res = p["train_resolution"]
+    if res not in ("patch", "image") and not (isinstance(res, int) and not isinstance(res, bool) and res >= 1):
+        bad("train_resolution", "image | patch | an integer factor >= 1 of the patch grid")
+
+
+def substitutions(p: dict) -> list[str]:
+    """The speed substitutes in effect for this mode (empty when the run is the paper's setting)."""
+    if p["mode"] != "em":
+        return []
+    return [f"{key}={p[key]}: {what}" for (key, value), what in SUBSTITUTES.items() if p[key] == value]
 
 
 def _train_grid(resolution, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int]:
@@ -557,18 +627,14 @@ def _predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None
 
 
 def run(ctx):
-    """Task adapter (see /work/spec.md). params.mode: em | baseline | linear-probe (supervised) | oracle."""
-    from ..errors import UserError
+    """Task adapter (parameters: tasks/primaps-em.yaml). mode: em | baseline | linear-probe | oracle."""
     from ..runner import Prediction, TaskResult
 
     p = {**DEFAULTS, **ctx.params}
+    check_params(p)
     mode = p["mode"]
-    if mode not in MODES:
-        raise UserError(f"primaps: unknown mode '{mode}' -- use one of {', '.join(MODES)}")
-    if p["augment"] not in ("feature", "image", "none", False, None):
-        raise UserError(f"primaps: augment '{p['augment']}' unknown -- use feature, image or none")
     evaluated = ctx.features("patch")
-    stats: dict = {"mode": mode}
+    stats: dict = {"mode": mode, "substitutions": substitutions(p)}
 
     if mode == "oracle":  # pseudo-label quality with ground truth (paper Table 5): uses labels by design
         def oracle():
@@ -580,9 +646,10 @@ def run(ctx):
                 coverage.append(float((ids >= 0).mean()))
                 stats["proposal_pixel_fraction"] = float(np.mean(coverage))  # filled while streaming
                 yield Prediction(index=i, labels=oracle_pseudo_labels(ids, gt))
-        return TaskResult(predictions=oracle(), stats=stats)
+        return TaskResult(predictions=_with_class_id_scores(oracle(), ctx, stats), stats=stats)
 
     fit_split = p["fit_split"] or ctx.split
+    stats["fit_split"] = fit_split  # == the evaluated split: fitted transductively (the paper fits on train)
     fit = ctx.features("patch", split=fit_split)
     n = len(fit)
     if mode == "baseline":
@@ -610,13 +677,13 @@ def run(ctx):
         stats.update(proposals_per_image=float(np.mean(counts)), proposal_pixel_fraction=float(np.mean(covered)))
         augmented = _image_augmenter(ctx, fit, fit_split) if p["augment"] == "image" else None
         model = PrimapsEM(ctx.k, p["pretrain_epochs"], p["epochs"], p["max_steps"], p["batch_size"], p["lr"],
-                          p["ema"], p["ema_every"], p["ema_decay"], p["augment"] not in ("none", False, None),
+                          p["ema"], p["ema_every"], p["ema_decay"], p["augment"] != "none",
                           p["focal_gamma"], p["pca_images"], augmented, ctx.progress)
         model.fit(fit, proposals, ctx.seed)
         hist = model.history
         stats.update(steps=model.steps, final_loss=hist["loss"][-1] if hist["loss"] else None,
                      pseudo_fraction=float(np.mean(hist["pseudo_fraction"])) if hist["loss"] else None,
-                     augmentation=p["augment"] if p["augment"] else "none")
+                     augmentation=p["augment"], train_resolution=p["train_resolution"])
 
     def predictions():
         for i in range(len(evaluated)):  # the runner shows progress while it consumes predictions
@@ -624,54 +691,120 @@ def run(ctx):
             for stream, labels in _predict(model.predict_scores(evaluated[i]), ctx.label_size(i), image).items():
                 yield Prediction(index=i, labels=labels, stream=stream)
 
+    if mode == "linear-probe":
+        return TaskResult(predictions=_with_class_id_scores(predictions(), ctx, stats), stats=stats)
     return TaskResult(predictions=predictions(), stats=stats)
 
 
-def _image_augmenter(ctx, fit, split) -> Callable:
+def _with_class_id_scores(predictions, ctx, stats: dict):
+    """Pass predictions through, scoring the "final" stream as class ids, without the runner's
+    cluster-to-class matching (which can only flatter labels that are classes already: oracle, probe).
+    stats["class_id_scores"]: "all" counts unassigned pixels wrong, "labelled" (Table 5 "Pseudo") does not."""
+    from ..metrics import StreamingConfusion, _scores
+
+    c = ctx.dataset.num_classes
+    conf = StreamingConfusion(c, c)
+    for pred in predictions:
+        if pred.stream == "final" and pred.split in (None, ctx.split):
+            conf.update(pred.labels, ctx.label(pred.index))
+            wrong_class = conf.counts[c:].sum(0)  # predicted ids beyond the classes (K > C): wrong
+            stats["class_id_scores"] = {
+                "all": _scores(conf.counts[:c], conf.unlabelled + wrong_class),
+                "labelled": _scores(conf.counts[:c], wrong_class),
+            }
+        yield pred
+
+
+def _image_augmenter(ctx, fit, split, chunk: int = 8) -> Callable:
     """Student features from backbone passes on photometrically augmented images (the paper's setting)."""
     backbone = ctx.backbone
 
     def augmented_features(idx, rng):
-        feats = []
-        for i in idx:  # one pass per image: images of a split may differ in size
-            image = photometric_augment(ctx.image(i, split), rng)
-            with torch.inference_mode():
-                out = backbone.extract(backbone.normalize(image[None]), {"patch"})["patch"]
-            feats.append(out[0].float().cpu().numpy())
+        images = [photometric_augment(ctx.image(i, split), rng) for i in idx]
+        feats: list = [None] * len(idx)
+        by_shape: dict = {}  # images of a split may differ in size: one forward pass per shape and chunk
+        for j, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(j)
+        for members in by_shape.values():
+            for start in range(0, len(members), chunk):
+                part = members[start:start + chunk]
+                with torch.inference_mode():
+                    out = backbone.extract(backbone.normalize(np.stack([images[j] for j in part])), {"patch"})
+                for j, f in zip(part, out["patch"].float().cpu().numpy()):
+                    feats[j] = f
         for f, i in zip(feats, idx):
             if f.shape[:2] != tuple(fit.grid(i)):
                 raise ValueError(f"augmented features {f.shape[:2]} do not match the cached grid {fit.grid(i)}")
-        return list(feats)
+        return feats
 
     return augmented_features
 
 
-def benchmark(images: int = 6, k: int = 27, batch: int = 32, steps: int = 10, seed: int = 0) -> dict:
-    """Pseudo-label generation per image (with and without CRF) and EM step time on CPU, on
-    ViT-S/8-sized feature maps (40 x 40 x 384: dino-vits8 at 320 pixels)."""
+def benchmark(images: int = 6, k: int = 27, batch: int = 32, steps: int = 3, augmented: int = 4,
+              threads: int | None = 1, seed: int = 0) -> dict:
+    """Pseudo-label generation per image (with and without CRF) and EM step time on CPU, on ViT-S/8-sized
+    feature maps (40 x 40 x 384: dino-vits8 at 320 pixels, random weights, real CamVid images).
+
+    EM step = teacher pseudo labels + student focal-loss step on a batch, at image resolution (the paper's
+    setting) and on the patch grid (speed substitute); the student's photometric augmentation adds one
+    backbone pass per image, measured separately (``augmented_view_s_per_image``). ``threads``: torch
+    intra-op threads while measuring (1 by default: on a shared, loaded machine more threads mostly spin;
+    None keeps torch's setting)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(images, k, batch, steps, augmented, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(images: int, k: int, batch: int, steps: int, augmented: int, seed: int) -> dict:
     import time
 
+    from .. import registry
     from ..features import benchmark_inputs
+    from ..models import build_backbone, resolve
 
     imgs, feats, source = benchmark_inputs("dino-vits8", images)
     maps = [f["patch"] for f in feats]
     p = {"psi": 0.4, "coverage": 0.95, "nn_anchor": True, "iterative": True, "max_masks": None, "mask_gain": 10.0}
-    out: dict = {"features": source, "feature_map": list(maps[0].shape), "images": len(maps)}
+    out: dict = {"features": source, "feature_map": list(maps[0].shape), "image": list(imgs[0].shape[:2]),
+                 "images": len(maps), "torch_threads": torch.get_num_threads()}
+    t0 = time.perf_counter()
+    soft = [proposal_soft_masks(f) for f in maps]
+    out["proposal_masks_s_per_image"] = (time.perf_counter() - t0) / len(maps)
     proposals = []
     for crf in (False, True):
         t0 = time.perf_counter()
         proposals = [image_proposals(f, im.shape[:2], im, {**p, "proposal_crf": crf}) for f, im in zip(maps, imgs)]
         out[f"pseudo_label_s_per_image_{'crf' if crf else 'nocrf'}"] = (time.perf_counter() - t0) / len(maps)
-    out["proposals_per_image"] = float(np.mean([len(np.unique(q[q >= 0])) for q in proposals]))
+    out["proposals_per_image"] = float(np.mean([len(s) for s in soft]))
+    out["proposal_pixel_fraction"] = float(np.mean([(q >= 0).mean() for q in proposals]))
+
     gen = torch.Generator().manual_seed(seed)
-    theta_t = PrototypeHead(pca_prototypes(maps, k, seed=seed), cosine=False)
-    theta_s = copy.deepcopy(theta_t)
-    optimizer = torch.optim.Adam(theta_s.parameters(), lr=5e-3)
-    grid_props = [resize_label_map(q, f.shape[:2]) for q, f in zip(proposals, maps)]
     idx = [int(i) for i in torch.randint(len(maps), (batch,), generator=gen)]
-    em_step(theta_s, theta_t, optimizer, [maps[i] for i in idx], [grid_props[i] for i in idx])  # warm-up
+    out.update(em_batch=batch, k=k)
+    for resolution in ("image", "patch"):
+        theta_t = PrototypeHead(pca_prototypes(maps, k, seed=seed), cosine=False).requires_grad_(False)
+        theta_s = copy.deepcopy(theta_t).requires_grad_(True)
+        optimizer = torch.optim.Adam(theta_s.parameters(), lr=5e-3)
+        props = [q if resolution == "image" else resize_label_map(q, f.shape[:2]) for q, f in zip(proposals, maps)]
+        batch_feats, batch_props = [maps[i] for i in idx], [props[i] for i in idx]
+        em_step(theta_s, theta_t, optimizer, batch_feats, batch_props)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            em_step(theta_s, theta_t, optimizer, batch_feats, batch_props)
+        out[f"em_step_s_{resolution}_resolution"] = (time.perf_counter() - t0) / steps
+
+    spec = registry.backbone("dino-vits8")
+    model = build_backbone(spec, resolve(spec, "random"), seed)
+    rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        em_step(theta_s, theta_t, optimizer, [maps[i] for i in idx], [grid_props[i] for i in idx])
-    out.update({"em_step_s": (time.perf_counter() - t0) / steps, "em_batch": batch, "k": k})
+    for i in range(augmented):
+        view = photometric_augment(imgs[i % len(imgs)], rng)
+        with torch.inference_mode():
+            model.extract(model.normalize(view[None]), {"patch"})
+    out["augmented_view_s_per_image"] = (time.perf_counter() - t0) / augmented
+    out["em_step_s_paper_setting"] = out["em_step_s_image_resolution"] + batch * out["augmented_view_s_per_image"]
     return out
