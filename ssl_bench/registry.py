@@ -80,6 +80,7 @@ class TaskSpec:
     paper: str = ""
     produces_segments: bool = False
     benchmark: str | None = None  # "module:function" measured by `ssl-bench bench TASK`
+    validate: str | None = None  # "module:function(params)" raising UserError, called before any work
 
     def resolve_params(self, overrides: dict | None) -> dict:
         unknown = set(overrides or {}) - set(self.params)
@@ -87,7 +88,10 @@ class TaskSpec:
             raise UserError(
                 f"task '{self.name}' has no parameter(s) {sorted(unknown)} -- known: {sorted(self.params)}"
             )
-        return {**self.params, **(overrides or {})}
+        params = {**self.params, **(overrides or {})}
+        if self.validate:  # a bad value fails now, not after an hour of feature extraction
+            load_entrypoint(self.validate)(params)
+        return params
 
 
 def _read_yaml(path: Path) -> dict:

@@ -92,6 +92,8 @@ def test_dinov2_uses_322_protocol(runner):
     (dict(task="k-means"), "unknown task 'k-means'"),
     (dict(dataset="camvid", dataset_options=()), "needs a data root"),
     (dict(params=(("nope", 1),)), "task 'kmeans' has no parameter"),
+    (dict(k=0), "--k must be at least 1, got 0"),
+    (dict(task="primaps-em", params=(("psi", 2),)), "psi=2 is invalid"),  # the task's validate hook
     (dict(backbone="reference", task="datus2"), "cannot give 'key' features"),
 ])
 def test_bad_input_is_one_clear_error(runner, cfg, message):
