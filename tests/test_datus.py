@@ -200,6 +200,10 @@ def test_denoiser_config_rejects_unknown_params():
         datus.DenoiserConfig.from_params({"stepz": 5})
     with pytest.raises(UserError, match="preset"):
         datus.DenoiserConfig.from_params("tpu")
+    with pytest.raises(UserError, match="batch_size 1"):
+        datus.DenoiserConfig.from_params({"batch_size": 1})
+    with pytest.raises(UserError, match="arch 'vgg'"):
+        datus.DenoiserConfig.from_params({"arch": "vgg"})
 
 
 def test_epoch_batches_cover_every_mask_once_per_epoch():

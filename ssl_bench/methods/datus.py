@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
+from ssl_bench.errors import UserError
+
 BACKENDS = ("louvain", "igraph")
 CROP_FITS = ("stretch", "authors")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -350,8 +352,6 @@ class DenoiserConfig:
     @classmethod
     def from_params(cls, params: str | dict | None) -> DenoiserConfig:
         """A preset name ("cpu", "gpu") or a dict of fields, optionally on top of {"preset": NAME}."""
-        from ssl_bench.errors import UserError
-
         params = {"preset": params} if isinstance(params, str) else dict(params or {})
         preset = params.pop("preset", "cpu")
         if preset not in DENOISER_PRESETS:
@@ -361,10 +361,18 @@ class DenoiserConfig:
             raise UserError(
                 f"unknown denoiser params {sorted(unknown)} -- use {[f.name for f in fields(cls)]}"
             )
-        return replace(DENOISER_PRESETS[preset], **params)
+        config = replace(DENOISER_PRESETS[preset], **params)
+        if config.arch not in DENOISER_ARCHS:
+            raise UserError(f"denoiser arch {config.arch!r} -- use one of {', '.join(DENOISER_ARCHS)}")
+        if config.optimizer not in ("adam", "sgd"):
+            raise UserError(f"denoiser optimizer {config.optimizer!r} -- use adam or sgd")
+        if config.batch_size < 2:  # BatchNorm in the ASPP pooling branch needs two samples
+            raise UserError(f"denoiser batch_size {config.batch_size} -- use 2 or more")
+        return config
 
 
 
+DENOISER_ARCHS = ("resnet18", "mobilenet_v3_large", "resnet50")
 DENOISER_PRESETS = {
     "cpu": DenoiserConfig(),
     "gpu": DenoiserConfig(arch="resnet50", input_size=320, epochs=50, batch_size=16,
@@ -468,13 +476,9 @@ def train_denoiser(
 
     keep = np.flatnonzero(usable_masks(masks, config.single_class_threshold))
     if keep.size == 0:
-        from ssl_bench.errors import UserError
-
         raise UserError(
             "no pseudo mask passes the de-noising filter -- raise denoiser.single_class_threshold"
         )
-    if config.batch_size < 2:
-        raise ValueError("denoiser batch_size must be >= 2 (BatchNorm in the ASPP pooling)")
     device = torch.device(device)
     size = config.input_size
     rng = np.random.default_rng(seed)
@@ -625,7 +629,6 @@ def run(ctx):
     on ``fit_split`` when that is another split; "final" on the run's split is the de-noised masks
     when de-noising runs, else the initial ones. Noise segments stay unlabelled (-1).
     """
-    from ssl_bench.errors import UserError
     from ssl_bench.runner import Prediction, TaskResult
 
     p = ctx.params
@@ -698,3 +701,91 @@ def run(ctx):
                     yield Prediction(i, final, stream="final")
 
     return TaskResult(predictions=predictions(), stats=stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. benchmark (`ssl-bench bench datus2`)
+# ----------------------------------------------------------------------------------------------
+
+
+def benchmark(
+    grids: Sequence[int] = (28, 40), discovery_images: int = 3, key_dim: int = 768,
+    pipeline_images: int = 16, k: int = 11, seed: int = 0,
+) -> dict:
+    """Segment discovery s/image (28x28 and 40x40 grids, python-louvain vs igraph) and the whole
+    pipeline's s/image on CamVid val with a random dino-vits16 (de-noising timed separately)."""
+    import time
+
+    from ssl_bench import registry
+    from ssl_bench.features import benchmark_inputs
+    from ssl_bench.models import build_backbone, resolve
+
+    out: dict = {"discovery": []}
+    # Discovery on synthetic keys: ViT-B-sized keys whose dot products are mostly positive, as
+    # real keys' are, so the graph is as dense as the method meets (28x28: ViT/8 at 224 px).
+    for side in grids:
+        keys = [synthetic_keys(side, side, dim=key_dim, seed=seed + i)[0] for i in range(discovery_images)]
+        for backend in BACKENDS:
+            seconds, q, n_segments, density = 0.0, [], [], []
+            for kk in keys:  # discover_segments, step by step, to keep the communities for scoring
+                t0 = time.perf_counter()
+                adjacency = key_adjacency(kk.reshape(side * side, -1))
+                communities = detect_communities(adjacency, seed=seed, backend=backend)
+                _, info = split_into_segments(communities.reshape(side, side))
+                seconds += time.perf_counter() - t0
+                q.append(modularity(adjacency, communities))
+                n_segments.append(info["n_valid"])
+                density.append(adjacency.mean())
+            out["discovery"].append({
+                "grid": f"{side}x{side}", "backend": backend, "s_per_image": seconds / len(keys),
+                "modularity": float(np.mean(q)), "valid_segments_per_image": float(np.mean(n_segments)),
+                "edge_density": float(np.mean(density)),
+            })
+
+    # The pipeline on real images: keys of a random-weight ViT (same cost as pretrained ones).
+    images, feats, source = benchmark_inputs("dino-vits16", pipeline_images, kinds=("key",))
+    spec = registry.backbone("dino-vits16")
+    vit = build_backbone(spec, resolve(spec, "random"), 0)
+    timings = {"discovery": 0.0, "crops": 0.0, "cls": 0.0, "kmeans": 0.0}
+    seg_maps, crop_feats, infos = [], [], []
+    for image, f in zip(images, feats):
+        t0 = time.perf_counter()
+        seg, info = discover_segments(np.asarray(f["key"]), seed=seed, backend="igraph")
+        t1 = time.perf_counter()
+        full = upsample_nearest(seg, image.shape[:2])
+        crops = [segment_crop(image, full, s, size=spec.input_size) for s in range(info["n_valid"])]
+        t2 = time.perf_counter()
+        if crops:
+            crop_feats.append(_embed(vit, crops, "cpu"))
+        t3 = time.perf_counter()
+        timings["discovery"] += t1 - t0
+        timings["crops"] += t2 - t1
+        timings["cls"] += t3 - t2
+        seg_maps.append(seg)
+        infos.append(info)
+    t0 = time.perf_counter()
+    labels, _ = cluster_segments(np.concatenate(crop_feats), k, seed=seed)
+    timings["kmeans"] = time.perf_counter() - t0
+    bounds = np.cumsum([0] + [i["n_valid"] for i in infos])
+    masks = [paint_segments(s, labels[a:b]) for s, a, b in zip(seg_maps, bounds[:-1], bounds[1:])]
+    n = len(images)
+    out["pipeline"] = {
+        "inputs": source, "images": n, "grid": list(seg_maps[0].shape), "backend": "igraph",
+        "segments": summarize_segments(infos),
+        "s_per_image": {**{key: v / n for key, v in timings.items()}, "total": sum(timings.values()) / n},
+        "note": "excludes key extraction (the feature cache) and de-noising",
+    }
+
+    config = DENOISER_PRESETS["cpu"]
+    t0 = time.perf_counter()
+    model, used = train_denoiser(images, masks, k, config, seed=seed)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in predict_denoiser(model, images, config):
+        pass
+    out["denoiser_cpu_preset"] = {
+        "config": asdict(config), "train_masks": used,
+        "train_s_per_image_epoch": train_s / max(used, 1) / config.epochs,
+        "predict_s_per_image": (time.perf_counter() - t0) / n,
+    }
+    return out
