@@ -24,7 +24,10 @@ Reading of the authors' code (github.com/SonalKumar95/DatUS), followed here unle
 - grouping uses 8-neighbourhood BFS on the grid, validity is ``len(segment) > 5``.
 - crops: the patch-aligned box of the segment on the 224-px image, patches of other segments
   set to 0 (black); the ViT then sees Resize(256)+CenterCrop(224) of it (``fit="authors"``).
-  We default to stretching the box to the input size, so thin segments are not cut off.
+  We crop the evaluation-protocol image (shorter side 320) with the segment map upsampled to it,
+  and default to stretching the box to the input size, so thin segments are not cut off.
+- the CNN ablation (their ``resnet50_mocov2`` features) is ``crop_backbone=mocov2-resnet50``: any
+  registered backbone's ``embed`` (pooled feature of a CNN, CLS of a ViT) can embed the crops.
 - CLS features are L2-normalised; their full-rank PCA before MiniBatchKMeans is a rotation plus
   centring, which leaves Euclidean k-means unchanged, so it is omitted. They seed k-means at
   random; we use k-means++ seeding (then faiss Lloyd), which avoids merging separable classes.
