@@ -306,3 +306,13 @@ def test_adapter_bad_params_are_one_clear_error(params, message):
 
     with pytest.raises(UserError, match=message):
         datus.run(fake_ctx(params))
+
+
+@pytest.mark.parametrize("arch", datus.DENOISER_ARCHS)
+def test_every_denoiser_arch_builds_untrained_and_predicts(arch):
+    import torch
+
+    model = datus.build_denoiser(num_classes=3, arch=arch).eval()
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, 64, 64))["out"]
+    assert out.shape == (1, 3, 64, 64)
