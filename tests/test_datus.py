@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -97,12 +94,12 @@ def test_modularity_matches_python_louvain():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("backend", ["igraph", "leiden"])
-def test_fast_backends_reach_louvain_modularity(seed, backend):
-    keys, _ = datus.synthetic_keys(14, 14, noise=2.0, seed=seed)
-    adjacency = datus.key_adjacency(keys.reshape(196, -1))
+@pytest.mark.parametrize("weighted", [False, True])
+def test_igraph_reaches_python_louvain_modularity(seed, weighted):
+    keys, _ = datus.synthetic_keys(16, 16, noise=2.0, seed=seed)
+    adjacency = datus.key_adjacency(keys.reshape(256, -1), weighted=weighted)
     q_ref = datus.modularity(adjacency, datus.detect_communities(adjacency, seed, "louvain"))
-    q_fast = datus.modularity(adjacency, datus.detect_communities(adjacency, seed, backend))
+    q_fast = datus.modularity(adjacency, datus.detect_communities(adjacency, seed, "igraph"))
     assert q_ref > 0.05  # a graph with real structure, not a trivial one
     assert abs(q_fast - q_ref) < 0.01
 
@@ -112,11 +109,10 @@ def test_summarize_segments():
         {"n_communities": 2, "n_segments": 4, "n_valid": 2, "valid_sizes": [10, 20]},
         {"n_communities": 4, "n_segments": 6, "n_valid": 1, "valid_sizes": [30]},
     ]
-    s = datus.summarize_segments(infos)
-    assert s["total_segments"] == 10 and s["valid_segments"] == 3
-    assert s["pct_valid_segments"] == pytest.approx(30.0)
-    assert s["segments_per_image"] == 5.0 and s["communities_per_image"] == 3.0
-    assert s["patches_per_valid_segment"] == pytest.approx(20.0)
+    assert datus.summarize_segments(infos) == {  # the schema of the segment statistics
+        "images": 2, "total": 10, "valid": 3, "valid_percent": 30.0,
+        "per_image": 5.0, "valid_per_image": 1.5, "patches_per_segment": 20.0,
+    }
 
 
 # ---------------------------------------------------------------- crops, clustering
@@ -166,7 +162,7 @@ def test_paint_segments_keeps_noise_unlabelled():
 
 # ---------------------------------------------------------------- denoiser
 
-TINY = datus.DenoiserConfig(arch="resnet18", input_size=32, steps=2, batch_size=2,
+TINY = datus.DenoiserConfig(arch="resnet18", input_size=32, epochs=1, batch_size=2,
                             predict_batch_size=3)
 
 
@@ -196,41 +192,36 @@ def test_denoiser_smoke_shapes():
 def test_denoiser_config_rejects_unknown_params():
     from ssl_bench.errors import UserError
 
-    assert datus.DenoiserConfig.from_params({"steps": 5}).steps == 5
-    with pytest.raises(UserError):
+    assert datus.DenoiserConfig.from_params({"epochs": 5}).epochs == 5
+    assert datus.DenoiserConfig.from_params("gpu").arch == "resnet50"
+    gpu_small = datus.DenoiserConfig.from_params({"preset": "gpu", "input_size": 64})
+    assert (gpu_small.arch, gpu_small.input_size) == ("resnet50", 64)
+    with pytest.raises(UserError, match="stepz"):
         datus.DenoiserConfig.from_params({"stepz": 5})
+    with pytest.raises(UserError, match="preset"):
+        datus.DenoiserConfig.from_params("tpu")
+    with pytest.raises(UserError, match="batch_size 1"):
+        datus.DenoiserConfig.from_params({"batch_size": 1})
+    with pytest.raises(UserError, match="arch 'vgg'"):
+        datus.DenoiserConfig.from_params({"arch": "vgg"})
+
+
+def test_epoch_batches_cover_every_mask_once_per_epoch():
+    rng = np.random.default_rng(0)
+    batches = datus.epoch_batches(np.arange(10), 4, 2, rng)
+    assert len(batches) == 4 and all(len(b) == 4 for b in batches)
+    assert len(set(np.concatenate(batches[:2]))) == 8  # no repeat within an epoch
+    assert [len(b) for b in datus.epoch_batches(np.arange(3), 4, 2, rng)] == [4, 4]
 
 
 # ---------------------------------------------------------------- adapter
 
 
-@pytest.fixture
-def runner_types(monkeypatch):
-    """Real ssl_bench.runner types if present, else a stub with the spec's names."""
-    try:
-        from ssl_bench.runner import Prediction, TaskResult  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("ssl_bench.runner")
-
-        @dataclass
-        class Prediction:
-            index: int
-            labels: np.ndarray
-            stream: str = "final"
-            split: str | None = None
-
-        @dataclass
-        class TaskResult:
-            predictions: object
-            stats: dict = field(default_factory=dict)
-
-        stub.Prediction, stub.TaskResult = Prediction, TaskResult
-        monkeypatch.setitem(sys.modules, "ssl_bench.runner", stub)
-
-
 def fake_ctx(params, split="val"):
     """Images half red / half blue; keys orthogonal on the two halves of a 4x6 grid."""
     import torch
+
+    from ssl_bench import registry
 
     groups = np.zeros((4, 6), dtype=int)
     groups[:, 3:] = 1
@@ -238,22 +229,30 @@ def fake_ctx(params, split="val"):
     image[:, :24, 0] = 200
     image[:, 24:, 2] = 200
     n = {"train": 3, "val": 2}
-    backbone = SimpleNamespace(
-        normalize=lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255,
-        embed=lambda x: x.mean((2, 3)),  # mean colour: crops of the same half look alike
-    )
+    built = []
+
+    def backbone(name="fake-vit"):
+        built.append(name)
+        return SimpleNamespace(
+            spec=SimpleNamespace(name=name, input_size=16),
+            normalize=lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255,
+            embed=lambda x: x.mean((2, 3)),  # mean colour: crops of the same half look alike
+        )
+
     return SimpleNamespace(
-        k=2, seed=0, params=params, split=split,
+        k=2, seed=0, split=split, params=registry.task("datus2").resolve_params(params),
         features=lambda kind, split=None: [one_hot_keys(groups)] * n[split],
         image=lambda i, split=None: image.copy(),
-        backbone=backbone, protocol=SimpleNamespace(input_size=16),
+        backbone=backbone(), build_backbone=backbone, built=built,
         device="cpu", progress=lambda it, desc=None, total=None: it,
     )
 
 
-def test_adapter_streams_and_stats(runner_types):
-    tiny = {f: getattr(TINY, f) for f in ("arch", "input_size", "steps", "batch_size")}
-    result = datus.run(fake_ctx({"denoise": True, "denoiser": tiny}))
+TINY_PARAMS = {"denoiser": {f: getattr(TINY, f) for f in ("arch", "input_size", "epochs", "batch_size")}}
+
+
+def test_adapter_streams_and_stats():
+    result = datus.run(fake_ctx(TINY_PARAMS))
     preds = list(result.predictions)
     streams = {(p.stream, p.split) for p in preds}
     assert streams == {("initial", None), ("denoised", None), ("final", None)}
@@ -261,25 +260,59 @@ def test_adapter_streams_and_stats(runner_types):
     assert len(initial) == 2 and initial[0].shape == (32, 48)
     left, right = initial[0][:, :24], initial[0][:, 24:]
     assert len(np.unique(left)) == 1 and len(np.unique(right)) == 1 and left[0, 0] != right[0, 0]
-    assert result.stats["total_segments"] == 4 and result.stats["pct_valid_segments"] == 100.0
-    assert result.stats["denoiser_train_masks"] == 2
+    final = [p.labels for p in preds if p.stream == "final"]
+    denoised = [p.labels for p in preds if p.stream == "denoised"]
+    assert all((f == d).all() for f, d in zip(final, denoised))  # final = de-noised masks
+    assert result.stats["segments"] == {
+        "images": 2, "total": 4, "valid": 4, "valid_percent": 100.0,
+        "per_image": 2.0, "valid_per_image": 2.0, "patches_per_segment": 12.0,
+    }
+    assert result.stats["denoiser_train_masks"] == 2 and result.stats["denoiser"]["epochs"] == 1
 
 
-def test_adapter_fit_split_yields_train_and_val(runner_types):
-    result = datus.run(fake_ctx({"fit_split": "train"}))
-    preds = list(result.predictions)
+def test_adapter_without_denoising_final_is_initial():
+    preds = list(datus.run(fake_ctx({"denoise": False})).predictions)
+    assert {p.stream for p in preds} == {"initial", "final"}
+    initial = [p.labels for p in preds if p.stream == "initial"]
+    final = [p.labels for p in preds if p.stream == "final"]
+    assert all((a == b).all() for a, b in zip(initial, final))
+
+
+def test_adapter_fit_split_yields_train_and_val():
+    result = datus.run(fake_ctx({**TINY_PARAMS, "fit_split": "train"}))
     counts = {}
-    for p in preds:
+    for p in result.predictions:
         counts[(p.stream, p.split)] = counts.get((p.stream, p.split), 0) + 1
-    assert counts == {("initial", "train"): 3, ("final", "train"): 3,
-                      ("initial", None): 2, ("final", None): 2}
-    assert result.stats["fit_split"]["split"] == "train"
+    assert counts == {("initial", "train"): 3, ("denoised", "train"): 3,
+                      ("initial", None): 2, ("denoised", None): 2, ("final", None): 2}
+    assert result.stats["fit_split"] == "train"
+    assert result.stats["segments@train"]["images"] == 3
+    assert result.stats["denoiser_train_masks"] == 3
 
 
-def test_adapter_cnn_crops_need_a_backbone(runner_types):
+def test_adapter_crops_go_to_the_named_backbone():
+    ctx = fake_ctx({"denoise": False, "crop_backbone": "some-cnn"})
+    result = datus.run(ctx)
+    assert ctx.built == ["fake-vit", "some-cnn"] and result.stats["crop_backbone"] == "some-cnn"
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"backend": "leiden"}, "backend='leiden'"),
+    ({"crop_fit": "squash"}, "crop_fit='squash'"),
+    ({"denoiser": "tpu"}, "denoiser preset 'tpu'"),
+])
+def test_adapter_bad_params_are_one_clear_error(params, message):
     from ssl_bench.errors import UserError
 
-    with pytest.raises(UserError, match="crop_backbone"):
-        datus.run(fake_ctx({"crop_feature": "cnn-pooled"}))
-    with pytest.raises(UserError, match="build_backbone"):
-        datus.run(fake_ctx({"crop_feature": "cnn-pooled", "crop_backbone": "mocov2-r50"}))
+    with pytest.raises(UserError, match=message):
+        datus.run(fake_ctx(params))
+
+
+@pytest.mark.parametrize("arch", datus.DENOISER_ARCHS)
+def test_every_denoiser_arch_builds_untrained_and_predicts(arch):
+    import torch
+
+    model = datus.build_denoiser(num_classes=3, arch=arch).eval()
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, 64, 64))["out"]
+    assert out.shape == (1, 3, 64, 64)

@@ -74,6 +74,27 @@ def test_primaps_em_scores_clearly_above_chance(runner, one_thread):
     assert rec["acc"] > max(chance["acc"], chance["majority_acc"]) + 15, (rec["acc"], chance)
 
 
+@pytest.mark.slow
+def test_datus2_stores_metrics_and_segment_statistics(runner):
+    tiny_denoiser = {"preset": "cpu", "input_size": 32, "epochs": 1, "batch_size": 2}
+    cfg = RunConfig(backbone="dino-vits16", weights="random", task="datus2", dataset="synthetic",
+                    dataset_options=(("n", 3),), params=(("denoiser", tiny_denoiser),))
+    rec = runner.run(cfg).record
+    assert rec["random_weights"] and rec["task"] == "datus2"
+    assert set(rec["metrics"]) == {"initial@val", "denoised@val", "final@val"}
+    assert rec["metrics"]["final@val"]["miou"] == rec["miou"]
+    seg = rec["stats"]["segments"]
+    assert set(seg) == {"images", "total", "valid", "valid_percent", "per_image", "valid_per_image",
+                        "patches_per_segment"}
+    assert seg["images"] == 3 and 0 < seg["valid"] <= seg["total"]
+    assert seg["valid_percent"] == pytest.approx(100 * seg["valid"] / seg["total"])
+    assert rec["stats"]["crop_backbone"] == "dino-vits16"
+    # the CNN-ablation path: crops embedded by another registered backbone, built by the runner
+    cnn = RunConfig(**{**cfg.__dict__, "params": (("crop_backbone", "reference"), ("denoise", False))})
+    rec = runner.run(cnn).record
+    assert rec["stats"]["crop_backbone"] == "reference" and set(rec["metrics"]) == {"initial@val", "final@val"}
+
+
 def test_random_weights_are_recorded(runner):
     rec = runner.run(RunConfig(backbone="dino-vits16", task="kmeans", dataset="synthetic", weights="random",
                                dataset_options=(("n", 4),))).record

@@ -12,18 +12,22 @@ Pipeline, one function per step (all pure: arrays in, arrays out, explicit seeds
 4. ``train_denoiser`` / ``predict_denoiser``: a DeepLabV3 trained from scratch on those masks
    (unlabelled pixels ignored) and run on every image: the de-noised masks.
 
-``run(ctx)`` is the thin adapter for the runner (see spec.md).
+``run(ctx)`` is the thin adapter for the runner (registered in tasks/datus2.yaml);
+``benchmark()`` times segment discovery and the pipeline (``ssl-bench bench datus2``).
 
 Reading of the authors' code (github.com/SonalKumar95/DatUS), followed here unless noted:
 - adjacency is binary (``adj = A > 0``), not weighted by A; ``weighted=True`` is offered as an option.
   Their matrix also sets the diagonal (A_ii > 0); we leave self-loops out so every backend and the
   ``modularity`` helper share one convention (a loop only adds a constant to each degree).
-- their Louvain is scikit-network's; we use python-louvain (the paper's algorithm) or igraph's
-  C multilevel / leidenalg, which reach the same modularity and are much faster.
+- their Louvain is scikit-network's; we use python-louvain (the algorithm the design names) or
+  igraph's C multilevel Louvain, which reaches the same modularity (tested) and is much faster.
 - grouping uses 8-neighbourhood BFS on the grid, validity is ``len(segment) > 5``.
 - crops: the patch-aligned box of the segment on the 224-px image, patches of other segments
   set to 0 (black); the ViT then sees Resize(256)+CenterCrop(224) of it (``fit="authors"``).
-  We default to stretching the box to the input size, so thin segments are not cut off.
+  We crop the evaluation-protocol image (shorter side 320) with the segment map upsampled to it,
+  and default to stretching the box to the input size, so thin segments are not cut off.
+- the CNN ablation (their ``resnet50_mocov2`` features) is ``crop_backbone=mocov2-resnet50``: any
+  registered backbone's ``embed`` (pooled feature of a CNN, CLS of a ViT) can embed the crops.
 - CLS features are L2-normalised; their full-rank PCA before MiniBatchKMeans is a rotation plus
   centring, which leaves Euclidean k-means unchanged, so it is omitted. They seed k-means at
   random; we use k-means++ seeding (then faiss Lloyd), which avoids merging separable classes.
@@ -36,12 +40,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
-BACKENDS = ("louvain", "igraph", "leiden")
-CROP_FEATURES = ("cls", "cnn-pooled")
+from ssl_bench.errors import UserError
+
+BACKENDS = ("louvain", "igraph")
+CROP_FITS = ("stretch", "authors")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -101,7 +107,7 @@ def detect_communities(
             graph.add_weighted_edges_from(zip(rows.tolist(), cols.tolist(), weights.tolist()))
         part = community_louvain.best_partition(graph, resolution=resolution, random_state=seed)
         labels = np.array([part[i] for i in range(n)], dtype=np.int64)
-    elif backend in ("igraph", "leiden"):
+    elif backend == "igraph":
         import igraph as ig
 
         # building from the matrix is ~5x faster than from an edge list (C-side loop)
@@ -110,27 +116,12 @@ def detect_communities(
         else:
             graph = ig.Graph.Weighted_Adjacency(adjacency, mode="upper", loops=False)
             w = "weight"
-        if backend == "igraph":
-            # igraph's multilevel shuffles the vertex order with its global RNG: seed it, then restore
-            ig.set_random_number_generator(random.Random(seed))
-            try:
-                labels = np.array(
-                    graph.community_multilevel(weights=w, resolution=resolution).membership
-                )
-            finally:
-                ig.set_random_number_generator(random)
-        else:
-            import leidenalg
-
-            part = leidenalg.find_partition(
-                graph,
-                leidenalg.RBConfigurationVertexPartition,  # = modularity with a resolution knob
-                weights=w,
-                resolution_parameter=resolution,
-                seed=seed,
-                n_iterations=-1,  # iterate to convergence, like Louvain
-            )
-            labels = np.array(part.membership)
+        # igraph's multilevel shuffles the vertex order with its global RNG: seed it, then restore
+        ig.set_random_number_generator(random.Random(seed))
+        try:
+            labels = np.array(graph.community_multilevel(weights=w, resolution=resolution).membership)
+        finally:
+            ig.set_random_number_generator(random)
     else:
         raise ValueError(f"unknown community backend {backend!r}; expected one of {BACKENDS}")
     return np.unique(labels, return_inverse=True)[1].astype(np.int64)
@@ -185,22 +176,24 @@ def discover_segments(
 
 
 def summarize_segments(infos: Sequence[dict]) -> dict:
-    """Dataset statistics of paper Table II from per-image ``discover_segments`` stats."""
+    """Dataset segment statistics of paper Table II from per-image ``discover_segments`` stats.
+
+    The schema every segment-producing task shares (notes in README): total and valid segments
+    (J summed over images), % valid, segments and valid segments per image, and the mean number
+    of patches of a *valid* segment (the ones that get crops and labels).
+    """
     n_images = len(infos)
     total = sum(i["n_segments"] for i in infos)
     valid = sum(i["n_valid"] for i in infos)
     sizes = [s for i in infos for s in i["valid_sizes"]]
     return {
-        "n_images": n_images,
-        "total_segments": total,
-        "valid_segments": valid,
-        "pct_valid_segments": 100.0 * valid / total if total else 0.0,
-        "segments_per_image": total / n_images if n_images else 0.0,
-        "valid_segments_per_image": valid / n_images if n_images else 0.0,
-        "patches_per_valid_segment": float(np.mean(sizes)) if sizes else 0.0,
-        "communities_per_image": (
-            sum(i["n_communities"] for i in infos) / n_images if n_images else 0.0
-        ),
+        "images": n_images,
+        "total": total,
+        "valid": valid,
+        "valid_percent": 100.0 * valid / total if total else 0.0,
+        "per_image": total / n_images if n_images else 0.0,
+        "valid_per_image": valid / n_images if n_images else 0.0,
+        "patches_per_segment": float(np.mean(sizes)) if sizes else 0.0,
     }
 
 
@@ -338,18 +331,21 @@ def paint_segments(segment_map: np.ndarray, segment_labels: np.ndarray) -> np.nd
 
 @dataclass(frozen=True)
 class DenoiserConfig:
-    """DeepLabV3 trained from scratch. Defaults: small enough for ~100 images on 2 CPU cores.
+    """DeepLabV3 trained from scratch (weights=None, weights_backbone=None).
+
+    The defaults are the "cpu" preset: small enough to train on ~100 images in about a minute on
+    2 CPU cores. "gpu" is the full-size network (torchvision deeplabv3_resnet50, as the paper
+    names); the paper gives no training settings, so epochs, batch and learning rate are ours.
 
     arch: resnet18 (layers 1-3, output stride 16, 256 channels: BasicBlock cannot dilate) |
-    mobilenet_v3_large (torchvision deeplabv3_mobilenet_v3_large) | resnet50 (torchvision
-    deeplabv3_resnet50, the paper's network). All with weights=None, weights_backbone=None.
+    mobilenet_v3_large (torchvision deeplabv3_mobilenet_v3_large) | resnet50.
     """
 
     arch: str = "resnet18"
-    input_size: int = 128
-    steps: int = 300
+    input_size: int = 128  # images and masks are resized to a square of this side for training
+    epochs: int = 8  # passes over the usable masks
     batch_size: int = 8
-    optimizer: str = "adam"  # adam | sgd (momentum 0.9, poly decay)
+    optimizer: str = "adam"  # adam | sgd (momentum 0.9); poly learning-rate decay either way
     lr: float = 1e-3
     weight_decay: float = 1e-4
     single_class_threshold: float = 0.95  # drop masks whose largest class covers more
@@ -357,17 +353,34 @@ class DenoiserConfig:
     cache_mb: int = 1024  # keep resized training images in memory up to this size
 
     @classmethod
-    def from_params(cls, params: dict | None) -> DenoiserConfig:
-        params = dict(params or {})
+    def from_params(cls, params: str | dict | None) -> DenoiserConfig:
+        """A preset name ("cpu", "gpu") or a dict of fields, optionally on top of {"preset": NAME}."""
+        params = {"preset": params} if isinstance(params, str) else dict(params or {})
+        preset = params.pop("preset", "cpu")
+        if preset not in DENOISER_PRESETS:
+            raise UserError(f"unknown denoiser preset {preset!r} -- use one of {sorted(DENOISER_PRESETS)}")
         unknown = set(params) - {f.name for f in fields(cls)}
         if unknown:
-            from ssl_bench.errors import UserError
-
             raise UserError(
-                f"unknown denoiser params {sorted(unknown)} -- "
-                f"use {[f.name for f in fields(cls)]}"
+                f"unknown denoiser params {sorted(unknown)} -- use {[f.name for f in fields(cls)]}"
             )
-        return replace(cls(), **params)
+        config = replace(DENOISER_PRESETS[preset], **params)
+        if config.arch not in DENOISER_ARCHS:
+            raise UserError(f"denoiser arch {config.arch!r} -- use one of {', '.join(DENOISER_ARCHS)}")
+        if config.optimizer not in ("adam", "sgd"):
+            raise UserError(f"denoiser optimizer {config.optimizer!r} -- use adam or sgd")
+        if config.batch_size < 2:  # BatchNorm in the ASPP pooling branch needs two samples
+            raise UserError(f"denoiser batch_size {config.batch_size} -- use 2 or more")
+        return config
+
+
+
+DENOISER_ARCHS = ("resnet18", "mobilenet_v3_large", "resnet50")
+DENOISER_PRESETS = {
+    "cpu": DenoiserConfig(),
+    "gpu": DenoiserConfig(arch="resnet50", input_size=320, epochs=50, batch_size=16,
+                          optimizer="sgd", lr=0.01),
+}
 
 
 def build_denoiser(num_classes: int, arch: str = "resnet18"):
@@ -423,7 +436,7 @@ def _to_input(images: Sequence[np.ndarray], size: int):
 
     batch = [
         F.interpolate(
-            torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float() / 255.0,
+            torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float() / 255.0,
             size=(size, size), mode="bilinear", align_corners=False, antialias=True,
         )
         for im in images
@@ -432,6 +445,19 @@ def _to_input(images: Sequence[np.ndarray], size: int):
     mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def epoch_batches(
+    items: np.ndarray, batch_size: int, epochs: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Shuffled full batches, epoch after epoch (the last partial batch of an epoch is dropped;
+    fewer items than a batch are drawn with replacement, so every step sees ``batch_size``)."""
+    per_epoch = max(1, len(items) // batch_size)
+    out = []
+    for _ in range(epochs):
+        order = rng.permutation(items) if len(items) >= batch_size else rng.choice(items, batch_size)
+        out.extend(order[: per_epoch * batch_size].reshape(per_epoch, batch_size))
+    return out
 
 
 def train_denoiser(
@@ -453,13 +479,9 @@ def train_denoiser(
 
     keep = np.flatnonzero(usable_masks(masks, config.single_class_threshold))
     if keep.size == 0:
-        from ssl_bench.errors import UserError
-
         raise UserError(
             "no pseudo mask passes the de-noising filter -- raise denoiser.single_class_threshold"
         )
-    if config.batch_size < 2:
-        raise ValueError("denoiser batch_size must be >= 2 (BatchNorm in the ASPP pooling)")
     device = torch.device(device)
     size = config.input_size
     rng = np.random.default_rng(seed)
@@ -489,12 +511,11 @@ def train_denoiser(
             opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         else:
             raise ValueError(f"unknown optimizer {config.optimizer!r}")
+        batches = epoch_batches(keep, config.batch_size, config.epochs, rng)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (1 - s / config.steps) ** 0.9  # poly decay, as in DeepLab
+            opt, lambda s: (1 - s / len(batches)) ** 0.9  # poly decay, as in DeepLab
         )
-        steps = range(config.steps)
-        for _ in progress(steps) if progress else steps:
-            idx = rng.choice(keep, size=config.batch_size, replace=keep.size < config.batch_size)
+        for idx in progress(batches) if progress else batches:
             xs, ys = zip(*(sample(int(i)) for i in idx))
             x, y = torch.stack(xs), torch.stack(ys)
             flip = torch.from_numpy(rng.random(len(idx)) < 0.5)  # horizontal flip augmentation
@@ -538,25 +559,6 @@ def predict_denoiser(
 # 5. runner adapter
 # ----------------------------------------------------------------------------------------------
 
-DEFAULT_PARAMS = {
-    "tau": 5,
-    "backend": "igraph",
-    "weighted": False,
-    "resolution": 1.0,
-    "crop_feature": "cls",
-    "crop_backbone": None,
-    "crop_size": None,  # None = protocol input size
-    "crop_fill": 0,
-    "crop_fit": "stretch",
-    "crop_batch_size": 64,
-    "kmeans_iters": 50,
-    "kmeans_n_init": 1,
-    "fit_split": None,  # None = pseudo-label and train on the evaluated split itself
-    "denoise": False,
-    "denoiser": {},
-}
-
-
 class _LazyImages:
     """Sequence view of ctx.image for one split (loaded on access)."""
 
@@ -573,27 +575,10 @@ class _LazyImages:
         return (self[i] for i in range(self.n))
 
 
-def _crop_embedder(ctx, p: dict):
-    """Backbone used on crops: ctx.backbone, or ``crop_backbone`` built via ctx.build_backbone."""
-    from ssl_bench.errors import UserError
-
-    if p["crop_feature"] not in CROP_FEATURES:
-        raise UserError(f"crop_feature={p['crop_feature']!r} -- use one of {CROP_FEATURES}")
-    name = p["crop_backbone"]
-    if p["crop_feature"] == "cnn-pooled" and not name:
-        raise UserError(
-            "crop_feature=cnn-pooled needs a CNN -- set params.crop_backbone to a registered "
-            "CNN backbone (e.g. a MoCo v2 ResNet-50)"
-        )
-    if not name:
-        return ctx.backbone
-    build = getattr(ctx, "build_backbone", None)
-    if build is None:
-        raise UserError(
-            f"crop_backbone={name!r} needs ctx.build_backbone, which this runner lacks -- "
-            "drop params.crop_backbone or update ssl_bench.runner"
-        )
-    return build(name)
+def _crop_embedder(ctx, name: str | None):
+    """Backbone that embeds the crops: the run's own (CLS of its ViT) or the registered backbone
+    ``name`` (the paper's CNN ablation: the pooled feature of a MoCo ResNet)."""
+    return ctx.build_backbone(name) if name else ctx.backbone
 
 
 def _embed(backbone, crops: list[np.ndarray], device) -> np.ndarray:
@@ -641,16 +626,22 @@ def _pseudo_label_split(ctx, split: str, p: dict, backbone, crop_size: int) -> d
 
 
 def run(ctx):
-    """DatUS^2 on ctx.split; streams "initial", "denoised" (if params.denoise) and "final"."""
-    from ssl_bench.errors import UserError
+    """DatUS^2 on ctx.split (parameters: tasks/datus2.yaml).
+
+    Streams: "initial" (clustered segments) and, with ``denoise``, "denoised" on the run's split and
+    on ``fit_split`` when that is another split; "final" on the run's split is the de-noised masks
+    when de-noising runs, else the initial ones. Noise segments stay unlabelled (-1).
+    """
     from ssl_bench.runner import Prediction, TaskResult
 
-    p = {**DEFAULT_PARAMS, **ctx.params}
+    p = ctx.params
     if p["backend"] not in BACKENDS:
-        raise UserError(f"backend={p['backend']!r} -- use one of {BACKENDS}")
+        raise UserError(f"backend={p['backend']!r} -- use one of {', '.join(BACKENDS)}")
+    if p["crop_fit"] not in CROP_FITS:
+        raise UserError(f"crop_fit={p['crop_fit']!r} -- use one of {', '.join(CROP_FITS)}")
     config = DenoiserConfig.from_params(p["denoiser"])
-    backbone = _crop_embedder(ctx, p)
-    crop_size = int(p["crop_size"] or ctx.protocol.input_size)
+    backbone = _crop_embedder(ctx, p["crop_backbone"])
+    crop_size = int(p["crop_size"] or backbone.spec.input_size)
 
     fit_split = p["fit_split"] or ctx.split
     splits = [fit_split] + ([ctx.split] if ctx.split != fit_split else [])
@@ -672,10 +663,17 @@ def run(ctx):
             for seg, a, b in zip(d["segments"], bounds[:-1], bounds[1:])
         ]
 
-    stats = summarize_segments(data[ctx.split]["infos"])
-    stats["n_clusters"] = int(len(centroids))
+    infos = data[ctx.split]["infos"]
+    stats = {
+        "segments": summarize_segments(infos),
+        "communities_per_image": sum(i["n_communities"] for i in infos) / len(infos),
+        "clustered_segments": int(len(data[fit_split]["features"])),
+        "clusters": int(len(centroids)),
+        "crop_backbone": backbone.spec.name,
+    }
     if fit_split != ctx.split:
-        stats["fit_split"] = {"split": fit_split, **summarize_segments(data[fit_split]["infos"])}
+        stats["fit_split"] = fit_split
+        stats["segments@" + fit_split] = summarize_segments(data[fit_split]["infos"])
 
     model = None
     if p["denoise"]:
@@ -683,8 +681,9 @@ def run(ctx):
         model, n_used = train_denoiser(
             fit["images"], fit["masks"], len(centroids), config, seed=ctx.seed,
             device=ctx.device,
-            progress=lambda it: ctx.progress(it, desc="datus2 denoiser", total=config.steps),
+            progress=lambda it: ctx.progress(it, desc="datus2 denoiser steps", total=len(it)),
         )
+        stats["denoiser"] = asdict(config)  # the resolved preset, for the record
         stats["denoiser_train_masks"] = n_used
         stats["denoiser_dropped_masks"] = len(fit["masks"]) - n_used
 
@@ -696,12 +695,103 @@ def run(ctx):
                 predict_denoiser(model, d["images"], config, ctx.device) if model else None
             )
             for i, (mask, size) in enumerate(zip(d["masks"], d["sizes"])):
-                initial = upsample_nearest(mask, size)
-                yield Prediction(i, initial, stream="initial", split=out_split)
-                final = initial
+                final = upsample_nearest(mask, size)
+                yield Prediction(i, final, stream="initial", split=out_split)
                 if denoised is not None:
                     final = next(denoised)
                     yield Prediction(i, final, stream="denoised", split=out_split)
-                yield Prediction(i, final, stream="final", split=out_split)
+                if out_split is None:
+                    yield Prediction(i, final, stream="final")
 
     return TaskResult(predictions=predictions(), stats=stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. benchmark (`ssl-bench bench datus2`)
+# ----------------------------------------------------------------------------------------------
+
+
+def benchmark(
+    grids: Sequence[int] = (28, 40), discovery_images: int = 2, key_dim: int = 768,
+    pipeline_images: int = 16, k: int = 11, seed: int = 0,
+) -> dict:
+    """Segment discovery s/image (28x28 and 40x40 grids, python-louvain vs igraph) and the whole
+    pipeline's s/image on CamVid val with a random dino-vits16 (de-noising timed separately)."""
+    import time
+
+    from ssl_bench import registry
+    from ssl_bench.features import benchmark_inputs
+    from ssl_bench.models import build_backbone, resolve
+
+    out: dict = {"discovery": []}
+    for backend in BACKENDS:  # warm-up: imports and first-call set-up are not per-image costs
+        discover_segments(synthetic_keys(7, 7, seed=seed)[0], seed=seed, backend=backend)
+    # Discovery on synthetic keys: ViT-B-sized keys whose dot products are mostly positive, as
+    # real keys' are, so the graph is as dense as the method meets (28x28: ViT/8 at 224 px).
+    for side in grids:
+        keys = [synthetic_keys(side, side, dim=key_dim, seed=seed + i)[0] for i in range(discovery_images)]
+        for backend in BACKENDS:
+            seconds, q, n_segments, density = 0.0, [], [], []
+            for kk in keys:  # discover_segments, step by step, to keep the communities for scoring
+                t0 = time.perf_counter()
+                adjacency = key_adjacency(kk.reshape(side * side, -1))
+                communities = detect_communities(adjacency, seed=seed, backend=backend)
+                _, info = split_into_segments(communities.reshape(side, side))
+                seconds += time.perf_counter() - t0
+                q.append(modularity(adjacency, communities))
+                n_segments.append(info["n_valid"])
+                density.append(adjacency.mean())
+            out["discovery"].append({
+                "grid": f"{side}x{side}", "backend": backend, "s_per_image": seconds / len(keys),
+                "modularity": float(np.mean(q)), "valid_segments_per_image": float(np.mean(n_segments)),
+                "edge_density": float(np.mean(density)),
+            })
+
+    # The pipeline on real images: keys of a random-weight ViT (same cost as pretrained ones).
+    images, feats, source = benchmark_inputs("dino-vits16", pipeline_images, kinds=("key",))
+    spec = registry.backbone("dino-vits16")
+    vit = build_backbone(spec, resolve(spec, "random"), 0)
+    _embed(vit, [images[0][: spec.input_size, : spec.input_size]] * 2, "cpu")  # warm-up
+    timings = {"discovery": 0.0, "crops": 0.0, "cls": 0.0, "kmeans": 0.0}
+    seg_maps, crop_feats, infos = [], [], []
+    for image, f in zip(images, feats):
+        t0 = time.perf_counter()
+        seg, info = discover_segments(np.asarray(f["key"]), seed=seed, backend="igraph")
+        t1 = time.perf_counter()
+        full = upsample_nearest(seg, image.shape[:2])
+        crops = [segment_crop(image, full, s, size=spec.input_size) for s in range(info["n_valid"])]
+        t2 = time.perf_counter()
+        if crops:
+            crop_feats.append(_embed(vit, crops, "cpu"))
+        t3 = time.perf_counter()
+        timings["discovery"] += t1 - t0
+        timings["crops"] += t2 - t1
+        timings["cls"] += t3 - t2
+        seg_maps.append(seg)
+        infos.append(info)
+    t0 = time.perf_counter()
+    labels, _ = cluster_segments(np.concatenate(crop_feats), k, seed=seed)
+    timings["kmeans"] = time.perf_counter() - t0
+    bounds = np.cumsum([0] + [i["n_valid"] for i in infos])
+    masks = [paint_segments(s, labels[a:b]) for s, a, b in zip(seg_maps, bounds[:-1], bounds[1:])]
+    n = len(images)
+    out["pipeline"] = {
+        "inputs": source, "images": n, "grid": list(seg_maps[0].shape), "backend": "igraph",
+        "segments": summarize_segments(infos),
+        "s_per_image": {**{key: v / n for key, v in timings.items()}, "total": sum(timings.values()) / n},
+        "note": "excludes key extraction (the feature cache) and de-noising",
+    }
+
+    config = DENOISER_PRESETS["cpu"]
+    t0 = time.perf_counter()
+    model, used = train_denoiser(images, masks, k, config, seed=seed)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in predict_denoiser(model, images, config):
+        pass
+    out["denoiser_cpu_preset"] = {
+        "config": asdict(config), "train_masks": used,
+        "train_s_per_image_epoch": train_s / max(used, 1) / config.epochs,
+        "predict_s_per_image": (time.perf_counter() - t0) / n,
+    }
+    return out
