@@ -625,6 +625,17 @@ def _pseudo_label_split(ctx, split: str, p: dict, backbone, crop_size: int) -> d
     }
 
 
+def check_params(p: dict) -> None:
+    """One-line errors for bad parameters, before any work (the task file's ``validate`` hook)."""
+    if p["backend"] not in BACKENDS:
+        raise UserError(f"backend={p['backend']!r} -- use one of {', '.join(BACKENDS)}")
+    if p["crop_fit"] not in CROP_FITS:
+        raise UserError(f"crop_fit={p['crop_fit']!r} -- use one of {', '.join(CROP_FITS)}")
+    if not isinstance(p["tau"], int) or isinstance(p["tau"], bool) or p["tau"] < 0:
+        raise UserError(f"tau={p['tau']!r} -- use a whole number of patches >= 0 (-p tau=5)")
+    DenoiserConfig.from_params(p["denoiser"])
+
+
 def run(ctx):
     """DatUS^2 on ctx.split (parameters: tasks/datus2.yaml).
 
@@ -635,10 +646,7 @@ def run(ctx):
     from ssl_bench.runner import Prediction, TaskResult
 
     p = ctx.params
-    if p["backend"] not in BACKENDS:
-        raise UserError(f"backend={p['backend']!r} -- use one of {', '.join(BACKENDS)}")
-    if p["crop_fit"] not in CROP_FITS:
-        raise UserError(f"crop_fit={p['crop_fit']!r} -- use one of {', '.join(CROP_FITS)}")
+    check_params(p)
     config = DenoiserConfig.from_params(p["denoiser"])
     backbone = _crop_embedder(ctx, p["crop_backbone"])
     crop_size = int(p["crop_size"] or backbone.spec.input_size)
