@@ -164,11 +164,17 @@ class Runner:
 
     def __init__(self, store: ResultStore | None = None, cache: FeatureCache | None = None,
                  device: str | None = None):
-        self.store = store or ResultStore()
+        self._store = store  # opened on first use: a Ray worker computes records and never opens one
         self.cache = cache or FeatureCache()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._backbones: dict[tuple, Backbone] = {}
         self._datasets: dict[tuple, SegDataset] = {}
+
+    @property
+    def store(self) -> ResultStore:
+        if self._store is None:
+            self._store = ResultStore()
+        return self._store
 
     # -- building blocks, memoised per runner --
     def backbone(self, spec: registry.BackboneSpec, source: WeightsSource, seed: int) -> Backbone:
@@ -223,6 +229,11 @@ class Runner:
         run = self.resolve(cfg)
         if not force and (stored := self.store.get(run.config_hash)):
             return Outcome(run.config_hash, stored, computed=False)
+        self.store.put(self.compute(run, progress), replace=force)
+        return Outcome(run.config_hash, self.store.get(run.config_hash), computed=True)
+
+    def compute(self, run: ResolvedRun, progress: Callable = lambda it, **_: it) -> RunRecord:
+        """The record of one resolved cell, computed without touching the store (Ray workers return it)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         if run.task.features:  # one extraction pass for every kind the task declares
@@ -239,7 +250,7 @@ class Runner:
         headline = metrics.get(f"{FINAL}@{run.dataset.split}")
         if headline is None:
             raise RuntimeError(f"task {run.task.name} produced no '{FINAL}' predictions on {run.dataset.split}")
-        record = RunRecord(
+        return RunRecord(
             config_hash=run.config_hash, backbone=run.spec.name, weights=run.weights.identity,
             random_weights=run.weights.is_random, task=run.task.name, dataset=run.config["dataset"],
             split=run.dataset.split, k=run.config["k"], seed=run.config["seed"],
@@ -247,8 +258,6 @@ class Runner:
             config=run.config, metrics=metrics, stats=result.stats or {}, timings=timings,
             environment=_environment(),
         )
-        self.store.put(record, replace=force)
-        return Outcome(run.config_hash, self.store.get(run.config_hash), computed=True)
 
     def _evaluate(self, ctx: TaskContext, run: ResolvedRun, predictions: Iterable[Prediction],
                   progress: Callable) -> tuple[dict[str, Any], float]:
