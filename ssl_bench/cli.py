@@ -204,6 +204,40 @@ def _dataset_entry(name: str, roots: list[str], split: Optional[str], options: l
     return {"name": name, "data_root": root, "split": split, "options": dict(parse_pairs(mine, "--option"))}
 
 
+@app.command()
+def regress(
+    update: bool = typer.Option(False, "--update", help="rewrite the baselines with the numbers of this run"),
+    baselines: Optional[Path] = typer.Option(None, help="baselines file (default results/regress/baselines.json)"),
+    only: Optional[str] = typer.Option(None, help="only the cases whose name contains this text"),
+):
+    """Rerun the fixed regression suite and compare each metric with the committed baselines."""
+    import time
+
+    from . import regress as reg
+
+    path = baselines or reg.BASELINES
+    grids, skipped = reg.suite_grids()
+    for reason in skipped:
+        out.print(reason, highlight=False)
+    t0 = time.perf_counter()
+    results = reg.run_suite(grids, only)
+    seconds = time.perf_counter() - t0
+    if not results:
+        raise UserError(f"no regression case matches --only {only!r} -- see the names in {path}")
+    if update:
+        reg.update(results, path)
+        out.print(f"wrote {len(results)} cases to {path} ({seconds:.0f} s); review and commit it", highlight=False)
+        return
+    rows = reg.compare(reg.read_baselines(path), results)
+    drifted = [r for r in rows if not r.ok]
+    out.print(reg.table(drifted or rows), highlight=False, markup=False)
+    verdict = f"{len(drifted)} of {len(rows)} metrics drifted" if drifted else f"all {len(rows)} metrics within tolerance"
+    out.print(f"regress: {verdict} ({len(results)} cases, {seconds:.0f} s; baselines {path})", highlight=False)
+    if drifted:
+        out.print("if the change is intended: ssl-bench regress --update, then commit the baselines", highlight=False)
+        raise SystemExit(1)
+
+
 @app.command("list")
 def list_(what: str = typer.Argument(..., help="backbones | tasks | datasets")):
     """List registered backbones, tasks or datasets."""

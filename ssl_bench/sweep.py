@@ -247,13 +247,15 @@ def cache_key(runner: Runner, run: ResolvedRun) -> CacheKey:
     return runner.cache.key(SimpleNamespace(spec=run.spec), run.weights.identity, run.dataset, run.protocol)
 
 
-def make_plan(grid: Grid, runner: Runner) -> Plan:
+def make_plan(grid: Grid, runner: Runner, select: Callable[[Cell], bool] = lambda cell: True) -> Plan:
+    """The grid's distinct cells (those ``select`` keeps), which are stored, and the extractions needed."""
     stored = runner.store.stored_hashes()
     cells: dict[str, Cell] = {}
     for cfg in expand(grid):
         run = runner.resolve(cfg)
-        if run.config_hash not in cells:
-            cells[run.config_hash] = Cell(cfg, run, run.config_hash in stored)
+        cell = Cell(cfg, run, run.config_hash in stored)
+        if run.config_hash not in cells and select(cell):
+            cells[run.config_hash] = cell
     extractions: dict[CacheKey, Extraction] = {}
     for cell in cells.values():
         if cell.stored or not cell.run.task.features:
