@@ -119,6 +119,11 @@ def _entries(data: dict, key: str, source: str) -> list[dict]:
     return out
 
 
+def _absolute(root) -> str | None:
+    """Data roots as absolute paths: Ray workers do not run in the driver's working folder."""
+    return str(Path(str(root)).expanduser().resolve()) if root else None
+
+
 def _check_keys(entry: dict, allowed: tuple, where: str) -> None:
     unknown = sorted(set(entry) - set(allowed))
     if unknown:
@@ -144,7 +149,7 @@ def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
     for e in _entries(data, "datasets", source):
         _check_keys(e, ("name", "data_root", "split", "options"), f"{source}: dataset {e['name']}")
         root = e.get("data_root")
-        datasets.append(DatasetChoice(e["name"], str(Path(str(root)).expanduser()) if root else None, e.get("split"),
+        datasets.append(DatasetChoice(e["name"], _absolute(root), e.get("split"),
                                       _pairs(e.get("options"), f"{source}: options of dataset {e['name']}")))
     ks = data.get("k", ["C"])
     seeds = data.get("seeds", [0])
