@@ -121,6 +121,8 @@ def sweep(
     crop: Optional[str] = typer.Option(None, help="protocol: 'center' or 'none'"),
     executor: str = typer.Option("local", help="local (in-process) | ray"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local instance)"),
+    cpus_per_task: Optional[int] = typer.Option(None, help="Ray: CPUs (= torch/faiss threads) per task "
+                                                "(default: this machine's torch threads)"),
     plan_only: bool = typer.Option(False, "--plan", help="print the plan and stop"),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if present, else cpu)"),
     store: Optional[Path] = StoreOpt,
@@ -174,7 +176,7 @@ def sweep(
         out.print(rec, highlight=False)
 
     if executor == "ray":
-        summary = run_ray(plan, runner, address, device, on_cell=report_cell)
+        summary = run_ray(plan, runner, address, device, on_cell=report_cell, cpus_per_task=cpus_per_task)
     else:
         with progress_bars() as progress:
             summary = run_local(plan, runner, progress, on_cell=report_cell)

@@ -62,18 +62,38 @@ def run_local(plan: Plan, runner: Runner, progress: Callable = lambda it, **_: i
 
 # ---- Ray ----------------------------------------------------------------------------------------------
 
-def _extract_task(config: RunConfig, kinds: list[str], cache_root: str, device: str | None) -> str:
+def _use_threads(threads: int) -> None:
+    """Torch and faiss thread counts of a Ray worker, set like the driver's: float reductions then run in
+    the same order, so a cell gives the local executor's numbers to the last digit (Ray would use 1)."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def _extract_task(config: RunConfig, kinds: list[str], cache_root: str, device: str | None, threads: int) -> str:
     """Ray task: fill one feature-cache entry; returns its folder (the cells' dependency)."""
+    _use_threads(threads)
     runner = Runner(None, FeatureCache(cache_root), device)
     run = runner.resolve(config)
     runner.features(run, run.dataset, kinds, lambda it, **_: it)
     return str(cache_root)
 
 
-def _cell_task(config: RunConfig, cache_root: str, device: str | None, _extracted: str | None) -> RunRecord:
+def _cell_task(config: RunConfig, cache_root: str, device: str | None, threads: int,
+               _extracted: str | None) -> RunRecord:
     """Ray task: compute one cell from the cache and return its record (the driver stores it)."""
+    _use_threads(threads)
     runner = Runner(None, FeatureCache(cache_root), device)
     return runner.compute(runner.resolve(config))
+
+
+def _driver_threads(ray) -> int:
+    import torch
+
+    largest_node = max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node.get("Alive")), default=1)
+    return max(1, min(torch.get_num_threads(), int(largest_node)))
 
 
 def local_runtime_env() -> dict:
@@ -84,9 +104,12 @@ def local_runtime_env() -> dict:
 
 
 def run_ray(plan: Plan, runner: Runner, address: str | None = None, device: str | None = None,
-            on_cell: CellCallback = lambda cell, status: None, num_cpus: int | None = None) -> SweepSummary:
+            on_cell: CellCallback = lambda cell, status: None, num_cpus: int | None = None,
+            cpus_per_task: int | None = None) -> SweepSummary:
     """Extractions and cells as Ray tasks; a cell takes its extraction's ObjectRef as an argument, so Ray
-    starts it only once that entry is filled. Uses a running Ray instance if this process has one."""
+    starts it only once that entry is filled. Uses a running Ray instance if this process has one.
+    Each task gets ``cpus_per_task`` CPUs and as many torch/faiss threads (default: this process's torch
+    thread count, capped by the largest node), so results equal the local executor's."""
     try:
         import ray
     except ImportError:
@@ -104,15 +127,16 @@ def run_ray(plan: Plan, runner: Runner, address: str | None = None, device: str 
                             f"check --address (e.g. ray://head:10001) or start one with `ray start --head`") from None
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0  # a GPU per task where the cluster has them
-        extract = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(_extract_task)
-        compute = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(_cell_task)
+        threads = cpus_per_task or _driver_threads(ray)
+        extract = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=2)(_extract_task)
+        compute = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=2)(_cell_task)
         cache_root = str(runner.cache.root.resolve())  # workers may run elsewhere: no relative paths
         summary = SweepSummary()
-        extracted = {entry.key: extract.remote(entry.config, entry.kinds, cache_root, device)
+        extracted = {entry.key: extract.remote(entry.config, entry.kinds, cache_root, device, threads)
                      for entry in plan.extractions_needed}
         dependency = {cell.run.config_hash: extracted[entry.key]
                       for entry in plan.extractions_needed for cell in entry.cells}
-        pending = {compute.remote(cell.config, cache_root, device, dependency.get(cell.run.config_hash)): cell
+        pending = {compute.remote(cell.config, cache_root, device, threads, dependency.get(cell.run.config_hash)): cell
                    for cell in plan.todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
