@@ -115,7 +115,7 @@ def sweep(
     option: list[str] = typer.Option([], "--option", "-o", help="dataset option key=value or DATASET:key=value"),
     k: list[str] = typer.Option([], "--k", help="K: a number or C, 2C, 3C ... (C = classes; repeatable)"),
     seed: list[int] = typer.Option([], "--seed", help="method seed (repeatable)"),
-    weights: Optional[str] = typer.Option(None, help="weights of every --backbone: path or 'random'"),
+    weights: Optional[str] = typer.Option(None, help="weights of every learned backbone: path or 'random'"),
     param: list[str] = typer.Option([], "--param", "-p", help="parameter of every --task, key=value (repeatable)"),
     resize: Optional[int] = typer.Option(None, help="protocol: shorter side (default 320)"),
     crop: Optional[str] = typer.Option(None, help="protocol: 'center' or 'none'"),
@@ -139,9 +139,9 @@ def sweep(
         raise UserError(f"sweep file {file} not found -- see examples/sweep.yaml for the format")
     data = dict(data or {})
     if backbone:
-        data["backbones"] = [{"name": b, **({"weights": weights} if weights else {})} for b in backbone]
-    elif weights:
-        data["weights"] = weights
+        data["backbones"] = backbone
+    if weights:
+        data["weights"] = weights  # the default of every backbone without its own (non-learned ones ignore it)
     if task:
         data["tasks"] = [{"name": t, "params": dict(parse_pairs(param, "--param"))} for t in task]
     elif param:

@@ -119,6 +119,11 @@ def _entries(data: dict, key: str, source: str) -> list[dict]:
     return out
 
 
+def _non_learned(name: str) -> bool:
+    """Backbones with nothing to load (the same test as models.weights.resolve)."""
+    return registry.backbone(name).family == "reference"
+
+
 def _absolute(root) -> str | None:
     """Data roots as absolute paths: Ray workers do not run in the driver's working folder."""
     return str(Path(str(root)).expanduser().resolve()) if root else None
@@ -139,7 +144,8 @@ def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
     backbones = []
     for e in _entries(data, "backbones", source):
         _check_keys(e, ("name", "weights", "weights_seed"), f"{source}: backbone {e['name']}")
-        backbones.append(BackboneChoice(e["name"], e.get("weights", default_weights),
+        default = None if _non_learned(e["name"]) else default_weights  # "random" would mislabel them
+        backbones.append(BackboneChoice(e["name"], e.get("weights", default),
                                         int(e.get("weights_seed", default_wseed))))
     tasks = []
     for e in _entries(data, "tasks", source):

@@ -182,3 +182,8 @@ def test_ray_executor_gives_the_local_numbers(tmp_path):
     assert (summary.computed, summary.extractions, summary.failed) == (8, 2, [])
     assert stored_rows(tmp_path / "ray.sqlite") == stored_rows(tmp_path / "local.sqlite")
     assert len(list((tmp_path / "ray-cache").rglob("meta.json"))) == 2
+
+
+def test_default_weights_apply_to_learned_backbones_only():
+    g = grid(backbones=["reference", "dino-vits16", {"name": "dino-vits8", "weights": "/w.pth"}], weights="random")
+    assert [b.weights for b in g.backbones] == [None, "random", "/w.pth"]
