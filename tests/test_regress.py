@@ -57,3 +57,10 @@ def test_cli_fails_with_a_readable_table_on_a_tampered_baseline(tmp_path):
     assert CASE in drift_line and "miou" in drift_line and "+3.00" in drift_line and "+-0.5" in drift_line
     assert "1 of 3 metrics drifted" in proc.stdout
     assert not any(Path(p).exists() for p in users.values())  # the suite never touches the user's store or cache
+
+
+def test_camvid_cases_are_skipped_with_the_reason_when_the_shared_data_is_absent(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSL_BENCH_SHARED_DATA", str(tmp_path / "nowhere"))
+    grids, skipped = regress.suite_grids()
+    assert len(grids) == len(regress.SUITE) - 1
+    assert len(skipped) == 1 and "skipped camvid" in skipped[0] and "absent" in skipped[0]
