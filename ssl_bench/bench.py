@@ -106,7 +106,61 @@ def eval_memory(image_counts: tuple[int, ...] = (50, 200, 800), size: int = 320,
     return {"size": size, "num_classes": num_classes, "k": k, "rows": rows}
 
 
-BENCHMARKS: dict[str, Callable[..., dict]] = {"extraction": extraction, "eval-memory": eval_memory}
+def k_sweep(backbone: str = "dino-vits16", dataset: str = "camvid", data_root: str | None = None,
+            split: str = "val", image_counts: tuple[int, ...] = (25, 50, 101), ks: tuple[str, ...] = ("C", "2C", "3C"),
+            task: str = "kmeans", threads: int = 1) -> dict:
+    """Cost of one more K (k-means cells over cached features, no CRF) against one extraction pass, and
+    total sweep time against the number of images (random weights: same cost as pretrained).
+
+    ``threads`` fixes torch and faiss (OpenMP) threads for both sides; one thread by default, so the ratio
+    measures work rather than OpenMP contention on a shared machine (faiss with 2 threads on a loaded
+    2-core host runs several times slower than with one)."""
+    import faiss
+
+    from .features import FeatureCache
+    from .runner import RunConfig, Runner
+    from .store import ResultStore
+    from .sweep import resolve_k
+
+    root = data_root or (str(_dataset(dataset, None, split, None).root) if dataset != "synthetic" else None)
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    rows = []
+    for warm_up, n in [(True, 2), *((False, n) for n in image_counts)]:  # warm-up: torch, page cache
+        with tempfile.TemporaryDirectory() as tmp:
+            runner = Runner(ResultStore(Path(tmp) / "s.sqlite"), FeatureCache(Path(tmp) / "cache"))
+            base = RunConfig(backbone=backbone, task=task, dataset=dataset, split=split, weights="random",
+                             data_root=root, dataset_options=(("limit", n),), params=(("crf", False),))
+            run = runner.resolve(base)
+            t0 = time.perf_counter()
+            runner.features(run, run.dataset, list(run.task.features), lambda it, **_: it)
+            extraction_s = time.perf_counter() - t0
+            cells = []
+            for k in ks:
+                k_value = resolve_k(k, run.config["num_classes"])
+                t0 = time.perf_counter()
+                record = runner.compute(runner.resolve(RunConfig(**{**base.__dict__, "k": k_value}))).record
+                cells.append({"k": k_value, "seconds": time.perf_counter() - t0,
+                              "stages": {key: round(v, 4) for key, v in record.timings.items()}})
+        per_k = float(np.mean([c["seconds"] for c in cells]))
+        if warm_up:
+            continue
+        rows.append({"images": run.config["images"], "extraction_s": extraction_s, "cells": cells,
+                     "mean_k_cell_s": per_k, "k_cell_fraction_of_extraction": per_k / extraction_s,
+                     "total_s": extraction_s + sum(c["seconds"] for c in cells)})
+    images = np.array([r["images"] for r in rows], dtype=float)
+    totals = np.array([r["total_s"] for r in rows])
+    slope, intercept = np.polyfit(images, totals, 1)
+    fitted = slope * images + intercept
+    r2 = 1.0 - ((totals - fitted) ** 2).sum() / max(((totals - totals.mean()) ** 2).sum(), 1e-12)
+    return {"backbone": f"{backbone} (random weights)", "dataset": f"{dataset}/{split}", "task": f"{task} (no CRF)",
+            "ks": list(ks), "threads": threads, "rows": rows,
+            "linear_fit": {"seconds_per_image": slope, "intercept_s": intercept, "r2": r2},
+            "max_k_cell_fraction_of_extraction": max(r["k_cell_fraction_of_extraction"] for r in rows),
+            "load_average_1min": os.getloadavg()[0]}  # the machine may be shared: read the figures with it
+
+
+BENCHMARKS: dict[str, Callable[..., dict]] = {"extraction": extraction, "eval-memory": eval_memory, "k-sweep": k_sweep}
 
 
 def available_benchmarks() -> dict[str, str | Callable[..., dict]]:

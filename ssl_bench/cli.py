@@ -104,6 +104,142 @@ def run(
     out.print(f"  run {rec['config_hash']} in {runner.store.path}")
 
 
+@app.command()
+def sweep(
+    file: Optional[Path] = typer.Argument(None, help="grid file (YAML, see examples/sweep.yaml); flags below replace its axes"),
+    backbone: list[str] = typer.Option([], "--backbone", "-b", help="backbone (repeatable)"),
+    task: list[str] = typer.Option([], "--task", "-t", help="task (repeatable)"),
+    dataset: list[str] = typer.Option([], "--dataset", "-d", help="dataset (repeatable)"),
+    data_root: list[str] = typer.Option([], help="data root for every --dataset, or DATASET=PATH (repeatable)"),
+    split: Optional[str] = typer.Option(None, help="split of every --dataset (default: each one's evaluation split)"),
+    option: list[str] = typer.Option([], "--option", "-o", help="dataset option key=value or DATASET:key=value"),
+    k: list[str] = typer.Option([], "--k", help="K: a number or C, 2C, 3C ... (C = classes; repeatable)"),
+    seed: list[int] = typer.Option([], "--seed", help="method seed (repeatable)"),
+    weights: Optional[str] = typer.Option(None, help="weights of every learned backbone: path or 'random'"),
+    param: list[str] = typer.Option([], "--param", "-p", help="parameter of every --task, key=value (repeatable)"),
+    resize: Optional[int] = typer.Option(None, help="protocol: shorter side (default 320)"),
+    crop: Optional[str] = typer.Option(None, help="protocol: 'center' or 'none'"),
+    executor: str = typer.Option("local", help="local (in-process) | ray"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local instance)"),
+    cpus_per_task: Optional[int] = typer.Option(None, help="Ray: CPUs (= torch/faiss threads) per task "
+                                                "(default: this machine's torch threads)"),
+    plan_only: bool = typer.Option(False, "--plan", help="print the plan and stop"),
+    device: Optional[str] = typer.Option(None, help="torch device (default: cuda if present, else cpu)"),
+    store: Optional[Path] = StoreOpt,
+    cache: Optional[Path] = CacheOpt,
+):
+    """Run a grid of cells: shared feature extraction, resumable, local or on Ray."""
+    from . import sweep as sweeps
+    from .executors import EXECUTORS, run_local, run_ray
+
+    if executor not in EXECUTORS:
+        raise UserError(f"unknown executor '{executor}' -- choose {' or '.join(EXECUTORS)}")
+    data = yaml.safe_load(file.read_text()) if file and file.is_file() else {}
+    if file and not file.is_file():
+        raise UserError(f"sweep file {file} not found -- see examples/sweep.yaml for the format")
+    data = dict(data or {})
+    if backbone:
+        data["backbones"] = backbone
+    if weights:
+        data["weights"] = weights  # the default of every backbone without its own (non-learned ones ignore it)
+    if task:
+        data["tasks"] = [{"name": t, "params": dict(parse_pairs(param, "--param"))} for t in task]
+    elif param:
+        raise UserError("--param needs --task (give the tasks it applies to)")
+    if dataset:
+        data["datasets"] = [_dataset_entry(name, data_root, split, option) for name in dataset]
+    elif data_root or option or split:
+        raise UserError("--data-root/--option/--split need --dataset (give the datasets they apply to)")
+    if k:
+        data["k"] = [int(v) if v.strip().isdigit() else v for v in k]
+    if seed:
+        data["seeds"] = list(seed)
+    if resize is not None or crop is not None:
+        data["protocol"] = {**(data.get("protocol") or {}), **({"resize": resize} if resize is not None else {}),
+                            **({"crop": crop} if crop is not None else {})}
+    if not file and not backbone:
+        raise UserError("give a sweep file or grid flags -- e.g. ssl-bench sweep --backbone reference --task kmeans "
+                        "--dataset synthetic --k C --k 2C --seed 0 --seed 1")
+    grid = sweeps.grid_from_mapping(data, str(file) if file else "command line")
+    runner = _runner(store, cache, device)
+    plan = sweeps.make_plan(grid, runner)
+    for line in sweeps.describe(plan):
+        out.print(line, highlight=False)
+    if plan_only or not plan.todo:
+        return
+
+    def report_cell(cell, status: str) -> None:
+        rec = f"{status}  {cell.label}"
+        if status == "computed":
+            stored = runner.store.get(cell.run.config_hash)
+            rec += f": mIoU {stored['miou']:.2f} Acc {stored['acc']:.2f} F1 {stored['f1']:.2f}"
+        out.print(rec, highlight=False)
+
+    if executor == "ray":
+        summary = run_ray(plan, runner, address, device, on_cell=report_cell, cpus_per_task=cpus_per_task)
+    else:
+        with progress_bars() as progress:
+            summary = run_local(plan, runner, progress, on_cell=report_cell)
+    for line in summary.lines():
+        out.print(line, highlight=False)
+    out.print(f"results in {runner.store.path} (ssl-bench report --store {runner.store.path})", highlight=False)
+    if summary.failed:
+        raise SystemExit(1)
+
+
+def _dataset_entry(name: str, roots: list[str], split: Optional[str], options: list[str]) -> dict:
+    """One --dataset of the command line with the --data-root / --option values that apply to it."""
+    root = None
+    for value in roots:
+        prefix, sep, path = value.partition("=")
+        if sep and prefix == name:
+            root = path
+        elif not sep:
+            root = root or value
+    mine = []
+    for value in options:
+        prefix, sep, pair = value.partition(":")
+        if not sep or "=" in prefix:
+            mine.append(value)
+        elif prefix == name:
+            mine.append(pair)
+    return {"name": name, "data_root": root, "split": split, "options": dict(parse_pairs(mine, "--option"))}
+
+
+@app.command()
+def regress(
+    update: bool = typer.Option(False, "--update", help="rewrite the baselines with the numbers of this run"),
+    baselines: Optional[Path] = typer.Option(None, help="baselines file (default results/regress/baselines.json)"),
+    only: Optional[str] = typer.Option(None, help="only the cases whose name contains this text"),
+):
+    """Rerun the fixed regression suite and compare each metric with the committed baselines."""
+    import time
+
+    from . import regress as reg
+
+    path = baselines or reg.BASELINES
+    grids, skipped = reg.suite_grids()
+    for reason in skipped:
+        out.print(reason, highlight=False)
+    t0 = time.perf_counter()
+    results = reg.run_suite(grids, only)
+    seconds = time.perf_counter() - t0
+    if not results:
+        raise UserError(f"no regression case matches --only {only!r} -- see the names in {path}")
+    if update:
+        reg.update(results, path)
+        out.print(f"wrote {len(results)} cases to {path} ({seconds:.0f} s); review and commit it", highlight=False)
+        return
+    rows = reg.compare(reg.read_baselines(path), results)
+    drifted = [r for r in rows if not r.ok]
+    out.print(reg.table(drifted or rows), highlight=False, markup=False)
+    verdict = f"{len(drifted)} of {len(rows)} metrics drifted" if drifted else f"all {len(rows)} metrics within tolerance"
+    out.print(f"regress: {verdict} ({len(results)} cases, {seconds:.0f} s; baselines {path})", highlight=False)
+    if drifted:
+        out.print("if the change is intended: ssl-bench regress --update, then commit the baselines", highlight=False)
+        raise SystemExit(1)
+
+
 @app.command("list")
 def list_(what: str = typer.Argument(..., help="backbones | tasks | datasets")):
     """List registered backbones, tasks or datasets."""

@@ -115,7 +115,7 @@ def _same_size_batches(grids: np.ndarray, start: int, batch_size: int) -> list[l
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # per process: concurrent writers never share one
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
 

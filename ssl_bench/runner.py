@@ -143,6 +143,14 @@ class Outcome:
     computed: bool  # False: the result was already stored
 
 
+@dataclass
+class Computed:
+    """A cell computed but not stored yet: its row, and a few predictions for the report panels."""
+
+    record: RunRecord
+    samples: dict | None  # keyword arguments of ``samples.save``; None when none could be kept
+
+
 def _environment() -> dict:
     import faiss
     import sklearn
@@ -165,11 +173,17 @@ class Runner:
 
     def __init__(self, store: ResultStore | None = None, cache: FeatureCache | None = None,
                  device: str | None = None):
-        self.store = store or ResultStore()
+        self._store = store  # opened on first use: a Ray worker computes records and never opens one
         self.cache = cache or FeatureCache()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._backbones: dict[tuple, Backbone] = {}
         self._datasets: dict[tuple, SegDataset] = {}
+
+    @property
+    def store(self) -> ResultStore:
+        if self._store is None:
+            self._store = ResultStore()
+        return self._store
 
     # -- building blocks, memoised per runner --
     def backbone(self, spec: registry.BackboneSpec, source: WeightsSource, seed: int) -> Backbone:
@@ -224,6 +238,22 @@ class Runner:
         run = self.resolve(cfg)
         if not force and (stored := self.store.get(run.config_hash)):
             return Outcome(run.config_hash, stored, computed=False)
+        self.persist(self.compute(run, progress), replace=force)
+        return Outcome(run.config_hash, self.store.get(run.config_hash), computed=True)
+
+    def persist(self, computed: "Computed", replace: bool = False) -> None:
+        """Store a computed cell (the driver's job: Ray workers only compute), then its panel samples."""
+        self.store.put(computed.record, replace=replace)
+        if computed.samples is None:
+            return
+        try:  # best effort: the stored row is the result
+            samples.save(self.store.path, **computed.samples)
+        except Exception as err:  # noqa: BLE001 -- any failure here must not lose the computed run
+            warnings.warn(f"run {computed.record.config_hash} is stored, but its sample predictions were not "
+                          f"saved ({err})", stacklevel=2)
+
+    def compute(self, run: ResolvedRun, progress: Callable = lambda it, **_: it) -> "Computed":
+        """One resolved cell computed without touching the store (Ray workers return it to the driver)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         if run.task.features:  # one extraction pass for every kind the task declares
@@ -249,9 +279,7 @@ class Runner:
             config=run.config, metrics=metrics, stats=result.stats or {}, timings=timings,
             environment=_environment(),
         )
-        self.store.put(record, replace=force)
-        self._save_samples(ctx, run, kept, headline["cluster_to_class"])
-        return Outcome(run.config_hash, self.store.get(run.config_hash), computed=True)
+        return Computed(record, self._panel_samples(ctx, run, kept, headline["cluster_to_class"]))
 
     def _evaluate(self, ctx: TaskContext, run: ResolvedRun, predictions: Iterable[Prediction],
                   progress: Callable, kept: list | None = None) -> tuple[dict[str, Any], float]:
@@ -278,16 +306,17 @@ class Runner:
         metrics = {key: conf.compute(ctx.k) for key, conf in streams.items()}
         return metrics, seconds + time.perf_counter() - t0
 
-    def _save_samples(self, ctx: TaskContext, run: ResolvedRun, kept: list, cluster_to_class: list) -> None:
-        """Best effort: the stored row is the result; a failed sample write only warns."""
+    def _panel_samples(self, ctx: TaskContext, run: ResolvedRun, kept: list, cluster_to_class: list) -> dict | None:
+        """Arguments of ``samples.save`` for the kept predictions (plain arrays: they travel back from Ray)."""
         try:
             indices = [i for i, _, _ in kept]
-            samples.save(self.store.path, run.config_hash, run.config, indices, [ctx.image(i) for i in indices],
-                         [label for *_, label in kept], [pred for _, pred, _ in kept], cluster_to_class,
-                         getattr(run.dataset, "palette", None), list(run.dataset.class_names))
-        except Exception as err:  # noqa: BLE001 -- any failure here must not lose the computed run
-            warnings.warn(f"run {run.config_hash} is stored, but its sample predictions were not saved ({err})",
-                          stacklevel=2)
+            return dict(config_hash=run.config_hash, config=run.config, indices=indices,
+                        images=[ctx.image(i) for i in indices], labels=[label for *_, label in kept],
+                        predictions=[pred for _, pred, _ in kept], cluster_to_class=cluster_to_class,
+                        palette=getattr(run.dataset, "palette", None), class_names=list(run.dataset.class_names))
+        except Exception as err:  # noqa: BLE001 -- a panel is never worth losing the run
+            warnings.warn(f"run {run.config_hash}: no sample predictions kept for panels ({err})", stacklevel=2)
+            return None
 
 
 class _LazyBackbone:

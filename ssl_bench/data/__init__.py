@@ -42,16 +42,29 @@ def dataset_options(cls: type[SegDataset]) -> dict[str, object]:
 
 def open_dataset(name: str, root: str | Path | None, split: str | None, **options) -> SegDataset:
     """Open split ``split`` (None: the dataset's evaluation split) of dataset ``name`` at ``root``;
-    every failure is one clear UserError."""
+    every failure is one clear UserError. The option ``limit=N`` (any reader) keeps the first N
+    images, for small sweeps and regression suites (the image list is hashed, so it is a different run)."""
     cls = DATASETS.get(name)
     if cls is None:
         raise UserError(f"unknown dataset {name!r} -- choose one of: {', '.join(DATASETS)}")
+    limit = options.pop("limit", None)
     known = dataset_options(cls)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        valid = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+        valid = ", ".join(f"{k}={v!r}" for k, v in [*known.items(), ("limit", None)])
         raise UserError(f"unknown option(s) {', '.join(unknown)} for dataset {name!r} -- valid options: {valid}")
-    return cls(root, split or cls.default_split, **options)
+    dataset = cls(root, split or cls.default_split, **options)
+    return dataset if limit is None else _first(dataset, limit)
+
+
+def _first(dataset: SegDataset, limit) -> SegDataset:
+    if not isinstance(limit, int) or limit < 1:
+        raise UserError(f"dataset option limit must be a positive integer, got {limit!r} -- e.g. -o limit=25")
+    if hasattr(dataset, "samples"):  # file-backed readers
+        dataset.samples = dataset.samples[:limit]
+    else:  # generated datasets (synthetic) size themselves with n
+        dataset.n = min(dataset.n, limit)
+    return dataset
 
 
 __all__ = ["DATASETS", "IGNORE", "Protocol", "SegDataset", "dataset_options", "open_dataset"]

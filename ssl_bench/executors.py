@@ -1,0 +1,159 @@
+"""Executors of a sweep plan: ``local`` (in this process) and ``ray`` (tasks on a Ray cluster).
+
+Both extract each needed feature-cache entry once, with the union of kinds its cells read, before the
+cells that read it, and both store results through the driver's ``ResultStore`` only: Ray workers
+return records and never open the SQLite file (SQLite over a network file system is unsafe). The
+feature cache must be on storage every worker sees (a shared file system on a real cluster).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+from .features import FeatureCache
+from .runner import Computed, RunConfig, Runner
+from .sweep import Cell, CellCallback, Plan, SweepSummary, one_line
+
+EXECUTORS = ("local", "ray")
+
+
+def _store_record(runner: Runner, cell: Cell, computed: Computed, summary: SweepSummary,
+                  on_cell: CellCallback) -> None:
+    if runner.store.has(cell.run.config_hash):  # another sweep on this store got there first
+        summary.already_stored += 1
+        on_cell(cell, "stored meanwhile")
+        return
+    runner.persist(computed)  # INSERT OR IGNORE on a UNIQUE hash: a racing duplicate is dropped
+    summary.computed += 1
+    on_cell(cell, "computed")
+
+
+def _fail(cell: Cell, err: BaseException, summary: SweepSummary, on_cell: CellCallback) -> None:
+    summary.failed.append((cell.label, one_line(err)))
+    on_cell(cell, f"failed: {one_line(err)}")
+
+
+def run_local(plan: Plan, runner: Runner, progress: Callable = lambda it, **_: it,
+              on_cell: CellCallback = lambda cell, status: None) -> SweepSummary:
+    """Extractions first (each once, all kinds), then the cells in grid order."""
+    summary = SweepSummary()
+    for entry in plan.extractions_needed:
+        runner.features(entry.run, entry.run.dataset, entry.kinds, progress)
+        summary.extractions += 1
+    for cell in plan.todo:
+        if runner.store.has(cell.run.config_hash):
+            summary.already_stored += 1
+            on_cell(cell, "stored meanwhile")
+            continue
+        try:
+            computed = runner.compute(cell.run, progress)
+        except (KeyboardInterrupt, UserError):
+            raise
+        except Exception as err:  # one broken cell must not stop a long sweep; reported at the end
+            _fail(cell, err, summary, on_cell)
+            continue
+        _store_record(runner, cell, computed, summary, on_cell)
+    return summary
+
+
+# ---- Ray ----------------------------------------------------------------------------------------------
+
+def _use_threads(threads: int) -> None:
+    """Torch and faiss thread counts of a Ray worker, set like the driver's: float reductions then run in
+    the same order, so a cell gives the local executor's numbers to the last digit (Ray would use 1)."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def _extract_task(config: RunConfig, kinds: list[str], cache_root: str, device: str | None, threads: int) -> str:
+    """Ray task: fill one feature-cache entry; returns its folder (the cells' dependency)."""
+    _use_threads(threads)
+    runner = Runner(None, FeatureCache(cache_root), device)
+    run = runner.resolve(config)
+    runner.features(run, run.dataset, kinds, lambda it, **_: it)
+    return str(cache_root)
+
+
+def _cell_task(config: RunConfig, cache_root: str, device: str | None, threads: int,
+               _extracted: str | None) -> Computed:
+    """Ray task: compute one cell from the cache and return it (the driver stores it)."""
+    _use_threads(threads)
+    runner = Runner(None, FeatureCache(cache_root), device)
+    return runner.compute(runner.resolve(config))
+
+
+def _driver_threads(ray) -> int:
+    import torch
+
+    largest_node = max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node.get("Alive")), default=1)
+    return max(1, min(torch.get_num_threads(), int(largest_node)))
+
+
+def local_runtime_env() -> dict:
+    """Workers of a Ray instance started here import this very checkout (not another installed copy)."""
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    paths = [package_parent, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
+
+
+def run_ray(plan: Plan, runner: Runner, address: str | None = None, device: str | None = None,
+            on_cell: CellCallback = lambda cell, status: None, num_cpus: int | None = None,
+            cpus_per_task: int | None = None) -> SweepSummary:
+    """Extractions and cells as Ray tasks; a cell takes its extraction's ObjectRef as an argument, so Ray
+    starts it only once that entry is filled. Uses a running Ray instance if this process has one.
+    Each task gets ``cpus_per_task`` CPUs and as many torch/faiss threads (default: this process's torch
+    thread count, capped by the largest node), so results equal the local executor's."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--executor ray needs Ray -- pip install 'ssl-bench[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        try:
+            if address:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                         runtime_env=local_runtime_env())
+        except ConnectionError as err:
+            raise UserError(f"cannot reach the Ray cluster at {address} ({one_line(err)}) -- "
+                            f"check --address (e.g. ray://head:10001) or start one with `ray start --head`") from None
+    try:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0  # a GPU per task where the cluster has them
+        threads = cpus_per_task or _driver_threads(ray)
+        extract = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=2)(_extract_task)
+        compute = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=2)(_cell_task)
+        cache_root = str(runner.cache.root.resolve())  # workers may run elsewhere: no relative paths
+        summary = SweepSummary()
+        extracted = {entry.key: extract.remote(entry.config, entry.kinds, cache_root, device, threads)
+                     for entry in plan.extractions_needed}
+        dependency = {cell.run.config_hash: extracted[entry.key]
+                      for entry in plan.extractions_needed for cell in entry.cells}
+        pending = {compute.remote(cell.config, cache_root, device, threads, dependency.get(cell.run.config_hash)): cell
+                   for cell in plan.todo}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(ready[0])
+            try:
+                computed = ray.get(ready[0])
+            except Exception as err:
+                _fail(cell, getattr(err, "cause", None) or err, summary, on_cell)
+                continue
+            _store_record(runner, cell, computed, summary, on_cell)
+        for ref in extracted.values():  # all finished by now (their cells did)
+            try:
+                ray.get(ref)
+                summary.extractions += 1
+            except Exception:
+                pass  # its cells were reported as failed
+        return summary
+    finally:
+        if started_here:
+            ray.shutdown()
+

@@ -1,0 +1,318 @@
+"""Sweeps: a declarative grid (backbones x tasks x datasets x K x seeds) expanded into runner cells.
+
+A grid comes from a YAML file (see examples/sweep.yaml) or from repeated command-line flags. The
+plan resolves every cell to its configuration hash, drops the cells already in the store and groups
+the remaining ones by feature-cache entry (backbone, weights, dataset, split, protocol), so each entry
+is extracted once, with the union of the feature kinds its cells' tasks read, before any cell runs.
+
+Resuming is the store's job: a cell is stored in one SQLite transaction when it is complete, so a
+sweep killed at any moment and started again computes exactly the cells that are not stored yet.
+Executors (local in-process, Ray) live in ``executors.py``; they share ``Plan`` and ``SweepSummary``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import yaml
+
+from . import registry
+from .data import open_dataset
+from .data.protocol import Protocol
+from .errors import UserError
+from .features import CacheKey
+from .runner import ResolvedRun, RunConfig, Runner
+
+GRID_KEYS = ("backbones", "tasks", "datasets", "k", "seeds", "weights", "weights_seed", "protocol")
+_K_EXPRESSION = re.compile(r"^\s*(\d*)\s*\*?\s*C\s*$", re.IGNORECASE)
+
+
+# ---- the grid -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackboneChoice:
+    name: str
+    weights: str | None = None  # path, "random", or None (the usual search)
+    weights_seed: int = 0
+
+
+@dataclass(frozen=True)
+class TaskChoice:
+    name: str
+    params: tuple = ()  # sorted (key, value) overrides
+
+
+@dataclass(frozen=True)
+class DatasetChoice:
+    name: str
+    data_root: str | None = None
+    split: str | None = None
+    options: tuple = ()  # sorted (key, value) reader options, e.g. (("limit", 25),)
+
+
+@dataclass
+class Grid:
+    backbones: list[BackboneChoice]
+    tasks: list[TaskChoice]
+    datasets: list[DatasetChoice]
+    ks: list[int | str] = field(default_factory=lambda: ["C"])  # numbers or multiples of C (classes)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    protocol: Protocol = Protocol()
+
+    def __post_init__(self):
+        for axis in ("backbones", "tasks", "datasets", "ks", "seeds"):
+            if not getattr(self, axis):
+                raise UserError(f"the sweep grid has no {axis} -- give at least one")
+        for choice in self.backbones:
+            registry.backbone(choice.name)  # unknown names fail now, with a suggestion, not mid-sweep
+        for choice in self.tasks:
+            registry.task(choice.name).resolve_params(dict(choice.params))
+        for k in self.ks:
+            resolve_k(k, 1)
+
+
+def resolve_k(k: int | str, num_classes: int) -> int:
+    """A K value of the grid: a number, or ``C``, ``2C``, ``3*C`` ... relative to the class count."""
+    if isinstance(k, bool):
+        raise UserError(f"K value {k!r} is not a number or a multiple of C -- e.g. k: [C, 2C, 3C, 50]")
+    if isinstance(k, int):
+        if k < 1:
+            raise UserError(f"K must be at least 1, got {k} -- e.g. k: [C, 2C, 50]")
+        return k
+    match = _K_EXPRESSION.match(str(k))
+    if match is None:
+        if str(k).strip().isdigit():
+            return resolve_k(int(k), num_classes)
+        raise UserError(f"K value {k!r} is not a number or a multiple of C -- e.g. k: [C, 2C, 3C, 50]")
+    multiple = int(match.group(1) or 1)
+    if multiple < 1:
+        raise UserError(f"K value {k!r} gives K = 0 -- use C, 2C, 3C ...")
+    return multiple * num_classes
+
+
+def _pairs(mapping: Any, what: str) -> tuple:
+    if mapping is None:
+        return ()
+    if not isinstance(mapping, dict):
+        raise UserError(f"{what} must be a mapping of key: value, got {mapping!r}")
+    return tuple(sorted((str(k).replace("-", "_"), v) for k, v in mapping.items()))
+
+
+def _entries(data: dict, key: str, source: str) -> list[dict]:
+    """A grid axis as a list of mappings; a bare string is ``{name: string}``."""
+    value = data.get(key)
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append({"name": item})
+        elif isinstance(item, dict) and "name" in item:
+            out.append(item)
+        else:
+            raise UserError(f"{source}: each entry of '{key}' is a name or a mapping with 'name', got {item!r}")
+    return out
+
+
+def _non_learned(name: str) -> bool:
+    """Backbones with nothing to load (the same test as models.weights.resolve)."""
+    return registry.backbone(name).family == "reference"
+
+
+def _absolute(root) -> str | None:
+    """Data roots as absolute paths: Ray workers do not run in the driver's working folder."""
+    return str(Path(str(root)).expanduser().resolve()) if root else None
+
+
+def _check_keys(entry: dict, allowed: tuple, where: str) -> None:
+    unknown = sorted(set(entry) - set(allowed))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} -- allowed: {', '.join(allowed)}")
+
+
+def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
+    """The grid of a parsed YAML file (see examples/sweep.yaml for every key)."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source} must be a YAML mapping with keys {', '.join(GRID_KEYS)}")
+    _check_keys(data, GRID_KEYS, source)
+    default_weights, default_wseed = data.get("weights"), int(data.get("weights_seed", 0))
+    backbones = []
+    for e in _entries(data, "backbones", source):
+        _check_keys(e, ("name", "weights", "weights_seed"), f"{source}: backbone {e['name']}")
+        default = None if _non_learned(e["name"]) else default_weights  # "random" would mislabel them
+        backbones.append(BackboneChoice(e["name"], e.get("weights", default),
+                                        int(e.get("weights_seed", default_wseed))))
+    tasks = []
+    for e in _entries(data, "tasks", source):
+        _check_keys(e, ("name", "params"), f"{source}: task {e['name']}")
+        tasks.append(TaskChoice(e["name"], _pairs(e.get("params"), f"{source}: params of task {e['name']}")))
+    datasets = []
+    for e in _entries(data, "datasets", source):
+        _check_keys(e, ("name", "data_root", "split", "options"), f"{source}: dataset {e['name']}")
+        root = e.get("data_root")
+        datasets.append(DatasetChoice(e["name"], _absolute(root), e.get("split"),
+                                      _pairs(e.get("options"), f"{source}: options of dataset {e['name']}")))
+    ks = data.get("k", ["C"])
+    seeds = data.get("seeds", [0])
+    protocol = data.get("protocol") or {}
+    if not isinstance(protocol, dict):
+        raise UserError(f"{source}: protocol must be a mapping, e.g. protocol: {{resize: 320, crop: center}}")
+    try:
+        protocol = Protocol(**protocol)
+    except TypeError as err:
+        raise UserError(f"{source}: bad protocol ({err}) -- keys: resize, crop, image_interp") from None
+    seeds = seeds if isinstance(seeds, list) else [seeds]
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"{source}: seeds must be integers, got {seeds!r}")
+    return Grid(backbones, tasks, datasets, ks if isinstance(ks, list) else [ks], seeds, protocol)
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep file {path} not found -- see examples/sweep.yaml for the format")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]}) -- fix the sweep file") from None
+    return grid_from_mapping(data, str(path))
+
+
+# ---- the plan -----------------------------------------------------------------------------------------
+
+def _backbone_label(config: dict) -> str:
+    return config["backbone"] + (" (random weights)" if config["random_weights"] else "")
+
+
+@dataclass
+class Cell:
+    config: RunConfig
+    run: ResolvedRun
+    stored: bool
+
+    @property
+    def label(self) -> str:
+        c = self.run.config
+        return f"{_backbone_label(c)} / {c['task']} / {c['dataset']}:{c['split']} K={c['k']} seed={c['seed']}"
+
+
+@dataclass
+class Extraction:
+    """One feature-cache entry shared by the cells in ``cells``; ``missing`` = kinds still to extract."""
+
+    key: CacheKey
+    config: RunConfig  # of one of its cells: enough to rebuild backbone, dataset and protocol
+    run: ResolvedRun
+    kinds: list[str]
+    missing: list[str]
+    cells: list[Cell] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        c = self.run.config
+        return f"{_backbone_label(c)} on {c['dataset']}:{c['split']} ({c['images']} images; {', '.join(self.kinds)})"
+
+
+@dataclass
+class Plan:
+    cells: list[Cell]  # every distinct cell of the grid
+    extractions: list[Extraction]  # one per cache entry that cells still to compute read
+
+    @property
+    def todo(self) -> list[Cell]:
+        return [c for c in self.cells if not c.stored]
+
+    @property
+    def stored(self) -> list[Cell]:
+        return [c for c in self.cells if c.stored]
+
+    @property
+    def extractions_needed(self) -> list[Extraction]:
+        return [e for e in self.extractions if e.missing]
+
+
+def expand(grid: Grid) -> list[RunConfig]:
+    """Every cell of the grid as a RunConfig (K expressions resolved against each dataset's classes)."""
+    configs = []
+    for ds in grid.datasets:
+        classes = open_dataset(ds.name, ds.data_root, ds.split, **dict(ds.options)).num_classes
+        ks = list(dict.fromkeys(resolve_k(k, classes) for k in grid.ks))  # C and 5 may coincide
+        for bb in grid.backbones:
+            for task in grid.tasks:
+                for k in ks:
+                    for seed in grid.seeds:
+                        configs.append(RunConfig(
+                            backbone=bb.name, task=task.name, dataset=ds.name, split=ds.split, k=k, seed=seed,
+                            weights=bb.weights, weights_seed=bb.weights_seed, data_root=ds.data_root,
+                            dataset_options=ds.options, params=task.params, protocol=grid.protocol))
+    return configs
+
+
+def cache_key(runner: Runner, run: ResolvedRun) -> CacheKey:
+    """The feature-cache entry a resolved cell reads (the same key the cache itself computes)."""
+    return runner.cache.key(SimpleNamespace(spec=run.spec), run.weights.identity, run.dataset, run.protocol)
+
+
+def make_plan(grid: Grid, runner: Runner, select: Callable[[Cell], bool] = lambda cell: True) -> Plan:
+    """The grid's distinct cells (those ``select`` keeps), which are stored, and the extractions needed."""
+    stored = runner.store.stored_hashes()
+    cells: dict[str, Cell] = {}
+    for cfg in expand(grid):
+        run = runner.resolve(cfg)
+        cell = Cell(cfg, run, run.config_hash in stored)
+        if run.config_hash not in cells and select(cell):
+            cells[run.config_hash] = cell
+    extractions: dict[CacheKey, Extraction] = {}
+    for cell in cells.values():
+        if cell.stored or not cell.run.task.features:
+            continue
+        key = cache_key(runner, cell.run)
+        if key not in extractions:
+            extractions[key] = Extraction(key, cell.config, cell.run, [], [])
+        entry = extractions[key]
+        entry.kinds = sorted(set(entry.kinds) | set(cell.run.task.features))
+        entry.cells.append(cell)
+    for entry in extractions.values():
+        entry.missing = runner.cache.missing_kinds(entry.key, entry.kinds, len(entry.run.dataset))
+    return Plan(list(cells.values()), list(extractions.values()))
+
+
+def describe(plan: Plan) -> list[str]:
+    """The plan as lines for the user: counts first, then each extraction still needed."""
+    needed = plan.extractions_needed
+    lines = [f"cells: {len(plan.cells)} in the grid, {len(plan.stored)} already stored, {len(plan.todo)} to compute",
+             f"feature extractions: {len(needed)} needed, {len(plan.extractions) - len(needed)} already cached"]
+    lines += [f"  extract {e.label}" + (f" [missing: {', '.join(e.missing)}]" if e.missing != e.kinds else "")
+              for e in needed]
+    if any(c.run.config["random_weights"] for c in plan.cells):
+        lines.append("note: cells marked (random weights) are smoke runs, not results")
+    return lines
+
+
+# ---- outcome ------------------------------------------------------------------------------------------
+
+@dataclass
+class SweepSummary:
+    computed: int = 0
+    already_stored: int = 0  # stored by another sweep after the plan was made
+    extractions: int = 0  # extraction passes this sweep performed
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (cell label, one-line reason)
+
+    def lines(self) -> list[str]:
+        out = [f"computed {self.computed} cells, {self.extractions} feature extractions"
+               + (f"; {self.already_stored} cells were stored meanwhile by another sweep" if self.already_stored else "")]
+        out += [f"FAILED {label}: {reason}" for label, reason in self.failed]
+        return out
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}"
+
+
+CellCallback = Callable[[Cell, str], None]  # (cell, "computed" | "stored meanwhile" | "failed: ...")

@@ -1,0 +1,189 @@
+"""Sweeps: grid parsing, the plan, shared extraction, resuming after kill -9, concurrent sweeps, Ray."""
+
+import dataclasses
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssl_bench import registry
+from ssl_bench.errors import UserError
+from ssl_bench.executors import run_local
+from ssl_bench.sweep import grid_from_mapping, load_grid, make_plan, resolve_k
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"name": "synthetic", "options": {"n": 4}}
+
+
+def grid(**axes):
+    return grid_from_mapping({"backbones": ["reference"], "tasks": ["kmeans"], "datasets": [TINY], **axes})
+
+
+def sweep_cli(*args, store: Path, cache: Path) -> list[str]:
+    return [sys.executable, "-m", "ssl_bench", "sweep", *args, "--store", str(store), "--cache", str(cache)]
+
+
+def stored_rows(store: Path) -> list[tuple]:
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=60) as db:
+            return db.execute("SELECT config_hash, miou, acc, f1 FROM runs ORDER BY config_hash").fetchall()
+    except sqlite3.OperationalError:  # not created yet
+        return []
+
+
+@pytest.mark.parametrize("k, classes, expected", [("C", 5, 5), ("2C", 5, 10), ("3*C", 11, 33), (7, 5, 7), ("12", 5, 12)])
+def test_k_values_are_numbers_or_multiples_of_classes(k, classes, expected):
+    assert resolve_k(k, classes) == expected
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"k": ["C", "half"]}, "K value 'half' is not a number or a multiple of C"),
+    ({"k": [0]}, "K must be at least 1"),
+    ({"backbones": ["dino-vit16"]}, "unknown backbone 'dino-vit16' -- did you mean dino-vits16"),
+    ({"tasks": [{"name": "kmeans", "params": {"nope": 1}}]}, "task 'kmeans' has no parameter"),
+    ({"kseeds": [1]}, "unknown key\\(s\\) kseeds"),
+    ({"seeds": []}, "the sweep grid has no seeds"),
+    ({"protocol": {"crop": "corner"}}, "unknown protocol crop"),
+])
+def test_bad_grids_fail_before_running_with_one_clear_error(data, message):
+    with pytest.raises(UserError, match=message):
+        grid(**data)
+
+
+def test_example_grid_file_parses(tmp_path):
+    example = load_grid(ROOT / "examples" / "sweep.yaml")
+    assert len(example.backbones) == 2 and example.ks == ["C", "2C", "3C"] and example.seeds == [0, 1]
+    with pytest.raises(UserError, match="not valid YAML"):
+        (tmp_path / "bad.yaml").write_text("backbones: [a\n")
+        load_grid(tmp_path / "bad.yaml")
+
+
+def test_plan_counts_cells_dedups_k_and_shares_one_extraction(runner):
+    plan = make_plan(grid(k=["C", 5, "2C"], seeds=[0, 1]), runner)  # C = 5 on synthetic: one cell, not two
+    assert len(plan.cells) == 4 and len(plan.todo) == 4
+    assert len(plan.extractions_needed) == 1 and len(plan.extractions[0].cells) == 4
+
+    summary = run_local(plan, runner)
+    assert (summary.computed, summary.extractions, summary.failed) == (4, 1, [])
+    again = make_plan(grid(k=["C", "2C", "3C"], seeds=[0, 1]), runner)
+    assert (len(again.cells), len(again.stored), len(again.todo)) == (6, 4, 2)
+    assert again.extractions_needed == []  # the cached features serve the new K
+    assert run_local(again, runner).extractions == 0 and len(runner.store.query()) == 6
+
+
+def test_extraction_takes_the_union_of_the_kinds_all_tasks_read(runner, monkeypatch):
+    kmeans = registry.task("kmeans")
+    reads_cls = dataclasses.replace(kmeans, name="kmeans-cls", features=("patch", "cls"))
+    tasks = {**registry.tasks(), "kmeans-cls": reads_cls}
+    monkeypatch.setattr(registry, "tasks", lambda: tasks)
+    extracted = []
+    real = runner.features
+    monkeypatch.setattr(runner, "features", lambda run, ds, kinds, progress: extracted.append(sorted(kinds))
+                        or real(run, ds, kinds, progress))
+    g = grid_from_mapping({"backbones": [{"name": "dino-vits16", "weights": "random"}], "tasks": ["kmeans", "kmeans-cls"],
+                           "datasets": [{"name": "synthetic", "options": {"n": 2}}]})
+    plan = make_plan(g, runner)
+    assert [e.kinds for e in plan.extractions_needed] == [["cls", "patch"]]
+    assert run_local(plan, runner).computed == 2
+    assert extracted[0] == ["cls", "patch"]  # one pass for both tasks; the cells then hit the cache
+    assert all(not runner.cache.missing_kinds(e.key, ["cls", "patch"], 2) for e in plan.extractions)
+
+
+def test_cli_grid_flags_print_the_plan(tmp_path):
+    proc = subprocess.run(sweep_cli("--backbone", "reference", "--task", "kmeans", "--dataset", "synthetic",
+                                    "-o", "n=4", "--k", "C", "--k", "2C", "--seed", "0", "--seed", "1", "--plan",
+                                    store=tmp_path / "s.sqlite", cache=tmp_path / "cache"),
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "cells: 4 in the grid, 0 already stored, 4 to compute" in proc.stdout
+    assert "feature extractions: 1 needed" in proc.stdout and stored_rows(tmp_path / "s.sqlite") == []
+    bad = subprocess.run(sweep_cli("--backbone", "reference", "--task", "kmeans", "--dataset", "synthetic", "--k", "C/2",
+                                   store=tmp_path / "s.sqlite", cache=tmp_path / "cache"),
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "K value 'C/2'" in bad.stderr
+
+
+KILL_GRID = {"backbones": ["reference"], "tasks": ["kmeans"], "datasets": [{"name": "synthetic", "options": {"n": 6}}],
+             "k": [2, 3, 4, "C", 6, 7, 8, 9, "2C"], "seeds": [0, 1]}  # 18 quick cells
+
+
+@pytest.mark.slow
+def test_kill_9_mid_sweep_then_resume_loses_nothing_and_duplicates_nothing(tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(KILL_GRID))
+    store, cache = tmp_path / "s.sqlite", tmp_path / "cache"
+    proc = subprocess.Popen(sweep_cli(str(grid_file), store=store, cache=cache), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(stored_rows(store)) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = stored_rows(store)
+    assert 3 <= len(before) < 18, "the sweep must be killed mid-way for this test to mean anything"
+
+    resumed = subprocess.run(sweep_cli(str(grid_file), store=store, cache=cache), cwd=ROOT,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(before)} already stored, {18 - len(before)} to compute" in resumed.stdout
+    assert "0 needed" in resumed.stdout  # the killed sweep had finished the extraction
+    after = stored_rows(store)
+    assert len(after) == 18 and len({row[0] for row in after}) == 18
+    assert set(before) <= set(after)  # what was stored before the kill is kept unchanged
+    with sqlite3.connect(store) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.mark.slow
+def test_two_concurrent_sweeps_on_one_store_corrupt_nothing(tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({**KILL_GRID, "backbones": ["reference", "reference-p16"], "k": [2, "C", 8],
+                                         "seeds": [0]}))
+    store, cache = tmp_path / "s.sqlite", tmp_path / "cache"
+    procs = [subprocess.Popen(sweep_cli(str(grid_file), store=store, cache=cache), cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    rows = stored_rows(store)
+    assert len(rows) == 6 and len({row[0] for row in rows}) == 6
+    with sqlite3.connect(store) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    entries = [p.parent for p in cache.rglob("meta.json")]
+    assert len(entries) == 2 and all((e / "patch.npy").is_file() for e in entries)  # one per backbone, complete
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_the_local_numbers(tmp_path):
+    ray = pytest.importorskip("ray")
+    from ssl_bench.executors import local_runtime_env, run_ray
+    from ssl_bench.features import FeatureCache
+    from ssl_bench.runner import Runner
+    from ssl_bench.store import ResultStore
+
+    g = grid_from_mapping({"backbones": ["reference", {"name": "dino-vits16", "weights": "random"}],
+                           "tasks": ["kmeans"], "datasets": [{"name": "synthetic", "options": {"n": 3}}],
+                           "k": ["C", "2C"], "seeds": [0, 1]})
+    local = Runner(ResultStore(tmp_path / "local.sqlite"), FeatureCache(tmp_path / "local-cache"), "cpu")
+    assert run_local(make_plan(g, local), local).computed == 8
+
+    distributed = Runner(ResultStore(tmp_path / "ray.sqlite"), FeatureCache(tmp_path / "ray-cache"), "cpu")
+    plan = make_plan(g, distributed)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=local_runtime_env())
+    try:
+        summary = run_ray(plan, distributed, device="cpu")
+    finally:
+        ray.shutdown()
+    assert (summary.computed, summary.extractions, summary.failed) == (8, 2, [])
+    assert stored_rows(tmp_path / "ray.sqlite") == stored_rows(tmp_path / "local.sqlite")
+    assert len(list((tmp_path / "ray-cache").rglob("meta.json"))) == 2
+
+
+def test_default_weights_apply_to_learned_backbones_only():
+    g = grid(backbones=["reference", "dino-vits16", {"name": "dino-vits8", "weights": "/w.pth"}], weights="random")
+    assert [b.weights for b in g.backbones] == [None, "random", "/w.pth"]
