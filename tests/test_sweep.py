@@ -172,7 +172,8 @@ def test_ray_executor_gives_the_local_numbers(tmp_path):
     local = Runner(ResultStore(tmp_path / "local.sqlite"), FeatureCache(tmp_path / "local-cache"), "cpu")
     assert run_local(make_plan(g, local), local).computed == 8
 
-    distributed = Runner(ResultStore(tmp_path / "ray.sqlite"), FeatureCache(tmp_path / "ray-cache"), "cpu")
+    ray_store = tmp_path / "ray" / "results.sqlite"  # its own folder: samples are written beside the store
+    distributed = Runner(ResultStore(ray_store), FeatureCache(tmp_path / "ray-cache"), "cpu")
     plan = make_plan(g, distributed)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=local_runtime_env())
     try:
@@ -180,8 +181,11 @@ def test_ray_executor_gives_the_local_numbers(tmp_path):
     finally:
         ray.shutdown()
     assert (summary.computed, summary.extractions, summary.failed) == (8, 2, [])
-    assert stored_rows(tmp_path / "ray.sqlite") == stored_rows(tmp_path / "local.sqlite")
+    assert stored_rows(ray_store) == stored_rows(tmp_path / "local.sqlite")
     assert len(list((tmp_path / "ray-cache").rglob("meta.json"))) == 2
+    # panel samples travel back with the records and are written by the driver, beside its store
+    hashes = {r["config_hash"] for r in ResultStore(ray_store).query()}
+    assert {f.stem for f in (ray_store.parent / "samples").glob("*.npz") if not f.stem.startswith("view-")} == hashes
 
 
 def test_default_weights_apply_to_learned_backbones_only():
