@@ -357,3 +357,25 @@ def test_feature_cache_and_protocol_on_a_stride_32_grid(tmp_path):
     stores = FeatureCache(tmp_path).ensure(bb, "random:0", ds, protocol, ["patch", "cls", "layer2"], workers=0)
     assert stores["patch"].grid(0) == (10, 10) and stores["patch"][0].shape == (10, 10, 512)
     assert stores["layer2"][0].shape == (10, 10, 256) and stores["cls"][0].shape == (512,)
+
+
+# --- ssl-bench list backbones ------------------------------------------------------------------
+
+def test_list_backbones_fits_80_columns_and_shows_local_weights(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ssl_bench.cli import app
+
+    monkeypatch.setenv("SSL_BENCH_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "80")
+    (tmp_path / "vit-s-300ep.pth.tar").write_bytes(b"not read by list")
+    result = CliRunner().invoke(app, ["list", "backbones"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(map(len, lines)) <= 80
+    rows = {line.split()[0]: line.split() for line in lines if line.split()}
+    assert set(registry.backbones()) <= set(rows)
+    assert rows["mocov3-vits16"][-1] == "local" and rows["mocov3-vitb16"][-1] == "-"
+    assert rows["dinov3-vits16"][5] == "DINOv3" and rows["mocov2-resnet50"][5] == "CC-BY-NC-4.0"
+    wide = CliRunner().invoke(app, ["list", "backbones", "--wide"], env={"COLUMNS": "400"})
+    assert "LAION-400M" in wide.output and "CLIP" in wide.output and "f9d5696a9b58dbbb" in wide.output
