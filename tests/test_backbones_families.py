@@ -379,3 +379,11 @@ def test_list_backbones_fits_80_columns_and_shows_local_weights(tmp_path, monkey
     assert rows["dinov3-vits16"][5] == "DINOv3" and rows["mocov2-resnet50"][5] == "CC-BY-NC-4.0"
     wide = CliRunner().invoke(app, ["list", "backbones", "--wide"], env={"COLUMNS": "400"})
     assert "LAION-400M" in wide.output and "CLIP" in wide.output and "f9d5696a9b58dbbb" in wide.output
+
+
+def test_backbone_throughput_benchmark_rounds_sizes_to_the_grid():
+    from ssl_bench.bench import backbone_throughput
+
+    result = backbone_throughput(backbones="moco-resnet18", sizes=(40,), images=1, batch=1, repeats=1)
+    (row,) = result["rows"]
+    assert (row["input"], row["grid"]) == (64, 2) and row["images_per_s"] > 0
