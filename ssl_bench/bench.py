@@ -143,7 +143,8 @@ def backbone_throughput(backbones: tuple[str, ...] | str = THROUGHPUT_BACKBONES,
             seconds = min(timed() for _ in range(repeats))
             done = -(-images // batch) * batch
             rows.append({"backbone": name, "family": spec.family, "arch": spec.arch, "params_m": spec.params_m,
-                         "input": side, "grid": side // spec.patch_size, "images_per_s": round(done / seconds, 2)})
+                         "input": side, "grid": side // spec.patch_size, "images_per_s": round(done / seconds, 2),
+                         "load_1min": round(os.getloadavg()[0], 2)})  # other processes' share of the CPU
         del model
         gc.collect()
     return {"device": "cpu", "weights": "random (same cost as pretrained)", "kinds": list(kinds), "batch": batch,
