@@ -160,7 +160,54 @@ def k_sweep(backbone: str = "dino-vits16", dataset: str = "camvid", data_root: s
             "load_average_1min": os.getloadavg()[0]}  # the machine may be shared: read the figures with it
 
 
-BENCHMARKS: dict[str, Callable[..., dict]] = {"extraction": extraction, "eval-memory": eval_memory, "k-sweep": k_sweep}
+# One small model per family (Unicom's smallest is a ViT-B/32); the S/16 ViTs of DINO, iBOT, Mugs and
+# MoCo v3 share an architecture and should agree, which makes the spread a measure of the noise.
+THROUGHPUT_BACKBONES = ("dino-vits16", "dino-resnet50", "dinov2-vits14", "dinov2-vits14-reg", "dinov3-vits16",
+                        "dinov3-convnext-tiny", "ibot-vits16", "mugs-vits16", "unicom-vitb32", "mocov3-vits16",
+                        "mocov2-resnet50", "moco-resnet18")
+
+
+def backbone_throughput(backbones: tuple[str, ...] | str = THROUGHPUT_BACKBONES, sizes: tuple[int, ...] = (224, 320),
+                        images: int = 8, batch: int = 4, repeats: int = 2, kinds: tuple[str, ...] = ("patch", "cls")
+                        ) -> dict:
+    """Backbone extraction throughput on CPU (images/s at 224 and 320/322), one small model per family."""
+    from .data.protocol import DEFAULT_RESIZE
+
+    if isinstance(backbones, str):
+        backbones = tuple(backbones.split(","))
+    load_at_start = list(os.getloadavg())  # the figures scale with how busy the machine was
+    rows = []
+    for name in backbones:
+        spec = registry.backbone(name)
+        model = build_backbone(spec, resolve(spec, "random"), 0).to("cpu")
+        generator = torch.Generator().manual_seed(0)
+        for size in sizes:
+            # 320 follows the protocol (322 for /14); other sizes are rounded up to the patch grid
+            side = Protocol(resize=DEFAULT_RESIZE).for_patch_size(spec.patch_size).resize if size == DEFAULT_RESIZE \
+                else -(-size // spec.patch_size) * spec.patch_size
+            x = torch.randn(batch, 3, side, side, generator=generator)
+            model.extract(x[:1], kinds)  # warm-up: allocator, thread pool
+
+            def timed() -> float:
+                t0 = time.perf_counter()
+                for _ in range(-(-images // batch)):
+                    model.extract(x, kinds)
+                return time.perf_counter() - t0
+
+            seconds = min(timed() for _ in range(repeats))
+            done = -(-images // batch) * batch
+            rows.append({"backbone": name, "family": spec.family, "arch": spec.arch, "params_m": spec.params_m,
+                         "input": side, "grid": side // spec.patch_size, "images_per_s": round(done / seconds, 2),
+                         "load_1min": round(os.getloadavg()[0], 2)})  # other processes' share of the CPU
+        del model
+        gc.collect()
+    return {"device": "cpu", "weights": "random (same cost as pretrained)", "kinds": list(kinds), "batch": batch,
+            "images_per_measure": images, "repeats": repeats, "load_average_at_start": load_at_start, "load_average_at_end": list(os.getloadavg()),
+            "rows": rows}
+
+
+BENCHMARKS: dict[str, Callable[..., dict]] = {"extraction": extraction, "eval-memory": eval_memory, "k-sweep": k_sweep,
+                                              "backbone-throughput": backbone_throughput}
 
 
 def available_benchmarks() -> dict[str, str | Callable[..., dict]]:

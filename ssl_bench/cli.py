@@ -238,25 +238,53 @@ def regress(
     if drifted:
         out.print("if the change is intended: ssl-bench regress --update, then commit the baselines", highlight=False)
         raise SystemExit(1)
+NORMALISATIONS = {(0.485, 0.456, 0.406): "ImageNet", (0.48145466, 0.4578275, 0.40821073): "CLIP",
+                  (0.0, 0.0, 0.0): "none"}
+
+
+SHORT_ORIGINS = {"$SSL_BENCH_WEIGHTS": "local", "timm cache": "timm", "Hugging Face cache": "hf",
+                 "torch.hub cache": "torch.hub"}
+
+
+def _backbone_table(wide: bool) -> Table:
+    """Backbones, one row each. The default columns fit 80 characters; --wide adds the provenance."""
+    from .models.weights import locate
+
+    columns = ["name", "family", "grid", "dim", "params", "licence", "weights"]
+    if wide:
+        columns[2:2] = ["architecture"]
+        columns[-2:-1] = ["pre-training data", "licence", "input", "norm", "source"]
+    table = Table(*columns, box=None, pad_edge=False, header_style="bold underline", caption=None if wide else
+                  "params in millions; grid: /patch or sN (CNN output stride).\n"
+                  "--wide adds architecture, pre-training data, input size, normalisation, source")
+    table.columns[0].no_wrap = True  # names are what users type: never cut
+    for spec in registry.backbones().values():
+        if spec.family == "reference":
+            found = "non-learned"
+        else:
+            where = locate(spec)
+            found = SHORT_ORIGINS.get(where[0], where[0]) if where else "-"
+        grid = f"s{spec.patch_size}" if spec.heads == 0 and spec.family != "reference" else f"/{spec.patch_size}"
+        row = [spec.name, spec.family, grid, str(spec.embed_dim), f"{spec.params_m:.1f}",
+               spec.licence if wide else spec.licence.split(" (")[0].replace(" License", ""), found]
+        if wide:
+            norm = NORMALISATIONS.get(tuple(round(m, 8) for m in spec.mean), f"mean {spec.mean} std {spec.std}")
+            sources = [f"timm: {spec.timm}" if spec.timm else "", f"hf: {spec.hf}" if spec.hf else "",
+                       spec.url or (f"file: {spec.file}" if spec.file else ""),
+                       f"sha256: {spec.sha256[:16]}..." if spec.sha256 else ""]
+            row[2:2] = [spec.arch + (f" {spec.options}" if spec.options else "")]
+            row[-2:-1] = [spec.pretraining_data, spec.licence, str(spec.input_size), norm,
+                          "\n".join(s for s in sources if s) or "-"]
+        table.add_row(*row)
+    return table
 
 
 @app.command("list")
-def list_(what: str = typer.Argument(..., help="backbones | tasks | datasets")):
+def list_(what: str = typer.Argument(..., help="backbones | tasks | datasets"),
+          wide: bool = typer.Option(False, "--wide", help="backbones: all details (needs a wide terminal)")):
     """List registered backbones, tasks or datasets."""
     if what == "backbones":
-        from .models.weights import resolve
-
-        table = Table("name", "family", "arch", "patch", "dim", "heads", "params (M)", "pre-training data",
-                      "licence", "source", "weights found")
-        for spec in registry.backbones().values():
-            try:
-                found = resolve(spec, None, verify=False).origin
-            except UserError:
-                found = "no"
-            source = spec.timm or spec.hf or spec.url or "-"
-            table.add_row(spec.name, spec.family, spec.arch, str(spec.patch_size), str(spec.embed_dim),
-                          str(spec.heads or "-"), f"{spec.params_m:.1f}", spec.pretraining_data, spec.licence,
-                          source, found)
+        table = _backbone_table(wide)
     elif what == "tasks":
         table = Table("name", "title", "features", "parameters")
         for spec in registry.tasks().values():

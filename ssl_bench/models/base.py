@@ -40,7 +40,11 @@ class Backbone(nn.Module):
         kinds = {"patch", "cls"}
         if self.spec.has_attention:
             kinds |= set(ATTENTION_KINDS)
-        return kinds
+        return kinds - set(self.refused_kinds())
+
+    def refused_kinds(self) -> dict[str, str]:
+        """Kinds this model cannot give although its family could, with the reason (one phrase)."""
+        return {}
 
     def check_kinds(self, kinds) -> None:
         supported = self.supported_kinds()
@@ -50,7 +54,8 @@ class Backbone(nn.Module):
                     raise UserError(f"{self.spec.name} has layers 0..{self.num_layers - 1}, not '{kind}' "
                                     "-- pick an intermediate layer in that range")
             elif kind not in supported:
-                why = "it has no attention" if kind in ATTENTION_KINDS else "it is not a feature kind"
+                why = self.refused_kinds().get(kind) or (
+                    "it has no attention" if kind in ATTENTION_KINDS else "it is not a feature kind")
                 raise UserError(f"backbone {self.spec.name} cannot give '{kind}' features ({why}) -- "
                                 f"it gives {sorted(supported)}; choose a task or backbone that fit")
 

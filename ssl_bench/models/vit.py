@@ -1,14 +1,20 @@
-"""Vision Transformers through timm: DINO, DINOv2 (with and without registers) and kin.
+"""Vision Transformers through timm: DINO, DINOv2 (+ registers), iBOT, Mugs, MoCo v3, Unicom, DINOv3.
 
 One forward pass gives every feature kind: forward hooks catch the last block's qkv projection
 (keys, queries, values, CLS attention) and any intermediate block, so nothing is computed twice.
+Two departures from the plain ViT are handled here: models without a CLS token (Unicom) give the
+mean patch token as ``cls`` and no CLS attention; models with rotary position embeddings (DINOv3)
+give keys/queries before the rotation (content, not position) and no CLS attention.
 """
 
 from __future__ import annotations
 
+import importlib
+from functools import partial
+
 import timm
 import torch
-from timm.models.vision_transformer import checkpoint_filter_fn
+import torch.nn.functional as F
 
 from ..registry import BackboneSpec
 from .base import Backbone, is_layer_kind
@@ -25,13 +31,24 @@ class ViTBackbone(Backbone):
     def num_layers(self) -> int:
         return len(self.model.blocks)
 
+    @property
+    def has_cls_token(self) -> bool:
+        return getattr(self.model, "cls_token", None) is not None
+
+    def refused_kinds(self) -> dict[str, str]:
+        if not self.has_cls_token:
+            return {"attn": "it has no CLS token to attend from"}
+        if getattr(self.model, "rope", None) is not None:
+            return {"attn": "its attention uses rotary position embeddings, which are not extracted"}
+        return {}
+
     def _extract(self, images: torch.Tensor, kinds: set[str]) -> dict[str, torch.Tensor]:
         model = self.model
         captured: dict[str, torch.Tensor] = {}
         hooks = []
         attention = model.blocks[-1].attn
-        if kinds & {"key", "query", "value", "attn"}:
-            hooks.append(attention.qkv.register_forward_hook(lambda m, i, out: captured.__setitem__("qkv", out)))
+        if kinds & {"key", "query", "value", "attn"}:  # the attention's input; q, k, v recomputed below
+            hooks.append(attention.register_forward_pre_hook(lambda m, args: captured.__setitem__("attn_in", args[0])))
         for kind in filter(is_layer_kind, kinds):
             hooks.append(model.blocks[int(kind[5:])].register_forward_hook(
                 lambda m, i, out, kind=kind: captured.__setitem__(kind, out)))
@@ -46,13 +63,14 @@ class ViTBackbone(Backbone):
         out: dict[str, torch.Tensor] = {}
         if "patch" in kinds:
             out["patch"] = tokens[:, prefix:].reshape(b, h, w, -1)
-        if "cls" in kinds:
-            out["cls"] = tokens[:, 0]
+        if "cls" in kinds:  # without a CLS token: the mean patch token (Unicom pools all patches too)
+            out["cls"] = tokens[:, 0] if self.has_cls_token else tokens[:, prefix:].mean(1)
         for kind in filter(is_layer_kind, kinds):
             out[kind] = captured[kind][:, prefix:].reshape(b, h, w, -1)
-        if "qkv" in captured:
+        if "attn_in" in captured:
             n = tokens.shape[1]
-            qkv = captured["qkv"].reshape(b, n, 3, attention.num_heads, -1).permute(2, 0, 3, 1, 4)
+            qkv = _qkv_projection(attention, captured["attn_in"])
+            qkv = qkv.reshape(b, n, 3, attention.num_heads, -1).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
             q, k = attention.q_norm(q), attention.k_norm(k)
             for name, t in (("query", q), ("key", k), ("value", v)):
@@ -64,10 +82,25 @@ class ViTBackbone(Backbone):
         return out
 
 
+def _qkv_projection(attention: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The fused q, k, v projection of ``x``, (B, N, 3 * dim). Recomputed rather than hooked because
+    some attentions (timm's EVA/DINOv3 with separate q/v biases) bypass their ``qkv`` module call."""
+    out = F.linear(x, attention.qkv.weight, attention.qkv.bias)
+    if getattr(attention, "q_bias", None) is not None:
+        out = out + torch.cat((attention.q_bias, attention.k_bias, attention.v_bias))
+    return out
+
+
 def create(spec: BackboneSpec) -> torch.nn.Module:
-    """The timm architecture of ``spec`` with no pretrained weights and a dynamic input size."""
+    """The timm architecture of ``spec`` with no pretrained weights and a dynamic input size.
+
+    ``spec.options`` are timm model arguments (e.g. ``num_heads``, ``class_token``), plus
+    ``layer_norm_eps`` for models trained with torch's default LayerNorm (timm's ViT uses 1e-6)."""
     arch = spec.timm.split(".")[0] if spec.timm else spec.arch
-    return timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, **spec.options)
+    options = dict(spec.options)
+    if "layer_norm_eps" in options:
+        options["norm_layer"] = partial(torch.nn.LayerNorm, eps=options.pop("layer_norm_eps"))
+    return timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, **options)
 
 
 def build(spec: BackboneSpec, state: dict | None) -> ViTBackbone:
@@ -75,8 +108,14 @@ def build(spec: BackboneSpec, state: dict | None) -> ViTBackbone:
     if state is not None:
         if is_hf_layout(state):  # Hugging Face cache: transformers names -> official names
             state = hf_to_official(state)
-        # timm's filter converts the official DINO/DINOv2 layouts (patchify, layer scale, registers,
-        # position-embedding size) into timm's own.
-        state = checkpoint_filter_fn(state, model)
-        load_into(model, state, spec.name)
+        # The filter of the model's own timm module converts the official layouts into timm's
+        # (DINO/DINOv2: patchify, layer scale, registers, position-embedding size; DINOv3:
+        # storage tokens, layer-scale names, the masked key bias).
+        timm_module = importlib.import_module(type(model).__module__)
+        state = timm_module.checkpoint_filter_fn(state, model)
+        load_into(model, state, spec.name, ignore=_NOT_LEARNED)
     return ViTBackbone(spec, model)
+
+
+# Buffers a checkpoint need not carry: DINOv3's rotary periods are recomputed from the config.
+_NOT_LEARNED = ("rope.",)

@@ -56,6 +56,13 @@ def _hub_candidates(spec: BackboneSpec) -> list[tuple[str, Path]]:
     return out
 
 
+def locate(spec: BackboneSpec) -> tuple[str, Path] | None:
+    """(origin, path) of the first local file holding ``spec``'s weights, without reading it."""
+    local = os.environ.get("SSL_BENCH_WEIGHTS")
+    candidates = [("$SSL_BENCH_WEIGHTS", Path(local) / expected_file(spec))] if local else []
+    return next(((origin, path) for origin, path in candidates + _hub_candidates(spec) if path.is_file()), None)
+
+
 def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0, verify: bool = True) -> WeightsSource:
     """Find the weights for ``spec``; ``weights`` is a path, ``"random"``, or None (search)."""
     if weights == RANDOM:
@@ -67,11 +74,11 @@ def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0, verify: bool
         if not path.is_file():
             raise UserError(f"--weights {weights}: no such file -- give the checkpoint path, or --weights random")
         return WeightsSource(path, _identity(spec, path, verify), "--weights")
+    found = locate(spec)
+    if found:
+        origin, path = found
+        return WeightsSource(path, _identity(spec, path, verify), origin)
     local = os.environ.get("SSL_BENCH_WEIGHTS")
-    candidates = [("$SSL_BENCH_WEIGHTS", Path(local) / expected_file(spec))] if local else []
-    for origin, path in candidates + _hub_candidates(spec):
-        if path.is_file():
-            return WeightsSource(path, _identity(spec, path, verify), origin)
     where = f"$SSL_BENCH_WEIGHTS ({local})" if local else "a folder named by $SSL_BENCH_WEIGHTS"
     source = f" (download: {spec.url})" if spec.url else (f" (Hugging Face: {spec.hf})" if spec.hf else "")
     raise UserError(f"no weights for {spec.name}: put {expected_file(spec)}{source} in {where}, "
