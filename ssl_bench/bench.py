@@ -58,7 +58,7 @@ def extraction(backbone: str = "dino-vits16", dataset: str = "camvid", data_root
     model = build_backbone(spec, source, 0)
     ds = _dataset(dataset, data_root, split, images)
     protocol = Protocol().for_patch_size(spec.patch_size)
-    kinds = ["patch", "key", "cls", "attn"] if spec.has_attention else ["patch", "cls"]
+    kinds = sorted({"patch", "key", "cls", "attn"} & model.supported_kinds())  # what DatUS^2/kmeans/DSM read
     decoded = [protocol.apply_image(ds.load_image(i), spec.patch_size) for i in range(len(ds))]
     tensors = [model.normalize(np.stack(decoded[i:i + batch])) for i in range(0, len(decoded), batch)]
     model.extract(tensors[0][:1], kinds)  # warm-up: allocator, thread pool

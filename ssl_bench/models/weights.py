@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -65,10 +66,10 @@ def locate(spec: BackboneSpec) -> tuple[str, Path] | None:
 
 def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0, verify: bool = True) -> WeightsSource:
     """Find the weights for ``spec``; ``weights`` is a path, ``"random"``, or None (search)."""
+    if spec.family == "reference":  # non-learned: nothing to load, and never "random weights"
+        return WeightsSource(None, "none", "non-learned")
     if weights == RANDOM:
         return WeightsSource(None, f"random:{seed}", RANDOM)
-    if spec.family == "reference":  # non-learned: nothing to load
-        return WeightsSource(None, "none", "non-learned")
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -85,8 +86,15 @@ def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0, verify: bool
                     "or pass --weights PATH, or --weights random for a smoke run")
 
 
+@lru_cache(maxsize=64)
+def _sha256_memo(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file version (size, mtime): a sweep resolves a checkpoint once per cell, reads it once."""
+    return sha256_of(path)
+
+
 def _identity(spec: BackboneSpec, path: Path, verify: bool) -> str:
-    digest = sha256_of(path)
+    stat = path.resolve().stat()
+    digest = _sha256_memo(path.resolve(), stat.st_size, stat.st_mtime_ns)
     if verify and spec.sha256 and path.name == expected_file(spec) and not digest.startswith(spec.sha256):
         raise UserError(f"{path} has sha256 {digest[:12]}..., the registry expects {spec.sha256[:12]}... "
                         "for that file -- download it again")
