@@ -27,6 +27,10 @@ SYNTHETIC = {"name": "synthetic", "options": {"n": 12}}
 RANDOM_VIT = {"name": "dino-vits16", "weights": "random", "weights_seed": 0}
 SUITE = [  # sweep grids (see ssl_bench/sweep.py); the CamVid one needs ../shared/data/camvid
     {"backbones": ["reference", RANDOM_VIT], "tasks": ["kmeans"], "datasets": [SYNTHETIC], "k": ["C", "2C"], "seeds": [0]},
+    # the methods' own pipelines: DatUS^2 segments (keys of the random ViT), PriMaPs proposals + EM
+    {"backbones": [RANDOM_VIT], "tasks": ["datus2-initial"], "datasets": [SYNTHETIC], "k": ["C"], "seeds": [0]},
+    {"backbones": ["reference"], "tasks": [{"name": "primaps-em-fast", "params": {"epochs": 2}}],
+     "datasets": [SYNTHETIC], "k": ["C"], "seeds": [0]},
     {"backbones": ["reference", RANDOM_VIT], "tasks": ["kmeans"], "k": ["C"], "seeds": [0],
      "datasets": [{"name": "camvid", "data_root": "{shared}/camvid", "split": "val", "options": {"limit": 8}}]},
 ]
