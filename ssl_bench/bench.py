@@ -221,15 +221,20 @@ def available_benchmarks() -> dict[str, str | Callable[..., dict]]:
     return found
 
 
-def run_benchmark(name: str, output_dir: Path | None = Path("results/bench"), **kwargs) -> dict:
+def result_file(name: str, tag: str | None = None) -> str:
+    return f"{name}-{tag}.json" if tag else f"{name}.json"
+
+
+def run_benchmark(name: str, output_dir: Path | None = Path("results/bench"), tag: str | None = None,
+                  **kwargs) -> dict:
     available = available_benchmarks()
     if name not in available:
         raise UserError(f"unknown benchmark '{name}' -- choose one of: {', '.join(available)}")
     function = available[name]
     function = registry.load_entrypoint(function) if isinstance(function, str) else function
-    result = {"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M"),
+    result = {"benchmark": name, "arguments": kwargs, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M"),
               "result": function(**kwargs)}
     if output_dir:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (output_dir / result_file(name, tag)).write_text(json.dumps(result, indent=2) + "\n")
     return result

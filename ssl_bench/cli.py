@@ -345,6 +345,7 @@ def bench(
     name: Optional[str] = typer.Argument(None, help="benchmark to run (omit to list them)"),
     arg: list[str] = typer.Option([], "--arg", "-a", help="benchmark argument key=value (repeatable)"),
     output_dir: Path = typer.Option(Path("results/bench"), help="where NAME.json is written (committed figures)"),
+    tag: Optional[str] = typer.Option(None, help="write NAME-TAG.json (e.g. the same benchmark on another backbone)"),
     no_write: bool = typer.Option(False, "--no-write", help="print only, write no file"),
 ):
     """Run a committed performance benchmark and write results/bench/NAME.json."""
@@ -360,10 +361,10 @@ def bench(
             table.add_row(key, (function.__doc__ or "").strip().splitlines()[0])
         out.print(table)
         return
-    result = benches.run_benchmark(name, None if no_write else output_dir, **dict(parse_pairs(arg, "--arg")))
+    result = benches.run_benchmark(name, None if no_write else output_dir, tag=tag, **dict(parse_pairs(arg, "--arg")))
     out.print_json(json.dumps(result))
     if not no_write:
-        console.print(f"wrote {output_dir / (name + '.json')}")
+        console.print(f"wrote {output_dir / benches.result_file(name, tag)}")
 
 
 def main() -> None:

@@ -18,6 +18,12 @@ def upsample_scores(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
 
 
+def upsample_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Labels (H, W) = argmax of the bilinearly upsampled scores (K, h, w), without a numpy copy of them."""
+    t = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))[None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+
+
 def upsample_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest upsampling of a label map (h, w) to (H, W); -1 (unlabelled) is kept."""
     t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))[None, None]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..crf import STEGO_CRF, dense_crf
-from ..ops import kmeans, l2_normalize, sample_rows, softmax, upsample_scores
+from ..ops import kmeans, l2_normalize, sample_rows, softmax, upsample_argmax, upsample_scores
 
 
 def fit_centroids(features: np.ndarray, k: int, seed: int, iterations: int = 50) -> np.ndarray:
@@ -27,10 +27,10 @@ def predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None 
             crf_alpha: float = 0.0) -> np.ndarray:
     """Labels (H, W) from patch scores (k, h, w); with ``image`` and ``crf_alpha`` > 0, CRF-refined
     (probabilities are softmax(alpha * cosine), as STEGO's cluster probabilities)."""
+    if image is None or crf_alpha <= 0:
+        return upsample_argmax(scores, size)
     up = upsample_scores(scores, size)
-    if image is not None and crf_alpha > 0:
-        up = dense_crf(image, softmax(crf_alpha * up, axis=0), **STEGO_CRF)
-    return up.argmax(0).astype(np.int64)
+    return dense_crf(image, softmax(crf_alpha * up, axis=0), **STEGO_CRF).argmax(0).astype(np.int64)
 
 
 def run(ctx):
