@@ -134,10 +134,7 @@ def sweep(
 
     if executor not in EXECUTORS:
         raise UserError(f"unknown executor '{executor}' -- choose {' or '.join(EXECUTORS)}")
-    data = yaml.safe_load(file.read_text()) if file and file.is_file() else {}
-    if file and not file.is_file():
-        raise UserError(f"sweep file {file} not found -- see examples/sweep.yaml for the format")
-    data = dict(data or {})
+    data = sweeps.read_grid_file(file) if file else {}
     if backbone:
         data["backbones"] = backbone
     if weights:

@@ -172,7 +172,8 @@ def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
     return Grid(backbones, tasks, datasets, ks if isinstance(ks, list) else [ks], seeds, protocol)
 
 
-def load_grid(path: str | Path) -> Grid:
+def read_grid_file(path: str | Path) -> dict:
+    """The mapping in a sweep file (the command line may replace some of its axes before the grid is made)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"sweep file {path} not found -- see examples/sweep.yaml for the format")
@@ -180,7 +181,13 @@ def load_grid(path: str | Path) -> Grid:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]}) -- fix the sweep file") from None
-    return grid_from_mapping(data, str(path))
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must be a YAML mapping with keys {', '.join(GRID_KEYS)} -- see examples/sweep.yaml")
+    return data
+
+
+def load_grid(path: str | Path) -> Grid:
+    return grid_from_mapping(read_grid_file(path), str(path))
 
 
 # ---- the plan -----------------------------------------------------------------------------------------

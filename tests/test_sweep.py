@@ -107,6 +107,10 @@ def test_cli_grid_flags_print_the_plan(tmp_path):
                                    store=tmp_path / "s.sqlite", cache=tmp_path / "cache"),
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "K value 'C/2'" in bad.stderr
+    (tmp_path / "bad.yaml").write_text("backbones: [reference\n")  # the file goes through the same reader
+    bad_file = subprocess.run(sweep_cli(str(tmp_path / "bad.yaml"), store=tmp_path / "s.sqlite", cache=tmp_path / "cache"),
+                              capture_output=True, text=True, cwd=ROOT)
+    assert bad_file.returncode == 2 and "Traceback" not in bad_file.stderr and "not valid YAML" in bad_file.stderr
 
 
 KILL_GRID = {"backbones": ["reference"], "tasks": ["kmeans"], "datasets": [{"name": "synthetic", "options": {"n": 6}}],
