@@ -118,16 +118,14 @@ def k_sweep(backbone: str = "dino-vits16", dataset: str = "camvid", data_root: s
     ``threads`` fixes torch and faiss (OpenMP) threads for both sides; one thread by default, so the ratio
     measures work rather than OpenMP contention on a shared machine (faiss with 2 threads on a loaded
     2-core host runs several times slower than with one)."""
-    import faiss
-
     from .features import FeatureCache
+    from .ops import set_threads
     from .runner import RunConfig, Runner
     from .store import ResultStore
     from .sweep import resolve_k
 
     root = data_root or (str(_dataset(dataset, None, split, None).root) if dataset != "synthetic" else None)
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
+    set_threads(threads)
     rows = []
     for warm_up, n in [(True, 2), *((False, n) for n in image_counts)]:  # warm-up: torch, page cache
         with tempfile.TemporaryDirectory() as tmp:

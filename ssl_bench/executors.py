@@ -14,6 +14,7 @@ from typing import Callable
 
 from .errors import UserError
 from .features import FeatureCache
+from .ops import set_threads
 from .runner import Computed, RunConfig, Runner
 from .sweep import Cell, CellCallback, Plan, SweepSummary, one_line
 
@@ -61,19 +62,9 @@ def run_local(plan: Plan, runner: Runner, progress: Callable = lambda it, **_: i
 
 # ---- Ray ----------------------------------------------------------------------------------------------
 
-def _use_threads(threads: int) -> None:
-    """Torch and faiss thread counts of a Ray worker, set like the driver's: float reductions then run in
-    the same order, so a cell gives the local executor's numbers to the last digit (Ray would use 1)."""
-    import faiss
-    import torch
-
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
-
-
 def _extract_task(config: RunConfig, kinds: list[str], cache_root: str, device: str | None, threads: int) -> str:
     """Ray task: fill one feature-cache entry; returns its folder (the cells' dependency)."""
-    _use_threads(threads)
+    set_threads(threads)  # as the driver's: a cell gives the local executor's numbers to the last digit
     runner = Runner(None, FeatureCache(cache_root), device)
     run = runner.resolve(config)
     runner.features(run, run.dataset, kinds, lambda it, **_: it)
@@ -83,7 +74,7 @@ def _extract_task(config: RunConfig, kinds: list[str], cache_root: str, device: 
 def _cell_task(config: RunConfig, cache_root: str, device: str | None, threads: int,
                _extracted: str | None) -> Computed:
     """Ray task: compute one cell from the cache and return it (the driver stores it)."""
-    _use_threads(threads)
+    set_threads(threads)  # as the driver's: a cell gives the local executor's numbers to the last digit
     runner = Runner(None, FeatureCache(cache_root), device)
     return runner.compute(runner.resolve(config))
 

@@ -11,11 +11,11 @@ runs wait for one another instead of extracting twice.
 from __future__ import annotations
 
 import fcntl
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 import hashlib
 import json
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,9 +134,9 @@ class FeatureCache:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else default_cache_dir()
 
-    def key(self, backbone: Backbone, weights_identity: str, dataset: SegDataset, protocol: Protocol) -> CacheKey:
+    def key(self, backbone: str, weights_identity: str, dataset: SegDataset, protocol: Protocol) -> CacheKey:
         ids_sha = hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()[:16]
-        return CacheKey(backbone.spec.name, weights_identity, dataset.name, dataset.split, ids_sha,
+        return CacheKey(backbone, weights_identity, dataset.name, dataset.split, ids_sha,
                         tuple(sorted(protocol.as_dict().items())))
 
     def entry_dir(self, key: CacheKey) -> Path:
@@ -160,7 +160,7 @@ class FeatureCache:
         """
         kinds = sorted(set(kinds))
         backbone.check_kinds(kinds)
-        key = self.key(backbone, weights_identity, dataset, protocol)
+        key = self.key(backbone.spec.name, weights_identity, dataset, protocol)
         folder = self.entry_dir(key)
         folder.mkdir(parents=True, exist_ok=True)
         grids, offsets = self._plan(folder, key, dataset, protocol, backbone.patch_size)

@@ -12,16 +12,27 @@ def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-8) -> np.ndarray
     return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
+def set_threads(threads: int) -> None:
+    """Torch and faiss (OpenMP) thread counts: fixed counts keep float reductions in one order, run after run."""
+    import faiss
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def _upsampled(scores: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))[None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0]
+
+
 def upsample_scores(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear upsampling of per-class scores (K, h, w) to (K, H, W), as STEGO/PriMaPs do before argmax."""
-    t = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))[None]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
+    return _upsampled(scores, size).numpy()
 
 
 def upsample_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Labels (H, W) = argmax of the bilinearly upsampled scores (K, h, w), without a numpy copy of them."""
-    t = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))[None]
-    up = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0]
+    up = _upsampled(scores, size)
     # A running max over the K contiguous maps: ~3x faster than argmax(0), which reduces along the
     # strided outer axis; strict ">" keeps the first maximum, as argmax does.
     best, labels = up[0].clone(), torch.zeros(up.shape[1:], dtype=torch.int64)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .data.shared import shared_data_dir
 from .errors import UserError
+from .ops import set_threads
 
 BASELINES = Path(__file__).resolve().parent.parent / "results" / "regress" / "baselines.json"
 METRICS = ("miou", "acc", "f1")
@@ -82,7 +83,6 @@ def suite_grids() -> tuple[list[dict], list[str]]:
 
 def run_suite(grids: list[dict], only: str | None = None) -> dict[str, dict[str, float]]:
     """Every cell of ``grids`` computed in a temporary store and cache: {case: {metric: value}}."""
-    import faiss
     import torch
 
     from .executors import run_local
@@ -91,8 +91,7 @@ def run_suite(grids: list[dict], only: str | None = None) -> dict[str, dict[str,
     from .store import ResultStore
     from .sweep import grid_from_mapping, make_plan
 
-    torch.set_num_threads(THREADS)
-    faiss.omp_set_num_threads(THREADS)
+    set_threads(THREADS)
     torch.manual_seed(0)
     results = {}
     with tempfile.TemporaryDirectory(prefix="ssl-bench-regress-") as tmp:

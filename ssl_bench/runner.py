@@ -179,6 +179,11 @@ class Runner:
         self._backbones: dict[tuple, Backbone] = {}
         self._datasets: dict[tuple, SegDataset] = {}
 
+    @cached_property
+    def environment(self) -> dict:
+        """Library versions, git commit, host: the same for every cell, so read once (not a subprocess per cell)."""
+        return _environment()
+
     @property
     def store(self) -> ResultStore:
         if self._store is None:
@@ -277,7 +282,7 @@ class Runner:
             split=run.dataset.split, k=run.config["k"], seed=run.config["seed"],
             miou=headline["miou"], acc=headline["acc"], f1=headline["f1"],
             config=run.config, metrics=metrics, stats=result.stats or {}, timings=timings,
-            environment=_environment(),
+            environment=self.environment,
         )
         return Computed(record, self._panel_samples(ctx, run, kept, headline["cluster_to_class"]))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import yaml
@@ -25,6 +24,7 @@ from .data import open_dataset
 from .data.protocol import Protocol
 from .errors import UserError
 from .features import CacheKey
+from .models.weights import is_non_learned
 from .runner import ResolvedRun, RunConfig, Runner
 
 GRID_KEYS = ("backbones", "tasks", "datasets", "k", "seeds", "weights", "weights_seed", "protocol")
@@ -119,11 +119,6 @@ def _entries(data: dict, key: str, source: str) -> list[dict]:
     return out
 
 
-def _non_learned(name: str) -> bool:
-    """Backbones with nothing to load (the same test as models.weights.resolve)."""
-    return registry.backbone(name).family == "reference"
-
-
 def _absolute(root) -> str | None:
     """Data roots as absolute paths: Ray workers do not run in the driver's working folder."""
     return str(Path(str(root)).expanduser().resolve()) if root else None
@@ -144,7 +139,7 @@ def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
     backbones = []
     for e in _entries(data, "backbones", source):
         _check_keys(e, ("name", "weights", "weights_seed"), f"{source}: backbone {e['name']}")
-        default = None if _non_learned(e["name"]) else default_weights  # "random" would mislabel them
+        default = None if is_non_learned(registry.backbone(e["name"])) else default_weights  # nothing to load
         backbones.append(BackboneChoice(e["name"], e.get("weights", default),
                                         int(e.get("weights_seed", default_wseed))))
     tasks = []
@@ -262,7 +257,7 @@ def expand(grid: Grid) -> list[RunConfig]:
 
 def cache_key(runner: Runner, run: ResolvedRun) -> CacheKey:
     """The feature-cache entry a resolved cell reads (the same key the cache itself computes)."""
-    return runner.cache.key(SimpleNamespace(spec=run.spec), run.weights.identity, run.dataset, run.protocol)
+    return runner.cache.key(run.spec.name, run.weights.identity, run.dataset, run.protocol)
 
 
 def make_plan(grid: Grid, runner: Runner, select: Callable[[Cell], bool] = lambda cell: True) -> Plan:

@@ -64,9 +64,14 @@ def locate(spec: BackboneSpec) -> tuple[str, Path] | None:
     return next(((origin, path) for origin, path in candidates + _hub_candidates(spec) if path.is_file()), None)
 
 
+def is_non_learned(spec: BackboneSpec) -> bool:
+    """Backbones with nothing to load (e.g. the reference statistics): never "random weights"."""
+    return spec.family == "reference"
+
+
 def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0, verify: bool = True) -> WeightsSource:
     """Find the weights for ``spec``; ``weights`` is a path, ``"random"``, or None (search)."""
-    if spec.family == "reference":  # non-learned: nothing to load, and never "random weights"
+    if is_non_learned(spec):
         return WeightsSource(None, "none", "non-learned")
     if weights == RANDOM:
         return WeightsSource(None, f"random:{seed}", RANDOM)
