@@ -47,7 +47,8 @@ class ViTBackbone(Backbone):
         captured: dict[str, torch.Tensor] = {}
         hooks = []
         attention = model.blocks[-1].attn
-        if kinds & {"key", "query", "value", "attn"}:  # the attention's input; q, k, v recomputed below
+        if kinds & {"key", "query", "value", "attn"}:  # the fused projection's output, or the input to redo it
+            hooks.append(attention.qkv.register_forward_hook(lambda m, i, out: captured.__setitem__("qkv", out)))
             hooks.append(attention.register_forward_pre_hook(lambda m, args: captured.__setitem__("attn_in", args[0])))
         for kind in filter(is_layer_kind, kinds):
             hooks.append(model.blocks[int(kind[5:])].register_forward_hook(
@@ -69,7 +70,9 @@ class ViTBackbone(Backbone):
             out[kind] = captured[kind][:, prefix:].reshape(b, h, w, -1)
         if "attn_in" in captured:
             n = tokens.shape[1]
-            qkv = _qkv_projection(attention, captured["attn_in"])
+            qkv = captured.get("qkv")
+            if qkv is None:  # the attention bypassed its qkv module (separate q/v biases): redo the projection
+                qkv = _qkv_projection(attention, captured["attn_in"])
             qkv = qkv.reshape(b, n, 3, attention.num_heads, -1).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
             q, k = attention.q_norm(q), attention.k_norm(k)
@@ -83,8 +86,8 @@ class ViTBackbone(Backbone):
 
 
 def _qkv_projection(attention: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The fused q, k, v projection of ``x``, (B, N, 3 * dim). Recomputed rather than hooked because
-    some attentions (timm's EVA/DINOv3 with separate q/v biases) bypass their ``qkv`` module call."""
+    """The fused q, k, v projection of ``x``, (B, N, 3 * dim), for attentions that bypass their ``qkv``
+    module call (timm's EVA/DINOv3 with separate q/v biases), so no forward hook of it fires."""
     out = F.linear(x, attention.qkv.weight, attention.qkv.bias)
     if getattr(attention, "q_bias", None) is not None:
         out = out + torch.cat((attention.q_bias, attention.k_bias, attention.v_bias))

@@ -98,8 +98,9 @@ def _sha256_memo(path: Path, size: int, mtime_ns: int) -> str:
 
 
 def _identity(spec: BackboneSpec, path: Path, verify: bool) -> str:
-    stat = path.resolve().stat()
-    digest = _sha256_memo(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    real = path.resolve()
+    stat = real.stat()
+    digest = _sha256_memo(real, stat.st_size, stat.st_mtime_ns)
     if verify and spec.sha256 and path.name == expected_file(spec) and not digest.startswith(spec.sha256):
         raise UserError(f"{path} has sha256 {digest[:12]}..., the registry expects {spec.sha256[:12]}... "
                         "for that file -- download it again")
