@@ -94,14 +94,19 @@ class TaskSpec:
         return params
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_mapping(path: Path, what: str, example: str) -> dict:
+    """The mapping in a YAML file (registry entries, sweep grids); anything else is one clear line."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML ({err}) -- fix the registry file") from err
+        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]}) -- fix the {what}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping -- see the other files in {path.parent}")
+        raise UserError(f"{path} must hold a mapping -- see {example}")
     return data
+
+
+def _read_yaml(path: Path) -> dict:
+    return read_yaml_mapping(path, "registry file", f"the other files in {path.parent}")
 
 
 @cache

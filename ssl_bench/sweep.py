@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from . import registry
 from .data import open_dataset
 from .data.protocol import Protocol
@@ -172,13 +170,7 @@ def read_grid_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"sweep file {path} not found -- see examples/sweep.yaml for the format")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]}) -- fix the sweep file") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must be a YAML mapping with keys {', '.join(GRID_KEYS)} -- see examples/sweep.yaml")
-    return data
+    return registry.read_yaml_mapping(path, "sweep file", f"examples/sweep.yaml (keys: {', '.join(GRID_KEYS)})")
 
 
 def load_grid(path: str | Path) -> Grid:

@@ -22,6 +22,17 @@ def shared_dataset():
 
 
 @pytest.fixture
+def one_thread():
+    """Small tensors: extra intra-op threads only add overhead (and stall badly on a busy 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def runner(tmp_path):
     from ssl_bench.features import FeatureCache
     from ssl_bench.runner import Runner

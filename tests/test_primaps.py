@@ -17,12 +17,8 @@ from ssl_bench.methods import primaps as pm
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threading only adds overhead (and stalls badly on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_tensors_one_thread(one_thread):
+    """Every test here works on tiny tensors (see conftest's one_thread)."""
 
 
 def two_halves(h=10, w=10, d=8, noise=0.05, seed=0):

@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from ssl_bench.errors import UserError
 from ssl_bench.runner import RunConfig
@@ -48,15 +47,6 @@ def _chance(runner, cfg: RunConfig, seed: int = 0) -> dict:
         counts += np.bincount(label[label >= 0], minlength=len(counts))
     scores = conf.compute(ctx.k)
     return {"miou": scores["miou"], "acc": scores["acc"], "majority_acc": 100 * counts.max() / counts.sum()}
-
-
-@pytest.fixture
-def one_thread():
-    """Small tensors: extra intra-op threads only stall on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

@@ -34,16 +34,15 @@ class CNNBackbone(Backbone):
         super().__init__(spec)
         self.model = model  # owns the parameters under their checkpoint names
         self._parts = parts  # views into model (a plain tuple, so nothing is registered twice)
-        self._stages = parts.stages
 
     @property
     def num_layers(self) -> int:
-        return len(self._stages)
+        return len(self._parts.stages)
 
     def _extract(self, images: torch.Tensor, kinds: set[str]) -> dict[str, torch.Tensor]:
         x = self._parts.stem(images)
         maps = []
-        for stage in self._stages:
+        for stage in self._parts.stages:
             x = stage(x)
             maps.append(x)
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
