@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
+from ssl_bench import ops
 from ssl_bench.errors import UserError
 
 BACKENDS = ("louvain", "igraph")
@@ -268,11 +269,6 @@ def segment_crop(
 # ----------------------------------------------------------------------------------------------
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding: faiss only seeds at random, which often merges well-separated classes."""
     centres = [x[rng.integers(len(x))]]
@@ -295,7 +291,7 @@ def cluster_segments(
     """
     import faiss
 
-    x = np.ascontiguousarray(_l2n(features))
+    x = np.ascontiguousarray(ops.l2_normalize(features, eps=1e-12))
     k_eff = min(k, x.shape[0])
     rng = np.random.default_rng(seed)
     best = None
@@ -312,9 +308,7 @@ def cluster_segments(
 
 def nearest_centroid(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Cluster id of each L2-normalised embedding (N, d): used to label a held-out split."""
-    x = _l2n(features)
-    d2 = (x**2).sum(1)[:, None] - 2 * x @ centroids.T + (centroids**2).sum(1)[None]
-    return d2.argmin(1).astype(np.int64)
+    return ops.nearest_centroid(ops.l2_normalize(features, eps=1e-12), centroids)[0].astype(np.int64)
 
 
 def paint_segments(segment_map: np.ndarray, segment_labels: np.ndarray) -> np.ndarray:
