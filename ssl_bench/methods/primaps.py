@@ -614,16 +614,15 @@ def image_proposals(features: np.ndarray, size: tuple[int, int], image: np.ndarr
 
 def _predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None) -> dict[str, np.ndarray]:
     """Upsample scores to label size, argmax; with an image (CRF on) also keep the un-refined prediction."""
-    from ..ops import softmax, upsample_scores
+    from ..ops import softmax, upsample_argmax, upsample_scores
 
-    up = upsample_scores(scores, size)
-    out = {"final": up.argmax(0).astype(np.int64)}
-    if image is not None:
-        from ..crf import dense_crf
+    if image is None:
+        return {"final": upsample_argmax(scores, size)}
+    from ..crf import dense_crf
 
-        refined = dense_crf(np.array(image, dtype=np.uint8, order="C"), softmax(up, 0))  # writable copy
-        out = {"nocrf": out["final"], "final": refined.argmax(0).astype(np.int64)}
-    return out
+    up = upsample_scores(scores, size)  # the CRF needs the scores themselves
+    refined = dense_crf(np.array(image, dtype=np.uint8, order="C"), softmax(up, 0))  # writable copy
+    return {"nocrf": up.argmax(0).astype(np.int64), "final": refined.argmax(0).astype(np.int64)}
 
 
 def run(ctx):
