@@ -6,6 +6,9 @@ Images may differ in size (``crop: none``): every kind is stored as flat rows, i
 ``offsets[i]:offsets[i+1]``. Progress is committed (atomic rename) after each batch is flushed, so an
 interrupted extraction resumes at the first image not yet committed. A file lock makes concurrent
 runs wait for one another instead of extracting twice.
+
+Ground truth is cached the same way (``LabelCache``): decoded and resized once per dataset and protocol,
+so the K values and seeds of a sweep never decode a label file twice.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import numpy as np
 import torch
 
 from .data.base import SegDataset
+from .errors import UserError
 from .data.protocol import Protocol
+from .ops import as_float32
 from .models.base import Backbone
 
 
@@ -50,7 +55,7 @@ class FeatureStore:
         return int(self.grids[i][0]), int(self.grids[i][1])
 
     def __getitem__(self, i: int) -> np.ndarray:
-        rows = np.asarray(self.flat[self.offsets[i]:self.offsets[i + 1]], dtype=np.float32)
+        rows = as_float32(self.flat[self.offsets[i]:self.offsets[i + 1]])
         if _per_image(self.kind):
             return rows[0]
         h, w = self.grid(i)
@@ -68,6 +73,7 @@ class CacheKey:
     split: str
     ids_sha: str  # the image list itself, so a subset or a changed folder gets its own entry
     protocol: tuple
+    options: tuple = ()  # reader options that change the content (e.g. the synthetic set's seed)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:16]
@@ -133,11 +139,17 @@ def _locked(path: Path):
 class FeatureCache:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else default_cache_dir()
+        self.labels = LabelCache(self.root / "_labels")  # no backbone is called "_labels"
 
     def key(self, backbone: str, weights_identity: str, dataset: SegDataset, protocol: Protocol) -> CacheKey:
+        image_options = {k: v for k, v in dataset.options.items() if k in dataset.image_options}
+        return self._key(backbone, weights_identity, dataset, protocol, image_options)
+
+    @staticmethod
+    def _key(backbone: str, weights_identity: str, dataset: SegDataset, protocol: Protocol, options: dict) -> CacheKey:
         ids_sha = hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()[:16]
         return CacheKey(backbone, weights_identity, dataset.name, dataset.split, ids_sha,
-                        tuple(sorted(protocol.as_dict().items())))
+                        tuple(sorted(protocol.as_dict().items())), tuple(sorted(options.items())))
 
     def entry_dir(self, key: CacheKey) -> Path:
         return self.root / key.backbone / f"{key.dataset}-{key.split}" / key.digest()
@@ -226,10 +238,72 @@ class FeatureCache:
 
     @staticmethod
     def open(folder: Path, kind: str, grids: np.ndarray, offsets: np.ndarray) -> FeatureStore:
-        flat = np.load(folder / f"{kind}.npy", mmap_mode="r")
+        flat = np.load(folder / f"{kind}.npy", mmap_mode="c")  # copy-on-write: never written, but torch-viewable
         if _per_image(kind):
             offsets = np.arange(len(grids) + 1)
         return FeatureStore(kind, flat, offsets, grids)
+
+
+class LabelStore:
+    """Ground truth of one split at protocol resolution; ``labels[i]`` is image ``i``'s int64 (H, W) map."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray, shapes: np.ndarray):
+        self.flat, self.offsets, self.shapes = flat, offsets, shapes
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        h, w = self.shapes[i]
+        return self.flat[self.offsets[i]:self.offsets[i + 1]].reshape(h, w).astype(np.int64)
+
+
+class LabelCache:
+    """Labels decoded once per (dataset, reader options, protocol, patch multiple) and kept as one int16
+    memory map, so the cells of a sweep (every backbone of that patch size, task, K and seed) read them
+    instead of decoding and resizing every label file again. Written whole, then published by rename."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def ensure(self, dataset: SegDataset, protocol: Protocol, multiple: int,
+               progress: Callable = lambda it, **_: it) -> LabelStore:
+        key = FeatureCache._key("labels", f"multiple={multiple}", dataset, protocol, dataset.options)
+        folder = self.root / f"{dataset.name}-{dataset.split}" / key.digest()
+        meta = folder / "labels.json"
+        if not meta.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            with _locked(folder / ".lock"):  # another process may have written it meanwhile
+                if not meta.exists():
+                    self._decode(folder, key, dataset, protocol, multiple, progress)
+        info = json.loads(meta.read_text())
+        return LabelStore(np.load(folder / "labels.npy", mmap_mode="r"), np.array(info["offsets"], dtype=np.int64),
+                          np.array(info["shapes"], dtype=np.int64).reshape(-1, 2))
+
+    @staticmethod
+    def _decode(folder: Path, key: CacheKey, dataset: SegDataset, protocol: Protocol, multiple: int,
+                progress: Callable) -> None:
+        shapes = np.array([protocol.output_size(*dataset.image_size(i), multiple) for i in range(len(dataset))],
+                          dtype=np.int64).reshape(-1, 2)
+        offsets = np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1])]).astype(np.int64)
+        tmp = folder / f"labels.{os.getpid()}.tmp.npy"
+        flat = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(int(offsets[-1]),))
+        for i in progress(range(len(dataset)), desc=f"decode labels of {dataset.name}/{dataset.split}",
+                          total=len(dataset)):
+            label = protocol.apply_label(dataset.load_label(i), multiple)
+            if label.shape != tuple(shapes[i]):
+                raise UserError(f"{dataset.name}/{dataset.split} {dataset.ids[i]}: the label is not the size of "
+                                f"its image (gives {label.shape} at protocol resolution, not {tuple(shapes[i])}) "
+                                f"-- fix or remove that pair")
+            if label.size and (label.min() < -1 or label.max() > np.iinfo(np.int16).max):
+                raise UserError(f"{dataset.name}/{dataset.split} {dataset.ids[i]}: class ids outside -1..32767 "
+                                f"-- the reader must map raw values to class ids")
+            flat[offsets[i]:offsets[i + 1]] = label.ravel()
+        flat.flush()
+        del flat
+        os.replace(tmp, folder / "labels.npy")
+        _write_json_atomic(folder / "labels.json", {"key": key.__dict__, "ids": dataset.ids,
+                                                    "shapes": shapes.tolist(), "offsets": offsets.tolist()})
 
 
 def features_of(backbone: Backbone, dataset: SegDataset, protocol: Protocol, kinds: Iterable[str],

@@ -7,9 +7,18 @@ import torch
 import torch.nn.functional as F
 
 
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """``x`` as a float32 array; float16 (the feature cache's dtype) converts through torch, ~5x faster than
+    numpy's half-to-float loop and bit-identical to it."""
+    if isinstance(x, np.ndarray) and x.dtype == np.float16 and x.flags.writeable:
+        return torch.from_numpy(x).float().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
 def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-8) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
+    """``x / max(||x||, eps)`` along ``axis``, float32 (torch's norm: ~20x faster than ``np.linalg.norm``)."""
+    t = torch.from_numpy(np.ascontiguousarray(as_float32(x)))
+    return F.normalize(t, dim=axis, eps=eps).numpy()
 
 
 def set_threads(threads: int) -> None:
@@ -20,27 +29,22 @@ def set_threads(threads: int) -> None:
     faiss.omp_set_num_threads(threads)
 
 
-def _upsampled(scores: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))[None]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0]
-
-
 def upsample_scores(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear upsampling of per-class scores (K, h, w) to (K, H, W), as STEGO/PriMaPs do before argmax."""
-    return _upsampled(scores, size).numpy()
+    t = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))[None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
 
 
 def upsample_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Labels (H, W) = argmax of the bilinearly upsampled scores (K, h, w), without a numpy copy of them."""
-    up = _upsampled(scores, size)
-    # A running max over the K contiguous maps: ~3x faster than argmax(0), which reduces along the
-    # strided outer axis; strict ">" keeps the first maximum, as argmax does.
-    best, labels = up[0].clone(), torch.zeros(up.shape[1:], dtype=torch.int64)
-    for k in range(1, len(up)):
-        better = up[k] > best
-        labels[better] = k
-        torch.maximum(best, up[k], out=best)
-    return labels.numpy()
+    """Labels (H, W) = argmax (first maximum) of the bilinearly upsampled scores (K, h, w).
+
+    Upsampled channels-last, so each pixel's K scores are contiguous for the argmax: 2.5-4x faster than
+    channels-first. Its interpolation rounds differently in the last bit, which changes a label only at
+    exact float ties (about 1 pixel in 10^6 on CamVid)."""
+    t = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))[None]
+    up = F.interpolate(t.contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
+                       align_corners=False)
+    return up[0].permute(1, 2, 0).argmax(-1).numpy()
 
 
 def upsample_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

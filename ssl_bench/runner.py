@@ -26,7 +26,7 @@ from .data import open_dataset
 from .data.base import SegDataset
 from .data.protocol import Protocol
 from .errors import UserError
-from .features import FeatureCache, FeatureStore
+from .features import FeatureCache, FeatureStore, LabelStore
 from .metrics import StreamingConfusion
 from .models import Backbone, WeightsSource, build_backbone, resolve
 from .store import ResultStore, RunRecord
@@ -131,7 +131,15 @@ class TaskContext:
         return self.protocol.apply_image(image, self._run.spec.patch_size)
 
     def label(self, i: int, split: str | None = None) -> np.ndarray:
-        return self.protocol.apply_label(self.dataset_for(split).load_label(i), self._run.spec.patch_size)
+        """Ground truth (H, W) of image ``i`` at protocol resolution; the evaluated split's comes from the
+        label cache (decoded once for the whole sweep), other splits' are decoded on demand."""
+        if split is None or split == self.split:
+            return self.evaluated_labels[i]
+        return self.protocol.apply_label(self.dataset_for(split).load_label(i), self.patch_size)
+
+    @cached_property
+    def evaluated_labels(self) -> LabelStore:
+        return self._runner.cache.labels.ensure(self.dataset, self.protocol, self.patch_size, self.progress)
 
 
 # ---- the runner ---------------------------------------------------------------------------------------
@@ -266,6 +274,9 @@ class Runner:
         timings["features"] = time.perf_counter() - t0
 
         ctx = TaskContext(self, run, progress)
+        t0 = time.perf_counter()
+        ctx.evaluated_labels  # decoded into the cache before the task, whose predictions stream into evaluation
+        timings["labels"] = time.perf_counter() - t0
         entry = registry.load_entrypoint(run.task.entrypoint)
         t0 = time.perf_counter()
         result: TaskResult = entry(ctx)

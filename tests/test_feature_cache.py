@@ -6,7 +6,9 @@ import torch
 from PIL import Image
 
 from ssl_bench import registry
+from ssl_bench.data import open_dataset
 from ssl_bench.data.base import SegDataset
+from ssl_bench.errors import UserError
 from ssl_bench.data.protocol import Protocol
 from ssl_bench.features import FeatureCache
 from ssl_bench.models import build_backbone, resolve
@@ -120,3 +122,48 @@ def test_new_kind_extends_an_existing_entry(tmp_path, vit):
     counting = CountingBackbone(vit)
     stores = cache.ensure(counting, "random:0", ds, protocol, ["patch", "value"], batch_size=1, workers=0)
     assert counting.calls == 2 and stores["value"][0].shape == (2, 2, 384)
+
+
+class LabelledArrays(ArrayDataset):
+    """In-memory images with labels; counts label decodes."""
+
+    def __init__(self, images, labels):
+        super().__init__(images)
+        self.labels, self.decoded = labels, 0
+
+    def load_label(self, i):
+        self.decoded += 1
+        return self.labels[i].copy()
+
+
+def test_labels_are_decoded_once_per_dataset_and_protocol(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = images(3, sizes=((48, 64), (64, 48), (40, 40)))
+    ds = LabelledArrays(imgs, [rng.integers(-1, 5, im.shape[:2]) for im in imgs])
+    protocol = Protocol(resize=32, crop="none")
+    store = FeatureCache(tmp_path).labels.ensure(ds, protocol, 16)
+    assert ds.decoded == 3 and store.flat.dtype == np.int16
+    for i in range(3):
+        expected = protocol.apply_label(ds.labels[i], 16)
+        assert store[i].dtype == np.int64 and np.array_equal(store[i], expected)
+    again = FeatureCache(tmp_path).labels.ensure(ds, protocol, 16)  # another runner, same cache
+    assert ds.decoded == 3 and np.array_equal(again[2], store[2])
+    FeatureCache(tmp_path).labels.ensure(ds, Protocol(resize=48, crop="none"), 16)  # another protocol
+    assert ds.decoded == 6
+
+
+def test_a_label_that_is_not_the_size_of_its_image_is_one_clear_error(tmp_path):
+    imgs = images(2)
+    ds = LabelledArrays(imgs, [np.zeros((48, 64), np.int64), np.zeros((10, 40), np.int64)])
+    with pytest.raises(UserError, match=r"img1: the label is not the size of its image"):
+        FeatureCache(tmp_path).labels.ensure(ds, Protocol(resize=32, crop="none"), 16)
+    assert not list(tmp_path.glob("_labels/*/*/labels.json"))  # nothing half-written is ever read
+
+
+def test_cache_keys_follow_the_dataset_options_that_change_the_data(tmp_path):
+    cache, protocol = FeatureCache(tmp_path), Protocol()
+    default, seed0, seed1 = (open_dataset("synthetic", None, "val", **o) for o in ({}, {"seed": 0}, {"seed": 1}))
+    assert cache.key("b", "w", default, protocol) == cache.key("b", "w", seed0, protocol)
+    assert cache.key("b", "w", seed0, protocol) != cache.key("b", "w", seed1, protocol)
+    labels = [cache.labels.ensure(ds, protocol, 16) for ds in (seed0, seed1)]
+    assert not np.array_equal(labels[0][0], labels[1][0])

@@ -28,7 +28,15 @@ def test_kmeans_on_separable_features_beats_chance(runner):
     rec = runner.run(RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=SMALL)).record
     assert rec["miou"] > 45 and rec["acc"] > 60  # 5 classes: chance mIoU is about 20
     assert rec["config"]["protocol"]["resize"] == 320 and rec["environment"]["torch"]
-    assert set(rec["timings"]) == {"features", "task", "evaluate"}
+    assert set(rec["timings"]) == {"features", "labels", "task", "evaluate"}
+
+
+def test_synthetic_seeds_never_share_cached_features(runner):
+    # seed=1 renders other images; it once reused seed=0's cached features and scored at chance
+    runs = {seed: runner.run(RunConfig(backbone="reference", task="kmeans", dataset="synthetic",
+                                       dataset_options=(("n", 12), ("seed", seed)))).record for seed in (0, 1)}
+    assert runs[0]["miou"] > 45 and runs[1]["miou"] > 45
+    assert len({p.parent for p in runner.cache.root.glob("reference/synthetic-val/*/meta.json")}) == 2
 
 
 def _chance(runner, cfg: RunConfig, seed: int = 0) -> dict:

@@ -54,6 +54,7 @@ def open_dataset(name: str, root: str | Path | None, split: str | None, **option
         valid = ", ".join(f"{k}={v!r}" for k, v in [*known.items(), ("limit", None)])
         raise UserError(f"unknown option(s) {', '.join(unknown)} for dataset {name!r} -- valid options: {valid}")
     dataset = cls(root, split or cls.default_split, **options)
+    dataset._options = {**known, **options}  # cache keys: seed=0 given or defaulted is the same data
     return dataset if limit is None else _first(dataset, limit)
 
 

@@ -125,6 +125,9 @@ class SegDataset:
     num_classes: int
     class_names: list[str]
     palette: np.ndarray  # (num_classes, 3) uint8
+    # Reader options that change the images themselves, hence the features: part of the feature cache key
+    # (every option is part of the label cache key).
+    image_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, root: str | Path | None, split: str):
         self._check_split(split)
@@ -152,6 +155,11 @@ class SegDataset:
         raise NotImplementedError
 
     # --- public interface -----------------------------------------------------------------------
+    @property
+    def options(self) -> dict:
+        """Reader options as opened, defaults included (``open_dataset`` records them)."""
+        return getattr(self, "_options", {})
+
     @property
     def ids(self) -> list[str]:
         return [s.id for s in self.samples]

@@ -35,6 +35,7 @@ class SyntheticDataset(SegDataset):
     class_names = CLASS_NAMES
     num_classes = len(CLASS_NAMES)
     palette = MEAN_COLOURS.astype(np.uint8)
+    image_options = ("size", "seed")  # n is in the ids
 
     def __init__(self, root=None, split: str = "val", n: int = 24, size: int = 192, seed: int = 0):
         self._check_split(split)

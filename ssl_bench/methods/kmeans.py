@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..crf import STEGO_CRF, dense_crf
-from ..ops import kmeans, l2_normalize, sample_rows, softmax, upsample_argmax, upsample_scores
+from ..ops import as_float32, kmeans, l2_normalize, sample_rows, softmax, upsample_argmax, upsample_scores
 
 
 def fit_centroids(features: np.ndarray, k: int, seed: int, iterations: int = 50) -> np.ndarray:
@@ -19,8 +19,9 @@ def fit_centroids(features: np.ndarray, k: int, seed: int, iterations: int = 50)
 
 
 def cluster_scores(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each patch (h, w, d) to each centroid: (k, h, w)."""
-    return np.einsum("hwd,kd->khw", l2_normalize(features), l2_normalize(centroids))
+    """Cosine similarity of each patch (h, w, d) to each centroid: (k, h, w), a view of an (h, w, k) product
+    (a matmul is 4x faster than the equivalent einsum; upsampling wants channels last anyway)."""
+    return (l2_normalize(features) @ l2_normalize(centroids).T).transpose(2, 0, 1)
 
 
 def predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None = None,
@@ -39,7 +40,7 @@ def run(ctx):
     p = ctx.params
     fit = ctx.features("patch", p["fit_split"])
     rows = sample_rows(len(fit.flat), p["max_fit_patches"], ctx.seed)
-    centroids = fit_centroids(np.asarray(fit.flat[rows], dtype=np.float32), ctx.k, ctx.seed, p["iterations"])
+    centroids = fit_centroids(as_float32(fit.flat[rows]), ctx.k, ctx.seed, p["iterations"])
     feats = ctx.features("patch")
 
     def predictions():

@@ -1,0 +1,13 @@
+"""The committed benchmarks run end to end (their figures are read from results/bench, never asserted)."""
+
+from ssl_bench.bench import k_sweep
+
+
+def test_k_sweep_reports_each_k_against_one_extraction(one_thread):
+    result = k_sweep(dataset="synthetic", image_counts=(2, 3), ks=("C", "2C"), repeats=1)
+    assert [row["images"] for row in result["rows"]] == [2, 3]
+    row = result["rows"][-1]
+    assert [cell["k"] for cell in row["cells"]] == [5, 10]  # C = 5 synthetic classes
+    assert row["extraction_s"] > 0 and row["labels_s"] > 0 and all(c["fit_s"] > 0 for c in row["cells"])
+    assert set(row["k_cell_fraction_by_k"]) == {5, 10} and "labels" in row["cells"][0]["stages"]
+    assert result["linear_fit"]["seconds_per_image"] == result["linear_fit"]["seconds_per_image"]  # not NaN
