@@ -7,15 +7,19 @@ by the dense CRF those papers share.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ..crf import STEGO_CRF, dense_crf
-from ..ops import as_float32, kmeans, l2_normalize, sample_rows, softmax, upsample_argmax, upsample_scores
+from ..ops import (UpsampleArgmax, as_float32, kmeans, l2_normalize, sample_rows, softmax, upsample_argmax,
+                   upsample_scores)
 
 
-def fit_centroids(features: np.ndarray, k: int, seed: int, iterations: int = 50) -> np.ndarray:
-    """Unit-norm centroids (k, d) of cosine k-means on feature rows (n, d)."""
-    return kmeans(l2_normalize(features), k, seed=seed, iterations=iterations, spherical=True)
+def fit_centroids(features: np.ndarray, k: int, seed: int, iterations: int = 50, copy: bool = True) -> np.ndarray:
+    """Unit-norm centroids (k, d) of cosine k-means on feature rows (n, d) (``copy=False``: a float32 scratch
+    array the caller gives up, normalised in place)."""
+    return kmeans(l2_normalize(features, copy=copy), k, seed=seed, iterations=iterations, spherical=True)
 
 
 def cluster_scores(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -25,11 +29,12 @@ def cluster_scores(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None = None,
-            crf_alpha: float = 0.0) -> np.ndarray:
+            crf_alpha: float = 0.0, argmax: Callable = upsample_argmax) -> np.ndarray:
     """Labels (H, W) from patch scores (k, h, w); with ``image`` and ``crf_alpha`` > 0, CRF-refined
-    (probabilities are softmax(alpha * cosine), as STEGO's cluster probabilities)."""
+    (probabilities are softmax(alpha * cosine), as STEGO's cluster probabilities). ``argmax``: an
+    ``ops.UpsampleArgmax`` reused over a split's images."""
     if image is None or crf_alpha <= 0:
-        return upsample_argmax(scores, size)
+        return argmax(scores, size)
     up = upsample_scores(scores, size)
     return dense_crf(image, softmax(crf_alpha * up, axis=0), **STEGO_CRF).argmax(0).astype(np.int64)
 
@@ -40,13 +45,14 @@ def run(ctx):
     p = ctx.params
     fit = ctx.features("patch", p["fit_split"])
     rows = sample_rows(len(fit.flat), p["max_fit_patches"], ctx.seed)
-    centroids = fit_centroids(as_float32(fit.flat[rows]), ctx.k, ctx.seed, p["iterations"])
+    centroids = fit_centroids(as_float32(fit.flat[rows]), ctx.k, ctx.seed, p["iterations"], copy=False)
     feats = ctx.features("patch")
 
     def predictions():
+        argmax = UpsampleArgmax()
         for i in range(len(feats)):
             image = ctx.image(i) if p["crf"] else None
-            labels = predict(cluster_scores(feats[i], centroids), ctx.label_size(i), image, p["crf_alpha"])
+            labels = predict(cluster_scores(feats[i], centroids), ctx.label_size(i), image, p["crf_alpha"], argmax)
             yield Prediction(i, labels)
 
     return TaskResult(predictions(), stats={"fit_patches": int(len(rows))})
