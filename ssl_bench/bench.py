@@ -8,6 +8,7 @@ that produced them. No benchmark asserts a threshold; the closing notes compare 
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import os
 import platform
@@ -19,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import yaml
 
 from . import registry
 from .data import open_dataset
@@ -246,6 +248,23 @@ def result_file(name: str, tag: str | None = None) -> str:
     return f"{name}-{tag}.json" if tag else f"{name}.json"
 
 
+def _as_declared(function: Callable, kwargs: dict) -> dict:
+    """Arguments checked against the benchmark's signature; ``image_counts=25,50`` where a tuple is
+    expected becomes (25, 50) (a string would otherwise be iterated character by character)."""
+    params = inspect.signature(function).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise UserError(f"unknown argument(s) {', '.join(unknown)} -- this benchmark takes: {', '.join(params)}")
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(params[key].default, tuple) and isinstance(value, str):
+            value = tuple(yaml.safe_load(v) for v in value.split(","))
+        elif isinstance(params[key].default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        out[key] = value
+    return out
+
+
 def run_benchmark(name: str, output_dir: Path | None = Path("results/bench"), tag: str | None = None,
                   **kwargs) -> dict:
     available = available_benchmarks()
@@ -253,6 +272,7 @@ def run_benchmark(name: str, output_dir: Path | None = Path("results/bench"), ta
         raise UserError(f"unknown benchmark '{name}' -- choose one of: {', '.join(available)}")
     function = available[name]
     function = registry.load_entrypoint(function) if isinstance(function, str) else function
+    kwargs = _as_declared(function, kwargs)
     result = {"benchmark": name, "arguments": kwargs, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M"),
               "result": function(**kwargs)}
     if output_dir:

@@ -11,3 +11,15 @@ def test_k_sweep_reports_each_k_against_one_extraction(one_thread):
     assert row["extraction_s"] > 0 and row["labels_s"] > 0 and all(c["fit_s"] > 0 for c in row["cells"])
     assert set(row["k_cell_fraction_by_k"]) == {5, 10} and "labels" in row["cells"][0]["stages"]
     assert result["linear_fit"]["seconds_per_image"] == result["linear_fit"]["seconds_per_image"]  # not NaN
+
+
+def test_benchmark_arguments_follow_the_signature():
+    import pytest
+
+    from ssl_bench.bench import _as_declared
+    from ssl_bench.errors import UserError
+
+    assert _as_declared(k_sweep, {"image_counts": "25,50", "ks": "C,2C", "repeats": 1}) == \
+        {"image_counts": (25, 50), "ks": ("C", "2C"), "repeats": 1}
+    with pytest.raises(UserError, match="unknown argument.*imagecounts.*takes: backbone"):
+        _as_declared(k_sweep, {"imagecounts": 3})
