@@ -143,7 +143,7 @@ class FeatureCache:
 
     def key(self, backbone: str, weights_identity: str, dataset: SegDataset, protocol: Protocol) -> CacheKey:
         image_options = {k: v for k, v in dataset.options.items() if k in dataset.image_options}
-        return self._key(backbone, weights_identity, dataset, protocol, image_options)
+        return self._key(backbone, weights_identity, dataset, protocol, {**image_options, **dataset.identity})
 
     @staticmethod
     def _key(backbone: str, weights_identity: str, dataset: SegDataset, protocol: Protocol, options: dict) -> CacheKey:
@@ -268,7 +268,8 @@ class LabelCache:
 
     def ensure(self, dataset: SegDataset, protocol: Protocol, multiple: int,
                progress: Callable = lambda it, **_: it) -> LabelStore:
-        key = FeatureCache._key("labels", f"multiple={multiple}", dataset, protocol, dataset.options)
+        key = FeatureCache._key("labels", f"multiple={multiple}", dataset, protocol,
+                                {**dataset.options, **dataset.identity})
         folder = self.root / f"{dataset.name}-{dataset.split}" / key.digest()
         meta = folder / "labels.json"
         if not meta.exists():

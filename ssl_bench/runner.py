@@ -241,6 +241,8 @@ class Runner:
             "num_classes": probe.num_classes, "k": k, "seed": cfg.seed, "protocol": protocol.as_dict(),
             "data_root": cfg.data_root,
         }
+        if probe.identity:  # a generic folder is its location (absent otherwise: earlier hashes stay valid)
+            config["dataset_identity"] = probe.identity
         hashed = {key: v for key, v in config.items() if key != "data_root"}  # same data elsewhere: same run
         run = ResolvedRun(config, config_hash(hashed), spec, task, source, probe, protocol)
         self._datasets[(probe.name, cfg.data_root, split, tuple(sorted(options.items())))] = probe

@@ -39,6 +39,29 @@ def test_synthetic_seeds_never_share_cached_features(runner):
     assert len({p.parent for p in runner.cache.root.glob("reference/synthetic-val/*/meta.json")}) == 2
 
 
+def test_two_folders_with_the_same_file_names_are_two_datasets(runner, tmp_path):
+    from PIL import Image
+
+    from ssl_bench.report.tables import dataset_label
+
+    for name, colours in (("site-a", ((200, 30, 30), (30, 30, 200))), ("site-b", ((30, 200, 30), (90, 90, 90)))):
+        root = tmp_path / name
+        (root / "images").mkdir(parents=True)
+        (root / "masks").mkdir()
+        (root / "classes.txt").write_text("left\nright\n")
+        mask = np.zeros((64, 64), np.uint8)
+        mask[:, 32:] = 1
+        for stem in ("001", "002"):
+            Image.fromarray(np.array(colours, np.uint8)[mask]).save(root / "images" / f"{stem}.png")
+            Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+    runs = [runner.run(RunConfig(backbone="reference", task="kmeans", dataset="folder", data_root=str(tmp_path / n)))
+            for n in ("site-a", "site-b")]
+    assert all(r.computed for r in runs)  # the second folder is not "already stored" as the first
+    assert runs[0].record["config_hash"] != runs[1].record["config_hash"]
+    assert len(list(runner.cache.root.glob("reference/folder-val/*/meta.json"))) == 2
+    assert [dataset_label(r.record["config"]) for r in runs] == ["folder:site-a", "folder:site-b"]
+
+
 def _chance(runner, cfg: RunConfig, seed: int = 0) -> dict:
     """Scores of seeded uniform-random labels through the same matching and metrics as a real run, and the
     pixel accuracy of always predicting the most frequent class: what "above chance" must beat."""

@@ -161,6 +161,12 @@ class SegDataset:
         return getattr(self, "_options", {})
 
     @property
+    def identity(self) -> dict:
+        """What tells this data apart beyond its name, options and ids: nothing for a named benchmark (its
+        copies are interchangeable, so moving one keeps its cache and results); see FolderDataset."""
+        return {}
+
+    @property
     def ids(self) -> list[str]:
         return [s.id for s in self.samples]
 

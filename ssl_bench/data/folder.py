@@ -30,6 +30,11 @@ class FolderDataset(SegDataset):
         self.ignore = int(ignore)
         super().__init__(root, split)
 
+    @property
+    def identity(self) -> dict:
+        # Two folders may hold the same file names and other pixels: a generic folder is its location.
+        return {"root": str(self.root.resolve())}
+
     def _index(self) -> list[Sample]:
         classes = self.root / "classes.txt"
         if not classes.is_file():

@@ -17,6 +17,7 @@ import html
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -239,7 +240,8 @@ def dataset_label(config: dict) -> str:
     """Dataset name, plus the split, options and protocol where they differ from the defaults."""
     name = config["dataset"]
     cls = DATASETS.get(name)
-    parts = [name]
+    root = (config.get("dataset_identity") or {}).get("root")
+    parts = [f"{name}:{Path(root).name}" if root else name]  # a generic folder: columns apart per folder
     if cls is not None and config.get("split") != cls.default_split:
         parts[0] += f":{config.get('split')}"
     extra = [_overrides(config.get("dataset_options") or {}, dataset_options(cls) if cls else {})]
