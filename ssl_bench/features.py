@@ -258,6 +258,17 @@ class LabelStore:
         return self.flat[self.offsets[i]:self.offsets[i + 1]].reshape(h, w).astype(np.int64)
 
 
+def _label_file_stamp(dataset: SegDataset) -> str:
+    """Hash of every label file's size and modification time: a corrected annotation is decoded again
+    (one stat per file, per cell). Generated datasets have no files: their options identify them."""
+    stamps = []
+    for sample in getattr(dataset, "samples", []):
+        if sample.label is not None:
+            stat = sample.label.stat()
+            stamps.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:16] if stamps else ""
+
+
 class LabelCache:
     """Labels decoded once per (dataset, reader options, protocol, patch multiple) and kept as one int16
     memory map, so the cells of a sweep (every backbone of that patch size, task, K and seed) read them
@@ -269,7 +280,7 @@ class LabelCache:
     def ensure(self, dataset: SegDataset, protocol: Protocol, multiple: int,
                progress: Callable = lambda it, **_: it) -> LabelStore:
         key = FeatureCache._key("labels", f"multiple={multiple}", dataset, protocol,
-                                {**dataset.options, **dataset.identity})
+                                {**dataset.options, **dataset.identity, "label_files": _label_file_stamp(dataset)})
         folder = self.root / f"{dataset.name}-{dataset.split}" / key.digest()
         meta = folder / "labels.json"
         if not meta.exists():

@@ -167,3 +167,19 @@ def test_cache_keys_follow_the_dataset_options_that_change_the_data(tmp_path):
     assert cache.key("b", "w", seed0, protocol) != cache.key("b", "w", seed1, protocol)
     labels = [cache.labels.ensure(ds, protocol, 16) for ds in (seed0, seed1)]
     assert not np.array_equal(labels[0][0], labels[1][0])
+
+
+def test_a_corrected_label_file_is_decoded_again(tmp_path):
+    import os
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("a\nb\n")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "images" / "x.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "masks" / "x.png")
+    cache, protocol = FeatureCache(tmp_path / "cache"), Protocol(resize=32)
+    assert (cache.labels.ensure(open_dataset("folder", root, "val"), protocol, 16)[0] == 0).all()
+    Image.fromarray(np.ones((32, 32), np.uint8)).save(root / "masks" / "x.png")  # the annotation is fixed
+    os.utime(root / "masks" / "x.png", ns=(1, 1))  # even a file with an older time stamp
+    assert (cache.labels.ensure(open_dataset("folder", root, "val"), protocol, 16)[0] == 1).all()
