@@ -171,16 +171,22 @@ def k_sweep(backbone: str = "dino-vits16", dataset: str = "camvid", data_root: s
                      "k_cell_fraction_by_k": {c["k"]: c["seconds"] / extraction for c in cells},
                      "fit_fraction_by_k": {c["k"]: c["fit_s"] / extraction for c in cells},
                      "total_s": extraction + labels_s + sum(c["seconds"] for c in cells)})
-    images = np.array([r["images"] for r in rows], dtype=float)
-    totals = np.array([r["total_s"] for r in rows])
-    slope, intercept = np.polyfit(images, totals, 1)
-    fitted = slope * images + intercept
-    r2 = 1.0 - ((totals - fitted) ** 2).sum() / max(((totals - totals.mean()) ** 2).sum(), 1e-12)
     return {"backbone": f"{backbone} (random weights)", "dataset": f"{dataset}/{split}", "task": f"{task} (no CRF)",
             "ks": list(ks), "threads": threads, "repeats": repeats, "rows": rows,
-            "linear_fit": {"seconds_per_image": slope, "intercept_s": intercept, "r2": r2},
+            "linear_fit": _linear_fit([r["images"] for r in rows], [r["total_s"] for r in rows]),
             "max_k_cell_fraction_of_extraction": max(r["k_cell_fraction_of_extraction"] for r in rows),
             "load_average_1min": os.getloadavg()[0]}  # the machine may be shared: read the figures with it
+
+
+def _linear_fit(x: list[float], y: list[float]) -> dict | None:
+    """Least-squares line through (x, y) and its R^2; None below 3 points, where any line fits exactly."""
+    if len(set(x)) < 3:
+        return None
+    x_, y_ = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    slope, intercept = np.polyfit(x_, y_, 1)
+    residual = ((y_ - (slope * x_ + intercept)) ** 2).sum()
+    return {"seconds_per_image": slope, "intercept_s": intercept,
+            "r2": 1.0 - residual / max(((y_ - y_.mean()) ** 2).sum(), 1e-12)}
 
 
 # One small model per family (Unicom's smallest is a ViT-B/32); the S/16 ViTs of DINO, iBOT, Mugs and
@@ -249,18 +255,18 @@ def result_file(name: str, tag: str | None = None) -> str:
 
 
 def _as_declared(function: Callable, kwargs: dict) -> dict:
-    """Arguments checked against the benchmark's signature; ``image_counts=25,50`` where a tuple is
-    expected becomes (25, 50) (a string would otherwise be iterated character by character)."""
+    """Arguments checked against the benchmark's signature; where a tuple is expected, ``image_counts=25,50``
+    becomes (25, 50) and ``image_counts=101`` (101,) (a string would be iterated character by character)."""
     params = inspect.signature(function).parameters
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         raise UserError(f"unknown argument(s) {', '.join(unknown)} -- this benchmark takes: {', '.join(params)}")
     out = {}
     for key, value in kwargs.items():
-        if isinstance(params[key].default, tuple) and isinstance(value, str):
-            value = tuple(yaml.safe_load(v) for v in value.split(","))
-        elif isinstance(params[key].default, tuple) and isinstance(value, list):
-            value = tuple(value)
+        if isinstance(params[key].default, tuple):  # "25,50" (a string to YAML), [25, 50] or 101
+            if isinstance(value, str):
+                value = tuple(yaml.safe_load(v) for v in value.split(","))
+            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         out[key] = value
     return out
 

@@ -10,7 +10,15 @@ def test_k_sweep_reports_each_k_against_one_extraction(one_thread):
     assert [cell["k"] for cell in row["cells"]] == [5, 10]  # C = 5 synthetic classes
     assert row["extraction_s"] > 0 and row["labels_s"] > 0 and all(c["fit_s"] > 0 for c in row["cells"])
     assert set(row["k_cell_fraction_by_k"]) == {5, 10} and "labels" in row["cells"][0]["stages"]
-    assert result["linear_fit"]["seconds_per_image"] == result["linear_fit"]["seconds_per_image"]  # not NaN
+    assert result["linear_fit"] is None  # two image counts: any line fits them exactly
+
+
+def test_linear_fit_needs_three_image_counts():
+    from ssl_bench.bench import _linear_fit
+
+    fit = _linear_fit([25, 50, 101], [8.0, 15.5, 31.1])
+    assert abs(fit["seconds_per_image"] - 0.304) < 0.01 and fit["r2"] > 0.999
+    assert _linear_fit([25, 50], [8.0, 15.0]) is None
 
 
 def test_benchmark_arguments_follow_the_signature():
@@ -21,5 +29,6 @@ def test_benchmark_arguments_follow_the_signature():
 
     assert _as_declared(k_sweep, {"image_counts": "25,50", "ks": "C,2C", "repeats": 1}) == \
         {"image_counts": (25, 50), "ks": ("C", "2C"), "repeats": 1}
+    assert _as_declared(k_sweep, {"image_counts": 101, "ks": ["C"]}) == {"image_counts": (101,), "ks": ("C",)}
     with pytest.raises(UserError, match="unknown argument.*imagecounts.*takes: backbone"):
         _as_declared(k_sweep, {"imagecounts": 3})
