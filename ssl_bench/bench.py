@@ -267,6 +267,10 @@ def _as_declared(function: Callable, kwargs: dict) -> dict:
             if isinstance(value, str):
                 value = tuple(yaml.safe_load(v) for v in value.split(","))
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        default = params[key].default
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and \
+                (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"benchmark argument {key}={value!r} is not a number -- e.g. -a {key}={default}")
         out[key] = value
     return out
 

@@ -30,5 +30,7 @@ def test_benchmark_arguments_follow_the_signature():
     assert _as_declared(k_sweep, {"image_counts": "25,50", "ks": "C,2C", "repeats": 1}) == \
         {"image_counts": (25, 50), "ks": ("C", "2C"), "repeats": 1}
     assert _as_declared(k_sweep, {"image_counts": 101, "ks": ["C"]}) == {"image_counts": (101,), "ks": ("C",)}
+    with pytest.raises(UserError, match=r"threads='two' is not a number -- e.g. -a threads=1"):
+        _as_declared(k_sweep, {"threads": "two"})
     with pytest.raises(UserError, match="unknown argument.*imagecounts.*takes: backbone"):
         _as_declared(k_sweep, {"imagecounts": 3})
