@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import UpsampleArgmax, softmax, upsample_argmax, upsample_scores
+
 
 def _t(a, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Tensor copy of an array-like (cached features may be read-only memmaps; torch warns on those)."""
@@ -146,8 +148,6 @@ def proposals_to_image(soft_masks: np.ndarray, size: tuple[int, int], image: np.
     Follows the reference: median filter, saturate (x gain, clip to [0, 1]), a background channel that is
     high where no mask is, log-softmax, bilinear upsampling, softmax, dense CRF on the image, argmax.
     """
-    from ..ops import softmax, upsample_scores
-
     n = len(soft_masks)
     if n == 0:
         return np.full(size, -1, dtype=np.int64)
@@ -612,12 +612,12 @@ def image_proposals(features: np.ndarray, size: tuple[int, int], image: np.ndarr
     return proposals_to_image(soft, size, image, crf=p["proposal_crf"], gain=p["mask_gain"])
 
 
-def _predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Upsample scores to label size, argmax; with an image (CRF on) also keep the un-refined prediction."""
-    from ..ops import softmax, upsample_argmax, upsample_scores
-
+def _predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None,
+             argmax: Callable = upsample_argmax) -> dict[str, np.ndarray]:
+    """Upsample scores to label size, argmax; with an image (CRF on) also keep the un-refined prediction.
+    ``argmax``: an ``ops.UpsampleArgmax`` reused over a split's images."""
     if image is None:
-        return {"final": upsample_argmax(scores, size)}
+        return {"final": argmax(scores, size)}
     from ..crf import dense_crf
 
     up = upsample_scores(scores, size)  # the CRF needs the scores themselves
@@ -685,9 +685,11 @@ def run(ctx):
                      augmentation=p["augment"], train_resolution=p["train_resolution"])
 
     def predictions():
+        argmax = UpsampleArgmax()
         for i in range(len(evaluated)):  # the runner shows progress while it consumes predictions
             image = ctx.image(i) if p["crf"] else None
-            for stream, labels in _predict(model.predict_scores(evaluated[i]), ctx.label_size(i), image).items():
+            scores = model.predict_scores(evaluated[i])
+            for stream, labels in _predict(scores, ctx.label_size(i), image, argmax).items():
                 yield Prediction(index=i, labels=labels, stream=stream)
 
     if mode == "linear-probe":
