@@ -120,6 +120,14 @@ def _same_size_batches(grids: np.ndarray, start: int, batch_size: int) -> list[l
     return batches
 
 
+def _layout(dataset: SegDataset, protocol: Protocol, multiple: int, cell: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image (h, w) at protocol resolution in units of ``cell`` pixels (the patch for features, 1 for
+    labels), and the offsets of each image's rows in a flat array; read from headers, nothing decoded."""
+    sizes = [protocol.output_size(*dataset.image_size(i), multiple) for i in range(len(dataset))]
+    shapes = np.array([(h // cell, w // cell) for h, w in sizes], dtype=np.int64).reshape(-1, 2)
+    return shapes, np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1])]).astype(np.int64)
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # per process: concurrent writers never share one
     tmp.write_text(json.dumps(data))
@@ -189,9 +197,7 @@ class FeatureCache:
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             return np.array(meta["grids"], dtype=np.int64).reshape(-1, 2), np.array(meta["offsets"], dtype=np.int64)
-        sizes = [protocol.output_size(*dataset.image_size(i), patch) for i in range(len(dataset))]
-        grids = np.array([(h // patch, w // patch) for h, w in sizes], dtype=np.int64).reshape(-1, 2)
-        offsets = np.concatenate([[0], np.cumsum(grids[:, 0] * grids[:, 1])]).astype(np.int64)
+        grids, offsets = _layout(dataset, protocol, patch, cell=patch)
         _write_json_atomic(meta_path, {"key": key.__dict__, "ids": dataset.ids,
                                        "grids": grids.tolist(), "offsets": offsets.tolist()})
         return grids, offsets
@@ -295,9 +301,7 @@ class LabelCache:
     @staticmethod
     def _decode(folder: Path, key: CacheKey, dataset: SegDataset, protocol: Protocol, multiple: int,
                 progress: Callable) -> None:
-        shapes = np.array([protocol.output_size(*dataset.image_size(i), multiple) for i in range(len(dataset))],
-                          dtype=np.int64).reshape(-1, 2)
-        offsets = np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1])]).astype(np.int64)
+        shapes, offsets = _layout(dataset, protocol, multiple, cell=1)
         tmp = folder / f"labels.{os.getpid()}.tmp.npy"
         flat = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(int(offsets[-1]),))
         for i in progress(range(len(dataset)), desc=f"decode labels of {dataset.name}/{dataset.split}",
