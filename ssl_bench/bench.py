@@ -37,18 +37,16 @@ def machine() -> dict:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
-def _dataset(name: str, root: str | None, split: str | None, limit: int | None):
+def _data_root(name: str, root: str | None) -> str | None:
+    """``root``, else the dataset's folder in ../shared/data (None for the synthetic set, which needs none)."""
     from .data.shared import shared_data_dir
 
-    if root is None and name != "synthetic":
-        shared = shared_data_dir()
-        if shared is None or not (shared / name).is_dir():
-            raise UserError(f"benchmark data {name} not found in ../shared/data -- pass data_root=PATH")
-        root = str(shared / name)
-    ds = open_dataset(name, root, split)
-    if limit and limit < len(ds):
-        ds.samples = ds.samples[:limit]
-    return ds
+    if root is not None or name == "synthetic":
+        return root
+    shared = shared_data_dir()
+    if shared is None or not (shared / name).is_dir():
+        raise UserError(f"benchmark data {name} not found in ../shared/data -- pass data_root=PATH")
+    return str(shared / name)
 
 
 def extraction(backbone: str = "dino-vits16", dataset: str = "camvid", data_root: str | None = None,
@@ -58,7 +56,7 @@ def extraction(backbone: str = "dino-vits16", dataset: str = "camvid", data_root
     spec = registry.backbone(backbone)
     source = resolve(spec, "random")
     model = build_backbone(spec, source, 0)
-    ds = _dataset(dataset, data_root, split, images)
+    ds = open_dataset(dataset, _data_root(dataset, data_root), split, **({"limit": images} if images else {}))
     protocol = Protocol().for_patch_size(spec.patch_size)
     kinds = sorted({"patch", "key", "cls", "attn"} & model.supported_kinds())  # what DatUS^2/kmeans/DSM read
     decoded = [protocol.apply_image(ds.load_image(i), spec.patch_size) for i in range(len(ds))]
@@ -129,7 +127,7 @@ def k_sweep(backbone: str = "dino-vits16", dataset: str = "camvid", data_root: s
     from .store import ResultStore
     from .sweep import resolve_k
 
-    root = data_root or (str(_dataset(dataset, None, split, None).root) if dataset != "synthetic" else None)
+    root = _data_root(dataset, data_root)
     set_threads(threads)
     rows = []
     for warm_up, n in [(True, 2), *((False, n) for n in image_counts)]:  # warm-up: torch, page cache
