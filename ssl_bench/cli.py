@@ -245,7 +245,7 @@ SHORT_ORIGINS = {"$SSL_BENCH_WEIGHTS": "local", "timm cache": "timm", "Hugging F
 
 def _backbone_table(wide: bool) -> Table:
     """Backbones, one row each. The default columns fit 80 characters; --wide adds the provenance."""
-    from .models.weights import locate
+    from .models.weights import is_non_learned, locate
 
     columns = ["name", "family", "grid", "dim", "params", "licence", "weights"]
     if wide:
@@ -256,12 +256,12 @@ def _backbone_table(wide: bool) -> Table:
                   "--wide adds architecture, pre-training data, input size, normalisation, source")
     table.columns[0].no_wrap = True  # names are what users type: never cut
     for spec in registry.backbones().values():
-        if spec.family == "reference":
+        if is_non_learned(spec):
             found = "non-learned"
         else:
             where = locate(spec)
             found = SHORT_ORIGINS.get(where[0], where[0]) if where else "-"
-        grid = f"s{spec.patch_size}" if spec.heads == 0 and spec.family != "reference" else f"/{spec.patch_size}"
+        grid = f"s{spec.patch_size}" if not spec.has_attention and not is_non_learned(spec) else f"/{spec.patch_size}"
         row = [spec.name, spec.family, grid, str(spec.embed_dim), f"{spec.params_m:.1f}",
                spec.licence if wide else spec.licence.split(" (")[0].replace(" License", ""), found]
         if wide:

@@ -21,11 +21,18 @@ from .sweep import Cell, CellCallback, Plan, SweepSummary, one_line
 EXECUTORS = ("local", "ray")
 
 
+def _stored_meanwhile(runner: Runner, cell: Cell, summary: SweepSummary, on_cell: CellCallback) -> bool:
+    """True (and counted) when another sweep on this store got there first."""
+    if not runner.store.has(cell.run.config_hash):
+        return False
+    summary.already_stored += 1
+    on_cell(cell, "stored meanwhile")
+    return True
+
+
 def _store_record(runner: Runner, cell: Cell, computed: Computed, summary: SweepSummary,
                   on_cell: CellCallback) -> None:
-    if runner.store.has(cell.run.config_hash):  # another sweep on this store got there first
-        summary.already_stored += 1
-        on_cell(cell, "stored meanwhile")
+    if _stored_meanwhile(runner, cell, summary, on_cell):
         return
     runner.persist(computed)  # INSERT OR IGNORE on a UNIQUE hash: a racing duplicate is dropped
     summary.computed += 1
@@ -45,9 +52,7 @@ def run_local(plan: Plan, runner: Runner, progress: Callable = lambda it, **_: i
         runner.features(entry.run, entry.run.dataset, entry.kinds, progress)
         summary.extractions += 1
     for cell in plan.todo:
-        if runner.store.has(cell.run.config_hash):
-            summary.already_stored += 1
-            on_cell(cell, "stored meanwhile")
+        if _stored_meanwhile(runner, cell, summary, on_cell):
             continue
         try:
             computed = runner.compute(cell.run, progress)
@@ -94,8 +99,7 @@ def local_runtime_env() -> dict:
 
 
 def run_ray(plan: Plan, runner: Runner, address: str | None = None, device: str | None = None,
-            on_cell: CellCallback = lambda cell, status: None, num_cpus: int | None = None,
-            cpus_per_task: int | None = None) -> SweepSummary:
+            on_cell: CellCallback = lambda cell, status: None, cpus_per_task: int | None = None) -> SweepSummary:
     """Extractions and cells as Ray tasks; a cell takes its extraction's ObjectRef as an argument, so Ray
     starts it only once that entry is filled. Uses a running Ray instance if this process has one.
     Each task gets ``cpus_per_task`` CPUs and as many torch/faiss threads (default: this process's torch
@@ -110,7 +114,7 @@ def run_ray(plan: Plan, runner: Runner, address: str | None = None, device: str 
             if address:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
             else:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                ray.init(include_dashboard=False, log_to_driver=False,
                          runtime_env=local_runtime_env())
         except ConnectionError as err:
             raise UserError(f"cannot reach the Ray cluster at {address} ({one_line(err)}) -- "
