@@ -207,9 +207,15 @@ class Runner:
 
     def dataset(self, run: ResolvedRun, split: str) -> SegDataset:
         cfg = run.config
-        key = (cfg["dataset"], cfg["data_root"], split, tuple(sorted(cfg["dataset_options"].items())))
-        if key not in self._datasets:
-            self._datasets[key] = open_dataset(cfg["dataset"], cfg["data_root"], split, **cfg["dataset_options"])
+        return self.open_dataset(cfg["dataset"], cfg["data_root"], split, cfg["dataset_options"])
+
+    def open_dataset(self, name: str, root: str | None, split: str | None, options: dict) -> SegDataset:
+        """``data.open_dataset``, once per (name, root, split, options): a sweep resolves many cells of one
+        dataset, and opening one indexes its folders."""
+        key = (name, root, split, tuple(sorted(options.items())))
+        if key not in self._datasets:  # split None: the default split, kept under its name as well
+            dataset = open_dataset(name, root, split, **options)
+            self._datasets[key] = self._datasets.setdefault((name, root, dataset.split, key[3]), dataset)
         return self._datasets[key]
 
     def features(self, run: ResolvedRun, dataset: SegDataset, kinds: list[str],
@@ -225,7 +231,7 @@ class Runner:
         task = registry.task(cfg.task)
         params = task.resolve_params(dict(cfg.params))
         options = dict(cfg.dataset_options)
-        probe = open_dataset(cfg.dataset, cfg.data_root, cfg.split, **options)
+        probe = self.open_dataset(cfg.dataset, cfg.data_root, cfg.split, options)
         split = probe.split
         weights_seed = cfg.weights_seed
         source = resolve(spec, cfg.weights, weights_seed)
@@ -244,9 +250,7 @@ class Runner:
         if probe.identity:  # a generic folder is its location (absent otherwise: earlier hashes stay valid)
             config["dataset_identity"] = probe.identity
         hashed = {key: v for key, v in config.items() if key != "data_root"}  # same data elsewhere: same run
-        run = ResolvedRun(config, config_hash(hashed), spec, task, source, probe, protocol)
-        self._datasets[(probe.name, cfg.data_root, split, tuple(sorted(options.items())))] = probe
-        return run
+        return ResolvedRun(config, config_hash(hashed), spec, task, source, probe, protocol)
 
     # -- one cell --
     def run(self, cfg: RunConfig, force: bool = False, progress: Callable = lambda it, **_: it) -> Outcome:
