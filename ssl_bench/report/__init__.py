@@ -80,24 +80,31 @@ def write_all(records: list[dict], store_path: Path, out_dir: Path, k: str | int
             path = out_dir / f"{name}.{ext}"
             path.write_text(FORMATS[fmt](table))
             written.append(path)
-    for column, data in figures.curve_data(_task_filter(records, task)).items():
+    shown = _task_filter(records, task)
+    for column, data in figures.curve_data(shown).items():
         fig = figures.overclustering_figure(column, data)
         written += figures.save_figure(fig, out_dir / "curves" / f"overclustering_{_slug(column)}")
-    for record in _panel_order(_task_filter(records, task)):
-        found = samples.load(store_path, record["config_hash"])
+    for record, found in _panels(shown, store_path):
         if found is not None:
             fig = figures.panel_figure(found, panel_title(record))
             written += figures.save_figure(fig, out_dir / "panels" / record["config_hash"], ("png",))
     return written
 
 
+def _panels(records: list[dict], store_path: Path):
+    """(record, its stored samples or None), in panel order."""
+    for record in _panel_order(records):
+        yield record, samples.load(store_path, record["config_hash"])
+
+
 def html_report(records: list[dict], store_path: Path, k: str | int = "classes", task: str | None = None,
                 max_panels: int = 24) -> str:
     """The whole report as one self-contained HTML page."""
     sections = []
+    shown = _task_filter(records, task)
     tables = build_tables(records, "all", k, task)
     sections.append(("Leaderboard", f"<div class='scroll'>{to_html(tables['leaderboard'])}</div>"))
-    curves = figures.curve_data(_task_filter(records, task))
+    curves = figures.curve_data(shown)
     body = "".join(html.figure(figures.image_bytes(figures.overclustering_figure(column, data)),
                                f"Over-clustering on {column}: each metric against K, per backbone and method.")
                    for column, data in curves.items())
@@ -109,15 +116,15 @@ def html_report(records: list[dict], store_path: Path, k: str | int = "classes",
     sections.append(("Prediction streams", f"<div class='scroll'>{to_html(streams)}</div>" if streams else
                      "<p><em>No stored run reports streams besides its headline.</em></p>"))
     panels, missing = [], 0
-    for record in _panel_order(_task_filter(records, task)):
+    for record, found in _panels(shown, store_path):
         if len(panels) >= max_panels:
             break
-        found = samples.load(store_path, record["config_hash"])
         if found is None:
             missing += 1
             continue
-        jpeg = figures.image_bytes(figures.panel_figure(found, panel_title(record)), dpi=80, fmt="jpeg")
-        panels.append(html.figure(jpeg, panel_title(record), "image/jpeg"))
+        title = panel_title(record)
+        jpeg = figures.image_bytes(figures.panel_figure(found, title), dpi=80, fmt="jpeg")
+        panels.append(html.figure(jpeg, title, "image/jpeg"))
     note = ""
     shown_limit = len(panels) >= max_panels
     if missing:
@@ -127,7 +134,6 @@ def html_report(records: list[dict], store_path: Path, k: str | int = "classes",
         note += f"<p class='note'>Showing the first {max_panels} panels (--max-panels to change).</p>"
     sections.append(("Qualitative results", note + f"<div class='panels'>{''.join(panels)}</div>" if panels
                      else note + "<p><em>No stored samples.</em></p>"))
-    shown = _task_filter(records, task)
     warning = (f"Some runs use random weights ({sum(r['random_weights'] for r in shown)} of {len(shown)}): "
                f"{RANDOM_NOTE}" if any(r["random_weights"] for r in shown) else "")
     meta = f"{len(shown)} stored run(s) from {store_path}" + (f", task {task}" if task else "")

@@ -24,7 +24,6 @@ from ..samples import RunSamples  # noqa: E402
 from .tables import DAGGER, METRICS, runs_frame  # noqa: E402
 
 IGNORE_COLOUR = np.array([224, 224, 192], dtype=np.uint8)  # VOC's void colour: ignore / unlabelled pixels
-RANDOM_LEGEND = f"{DAGGER} random weights"
 METRIC_AXES = {"miou": "mIoU (%)", "acc": "Pixel accuracy (%)", "f1": "Mean F1 (%)"}
 
 plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10, "figure.dpi": 100})

@@ -89,10 +89,10 @@ class Table:
         self.notes.extend(extra_notes)
         return self
 
-    def _row_texts(self, row: int, dagger: str) -> list[str]:
+    def _row_texts(self, row: int) -> list[str]:
         texts = [cell.text() for cell in self.rows[row]]
         if self.random[row]:
-            texts[0] += dagger
+            texts[0] += DAGGER
         return texts
 
 
@@ -128,7 +128,7 @@ def to_markdown(table: Table) -> str:
     lines = [f"**{table.title}**", "", "| " + " | ".join(c.key for c in table.columns) + " |",
              "|" + "|".join("---:" if c.numeric else "---" for c in table.columns) + "|"]
     for i, row in enumerate(table.rows):
-        texts = table._row_texts(i, DAGGER)
+        texts = table._row_texts(i)
         lines.append("| " + " | ".join(f"**{t}**" if cell.best else t for t, cell in zip(texts, row)) + " |")
     return "\n".join(lines + [""] + [f"_{n}_  " for n in table.notes]) + "\n"
 
@@ -163,7 +163,7 @@ def to_latex(table: Table) -> str:
     lines.append(" & ".join(latex_escape(c.header) for c in table.columns) + r" \\")
     lines.append(r"\midrule")
     for i, row in enumerate(table.rows):
-        texts = [latex_escape(t) for t in table._row_texts(i, DAGGER)]
+        texts = [latex_escape(t) for t in table._row_texts(i)]
         lines.append(" & ".join(rf"\textbf{{{t}}}" if cell.best else t for t, cell in zip(texts, row)) + r" \\")
     lines.append(r"\bottomrule")
     width = len(table.columns)
@@ -209,7 +209,7 @@ def to_html(table: Table) -> str:
                              for c in table.columns) + "</tr>"
     body = []
     for i, row in enumerate(table.rows):
-        texts = table._row_texts(i, DAGGER)
+        texts = table._row_texts(i)
         cells = "".join(
             f'<td class="{"num" if col.numeric else "txt"}">{"<b>" + esc(t) + "</b>" if cell.best else esc(t)}</td>'
             for t, cell, col in zip(texts, row, table.columns))
