@@ -8,7 +8,6 @@ The runner knows no method by name: it resolves the task's entrypoint from the r
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import subprocess
 import time
@@ -29,7 +28,7 @@ from .errors import UserError
 from .features import FeatureCache, FeatureStore, LabelStore
 from .metrics import StreamingConfusion
 from .models import Backbone, WeightsSource, build_backbone, resolve
-from .store import ResultStore, RunRecord
+from .store import ResultStore, RunRecord, config_hash
 
 FINAL = "final"
 
@@ -79,10 +78,6 @@ class ResolvedRun:
     weights: WeightsSource
     dataset: SegDataset
     protocol: Protocol
-
-
-def config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 # ---- the context handed to a task ---------------------------------------------------------------------

@@ -15,8 +15,6 @@ shares one ``view-`` file. Files are written atomically (temporary file + rename
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 import warnings
@@ -24,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .store import config_hash
 
 SAMPLES_PER_RUN = 4
 
@@ -41,7 +41,7 @@ def view_key(config: dict, indices: list[int]) -> str:
     """Identity of the images and labels a run saw (dataset, split, image ids, protocol, indices)."""
     keys = ("dataset", "split", "dataset_options", "ids_sha", "protocol")
     ident = {k: config.get(k) for k in keys} | {"indices": list(map(int, indices))}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return config_hash(ident)
 
 
 def map_clusters(prediction: np.ndarray, cluster_to_class: list[int]) -> np.ndarray:

@@ -7,12 +7,19 @@ the database consistent (SQLite transactions are atomic).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def config_hash(config: dict) -> str:
+    """The key of a stored row: a hash of everything that determines its numbers."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

@@ -8,7 +8,7 @@ import torch
 from ssl_bench import registry
 from ssl_bench.errors import UserError
 from ssl_bench.models import build_backbone, resolve
-from ssl_bench.models.weights import WeightsSource, unwrap_state_dict
+from ssl_bench.models.weights import unwrap_state_dict
 
 
 def random_backbone(name):

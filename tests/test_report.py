@@ -21,7 +21,7 @@ from ssl_bench.errors import UserError
 from ssl_bench.report import figures
 from ssl_bench.report.tables import latex_escape
 from ssl_bench.runner import RunConfig
-from ssl_bench.store import ResultStore, RunRecord
+from ssl_bench.store import ResultStore
 
 NUM_CLASSES = {"synthetic": 5, "camvid": 11}
 
