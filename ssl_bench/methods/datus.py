@@ -101,11 +101,10 @@ def detect_communities(
         graph = nx.Graph()
         graph.add_nodes_from(range(n))
         rows, cols = np.nonzero(np.triu(adjacency, 1))
-        weights = adjacency[rows, cols]
         if binary:
             graph.add_edges_from(zip(rows.tolist(), cols.tolist()))
         else:
-            graph.add_weighted_edges_from(zip(rows.tolist(), cols.tolist(), weights.tolist()))
+            graph.add_weighted_edges_from(zip(rows.tolist(), cols.tolist(), adjacency[rows, cols].tolist()))
         part = community_louvain.best_partition(graph, resolution=resolution, random_state=seed)
         labels = np.array([part[i] for i in range(n)], dtype=np.int64)
     elif backend == "igraph":
@@ -318,6 +317,12 @@ def paint_segments(segment_map: np.ndarray, segment_labels: np.ndarray) -> np.nd
     return lut[segment_map]
 
 
+def paint_split(segment_maps: Sequence[np.ndarray], infos: Sequence[dict], labels: np.ndarray) -> list[np.ndarray]:
+    """Pseudo masks of a split: ``labels`` holds every image's valid segments in order (``n_valid`` each)."""
+    bounds = np.cumsum([0] + [i["n_valid"] for i in infos])
+    return [paint_segments(seg, labels[a:b]) for seg, a, b in zip(segment_maps, bounds[:-1], bounds[1:])]
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. de-noising network
 # ----------------------------------------------------------------------------------------------
@@ -486,8 +491,7 @@ def train_denoiser(
         if i in cache:
             return cache[i]
         x = _to_input([images[i]], size)[0]
-        m = torch.from_numpy(np.asarray(masks[i], dtype=np.int64))[None, None].float()
-        y = F.interpolate(m, size=(size, size), mode="nearest")[0, 0].long()
+        y = torch.from_numpy(ops.upsample_labels(masks[i], (size, size)))
         if use_cache:
             cache[i] = (x, y)
         return x, y
@@ -659,11 +663,7 @@ def run(ctx):
     )
     for s, d in data.items():
         labels = fit_labels if s == fit_split else nearest_centroid(d["features"], centroids)
-        bounds = np.cumsum([0] + [i["n_valid"] for i in d["infos"]])
-        d["masks"] = [
-            paint_segments(seg.astype(np.int64), labels[a:b])
-            for seg, a, b in zip(d["segments"], bounds[:-1], bounds[1:])
-        ]
+        d["masks"] = paint_split(d["segments"], d["infos"], labels)
 
     infos = data[ctx.split]["infos"]
     stats = {
@@ -774,8 +774,7 @@ def benchmark(
     t0 = time.perf_counter()
     labels, _ = cluster_segments(np.concatenate(crop_feats), k, seed=seed)
     timings["kmeans"] = time.perf_counter() - t0
-    bounds = np.cumsum([0] + [i["n_valid"] for i in infos])
-    masks = [paint_segments(s, labels[a:b]) for s, a, b in zip(seg_maps, bounds[:-1], bounds[1:])]
+    masks = paint_split(seg_maps, infos, labels)
     n = len(images)
     out["pipeline"] = {
         "inputs": source, "images": n, "grid": list(seg_maps[0].shape), "backend": "igraph",
