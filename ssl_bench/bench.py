@@ -7,6 +7,7 @@ that produced them. No benchmark asserts a threshold; the closing notes compare 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import inspect
 import json
@@ -152,7 +153,7 @@ def k_sweep(backbone: str = "dino-vits16", dataset: str = "camvid", data_root: s
                 seconds, fit = [], []
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    record = runner.compute(runner.resolve(RunConfig(**{**base.__dict__, "k": k_value}))).record
+                    record = runner.compute(runner.resolve(dataclasses.replace(base, k=k_value))).record
                     seconds.append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
                     fit_centroids(patches, k_value, 0, run.config["params"]["iterations"])

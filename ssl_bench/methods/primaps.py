@@ -704,16 +704,18 @@ def _with_class_id_scores(predictions, ctx, stats: dict):
     from ..metrics import StreamingConfusion, _scores
 
     c = ctx.dataset.num_classes
-    conf = StreamingConfusion(c, c)
+    conf, scored = StreamingConfusion(c, c), False
     for pred in predictions:
         if pred.stream == "final" and pred.split in (None, ctx.split):
             conf.update(pred.labels, ctx.label(pred.index))
-            wrong_class = conf.counts[c:].sum(0)  # predicted ids beyond the classes (K > C): wrong
-            stats["class_id_scores"] = {
-                "all": _scores(conf.counts[:c], conf.unlabelled + wrong_class),
-                "labelled": _scores(conf.counts[:c], wrong_class),
-            }
+            scored = True
         yield pred
+    if scored:  # the runner reads stats once it has consumed every prediction
+        wrong_class = conf.counts[c:].sum(0)  # predicted ids beyond the classes (K > C): wrong
+        stats["class_id_scores"] = {
+            "all": _scores(conf.counts[:c], conf.unlabelled + wrong_class),
+            "labelled": _scores(conf.counts[:c], wrong_class),
+        }
 
 
 def _image_augmenter(ctx, fit, split, chunk: int = 8) -> Callable:
