@@ -253,6 +253,10 @@ def result_file(name: str, tag: str | None = None) -> str:
     return f"{name}-{tag}.json" if tag else f"{name}.json"
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _as_declared(function: Callable, kwargs: dict) -> dict:
     """Arguments checked against the benchmark's signature; where a tuple is expected, ``image_counts=25,50``
     becomes (25, 50) and ``image_counts=101`` (101,) (a string would be iterated character by character)."""
@@ -267,9 +271,11 @@ def _as_declared(function: Callable, kwargs: dict) -> dict:
                 value = tuple(yaml.safe_load(v) for v in value.split(","))
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         default = params[key].default
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and \
-                (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise UserError(f"benchmark argument {key}={value!r} is not a number -- e.g. -a {key}={default}")
+        numbers = default if isinstance(default, tuple) else (default,)
+        if numbers and all(_is_number(d) for d in numbers) and not all(_is_number(v) for v in
+                                                                      (value if isinstance(value, tuple) else (value,))):
+            example = ",".join(map(str, numbers))
+            raise UserError(f"benchmark argument {key}={kwargs[key]} is not a number -- e.g. -a {key}={example}")
         out[key] = value
     return out
 

@@ -148,7 +148,7 @@ def sweep(
     elif data_root or option or split:
         raise UserError("--data-root/--option/--split need --dataset (give the datasets they apply to)")
     if k:
-        data["k"] = [int(v) if v.strip().isdigit() else v for v in k]
+        data["k"] = list(k)  # "5", "C", "2C": sweep.resolve_k reads them all
     if seed:
         data["seeds"] = list(seed)
     if resize is not None or crop is not None:
@@ -315,9 +315,13 @@ def report(
 ):
     """Tables, figures and an HTML page from the stored runs (random-weight runs are marked)."""
     from . import report as reports
-    from .store import ResultStore
+    from .store import ResultStore, default_store_path
 
-    results = ResultStore(store)
+    path = store or default_store_path()
+    if not path.exists():  # opening would create an empty store and report "no runs" for a mistyped path
+        raise UserError(f"no results store at {path} -- run ssl-bench run or ssl-bench sweep first, "
+                        f"or pass --store with the file they wrote")
+    results = ResultStore(path)
     records = results.query()
     if task and task not in {r["task"] for r in records}:
         raise UserError(f"no stored run of task '{task}' -- stored tasks: "

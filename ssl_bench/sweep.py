@@ -160,8 +160,8 @@ def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
     except TypeError as err:
         raise UserError(f"{source}: bad protocol ({err}) -- keys: resize, crop, image_interp") from None
     seeds = seeds if isinstance(seeds, list) else [seeds]
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise UserError(f"{source}: seeds must be integers, got {seeds!r}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise UserError(f"{source}: seeds must be integers >= 0, got {seeds!r}")
     return Grid(backbones, tasks, datasets, ks if isinstance(ks, list) else [ks], seeds, protocol)
 
 

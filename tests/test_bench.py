@@ -30,7 +30,9 @@ def test_benchmark_arguments_follow_the_signature():
     assert _as_declared(k_sweep, {"image_counts": "25,50", "ks": "C,2C", "repeats": 1}) == \
         {"image_counts": (25, 50), "ks": ("C", "2C"), "repeats": 1}
     assert _as_declared(k_sweep, {"image_counts": 101, "ks": ["C"]}) == {"image_counts": (101,), "ks": ("C",)}
-    with pytest.raises(UserError, match=r"threads='two' is not a number -- e.g. -a threads=1"):
+    with pytest.raises(UserError, match=r"threads=two is not a number -- e.g. -a threads=1"):
         _as_declared(k_sweep, {"threads": "two"})
+    with pytest.raises(UserError, match=r"image_counts=25,x is not a number -- e.g. -a image_counts=25,50,101"):
+        _as_declared(k_sweep, {"image_counts": "25,x"})  # before any image is read, not as a dataset option
     with pytest.raises(UserError, match="unknown argument.*imagecounts.*takes: backbone"):
         _as_declared(k_sweep, {"imagecounts": 3})

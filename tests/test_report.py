@@ -229,6 +229,9 @@ def test_cli_writes_html_and_every_output(real_run, tmp_path):
     assert (tmp_path / "r.html").stat().st_size > 10_000
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"leaderboard.md", "leaderboard.tex", "leaderboard.csv",
                                                               "panels"}
+    missing = CliRunner().invoke(app, ["report", "--store", str(tmp_path / "typo.sqlite")])
+    assert missing.exit_code != 0 and "no results store at" in str(missing.exception or missing.output)
+    assert not (tmp_path / "typo.sqlite").exists()  # a mistyped path is not created as an empty store
     with pytest.raises(UserError, match="a CSV file holds one table"):
         report.text_report([fake_record(metrics={"final@val": {}, "initial@val": {}})], "csv", "all")
     with pytest.raises(UserError, match="unknown format"):

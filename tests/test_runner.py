@@ -135,6 +135,8 @@ def test_dinov2_uses_322_protocol(runner):
     (dict(dataset="camvid", dataset_options=()), "needs a data root"),
     (dict(params=(("nope", 1),)), "task 'kmeans' has no parameter"),
     (dict(k=0), "--k must be at least 1, got 0"),
+    (dict(seed=-1), "the seed must be 0 or more, got -1"),  # numpy's generators would raise mid-task
+    (dict(weights_seed=-2), "the weights seed must be 0 or more, got -2"),
     (dict(task="primaps-em", params=(("psi", 2),)), "psi=2 is invalid"),  # the task's validate hook
     (dict(backbone="reference", task="datus2"), "cannot give 'key' features"),
 ])

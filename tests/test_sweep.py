@@ -49,6 +49,7 @@ def test_k_values_are_numbers_or_multiples_of_classes(k, classes, expected):
     ({"tasks": [{"name": "kmeans", "params": {"nope": 1}}]}, "task 'kmeans' has no parameter"),
     ({"kseeds": [1]}, "unknown key\\(s\\) kseeds"),
     ({"seeds": []}, "the sweep grid has no seeds"),
+    ({"seeds": [0, -1]}, "seeds must be integers >= 0"),
     ({"protocol": {"crop": "corner"}}, "unknown protocol crop"),
 ])
 def test_bad_grids_fail_before_running_with_one_clear_error(data, message):
