@@ -8,6 +8,7 @@ that produced them. No benchmark asserts a threshold; the closing notes compare 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import inspect
 import json
@@ -195,6 +196,13 @@ THROUGHPUT_BACKBONES = ("dino-vits16", "dino-resnet50", "dinov2-vits14", "dinov2
                         "mocov2-resnet50", "moco-resnet18")
 
 
+def _time_calls(call: Callable[[], object], times: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(times):
+        call()
+    return time.perf_counter() - t0
+
+
 def backbone_throughput(backbones: tuple[str, ...] | str = THROUGHPUT_BACKBONES, sizes: tuple[int, ...] = (224, 320),
                         images: int = 8, batch: int = 4, repeats: int = 2, kinds: tuple[str, ...] = ("patch", "cls")
                         ) -> dict:
@@ -215,19 +223,13 @@ def backbone_throughput(backbones: tuple[str, ...] | str = THROUGHPUT_BACKBONES,
                 else -(-size // spec.patch_size) * spec.patch_size
             x = torch.randn(batch, 3, side, side, generator=generator)
             model.extract(x[:1], kinds)  # warm-up: allocator, thread pool
-
-            def timed() -> float:
-                t0 = time.perf_counter()
-                for _ in range(-(-images // batch)):
-                    model.extract(x, kinds)
-                return time.perf_counter() - t0
-
-            seconds = min(timed() for _ in range(repeats))
+            extract = functools.partial(model.extract, x, kinds)
+            seconds = min(_time_calls(extract, -(-images // batch)) for _ in range(repeats))
             done = -(-images // batch) * batch
             rows.append({"backbone": name, "family": spec.family, "arch": spec.arch, "params_m": spec.params_m,
                          "input": side, "grid": side // spec.patch_size, "images_per_s": round(done / seconds, 2),
                          "load_1min": round(os.getloadavg()[0], 2)})  # other processes' share of the CPU
-        del model
+        del model, extract  # free one model before building the next
         gc.collect()
     return {"device": "cpu", "weights": "random (same cost as pretrained)", "kinds": list(kinds), "batch": batch,
             "images_per_measure": images, "repeats": repeats, "load_average_at_start": load_at_start, "load_average_at_end": list(os.getloadavg()),

@@ -186,13 +186,12 @@ def sweep(
 
 def _dataset_entry(name: str, roots: list[str], split: Optional[str], options: list[str]) -> dict:
     """One --dataset of the command line with the --data-root / --option values that apply to it."""
-    root = None
-    for value in roots:
-        prefix, sep, path = value.partition("=")
-        if sep and prefix == name:
-            root = path
-        elif not sep:
-            root = root or value
+    named = [path for prefix, sep, path in (v.partition("=") for v in roots) if sep and prefix == name]
+    plain = [v for v in roots if "=" not in v]
+    if len(named) > 1 or (not named and len(plain) > 1):
+        raise UserError(f"several --data-root values for {name} -- give one per dataset, as NAME=PATH when "
+                        f"there are several datasets (e.g. --data-root camvid=../data/camvid)")
+    root = named[0] if named else (plain[0] if plain else None)
     mine = []
     for value in options:
         prefix, sep, pair = value.partition(":")
@@ -301,11 +300,13 @@ def list_(what: str = typer.Argument(..., help="backbones | tasks | datasets"),
 
 @app.command()
 def report(
-    format: str = typer.Option("markdown", "--format", "-f", help="markdown | latex | csv | html (tables only)"),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="markdown | latex | csv | html (tables only; "
+                                         "default markdown)"),
     table: Optional[str] = typer.Option(None, "--table", help="leaderboard | segments | streams | all "
                                         "(default: all; leaderboard for csv)"),
     task: Optional[str] = typer.Option(None, help="only this task"),
-    k: str = typer.Option("classes", "--k", help="leaderboard K: 'classes' (K = number of classes) or a number"),
+    k: str = typer.Option("classes", "--k", help="leaderboard K: 'classes' (K = number of classes), 2C, 3C ... "
+                          "or a number"),
     output: Optional[Path] = typer.Option(None, "--output", help="write the tables to this file instead of stdout"),
     html: Optional[Path] = typer.Option(None, "--html", help="also write one self-contained HTML page here"),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="also write every table (md, tex, csv, html), "
@@ -326,11 +327,13 @@ def report(
     if task and task not in {r["task"] for r in records}:
         raise UserError(f"no stored run of task '{task}' -- stored tasks: "
                         f"{', '.join(sorted({r['task'] for r in records})) or 'none (run ssl-bench run first)'}")
-    text = reports.text_report(records, format, table or ("leaderboard" if format == "csv" else "all"), k, task)
+    fmt = format or "markdown"
+    text = reports.text_report(records, fmt, table or ("leaderboard" if fmt == "csv" else "all"), k, task)
     if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
         console.print(f"wrote {output}")
-    elif not (html or out_dir):
+    elif not (html or out_dir) or format or table:  # with --html/--out-dir only on request
         sys.stdout.write(text)
     if out_dir:
         written = reports.write_all(records, results.path, out_dir, k, task)

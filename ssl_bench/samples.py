@@ -99,11 +99,16 @@ class RunSamples:
     class_names: list[str]
 
 
+def stored(store_path: str | Path, config_hash: str) -> bool:
+    """Whether the run kept samples (without reading them)."""
+    return (samples_dir(store_path) / f"{config_hash}.npz").exists()
+
+
 def load(store_path: str | Path, config_hash: str) -> RunSamples | None:
     """The stored samples of a run, or None when it has none (older run, or writing them failed)."""
     folder = samples_dir(store_path)
     path = folder / f"{config_hash}.npz"
-    if not path.exists():
+    if not stored(store_path, config_hash):
         return None
     try:
         return _read(folder, path)

@@ -23,12 +23,12 @@ from ssl_bench.report.tables import latex_escape
 from ssl_bench.runner import RunConfig
 from ssl_bench.store import ResultStore
 
-NUM_CLASSES = {"synthetic": 5, "camvid": 11}
+NUM_CLASSES = {"synthetic": 5, "camvid": 11, "folder": 3}
 
 
 def fake_record(backbone="reference", task="kmeans", dataset="synthetic", k=None, seed=0, miou=50.0, acc=70.0,
-                f1=60.0, random=False, metrics=None, stats=None, params=None) -> dict:
-    """A FABRICATED store row (the fields reports read), for tests only."""
+                f1=60.0, random=False, metrics=None, stats=None, params=None, root=None) -> dict:
+    """A FABRICATED store row (the fields reports read), for tests only; ``root``: a ``folder`` dataset there."""
     classes = NUM_CLASSES[dataset]
     k = k or classes
     split = "val"
@@ -36,7 +36,9 @@ def fake_record(backbone="reference", task="kmeans", dataset="synthetic", k=None
               "num_classes": classes, "params": params or {}, "dataset_options": {}, "random_weights": random,
               "weights": "random:0" if random else "none", "protocol": None}
     headline = {"miou": miou, "acc": acc, "f1": f1, "labelled_fraction": 1.0, "cluster_to_class": []}
-    ident = f"{backbone}-{task}-{dataset}-{k}-{seed}-{random}-{sorted((params or {}).items())}"
+    if root:
+        config["dataset_identity"] = {"root": root}
+    ident = f"{backbone}-{task}-{dataset}-{k}-{seed}-{random}-{sorted((params or {}).items())}-{root}"
     return {"config_hash": ident, "backbone": backbone, "weights": config["weights"], "random_weights": random,
             "task": task, "dataset": dataset, "split": split, "k": k, "seed": seed, "miou": miou, "acc": acc,
             "f1": f1, "config": config, "metrics": metrics or {f"final@{split}": headline}, "stats": stats or {},
@@ -83,6 +85,46 @@ def test_leaderboard_k_selection_and_method_column(records):
     assert "| Method |" in text and "primaps-em (epochs=3)" in text
     with pytest.raises(UserError, match="--k must be 'classes'"):
         report.leaderboard(records, k="many")
+    double = report.to_markdown(report.leaderboard(records, k="2C"))  # each dataset's own C: 10 on synthetic
+    assert "K = 2C (2 x number of classes)" in double and "**70.0**" in double
+
+
+def test_names_with_markup_characters_stay_literal(tmp_path):
+    """Folder names are user text: a | must not split a Markdown cell, a $ must not become a formula."""
+    rows = [fake_record(dataset="folder", root=f"/data/{name}", miou=m)
+            for name, m in (("p|q*b_x*", 50.0), ("m$x$", 60.0), ("m#x#", 65.0), ("bad$\\foo{$", 70.0))]
+    md = report.to_markdown(report.leaderboard(rows))
+    header, rule = md.splitlines()[2:4]
+    assert len(re.findall(r"(?<!\\)\|", header)) == len(re.findall(r"\|", rule))  # cells line up with the rule
+    assert r"folder:p\|q\*b\_x\*" in md and r"folder:m\$x\$" in md
+    assert r"\textbar{}" in report.to_latex(report.leaderboard(rows))
+    rows += [fake_record(dataset="folder", root=r["config"]["dataset_identity"]["root"], k=6, miou=40.0)
+             for r in rows]
+    report.write_all(rows, tmp_path / "s.sqlite", tmp_path / "out")  # "bad$\foo{$" is not parsed
+    curves = sorted(p.name for p in (tmp_path / "out" / "curves").glob("*.png"))  # files, not write calls
+    assert len(curves) == 4  # "m$x$" and "m#x#" slug alike: a hash keeps them apart
+
+
+def test_folders_of_the_same_name_get_their_own_columns():
+    rows = [fake_record(dataset="folder", root="/a/site", miou=20.0), fake_record(dataset="folder", root="/b/site",
+                                                                                 miou=80.0)]
+    text = report.to_markdown(report.leaderboard(rows))
+    assert "folder:site [a/site] mIoU" in text and "folder:site [b/site] mIoU" in text
+    assert "20.0" in text and "80.0" in text and "50.0" not in text  # not averaged into one column
+
+
+def test_seed_counts_line_up_with_dataset_columns(records):
+    records.append(fake_record("dino-vitb16", dataset="camvid", seed=1, miou=32.0))
+    records.append(fake_record("dino-vitb16", task="kmeans", dataset="folder", root="/x/f", seed=0))
+    row = markdown_row(report.to_markdown(report.leaderboard(records)), "dino-vitb16")
+    assert "| 2 / 1 / 1 |" in row  # camvid, folder:f, synthetic (column order)
+    ref = markdown_row(report.to_markdown(report.leaderboard(records)), "reference |")
+    assert "| 2 |" in ref  # ran on one dataset only: one number (its other cells read "–")
+
+
+def test_no_bold_when_every_row_is_random():
+    text = report.to_markdown(report.leaderboard([fake_record("dino-vits16", random=True)]))
+    assert "**" not in text.split("\n", 2)[2].split("_")[0] and "No value is bold" in text
 
 
 def test_latex_is_booktabs_with_escaped_names(records):
@@ -215,6 +257,10 @@ def test_html_is_self_contained(real_run, records):
     assert "<link" not in page and "@import" not in page and "url(" not in page
     assert "Leaderboard" in page and "Over-clustering on synthetic" in page and record["config_hash"] in page
     assert "random weights: smoke run, not a result" in page
+    few = report.html_report(runner.store.query(), runner.store.path, max_panels=1)
+    assert "Showing the first" not in few  # one run, one panel: nothing left out
+    assert "Showing the first 0 of 1 panels" in report.html_report(runner.store.query(), runner.store.path,
+                                                                   max_panels=0)
 
 
 def test_cli_writes_html_and_every_output(real_run, tmp_path):
@@ -229,6 +275,11 @@ def test_cli_writes_html_and_every_output(real_run, tmp_path):
     assert (tmp_path / "r.html").stat().st_size > 10_000
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"leaderboard.md", "leaderboard.tex", "leaderboard.csv",
                                                               "panels"}
+    quiet = CliRunner().invoke(app, ["report", "--store", str(runner.store.path), "--html", str(tmp_path / "q.html")])
+    assert "Leaderboard" not in quiet.output  # --html alone: the page, not the tables on stdout too
+    latex = CliRunner().invoke(app, ["report", "--store", str(runner.store.path), "-f", "latex",
+                                     "--html", str(tmp_path / "q.html")])
+    assert r"\toprule" in latex.output  # ... unless a format is asked for
     missing = CliRunner().invoke(app, ["report", "--store", str(tmp_path / "typo.sqlite")])
     assert missing.exit_code != 0 and "no results store at" in str(missing.exception or missing.output)
     assert not (tmp_path / "typo.sqlite").exists()  # a mistyped path is not created as an empty store

@@ -196,3 +196,12 @@ def test_ray_executor_gives_the_local_numbers(tmp_path):
 def test_default_weights_apply_to_learned_backbones_only():
     g = grid(backbones=["reference", "dino-vits16", {"name": "dino-vits8", "weights": "/w.pth"}], weights="random")
     assert [b.weights for b in g.backbones] == [None, "random", "/w.pth"]
+
+
+def test_command_line_data_roots_are_one_per_dataset():
+    from ssl_bench.cli import _dataset_entry
+
+    assert _dataset_entry("camvid", ["suim=/s", "camvid=/c"], None, [])["data_root"] == "/c"
+    assert _dataset_entry("camvid", ["/any"], None, [])["data_root"] == "/any"  # one plain root: every dataset
+    with pytest.raises(UserError, match="several --data-root values for camvid"):
+        _dataset_entry("camvid", ["/a", "/b"], None, [])  # the second used to be dropped silently

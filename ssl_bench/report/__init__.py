@@ -9,6 +9,7 @@ Rows, series and panels from random weights are marked in every output.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -55,10 +56,12 @@ def _task_filter(records: list[dict], task: str | None) -> list[dict]:
     return [r for r in records if r["task"] == task] if task else records
 
 
-def panel_title(record: dict) -> str:
+def panel_title(record: dict, dataset: str | None = None) -> str:
+    """``dataset``: the run's leaderboard column (which folder, which options); default name:split."""
     rand = f"{DAGGER} RANDOM WEIGHTS (smoke run, not a result) | " if record["random_weights"] else ""
     method = task_label(record["task"], record["config"].get("params") or {})
-    return (f"{rand}{record['backbone']} | {method} | {record['dataset']}:{record['split']} | "
+    dataset = dataset or f"{record['dataset']}:{record['split']}"
+    return (f"{rand}{record['backbone']} | {method} | {dataset} | "
             f"K={record['k']} seed={record['seed']} | mIoU {record['miou']:.1f}  Acc {record['acc']:.1f}  "
             f"F1 {record['f1']:.1f}  (run {record['config_hash']})")
 
@@ -81,20 +84,32 @@ def write_all(records: list[dict], store_path: Path, out_dir: Path, k: str | int
             path.write_text(FORMATS[fmt](table))
             written.append(path)
     shown = _task_filter(records, task)
+    names: set[str] = set()
     for column, data in figures.curve_data(shown).items():
         fig = figures.overclustering_figure(column, data)
-        written += figures.save_figure(fig, out_dir / "curves" / f"overclustering_{_slug(column)}")
-    for record, found in _panels(shown, store_path):
+        written += figures.save_figure(fig, out_dir / "curves" / _unique_name(f"overclustering_{_slug(column)}",
+                                                                              column, names))
+    for record, title in _panels(shown):
+        found = samples.load(store_path, record["config_hash"])
         if found is not None:
-            fig = figures.panel_figure(found, panel_title(record))
+            fig = figures.panel_figure(found, title)
             written += figures.save_figure(fig, out_dir / "panels" / record["config_hash"], ("png",))
     return written
 
 
-def _panels(records: list[dict], store_path: Path):
-    """(record, its stored samples or None), in panel order."""
+def _unique_name(name: str, text: str, taken: set[str]) -> str:
+    """``name``, or where another text slugged to it already (``a&b``, ``a#b``), with a hash of ``text``."""
+    if name in taken:
+        name += "_" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    taken.add(name)
+    return name
+
+
+def _panels(records: list[dict]):
+    """(record, its panel title), in panel order."""
+    columns = dict(zip(*(runs_frame(records)[c] for c in ("config_hash", "column")))) if records else {}
     for record in _panel_order(records):
-        yield record, samples.load(store_path, record["config_hash"])
+        yield record, panel_title(record, columns.get(record["config_hash"]))
 
 
 def html_report(records: list[dict], store_path: Path, k: str | int = "classes", task: str | None = None,
@@ -115,23 +130,25 @@ def html_report(records: list[dict], store_path: Path, k: str | int = "classes",
     streams = tables.get("streams")
     sections.append(("Prediction streams", f"<div class='scroll'>{to_html(streams)}</div>" if streams else
                      "<p><em>No stored run reports streams besides its headline.</em></p>"))
-    panels, missing = [], 0
-    for record, found in _panels(shown, store_path):
-        if len(panels) >= max_panels:
-            break
+    panels, missing, more = [], 0, 0
+    for record, title in _panels(shown):
+        if len(panels) >= max_panels:  # counted, not read or drawn
+            has = samples.stored(store_path, record["config_hash"])
+            more, missing = more + has, missing + (not has)
+            continue
+        found = samples.load(store_path, record["config_hash"])
         if found is None:
             missing += 1
-            continue
-        title = panel_title(record)
-        jpeg = figures.image_bytes(figures.panel_figure(found, title), dpi=80, fmt="jpeg")
-        panels.append(html.figure(jpeg, title, "image/jpeg"))
+        else:
+            jpeg = figures.image_bytes(figures.panel_figure(found, title), dpi=80, fmt="jpeg")
+            panels.append(html.figure(jpeg, title, "image/jpeg"))
     note = ""
-    shown_limit = len(panels) >= max_panels
     if missing:
         note += (f"<p class='note'>{missing} run(s) have no stored samples (computed before samples were kept, "
                  f"or writing them failed): rerun with --force to get their panels.</p>")
-    if shown_limit:
-        note += f"<p class='note'>Showing the first {max_panels} panels (--max-panels to change).</p>"
+    if more:
+        note += (f"<p class='note'>Showing the first {max_panels} of {max_panels + more} panels "
+                 f"(--max-panels to change).</p>")
     sections.append(("Qualitative results", note + f"<div class='panels'>{''.join(panels)}</div>" if panels
                      else note + "<p><em>No stored samples.</em></p>"))
     warning = (f"Some runs use random weights ({sum(r['random_weights'] for r in shown)} of {len(shown)}): "

@@ -26,7 +26,9 @@ from .tables import DAGGER, METRICS, runs_frame  # noqa: E402
 IGNORE_COLOUR = np.array([224, 224, 192], dtype=np.uint8)  # VOC's void colour: ignore / unlabelled pixels
 METRIC_AXES = {"miou": "mIoU (%)", "acc": "Pixel accuracy (%)", "f1": "Mean F1 (%)"}
 
-plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10, "figure.dpi": 100})
+# parse_math off: names are literal text (a folder called "m$x$" must not become a formula, or fail to parse).
+plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10, "figure.dpi": 100,
+                     "text.parse_math": False})
 
 
 def curve_data(records: list[dict]) -> dict[str, dict]:
@@ -47,7 +49,8 @@ def curve_data(records: list[dict]) -> dict[str, dict]:
 def overclustering_figure(column: str, data: dict) -> plt.Figure:
     """One row of three panels (mIoU, accuracy, F1 against K) for one dataset."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
-    several_methods = len({method for _, method, _ in data["series"]}) > 1
+    methods = sorted({method for _, method, _ in data["series"]})
+    several_methods = len(methods) > 1
     cmap = plt.get_cmap("tab10")
     handles = []
     for i, ((model, method, random), stats) in enumerate(sorted(data["series"].items())):
@@ -68,6 +71,8 @@ def overclustering_figure(column: str, data: dict) -> plt.Figure:
     for ax, metric in zip(axes, METRICS):
         classes_line = ax.axvline(classes, color="0.5", linestyle=":", linewidth=1.5,
                                   label=f"K = C = {classes} (number of classes)")
+        low, high = ax.get_ylim()
+        ax.set_ylim(max(low, 0.0), min(high, 101.0))  # scores are percentages; error bars may not pass 100
         ax.set_xlabel("K (number of clusters)")
         ax.set_ylabel(METRIC_AXES[metric])
         ax.set_title(METRIC_AXES[metric].replace(" (%)", "") + " against K")
@@ -76,7 +81,8 @@ def overclustering_figure(column: str, data: dict) -> plt.Figure:
             ax.set_xticks(all_ks)
         else:
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    fig.suptitle(f"Over-clustering on {column} (C = {classes} classes); error bars: ± std over seeds",
+    method = "" if several_methods else f", {methods[0]}"
+    fig.suptitle(f"Over-clustering on {column}{method} (C = {classes} classes); error bars: ± std over seeds",
                  fontsize=13)
     handles.append(classes_line)
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), frameon=False)

@@ -97,8 +97,9 @@ class Table:
 
 
 def mark_best(table: Table) -> None:
-    """Bold the highest mean of each numeric column, over non-random rows when there are any."""
-    candidates = [i for i, r in enumerate(table.random) if not r] or list(range(len(table.rows)))
+    """Bold the highest mean of each numeric column among the rows not from random weights (none when every
+    row is: a smoke run is never "best")."""
+    candidates = [i for i, r in enumerate(table.random) if not r]
     for c, column in enumerate(table.columns):
         if not column.numeric:
             continue
@@ -122,13 +123,19 @@ def _groups(columns: list[Column]) -> list[tuple[str, int]]:
     return spans
 
 
+def markdown_escape(text: str) -> str:
+    """A name as literal Markdown text: a ``|`` would split the table cell, ``*``/``_`` start emphasis and
+    ``$`` starts maths on GitHub."""
+    return "".join("\\" + ch if ch in "\\|*_`$<>" else ch for ch in text)
+
+
 def to_markdown(table: Table) -> str:
     if table.empty:
         return f"_{table.title}: no stored runs match._\n"
-    lines = [f"**{table.title}**", "", "| " + " | ".join(c.key for c in table.columns) + " |",
+    lines = [f"**{table.title}**", "", "| " + " | ".join(markdown_escape(c.key) for c in table.columns) + " |",
              "|" + "|".join("---:" if c.numeric else "---" for c in table.columns) + "|"]
     for i, row in enumerate(table.rows):
-        texts = table._row_texts(i)
+        texts = [markdown_escape(t) for t in table._row_texts(i)]
         lines.append("| " + " | ".join(f"**{t}**" if cell.best else t for t, cell in zip(texts, row)) + " |")
     return "\n".join(lines + [""] + [f"_{n}_  " for n in table.notes]) + "\n"
 
@@ -138,6 +145,7 @@ def latex_escape(text: str) -> str:
     for ch in text:
         out.append({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                    "|": r"\textbar{}", "<": r"\textless{}", ">": r"\textgreater{}",
                     "±": r"$\pm$", "–": "--", DAGGER: r"$^\dagger$"}.get(ch, ch))
     return "".join(out)
 
@@ -194,6 +202,9 @@ def to_csv(table: Table) -> str:
     frame = pd.DataFrame(records)
     # std / n columns that say nothing (one seed everywhere) are dropped.
     frame = frame.drop(columns=[c for c in frame.columns if c.endswith((" std", " n")) and frame[c].isna().all()])
+    for column in frame.columns:
+        if column.endswith(" n"):
+            frame[column] = frame[column].astype("Int64")  # counts, not 2.0 (a gap stays empty)
     return frame.to_csv(index=False)
 
 
@@ -252,6 +263,24 @@ def dataset_label(config: dict) -> str:
     return f"{parts[0]} ({extra})" if extra else parts[0]
 
 
+def _distinct_columns(labels, roots: list[str | None]) -> list[str]:
+    """Dataset labels made unique per folder: two folders of the same name (``a/site``, ``b/site``) get
+    as much of their paths as tells them apart, instead of sharing (and averaging into) one column."""
+    labels = list(labels)
+    by_label: dict[str, set] = {}
+    for label, root in zip(labels, roots):
+        by_label.setdefault(label, set()).add(root)
+    out = []
+    for label, root in zip(labels, roots):
+        others = sorted(r for r in by_label[label] if r)
+        if root and len(others) > 1:
+            parts = {r: Path(r).parts for r in others}
+            depth = next((d for d in range(2, 64) if len({p[-d:] for p in parts.values()}) == len(parts)), 64)
+            label = f"{label} [{'/'.join(parts[root][-depth:])}]"
+        out.append(label)
+    return out
+
+
 def runs_frame(records: list[dict]) -> pd.DataFrame:
     """Flat table of runs, one row per stored run, with the labels reports group on."""
     rows = []
@@ -265,6 +294,8 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
     columns = ["backbone", "weights", "random_weights", "task", "method", "dataset", "column", "split", "k",
                "num_classes", "seed", "miou", "acc", "f1", "config_hash"]
     frame = pd.DataFrame(rows, columns=columns)
+    frame["column"] = _distinct_columns(frame.column, [(r["config"].get("dataset_identity") or {}).get("root")
+                                                       for r in records])
     # A backbone stored with several checkpoints gets their identities in its name.
     several = frame.groupby(["backbone", "random_weights"])["weights"].nunique()
     frame["model"] = [f"{b} [{w[:12]}]" if several.get((b, r), 1) > 1 else b
@@ -272,14 +303,23 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
     return frame
 
 
-def select_k(frame: pd.DataFrame, k: str | int) -> pd.DataFrame:
-    """``"classes"``: runs with K = number of classes; a number: runs with that K."""
-    if str(k) in ("classes", "C"):
-        return frame[frame.k == frame.num_classes]
+def select_k(frame: pd.DataFrame, k: str | int) -> tuple[pd.DataFrame, str]:
+    """The runs of one leaderboard K and its title: ``"classes"`` or ``C`` (K = number of classes), ``2C``,
+    ``3C`` ... (a multiple of each dataset's classes), or a number (that K everywhere)."""
+    text = "C" if str(k).strip() in ("classes", "C", "c") else str(k).strip()
+    if text == "C":
+        return frame[frame.k == frame.num_classes], "K = C (number of classes)"
+    if text.isdigit():
+        return frame[frame.k == int(text)], f"K = {int(text)}"
+    from ..sweep import resolve_k  # the grid's reading of 2C, 3*C (imported here: it brings in torch)
+
     try:
-        return frame[frame.k == int(k)]
-    except ValueError:
-        raise UserError(f"--k must be 'classes' (K = number of classes) or a number, got '{k}'") from None
+        multiple = resolve_k(text, 1)
+    except UserError:
+        raise UserError(f"--k must be 'classes' (K = number of classes), a multiple such as 2C, or a number, "
+                        f"got '{k}'") from None
+    wanted = [resolve_k(text, int(c)) if c == c else -1 for c in frame.num_classes]  # c != c: NaN, unknown
+    return frame[frame.k == wanted], f"K = {multiple}C ({multiple} x number of classes)"
 
 
 def backbone_info(name: str) -> dict:
@@ -303,8 +343,7 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     frame = runs_frame(records)
     if task:
         frame = frame[frame.task == task]
-    frame = select_k(frame, k)
-    k_text = "K = C (number of classes)" if str(k) in ("classes", "C") else f"K = {int(k)}"
+    frame, k_text = select_k(frame, k)
     several_methods = frame.method.nunique() > 1
     datasets = sorted(frame.column.unique())
     columns = [Column("Backbone", numeric=False)] + ([Column("Method", numeric=False)] if several_methods else [])
@@ -322,18 +361,21 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
         seeds, numbers = [], []
         for d in datasets:
             in_column = runs[runs.column == d]
-            if not in_column.empty:
-                seeds.append(in_column.seed.nunique())
+            seeds.append(in_column.seed.nunique())  # 0: no run of this row on that dataset
             for metric in METRICS:
                 mean, std, n = _mean_std(in_column[metric])
                 numbers.append(Cell(mean, std, n))
         multi_seed |= any(s > 1 for s in seeds)
-        per_dataset = len(set(seeds)) > 1
+        ran = [s for s in seeds if s]
+        per_dataset = len(set(ran)) > 1  # one number when every dataset it ran on had the same seeds
         multi_count |= per_dataset
-        cells.append(Cell(str(seeds[0]) if not per_dataset else " / ".join(map(str, seeds))))
+        cells.append(Cell(" / ".join(str(s or "–") for s in seeds) if per_dataset else str(ran[0])))
         table.add(cells + numbers, random=bool(random))
     mark_best(table)
-    notes = ["Bold: best per column" + (" among rows not marked †." if any(table.random) else ".")]
+    if all(table.random):
+        notes = ["No value is bold: every row is a random-weight smoke run."]
+    else:
+        notes = ["Bold: best per column" + (" among rows not marked †." if any(table.random) else ".")]
     notes += [SEEDS_NOTE] if multi_seed else []
     notes += ["Seeds a / b: seeds per dataset, in column order."] if multi_count else []
     return table.finish(notes)
