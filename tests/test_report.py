@@ -103,6 +103,10 @@ def test_names_with_markup_characters_stay_literal(tmp_path):
     report.write_all(rows, tmp_path / "s.sqlite", tmp_path / "out")  # "bad$\foo{$" is not parsed
     curves = sorted(p.name for p in (tmp_path / "out" / "curves").glob("*.png"))  # files, not write calls
     assert len(curves) == 4  # "m$x$" and "m#x#" slug alike: a hash keeps them apart
+    kept = samples.RunSamples([0], [np.zeros((8, 8, 3), np.uint8)], [np.zeros((8, 8), np.int16)],
+                              [np.zeros((8, 8), np.int16)], np.zeros((3, 3), np.uint8), ["a", "b", "c"])
+    title = report.panel_title(rows[-1], "folder:bad$\\foo{$ " + "long " * 40)  # wrapped, not parsed as maths
+    assert figures.save_figure(figures.panel_figure(kept, title), tmp_path / "panel", ("png",))
 
 
 def test_folders_of_the_same_name_get_their_own_columns():

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -116,7 +117,8 @@ def panel_figure(samples: RunSamples, title: str) -> plt.Figure:
     key = [Patch(color=palette[c] / 255, label=samples.class_names[c]) for c in range(n_classes) if c in shown]
     if shown - set(range(n_classes)):
         key.append(Patch(color=IGNORE_COLOUR / 255, label="ignore / unlabelled"))
-    fig.suptitle(title, fontsize=12, wrap=True)
+    # Wrapped here: matplotlib's own wrap=True measures the text as maths, whatever text.parse_math says.
+    fig.suptitle("\n".join(textwrap.wrap(title, 100)), fontsize=12)
     fig.legend(handles=key, loc="outside lower center", ncol=min(len(key), 6), frameon=False, fontsize=10)
     return fig
 
