@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,14 +23,22 @@ console = Console(stderr=True)
 out = Console(soft_wrap=True)
 
 
+EXAMPLE_PAIRS = {"--param": "tau=5", "--option": "limit=25", "--arg": "image_counts=25,50"}
+
+
 def parse_pairs(pairs: Iterable[str], what: str) -> tuple:
     """``key=value`` strings -> sorted (key, value) pairs, values parsed as YAML (numbers, bools, lists)."""
     parsed = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise UserError(f"{what} '{pair}' is not key=value -- e.g. {what} tau=5")
-        parsed[key.replace("-", "_")] = yaml.safe_load(value)
+            raise UserError(f"{what} '{pair}' is not key=value -- e.g. {what} {EXAMPLE_PAIRS.get(what, 'key=1')}")
+        try:
+            parsed[key.replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise UserError(f"{what} {pair!r}: the value is not valid YAML ({str(err).splitlines()[0]}) -- e.g. "
+                            f"{what} {key}=5, {key}=true, {key}=[1, 2] or {key}='{{a: 1}}'") from None
     return tuple(sorted(parsed.items()))
 
 
@@ -144,6 +153,7 @@ def sweep(
     elif param:
         raise UserError("--param needs --task (give the tasks it applies to)")
     if dataset:
+        _check_prefixes(dataset, data_root, option)
         data["datasets"] = [_dataset_entry(name, data_root, split, option) for name in dataset]
     elif data_root or option or split:
         raise UserError("--data-root/--option/--split need --dataset (give the datasets they apply to)")
@@ -184,6 +194,16 @@ def sweep(
         raise SystemExit(1)
 
 
+def _check_prefixes(datasets: list[str], roots: list[str], options: list[str]) -> None:
+    """``--data-root NAME=PATH`` and ``-o NAME:key=value`` must name a --dataset (a typo is not dropped)."""
+    named = [("--data-root", v.partition("=")[0]) for v in roots if "=" in v]
+    named += [("--option", v.partition(":")[0]) for v in options if ":" in v and "=" not in v.partition(":")[0]]
+    for flag, prefix in named:
+        if prefix not in datasets:
+            raise UserError(f"{flag} prefix '{prefix}' names no --dataset of this sweep -- use one of: "
+                            f"{', '.join(datasets)}")
+
+
 def _dataset_entry(name: str, roots: list[str], split: Optional[str], options: list[str]) -> dict:
     """One --dataset of the command line with the --data-root / --option values that apply to it."""
     named = [path for prefix, sep, path in (v.partition("=") for v in roots) if sep and prefix == name]
@@ -214,6 +234,7 @@ def regress(
     from . import regress as reg
 
     path = baselines or reg.BASELINES
+    committed = reg.read_baselines(path, missing_ok=update)  # a broken file fails now, not after the suite
     grids, skipped = reg.suite_grids()
     for reason in skipped:
         out.print(reason, highlight=False)
@@ -226,7 +247,7 @@ def regress(
         reg.update(results, path)
         out.print(f"wrote {len(results)} cases to {path} ({seconds:.0f} s); review and commit it", highlight=False)
         return
-    rows = reg.compare(reg.read_baselines(path), results)
+    rows = reg.compare(committed, results)
     drifted = [r for r in rows if not r.ok]
     out.print(reg.table(drifted or rows), highlight=False, markup=False)
     verdict = f"{len(drifted)} of {len(rows)} metrics drifted" if drifted else f"all {len(rows)} metrics within tolerance"
@@ -372,11 +393,20 @@ def bench(
 
 
 def main() -> None:
+    interrupted = []
+
+    def on_interrupt(signum, frame):  # click turns Ctrl-C into a bare exit: remember it was one
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
     try:
         app()
     except UserError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)  # one line, never wrapped
         raise SystemExit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as stop:
+        if not interrupted and not isinstance(stop, KeyboardInterrupt):
+            raise
         console.print("interrupted: stored results and cached features are kept; run again to resume")
         raise SystemExit(130)

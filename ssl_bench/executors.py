@@ -46,19 +46,27 @@ def _fail(cell: Cell, err: BaseException, summary: SweepSummary, on_cell: CellCa
 
 def run_local(plan: Plan, runner: Runner, progress: Callable = lambda it, **_: it,
               on_cell: CellCallback = lambda cell, status: None) -> SweepSummary:
-    """Extractions first (each once, all kinds), then the cells in grid order."""
+    """Extractions first (each once, all kinds), then the cells in grid order. A failure (bad data in one
+    dataset, a bad parameter in one cell) fails the cells it concerns and the sweep goes on, as on Ray;
+    the failures are listed at the end."""
     summary = SweepSummary()
+    broken: dict[str, BaseException] = {}  # cell hash -> why its extraction failed
     for entry in plan.extractions_needed:
-        runner.features(entry.run, entry.run.dataset, entry.kinds, progress)
+        try:
+            runner.features(entry.run, entry.run.dataset, entry.kinds, progress)
+        except Exception as err:  # noqa: BLE001 -- its cells fail; other datasets and backbones go on
+            broken.update((cell.run.config_hash, err) for cell in entry.cells)
+            continue
         summary.extractions += 1
     for cell in plan.todo:
+        if cell.run.config_hash in broken:
+            _fail(cell, broken[cell.run.config_hash], summary, on_cell)
+            continue
         if _stored_meanwhile(runner, cell, summary, on_cell):
             continue
         try:
             computed = runner.compute(cell.run, progress)
-        except (KeyboardInterrupt, UserError):
-            raise
-        except Exception as err:  # one broken cell must not stop a long sweep; reported at the end
+        except Exception as err:  # noqa: BLE001 -- one broken cell must not stop a long sweep
             _fail(cell, err, summary, on_cell)
             continue
         _store_record(runner, cell, computed, summary, on_cell)

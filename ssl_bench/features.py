@@ -306,7 +306,12 @@ class LabelCache:
         flat = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(int(offsets[-1]),))
         for i in progress(range(len(dataset)), desc=f"decode labels of {dataset.name}/{dataset.split}",
                           total=len(dataset)):
-            label = protocol.apply_label(dataset.load_label(i), multiple)
+            raw = dataset.load_label(i)
+            width, height = dataset.image_size(i)
+            if raw.shape[:2] != (height, width):  # resizing both apart would pair the wrong pixels, silently
+                raise UserError(f"{dataset.name}/{dataset.split} {dataset.ids[i]}: the label is {raw.shape[1]}x"
+                                f"{raw.shape[0]} but its image is {width}x{height} -- fix or remove that pair")
+            label = protocol.apply_label(raw, multiple)
             if label.shape != tuple(shapes[i]):
                 raise UserError(f"{dataset.name}/{dataset.split} {dataset.ids[i]}: the label is not the size of "
                                 f"its image (gives {label.shape} at protocol resolution, not {tuple(shapes[i])}) "

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
+
 
 def as_float32(x: np.ndarray) -> np.ndarray:
     """``x`` as a float32 array; float16 (the feature cache's dtype) converts through torch, ~5x faster than
@@ -86,7 +88,8 @@ def kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, redo: int = 1
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     if len(x) < k:
-        raise ValueError(f"k-means needs at least k={k} points, got {len(x)}")
+        raise UserError(f"K={k} clusters need at least {k} patches to fit on, got {len(x)} -- lower --k, or use "
+                        f"more or larger images")
     km = faiss.Kmeans(x.shape[1], k, niter=iterations, nredo=redo, seed=seed, verbose=False, spherical=spherical,
                       max_points_per_centroid=max(256, len(x) // k + 1))
     km.train(x)

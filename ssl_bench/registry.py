@@ -88,10 +88,28 @@ class TaskSpec:
             raise UserError(
                 f"task '{self.name}' has no parameter(s) {sorted(unknown)} -- known: {sorted(self.params)}"
             )
+        for key, value in (overrides or {}).items():
+            check_like_default(f"task '{self.name}' parameter", key, value, self.params[key], "-p")
         params = {**self.params, **(overrides or {})}
         if self.validate:  # a bad value fails now, not after an hour of feature extraction
             load_entrypoint(self.validate)(params)
         return params
+
+
+def check_like_default(what: str, key: str, value, default, flag: str) -> None:
+    """A value of the type its default has: a switch true/false, a count a whole number >= 0, a real a
+    number. Text and null defaults are left to the reader's own checks (enumerations, alternatives)."""
+    if isinstance(default, bool):
+        wanted, ok = "true or false", isinstance(value, bool)
+    elif isinstance(default, int):
+        wanted, ok = "a whole number >= 0", isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    elif isinstance(default, float):
+        wanted, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        return
+    if not ok:
+        example = f"{flag} {key}={str(default).lower() if isinstance(default, bool) else default}".strip()
+        raise UserError(f"{what} {key}={value!r} must be {wanted} -- e.g. {example}")
 
 
 def read_yaml_mapping(path: Path, what: str, example: str) -> dict:

@@ -107,10 +107,31 @@ def run_suite(grids: list[dict], only: str | None = None) -> dict[str, dict[str,
     return results
 
 
-def read_baselines(path: Path = BASELINES) -> dict:
-    if not path.is_file():
+def read_baselines(path: Path = BASELINES, missing_ok: bool = False) -> dict:
+    """The baselines file, checked before the suite runs (a broken file must not cost a whole suite)."""
+    if not path.exists():
+        if missing_ok:
+            return {}
         raise UserError(f"no regression baselines at {path} -- create them with `ssl-bench regress --update`")
-    return json.loads(path.read_text())
+    if not path.is_file():
+        raise UserError(f"--baselines {path} is not a file -- give the JSON file, e.g. {BASELINES}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}) -- restore it from git or rewrite it with "
+                        f"`ssl-bench regress --update`") from None
+    cases, tolerance = (data.get("cases"), data.get("tolerance", {})) if isinstance(data, dict) else (None, None)
+    numbers = isinstance(cases, dict) and all(isinstance(m, dict) and all(_is_number(v) for v in m.values())
+                                              for m in cases.values())
+    if not numbers or not isinstance(tolerance, dict) or not all(_is_number(v) for v in tolerance.values()):
+        raise UserError(f"{path} is not an ssl-bench baselines file (expected {{\"cases\": {{NAME: {{metric: "
+                        f"number}}}}, \"tolerance\": {{metric: number}}}}) -- restore it from git or rewrite it "
+                        f"with `ssl-bench regress --update`")
+    return data
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def compare(baselines: dict, results: dict[str, dict[str, float]]) -> list[Row]:
@@ -127,7 +148,7 @@ def compare(baselines: dict, results: dict[str, dict[str, float]]) -> list[Row]:
 
 def update(results: dict[str, dict[str, float]], path: Path = BASELINES) -> dict:
     """Write the baselines; cases not run here (e.g. CamVid absent) keep their committed values."""
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = read_baselines(path, missing_ok=True)
     cases = {**old.get("cases", {}), **results}
     data = {"about": "ssl-bench regress baselines: headline metrics (percent) of the fixed suite in "
                      "ssl_bench/regress.py; rewrite only with `ssl-bench regress --update`",

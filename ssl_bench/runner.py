@@ -171,6 +171,25 @@ def _environment() -> dict:
             "host": platform.node(), "device": device}
 
 
+def _usable_device(name: str | None) -> torch.device:
+    """The torch device to compute on (default: cuda if present, else cpu); a device this machine lacks is
+    one clear line now, not an error in the middle of an extraction."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} -- use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device on this machine -- use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) -- "
+                        f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: ssl-bench computes on cpu, cuda or mps")
+    return device
+
+
 class Runner:
     """Holds the store, the feature cache and what was already built (backbones, datasets)."""
 
@@ -178,7 +197,7 @@ class Runner:
                  device: str | None = None):
         self._store = store  # opened on first use: a Ray worker computes records and never opens one
         self.cache = cache or FeatureCache()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = _usable_device(device)
         self._backbones: dict[tuple, Backbone] = {}
         self._datasets: dict[tuple, SegDataset] = {}
 
@@ -360,4 +379,6 @@ class _LazyBackbone:
             self._model.check_kinds(kinds)  # the real model words the refusal
 
     def __getattr__(self, name: str):
+        if name == "_model":  # building it raised AttributeError: do not build again through this hook
+            raise AttributeError("the backbone could not be built")
         return getattr(self._model, name)

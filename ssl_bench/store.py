@@ -15,6 +15,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 
 def config_hash(config: dict) -> str:
     """The key of a stored row: a hash of everything that determines its numbers."""
@@ -47,6 +49,17 @@ CREATE INDEX IF NOT EXISTS runs_cell ON runs (backbone, task, dataset, split, k,
 """
 
 JSON_COLUMNS = ("config", "metrics", "stats", "timings", "environment")
+COLUMNS = ("config_hash", "backbone", "weights", "random_weights", "task", "dataset", "split", "k", "seed", "miou",
+           "acc", "f1", *JSON_COLUMNS)
+
+
+def _check_is_store(db: sqlite3.Connection, path: Path) -> None:
+    """A database holding other tables (another program's), or another ``runs`` table, is not written to."""
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")} - {"sqlite_sequence"}
+    columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+    if (tables and "runs" not in tables) or ("runs" in tables and not set(COLUMNS) <= columns):
+        raise UserError(f"{path} is an SQLite database but not an ssl-bench results store (tables: "
+                        f"{', '.join(sorted(tables))}) -- pass --store with a new file or an ssl-bench store")
 
 
 def default_store_path() -> Path:
@@ -77,9 +90,17 @@ class RunRecord:
 class ResultStore:
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else default_store_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db, db:
-            db.executescript(SCHEMA)
+        if self.path.is_dir():
+            raise UserError(f"--store {self.path} is a directory -- give a file, e.g. {self.path / 'results.sqlite'}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(sqlite3.connect(self.path, timeout=60)) as db:  # before WAL mode touches the file
+                _check_is_store(db, self.path)
+            with closing(self._connect()) as db, db:
+                db.executescript(SCHEMA)
+        except (sqlite3.DatabaseError, OSError) as err:  # sqlite3.OperationalError is a DatabaseError
+            raise UserError(f"cannot use {self.path} as the results store ({err}) -- pass --store with a new "
+                            f"file or an ssl-bench store") from None
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60)

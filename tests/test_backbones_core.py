@@ -106,6 +106,12 @@ def test_wrong_checkpoint_is_one_clear_error(tmp_path):
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, path)
     with pytest.raises(UserError, match="does not fit dino-vits16"):
         build_backbone(spec, resolve(spec, str(path)))
+    torch.save([1, 2, 3], path)  # not a state dict: one line, not a recursion through the lazy backbone
+    with pytest.raises(UserError, match="holds a list, not a state dict"):
+        build_backbone(spec, resolve(spec, str(path)))
+    (tmp_path / "text.safetensors").write_text("hello")
+    with pytest.raises(UserError, match="cannot read checkpoint .*text.safetensors.*safetensors file"):
+        build_backbone(spec, resolve(spec, str(tmp_path / "text.safetensors")))
 
 
 def test_missing_weights_offline_names_file_and_place(tmp_path, monkeypatch):

@@ -154,7 +154,7 @@ def test_labels_are_decoded_once_per_dataset_and_protocol(tmp_path):
 def test_a_label_that_is_not_the_size_of_its_image_is_one_clear_error(tmp_path):
     imgs = images(2)
     ds = LabelledArrays(imgs, [np.zeros((48, 64), np.int64), np.zeros((10, 40), np.int64)])
-    with pytest.raises(UserError, match=r"img1: the label is not the size of its image"):
+    with pytest.raises(UserError, match=r"img1: the label is 40x10 but its image is 64x48"):
         FeatureCache(tmp_path).labels.ensure(ds, Protocol(resize=32, crop="none"), 16)
     assert not list(tmp_path.glob("_labels/*/*/labels.json"))  # nothing half-written is ever read
 

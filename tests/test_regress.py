@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ssl_bench import regress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,3 +66,15 @@ def test_camvid_cases_are_skipped_with_the_reason_when_the_shared_data_is_absent
     grids, skipped = regress.suite_grids()
     assert len(grids) == len(regress.SUITE) - 1
     assert len(skipped) == 1 and "skipped camvid" in skipped[0] and "absent" in skipped[0]
+
+
+def test_a_broken_baselines_file_fails_before_the_suite(tmp_path):
+    from ssl_bench.errors import UserError
+    from ssl_bench.regress import read_baselines
+
+    for text, message in (('{"cases": {', "is not valid JSON"), ("[1, 2]", "not an ssl-bench baselines file"),
+                          ('{"cases": {"a": {"miou": "x"}}}', "not an ssl-bench baselines file")):
+        (tmp_path / "b.json").write_text(text)
+        with pytest.raises(UserError, match=message):
+            read_baselines(tmp_path / "b.json")
+    assert read_baselines(tmp_path / "new.json", missing_ok=True) == {}  # --update may create it

@@ -137,6 +137,11 @@ def test_dinov2_uses_322_protocol(runner):
     (dict(k=0), "--k must be at least 1, got 0"),
     (dict(seed=-1), "the seed must be 0 or more, got -1"),  # numpy's generators would raise mid-task
     (dict(weights_seed=-2), "the weights seed must be 0 or more, got -2"),
+    (dict(dataset_options=(("n", 2.5),)), "option n=2.5 must be a whole number >= 0"),  # not a column "n=2.5"
+    (dict(params=(("crf", "maybe"),)), "parameter crf='maybe' must be true or false"),  # not "truthy"
+    (dict(params=(("iterations", 0),)), "iterations=0 -- k-means needs at least 1"),
+    (dict(task="primaps-em", params=(("epochs", 1.0),)), "parameter epochs=1.0 must be a whole number"),
+    (dict(dataset_options=(("n", 1),), k=5000), "K=5000 clusters need at least 5000 patches"),
     (dict(task="primaps-em", params=(("psi", 2),)), "psi=2 is invalid"),  # the task's validate hook
     (dict(backbone="reference", task="datus2"), "cannot give 'key' features"),
 ])
@@ -164,3 +169,48 @@ def test_camvid_random_dino_end_to_end(runner, shared_dataset):
     assert rec["config"]["images"] == 101 and rec["random_weights"] and rec["k"] == 11
     assert 0 < rec["miou"] < 100
     assert not runner.run(cfg).computed
+
+
+def test_devices_this_machine_lacks_are_one_line():
+    import torch
+
+    from ssl_bench.runner import Runner
+
+    with pytest.raises(UserError, match="unknown device 'nonsense'"):
+        Runner(None, None, "nonsense")
+    with pytest.raises(UserError, match="computes on cpu, cuda or mps"):
+        Runner(None, None, "meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device on this machine"):
+            Runner(None, None, "cuda")
+
+
+def test_a_foreign_or_broken_file_is_not_used_as_the_store(tmp_path):
+    import sqlite3
+
+    from ssl_bench.store import ResultStore
+
+    foreign = tmp_path / "app.sqlite"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+    with pytest.raises(UserError, match="not an ssl-bench results store"):
+        ResultStore(foreign)
+    with sqlite3.connect(foreign) as db:  # left as it was: no tables added, journal mode unchanged
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["users"]
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="cannot use .*notes.txt as the results store"):
+        ResultStore(tmp_path / "notes.txt")
+
+
+def test_a_label_of_another_size_than_its_image_is_refused(runner, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "pairs"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("a\nb\n")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "images" / "1.png")
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(root / "masks" / "1.png")  # resized apart, it would "fit"
+    with pytest.raises(UserError, match="the label is 50x40 but its image is 64x64"):
+        runner.run(RunConfig(backbone="reference", task="kmeans", dataset="folder", data_root=str(root)))

@@ -205,3 +205,32 @@ def test_command_line_data_roots_are_one_per_dataset():
     assert _dataset_entry("camvid", ["/any"], None, [])["data_root"] == "/any"  # one plain root: every dataset
     with pytest.raises(UserError, match="several --data-root values for camvid"):
         _dataset_entry("camvid", ["/a", "/b"], None, [])  # the second used to be dropped silently
+
+
+def test_bad_data_in_one_dataset_fails_its_cells_and_the_sweep_goes_on(runner, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "broken"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("left\nright\n")
+    for stem in ("001", "002"):
+        Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(root / "images" / f"{stem}.png")
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "masks" / f"{stem}.png")
+    (root / "images" / "003.png").write_text("not an image")  # a damaged file: extraction fails on it
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "masks" / "003.png")
+    plan = make_plan(grid(datasets=[{"name": "folder", "data_root": str(root)}, TINY], k=["C", "2C"]), runner)
+    summary = run_local(plan, runner)
+    assert summary.computed == 2 and len(runner.store.query()) == 2  # the synthetic cells still ran
+    assert len(summary.failed) == 2 and all("cannot read" in r and "003.png" in r for _, r in summary.failed)
+
+
+def test_command_line_values_and_prefixes_are_checked():
+    from ssl_bench.cli import _check_prefixes, parse_pairs
+
+    with pytest.raises(UserError, match="--option 'n=\\[1,2': the value is not valid YAML"):
+        parse_pairs(["n=[1,2"], "--option")
+    with pytest.raises(UserError, match="--option prefix 'synthtic' names no --dataset"):
+        _check_prefixes(["synthetic"], [], ["synthtic:n=2"])  # a typo used to be dropped silently
+    _check_prefixes(["synthetic", "camvid"], ["camvid=/c"], ["synthetic:n=2", "limit=3"])

@@ -20,6 +20,7 @@ from ssl_bench.data.suim import SUIM, SUIM8
 from ssl_bench.data.synthetic import SyntheticDataset
 from ssl_bench.data.voc2012 import VOC2012
 from ssl_bench.errors import UserError
+from ssl_bench.registry import check_like_default
 
 DATASETS: dict[str, type[SegDataset]] = {
     "camvid": CamVid,
@@ -53,6 +54,8 @@ def open_dataset(name: str, root: str | Path | None, split: str | None, **option
     if unknown:
         valid = ", ".join(f"{k}={v!r}" for k, v in [*known.items(), ("limit", None)])
         raise UserError(f"unknown option(s) {', '.join(unknown)} for dataset {name!r} -- valid options: {valid}")
+    for key, value in options.items():
+        check_like_default(f"dataset {name!r} option", key, value, known[key], "-o")
     dataset = cls(root, split or cls.default_split, **options)
     dataset._options = {**known, **options}  # cache keys: seed=0 given or defaulted is the same data
     return dataset if limit is None else _first(dataset, limit)

@@ -200,3 +200,6 @@ class SegDataset:
                 f"{self.title}: missing file {path} -- the data root {self.root} is incomplete; "
                 f"re-download or point --data-root at {self.default_root}"
             ) from None
+        except (OSError, Image.DecompressionBombError) as err:  # PIL.UnidentifiedImageError is an OSError
+            raise UserError(f"{self.title}: cannot read {path} ({type(err).__name__}) -- the file is damaged or not "
+                            f"an image; replace or remove it") from None

@@ -46,6 +46,7 @@ import numpy as np
 
 from ssl_bench import ops
 from ssl_bench.errors import UserError
+from ssl_bench.registry import check_like_default
 
 BACKENDS = ("louvain", "igraph")
 CROP_FITS = ("stretch", "authors")
@@ -354,6 +355,9 @@ class DenoiserConfig:
     @classmethod
     def from_params(cls, params: str | dict | None) -> DenoiserConfig:
         """A preset name ("cpu", "gpu") or a dict of fields, optionally on top of {"preset": NAME}."""
+        if not isinstance(params, (str, dict, type(None))):
+            raise UserError(f"denoiser={params!r} -- use a preset (cpu, gpu) or a mapping, e.g. "
+                            f"-p 'denoiser={{preset: cpu, epochs: 5}}'")
         params = {"preset": params} if isinstance(params, str) else dict(params or {})
         preset = params.pop("preset", "cpu")
         if preset not in DENOISER_PRESETS:
@@ -363,6 +367,8 @@ class DenoiserConfig:
             raise UserError(
                 f"unknown denoiser params {sorted(unknown)} -- use {[f.name for f in fields(cls)]}"
             )
+        for key, value in params.items():  # the preset's field types: 2.5 epochs or "abc" fail here
+            check_like_default("denoiser field", key, value, getattr(DENOISER_PRESETS[preset], key), "")
         config = replace(DENOISER_PRESETS[preset], **params)
         if config.arch not in DENOISER_ARCHS:
             raise UserError(f"denoiser arch {config.arch!r} -- use one of {', '.join(DENOISER_ARCHS)}")
@@ -631,7 +637,20 @@ def check_params(p: dict) -> None:
         raise UserError(f"crop_fit={p['crop_fit']!r} -- use one of {', '.join(CROP_FITS)}")
     if not isinstance(p["tau"], int) or isinstance(p["tau"], bool) or p["tau"] < 0:
         raise UserError(f"tau={p['tau']!r} -- use a whole number of patches >= 0 (-p tau=5)")
+    for key in ("kmeans_iters", "kmeans_n_init", "crop_batch_size"):
+        if not isinstance(p[key], int) or isinstance(p[key], bool) or p[key] < 1:
+            raise UserError(f"{key}={p[key]!r} -- use a whole number >= 1 (-p {key}={DATUS_DEFAULTS[key]})")
+    if p["crop_size"] is not None and (not isinstance(p["crop_size"], int) or p["crop_size"] < 16):
+        raise UserError(f"crop_size={p['crop_size']!r} -- use null (the crop backbone's own size) or a side >= 16 "
+                        f"(-p crop_size=224)")
+    if not 0 <= p["crop_fill"] <= 255:
+        raise UserError(f"crop_fill={p['crop_fill']!r} -- use a pixel value 0-255 (-p crop_fill=0)")
+    if not isinstance(p["resolution"], (int, float)) or p["resolution"] < 0:
+        raise UserError(f"resolution={p['resolution']!r} -- use a number >= 0 (-p resolution=1.0)")
     DenoiserConfig.from_params(p["denoiser"])
+
+
+DATUS_DEFAULTS = {"kmeans_iters": 50, "kmeans_n_init": 1, "crop_batch_size": 64}
 
 
 def run(ctx):

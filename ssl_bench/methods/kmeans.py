@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from ..crf import STEGO_CRF, dense_crf
+from ..errors import UserError
 from ..ops import (UpsampleArgmax, as_float32, kmeans, l2_normalize, sample_rows, softmax, upsample_argmax,
                    upsample_scores)
 
@@ -37,6 +38,15 @@ def predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None 
         return argmax(scores, size)
     up = upsample_scores(scores, size)
     return dense_crf(image, softmax(crf_alpha * up, axis=0), **STEGO_CRF).argmax(0).astype(np.int64)
+
+
+def check_params(p: dict) -> None:
+    """One-line errors before any work (the task file's ``validate`` hook); types are checked by the registry."""
+    for key, example in (("iterations", 50), ("max_fit_patches", 200000)):
+        if p[key] < 1:
+            raise UserError(f"{key}={p[key]} -- k-means needs at least 1 (-p {key}={example})")
+    if p["crf_alpha"] <= 0:
+        raise UserError(f"crf_alpha={p['crf_alpha']} -- the CRF unaries need a positive scale (-p crf_alpha=2.0)")
 
 
 def run(ctx):

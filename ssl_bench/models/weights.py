@@ -108,14 +108,21 @@ def _identity(spec: BackboneSpec, path: Path, verify: bool) -> str:
 
 
 def read_checkpoint(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            checkpoint = load_file(str(path))
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 -- any unreadable file gets the same advice
-        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}) -- is it a PyTorch file?") from err
+        reason = (str(err).strip().splitlines() or [""])[0][:100]
+        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}: {reason}) -- is it a "
+                        f"{'safetensors' if path.suffix == '.safetensors' else 'PyTorch'} file?") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict -- save "
+                        f"model.state_dict() (or the official release file)")
+    return checkpoint
 
 
 # Wrappers of the official releases, most specific first: DINO/iBOT/Mugs keep the teacher
