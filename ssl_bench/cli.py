@@ -164,6 +164,8 @@ def sweep(
     if resize is not None or crop is not None:
         data["protocol"] = {**(data.get("protocol") or {}), **({"resize": resize} if resize is not None else {}),
                             **({"crop": crop} if crop is not None else {})}
+    if not file and (task or dataset) and not backbone:
+        raise UserError("--backbone missing -- give the backbones to sweep, e.g. --backbone reference")
     if not file and not backbone:
         raise UserError("give a sweep file or grid flags -- e.g. ssl-bench sweep --backbone reference --task kmeans "
                         "--dataset synthetic --k C --k 2C --seed 0 --seed 1")
@@ -348,6 +350,13 @@ def report(
     if task and task not in {r["task"] for r in records}:
         raise UserError(f"no stored run of task '{task}' -- stored tasks: "
                         f"{', '.join(sorted({r['task'] for r in records})) or 'none (run ssl-bench run first)'}")
+    if max_panels < 0:
+        raise UserError(f"--max-panels must be 0 or more, got {max_panels}")
+    for target, kind, example in ((output, "--output", "report.md"), (html, "--html", "report.html")):
+        if target is not None and target.is_dir():
+            raise UserError(f"{kind} {target} is a folder -- give a file name, e.g. {target / example}")
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir} is a file -- give a folder")
     fmt = format or "markdown"
     text = reports.text_report(records, fmt, table or ("leaderboard" if fmt == "csv" else "all"), k, task)
     if output:

@@ -91,7 +91,8 @@ def kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, redo: int = 1
         raise UserError(f"K={k} clusters need at least {k} patches to fit on, got {len(x)} -- lower --k, or use "
                         f"more or larger images")
     km = faiss.Kmeans(x.shape[1], k, niter=iterations, nredo=redo, seed=seed, verbose=False, spherical=spherical,
-                      max_points_per_centroid=max(256, len(x) // k + 1))
+                      max_points_per_centroid=max(256, len(x) // k + 1),
+                      min_points_per_centroid=1)  # only silences faiss's "please provide more points" line
     km.train(x)
     return km.centroids.copy()
 

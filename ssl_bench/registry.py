@@ -116,6 +116,8 @@ def read_yaml_mapping(path: Path, what: str, example: str) -> dict:
     """The mapping in a YAML file (registry entries, sweep grids); anything else is one clear line."""
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file (not UTF-8) -- fix the {what}") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]}) -- fix the {what}") from None
     if not isinstance(data, dict):

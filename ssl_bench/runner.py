@@ -248,9 +248,9 @@ class Runner:
         probe = self.open_dataset(cfg.dataset, cfg.data_root, cfg.split, options)
         split = probe.split
         weights_seed = cfg.weights_seed
-        for name, value in (("seed", cfg.seed), ("weights seed", weights_seed)):
+        for name, value, example in (("seed", cfg.seed, "--seed 0"), ("weights seed", weights_seed, "weights_seed: 0")):
             if value < 0:  # numpy's generators take no negative seed: fail here, not mid-task
-                raise UserError(f"the {name} must be 0 or more, got {value} -- e.g. --seed 0")
+                raise UserError(f"the {name} must be 0 or more, got {value} -- e.g. {example}")
         source = resolve(spec, cfg.weights, weights_seed)
         protocol = cfg.protocol.for_patch_size(spec.patch_size)
         k = probe.num_classes if cfg.k is None else cfg.k

@@ -12,6 +12,7 @@ Executors (local in-process, Ray) live in ``executors.py``; they share ``Plan`` 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,10 +111,11 @@ def _entries(data: dict, key: str, source: str) -> list[dict]:
     for item in items:
         if isinstance(item, str):
             out.append({"name": item})
-        elif isinstance(item, dict) and "name" in item:
+        elif isinstance(item, dict) and isinstance(item.get("name"), str):
             out.append(item)
         else:
-            raise UserError(f"{source}: each entry of '{key}' is a name or a mapping with 'name', got {item!r}")
+            raise UserError(f"{source}: each entry of '{key}' is a name or a mapping with a 'name' text, "
+                            f"got {item!r}")
     return out
 
 
@@ -128,18 +130,32 @@ def _check_keys(entry: dict, allowed: tuple, where: str) -> None:
         raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} -- allowed: {', '.join(allowed)}")
 
 
+def _weights(value, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{where}: weights must be 'random', a file or a hub name, got {value!r}")
+    return value
+
+
+def _seed(value, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UserError(f"{where} must be a whole number >= 0, got {value!r}")
+    return value
+
+
 def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
     """The grid of a parsed YAML file (see examples/sweep.yaml for every key)."""
     if not isinstance(data, dict):
         raise UserError(f"{source} must be a YAML mapping with keys {', '.join(GRID_KEYS)}")
     _check_keys(data, GRID_KEYS, source)
-    default_weights, default_wseed = data.get("weights"), int(data.get("weights_seed", 0))
+    default_weights = _weights(data.get("weights"), source)
+    default_wseed = _seed(data.get("weights_seed", 0), f"{source}: weights_seed")
     backbones = []
     for e in _entries(data, "backbones", source):
-        _check_keys(e, ("name", "weights", "weights_seed"), f"{source}: backbone {e['name']}")
+        where = f"{source}: backbone {e['name']}"
+        _check_keys(e, ("name", "weights", "weights_seed"), where)
         default = None if is_non_learned(registry.backbone(e["name"])) else default_weights  # nothing to load
-        backbones.append(BackboneChoice(e["name"], e.get("weights", default),
-                                        int(e.get("weights_seed", default_wseed))))
+        backbones.append(BackboneChoice(e["name"], _weights(e.get("weights", default), where),
+                                        _seed(e.get("weights_seed", default_wseed), f"{where}: weights_seed")))
     tasks = []
     for e in _entries(data, "tasks", source):
         _check_keys(e, ("name", "params"), f"{source}: task {e['name']}")
@@ -157,8 +173,10 @@ def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
         raise UserError(f"{source}: protocol must be a mapping, e.g. protocol: {{resize: 320, crop: center}}")
     try:
         protocol = Protocol(**protocol)
-    except TypeError as err:
-        raise UserError(f"{source}: bad protocol ({err}) -- keys: resize, crop, image_interp") from None
+    except TypeError:
+        known = ", ".join(f.name for f in dataclasses.fields(Protocol))
+        raise UserError(f"{source}: unknown protocol key(s) {', '.join(sorted(set(protocol) - set(known.split(', '))))}"
+                        f" -- keys: {known}") from None
     seeds = seeds if isinstance(seeds, list) else [seeds]
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise UserError(f"{source}: seeds must be integers >= 0, got {seeds!r}")
@@ -168,6 +186,8 @@ def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
 def read_grid_file(path: str | Path) -> dict:
     """The mapping in a sweep file (the command line may replace some of its axes before the grid is made)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a sweep file -- give a YAML file such as examples/sweep.yaml")
     if not path.is_file():
         raise UserError(f"sweep file {path} not found -- see examples/sweep.yaml for the format")
     return registry.read_yaml_mapping(path, "sweep file", f"examples/sweep.yaml (keys: {', '.join(GRID_KEYS)})")
@@ -209,7 +229,9 @@ class Extraction:
     @property
     def label(self) -> str:
         c = self.run.config
-        return f"{_backbone_label(c)} on {c['dataset']}:{c['split']} ({c['images']} images; {', '.join(self.kinds)})"
+        options = "".join(f", {k}={v}" for k, v in sorted((c.get("dataset_options") or {}).items()))
+        return (f"{_backbone_label(c)} on {c['dataset']}:{c['split']} ({c['images']} images{options}; "
+                f"{', '.join(self.kinds)})")
 
 
 @dataclass

@@ -234,3 +234,26 @@ def test_command_line_values_and_prefixes_are_checked():
     with pytest.raises(UserError, match="--option prefix 'synthtic' names no --dataset"):
         _check_prefixes(["synthetic"], [], ["synthtic:n=2"])  # a typo used to be dropped silently
     _check_prefixes(["synthetic", "camvid"], ["camvid=/c"], ["synthetic:n=2", "limit=3"])
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"backbones": [{"name": 5}]}, "a mapping with a 'name' text"),
+    ({"backbones": [{"name": "dino-vits16", "weights": 5}]}, "weights must be 'random', a file or a hub name"),
+    ({"weights": ["random"]}, "weights must be 'random'"),
+    ({"backbones": [{"name": "reference", "weights_seed": "abc"}]}, "weights_seed must be a whole number >= 0"),
+    ({"protocol": {"foo": 1}}, "unknown protocol key\\(s\\) foo -- keys: resize"),
+])
+def test_grid_values_of_the_wrong_type_are_one_clear_error(data, message):
+    with pytest.raises(UserError, match=message):
+        grid(**data)
+
+
+def test_a_folder_with_two_images_of_one_stem_is_refused(tmp_path):
+    from ssl_bench.data.base import pair_by_stem
+
+    for folder, names in (("images", ("a.png", "a.jpg")), ("masks", ("a.png",))):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).write_bytes(b"")
+    with pytest.raises(UserError, match="several images named a"):
+        pair_by_stem(tmp_path / "images", tmp_path / "masks", "folder")
