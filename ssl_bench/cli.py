@@ -74,7 +74,8 @@ def run(
     dataset: str = typer.Option("synthetic", help="dataset (ssl-bench list datasets)"),
     data_root: Optional[str] = typer.Option(None, help="dataset folder (not needed for 'synthetic')"),
     split: Optional[str] = typer.Option(None, help="split to evaluate (default: the dataset's evaluation split)"),
-    k: Optional[int] = typer.Option(None, "--k", help="number of clusters (default: number of classes)"),
+    k: Optional[str] = typer.Option(None, "--k", help="number of clusters: a number or C, 2C, 3C ... "
+                                   "(default: C, the number of classes)"),
     seed: int = typer.Option(0, help="seed of the method (clustering, training)"),
     weights: Optional[str] = typer.Option(None, help="checkpoint path, or 'random' for a random-weight smoke run"),
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="dense CRF refinement (tasks that have it)"),
@@ -91,13 +92,19 @@ def run(
     from .data.protocol import Protocol
     from .runner import RunConfig
 
+    from .sweep import resolve_k
+
     params = dict(parse_pairs(param, "--param"))
     if crf is not None:
         params["crf"] = crf
-    cfg = RunConfig(backbone=backbone, task=task, dataset=dataset, split=split, k=k, seed=seed, weights=weights,
-                    data_root=data_root, dataset_options=parse_pairs(option, "--option"),
-                    params=tuple(sorted(params.items())), protocol=Protocol(resize=resize, crop=crop))
+    options = parse_pairs(option, "--option")
     runner = _runner(store, cache, device)
+    if k is not None:  # 2C as in sweeps: the classes are the dataset's
+        k = resolve_k(k, 1) if k.strip().isdigit() else \
+            resolve_k(k, runner.open_dataset(dataset, data_root, split, dict(options)).num_classes)
+    cfg = RunConfig(backbone=backbone, task=task, dataset=dataset, split=split, k=k, seed=seed, weights=weights,
+                    data_root=data_root, dataset_options=options,
+                    params=tuple(sorted(params.items())), protocol=Protocol(resize=resize, crop=crop))
     with progress_bars() as progress:
         outcome = runner.run(cfg, force=force, progress=progress)
     rec = outcome.record
@@ -365,6 +372,8 @@ def report(
         console.print(f"wrote {output}")
     elif not (html or out_dir) or format or table:  # with --html/--out-dir only on request
         sys.stdout.write(text)
+        if not text:  # an empty CSV table: say so rather than print nothing
+            console.print(f"no stored run has rows for the {table or 'leaderboard'} table")
     if out_dir:
         written = reports.write_all(records, results.path, out_dir, k, task)
         console.print(f"wrote {len(written)} files to {out_dir}")

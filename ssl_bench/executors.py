@@ -106,6 +106,20 @@ def local_runtime_env() -> dict:
     return {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
 
 
+def _check_reachable(address: str) -> None:
+    """A wrong --address fails in seconds: Ray itself retries an unreachable head for many minutes."""
+    import socket
+
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and other forms: Ray's own resolution
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as err:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({err}) -- check --address "
+                        f"(e.g. ray://head:10001) or start one with `ray start --head`") from None
+
+
 def run_ray(plan: Plan, runner: Runner, address: str | None = None, device: str | None = None,
             on_cell: CellCallback = lambda cell, status: None, cpus_per_task: int | None = None) -> SweepSummary:
     """Extractions and cells as Ray tasks; a cell takes its extraction's ObjectRef as an argument, so Ray
@@ -118,6 +132,8 @@ def run_ray(plan: Plan, runner: Runner, address: str | None = None, device: str 
         raise UserError("--executor ray needs Ray -- pip install 'ssl-bench[ray]'") from None
     started_here = not ray.is_initialized()
     if started_here:
+        if address:
+            _check_reachable(address)
         try:
             if address:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)

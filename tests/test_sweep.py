@@ -257,3 +257,23 @@ def test_a_folder_with_two_images_of_one_stem_is_refused(tmp_path):
             (tmp_path / folder / name).write_bytes(b"")
     with pytest.raises(UserError, match="several images named a"):
         pair_by_stem(tmp_path / "images", tmp_path / "masks", "folder")
+
+
+def test_an_unreachable_ray_address_fails_in_seconds():
+    from ssl_bench.executors import _check_reachable
+
+    with pytest.raises(UserError, match="cannot reach the Ray cluster at ray://127.0.0.1:1"):
+        _check_reachable("ray://127.0.0.1:1")  # port 1: refused at once (Ray would retry for minutes)
+    _check_reachable("auto")  # left to Ray
+
+
+def test_run_takes_k_as_a_multiple_of_the_classes(tmp_path):
+    from typer.testing import CliRunner
+
+    from ssl_bench.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--backbone", "reference", "--dataset", "synthetic", "-o", "n=2",
+                                      "--resize", "64", "--k", "2C", "--store", str(tmp_path / "s.sqlite"),
+                                      "--cache", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert "K=10" in result.output  # synthetic has 5 classes
