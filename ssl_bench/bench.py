@@ -279,6 +279,10 @@ def _as_declared(function: Callable, kwargs: dict) -> dict:
             example = ",".join(map(str, numbers))
             raise UserError(f"benchmark argument {key}={kwargs[key]} is not a number -- e.g. -a {key}={example}")
         given = value if isinstance(value, tuple) else (value,)
+        if numbers and all(isinstance(d, int) and not isinstance(d, bool) for d in numbers) and \
+                not all(isinstance(v, int) for v in given):
+            raise UserError(f"benchmark argument {key}={kwargs[key]} must be whole numbers -- e.g. "
+                            f"-a {key}={','.join(map(str, numbers))}")
         if numbers and all(_is_number(d) and d > 0 for d in numbers) and not all(v > 0 for v in given):
             raise UserError(f"benchmark argument {key}={kwargs[key]} must be above 0 -- e.g. "
                             f"-a {key}={','.join(map(str, numbers))}")

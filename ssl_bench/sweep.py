@@ -164,6 +164,8 @@ def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
     for e in _entries(data, "datasets", source):
         _check_keys(e, ("name", "data_root", "split", "options"), f"{source}: dataset {e['name']}")
         root = e.get("data_root")
+        if root is not None and not isinstance(root, str):
+            raise UserError(f"{source}: dataset {e['name']}: data_root must be one folder, got {root!r}")
         datasets.append(DatasetChoice(e["name"], _absolute(root), e.get("split"),
                                       _pairs(e.get("options"), f"{source}: options of dataset {e['name']}")))
     ks = data.get("k", ["C"])

@@ -34,5 +34,9 @@ def test_benchmark_arguments_follow_the_signature():
         _as_declared(k_sweep, {"threads": "two"})
     with pytest.raises(UserError, match=r"image_counts=25,x is not a number -- e.g. -a image_counts=25,50,101"):
         _as_declared(k_sweep, {"image_counts": "25,x"})  # before any image is read, not as a dataset option
+    with pytest.raises(UserError, match=r"image_counts=25,2.5 must be whole numbers"):
+        _as_declared(k_sweep, {"image_counts": "25,2.5"})
+    with pytest.raises(UserError, match=r"repeats=0 must be above 0"):
+        _as_declared(k_sweep, {"repeats": 0})
     with pytest.raises(UserError, match="unknown argument.*imagecounts.*takes: backbone"):
         _as_declared(k_sweep, {"imagecounts": 3})

@@ -242,6 +242,7 @@ def test_command_line_values_and_prefixes_are_checked():
     ({"weights": ["random"]}, "weights must be 'random'"),
     ({"backbones": [{"name": "reference", "weights_seed": "abc"}]}, "weights_seed must be a whole number >= 0"),
     ({"protocol": {"foo": 1}}, "unknown protocol key\\(s\\) foo -- keys: resize"),
+    ({"datasets": [{"name": "camvid", "data_root": ["a", "b"]}]}, "data_root must be one folder"),
 ])
 def test_grid_values_of_the_wrong_type_are_one_clear_error(data, message):
     with pytest.raises(UserError, match=message):
