@@ -108,6 +108,9 @@ def test_cli_grid_flags_print_the_plan(tmp_path):
                                    store=tmp_path / "s.sqlite", cache=tmp_path / "cache"),
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "K value 'C/2'" in bad.stderr
+    (tmp_path / "twice.yaml").write_text("backbones: [reference]\nbackbones: [dino-vits16]\ntasks: [kmeans]\n")
+    with pytest.raises(UserError, match="key 'backbones' is given twice"):  # YAML would keep the last silently
+        load_grid(tmp_path / "twice.yaml")
     (tmp_path / "bad.yaml").write_text("backbones: [reference\n")  # the file goes through the same reader
     bad_file = subprocess.run(sweep_cli(str(tmp_path / "bad.yaml"), store=tmp_path / "s.sqlite", cache=tmp_path / "cache"),
                               capture_output=True, text=True, cwd=ROOT)
@@ -278,3 +281,13 @@ def test_run_takes_k_as_a_multiple_of_the_classes(tmp_path):
                                       "--cache", str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
     assert "K=10" in result.output  # synthetic has 5 classes
+
+
+def test_a_mask_of_another_format_is_named_in_the_error(tmp_path):
+    from ssl_bench.data.base import pair_by_stem
+
+    for folder, name in (("images", "a.png"), ("masks", "a.jpg")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(b"")
+    with pytest.raises(UserError, match=r"found a.jpg: masks must be .png"):
+        pair_by_stem(tmp_path / "images", tmp_path / "masks", "folder")

@@ -100,9 +100,12 @@ def pair_by_stem(image_dir: Path, mask_dir: Path, what: str, mask_exts: Iterable
         raise UserError(f"{what}: several images named {twice[0]}.* in {image_dir} -- keep one file per stem")
     unmatched = [p.name for p in images if p.stem not in masks]
     if unmatched:
+        kinds = "/".join(mask_exts)
+        other = sorted({p.suffix for p in mask_dir.iterdir() if p.stem == Path(unmatched[0]).stem} - set(mask_exts))
+        hint = f" (found {Path(unmatched[0]).stem}{other[0]}: masks must be {kinds}, lossless)" if other else ""
         raise UserError(
             f"{what}: {len(unmatched)} image(s) in {image_dir} have no mask in {mask_dir} (e.g. {unmatched[0]})"
-            f" -- give every image a mask with the same file stem"
+            f"{hint} -- give every image a {kinds} mask with the same file stem"
         )
     return [Sample(p.stem, p, masks[p.stem]) for p in images]
 

@@ -35,6 +35,9 @@ class Cityscapes27(SegDataset):
 
     def _index(self) -> list[Sample]:
         hint = f"pass --data-root pointing at {self.default_root}"
+        if (self.root / "leftImg8bit").is_dir() and not (self.root / "leftImg8bit" / self.split).is_dir():
+            hint = f"this root has no {self.split} split -- extract its archives, or use --split " + \
+                   " / ".join(p.name for p in sorted((self.root / "leftImg8bit").iterdir()) if p.is_dir())
         images = require_dir(self.root / "leftImg8bit" / self.split, f"{self.title} images", hint)
         labels = require_dir(self.root / "gtFine" / self.split, f"{self.title} gtFine labels", hint)
         samples = []

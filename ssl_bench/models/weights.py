@@ -86,6 +86,8 @@ def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0, verify: bool
         return WeightsSource(path, _identity(spec, path, verify), origin)
     local = os.environ.get("SSL_BENCH_WEIGHTS")
     where = f"$SSL_BENCH_WEIGHTS ({local})" if local else "a folder named by $SSL_BENCH_WEIGHTS"
+    if local and not Path(local).is_dir():
+        where += ", which does not exist yet"
     source = f" (download: {spec.url})" if spec.url else (f" (Hugging Face: {spec.hf})" if spec.hf else "")
     raise UserError(f"no weights for {spec.name}: put {expected_file(spec)}{source} in {where}, "
                     "or pass --weights PATH, or --weights random for a smoke run")
