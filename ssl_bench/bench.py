@@ -255,10 +255,6 @@ def result_file(name: str, tag: str | None = None) -> str:
     return f"{name}-{tag}.json" if tag else f"{name}.json"
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _as_declared(function: Callable, kwargs: dict) -> dict:
     """Arguments checked against the benchmark's signature; where a tuple is expected, ``image_counts=25,50``
     becomes (25, 50) and ``image_counts=101`` (101,) (a string would be iterated character by character)."""
@@ -274,18 +270,15 @@ def _as_declared(function: Callable, kwargs: dict) -> dict:
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         default = params[key].default
         numbers = default if isinstance(default, tuple) else (default,)
-        if numbers and all(_is_number(d) for d in numbers) and not all(_is_number(v) for v in
-                                                                      (value if isinstance(value, tuple) else (value,))):
-            example = ",".join(map(str, numbers))
-            raise UserError(f"benchmark argument {key}={kwargs[key]} is not a number -- e.g. -a {key}={example}")
         given = value if isinstance(value, tuple) else (value,)
-        if numbers and all(isinstance(d, int) and not isinstance(d, bool) for d in numbers) and \
-                not all(isinstance(v, int) for v in given):
-            raise UserError(f"benchmark argument {key}={kwargs[key]} must be whole numbers -- e.g. "
-                            f"-a {key}={','.join(map(str, numbers))}")
-        if numbers and all(_is_number(d) and d > 0 for d in numbers) and not all(v > 0 for v in given):
-            raise UserError(f"benchmark argument {key}={kwargs[key]} must be above 0 -- e.g. "
-                            f"-a {key}={','.join(map(str, numbers))}")
+        if numbers and all(registry.is_number(d) for d in numbers):  # the default says what kind of number
+            example = f"-a {key}={','.join(map(str, numbers))}"
+            if not all(registry.is_number(v) for v in given):
+                raise UserError(f"benchmark argument {key}={kwargs[key]} is not a number -- e.g. {example}")
+            if all(registry.is_whole(d) for d in numbers) and not all(registry.is_whole(v) for v in given):
+                raise UserError(f"benchmark argument {key}={kwargs[key]} must be whole numbers -- e.g. {example}")
+            if all(d > 0 for d in numbers) and not all(v > 0 for v in given):
+                raise UserError(f"benchmark argument {key}={kwargs[key]} must be above 0 -- e.g. {example}")
         out[key] = value
     return out
 

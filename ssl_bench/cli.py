@@ -91,7 +91,6 @@ def run(
     """Run one backbone x task x dataset cell and store the result."""
     from .data.protocol import Protocol
     from .runner import RunConfig
-
     from .sweep import resolve_k
 
     params = dict(parse_pairs(param, "--param"))
@@ -203,31 +202,34 @@ def sweep(
         raise SystemExit(1)
 
 
+def _split_prefix(value: str, mark: str) -> tuple[str | None, str]:
+    """``camvid=PATH`` (--data-root, mark ``=``) or ``camvid:limit=5`` (--option, mark ``:``) -> (dataset,
+    rest); (None, value) when unprefixed (an option's ``:`` after its ``=`` belongs to the value)."""
+    prefix, sep, rest = value.partition(mark)
+    if not sep or (mark == ":" and "=" in prefix):
+        return None, value
+    return prefix, rest
+
+
 def _check_prefixes(datasets: list[str], roots: list[str], options: list[str]) -> None:
     """``--data-root NAME=PATH`` and ``-o NAME:key=value`` must name a --dataset (a typo is not dropped)."""
-    named = [("--data-root", v.partition("=")[0]) for v in roots if "=" in v]
-    named += [("--option", v.partition(":")[0]) for v in options if ":" in v and "=" not in v.partition(":")[0]]
-    for flag, prefix in named:
-        if prefix not in datasets:
+    for flag, values, mark in (("--data-root", roots, "="), ("--option", options, ":")):
+        prefix = next((p for p, _ in (_split_prefix(v, mark) for v in values) if p not in (None, *datasets)), None)
+        if prefix is not None:
             raise UserError(f"{flag} prefix '{prefix}' names no --dataset of this sweep -- use one of: "
                             f"{', '.join(datasets)}")
 
 
 def _dataset_entry(name: str, roots: list[str], split: Optional[str], options: list[str]) -> dict:
     """One --dataset of the command line with the --data-root / --option values that apply to it."""
-    named = [path for prefix, sep, path in (v.partition("=") for v in roots) if sep and prefix == name]
-    plain = [v for v in roots if "=" not in v]
+    roots = [_split_prefix(v, "=") for v in roots]
+    named = [path for prefix, path in roots if prefix == name]
+    plain = [path for prefix, path in roots if prefix is None]
     if len(named) > 1 or (not named and len(plain) > 1):
         raise UserError(f"several --data-root values for {name} -- give one per dataset, as NAME=PATH when "
                         f"there are several datasets (e.g. --data-root camvid=../data/camvid)")
     root = named[0] if named else (plain[0] if plain else None)
-    mine = []
-    for value in options:
-        prefix, sep, pair = value.partition(":")
-        if not sep or "=" in prefix:
-            mine.append(value)
-        elif prefix == name:
-            mine.append(pair)
+    mine = [pair for prefix, pair in (_split_prefix(v, ":") for v in options) if prefix in (None, name)]
     return {"name": name, "data_root": root, "split": split, "options": dict(parse_pairs(mine, "--option"))}
 
 

@@ -96,15 +96,24 @@ class TaskSpec:
         return params
 
 
+def is_number(value) -> bool:
+    """An int or float (YAML's true/false are bools, which Python counts as ints)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_like_default(what: str, key: str, value, default, flag: str) -> None:
     """A value of the type its default has: a switch true/false, a count a whole number >= 0, a real a
     number. Text and null defaults are left to the reader's own checks (enumerations, alternatives)."""
     if isinstance(default, bool):
         wanted, ok = "true or false", isinstance(value, bool)
     elif isinstance(default, int):
-        wanted, ok = "a whole number >= 0", isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        wanted, ok = "a whole number >= 0", is_whole(value) and value >= 0
     elif isinstance(default, float):
-        wanted, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+        wanted, ok = "a number", is_number(value)
     else:
         return
     if not ok:

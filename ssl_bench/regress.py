@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .data.shared import shared_data_dir
 from .errors import UserError
+from .registry import is_number
 from .ops import set_threads
 
 BASELINES = Path(__file__).resolve().parent.parent / "results" / "regress" / "baselines.json"
@@ -121,17 +122,13 @@ def read_baselines(path: Path = BASELINES, missing_ok: bool = False) -> dict:
         raise UserError(f"{path} is not valid JSON ({err}) -- restore it from git or rewrite it with "
                         f"`ssl-bench regress --update`") from None
     cases, tolerance = (data.get("cases"), data.get("tolerance", {})) if isinstance(data, dict) else (None, None)
-    numbers = isinstance(cases, dict) and all(isinstance(m, dict) and all(_is_number(v) for v in m.values())
+    numbers = isinstance(cases, dict) and all(isinstance(m, dict) and all(is_number(v) for v in m.values())
                                               for m in cases.values())
-    if not numbers or not isinstance(tolerance, dict) or not all(_is_number(v) for v in tolerance.values()):
+    if not numbers or not isinstance(tolerance, dict) or not all(is_number(v) for v in tolerance.values()):
         raise UserError(f"{path} is not an ssl-bench baselines file (expected {{\"cases\": {{NAME: {{metric: "
                         f"number}}}}, \"tolerance\": {{metric: number}}}}) -- restore it from git or rewrite it "
                         f"with `ssl-bench regress --update`")
     return data
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def compare(baselines: dict, results: dict[str, dict[str, float]]) -> list[Row]:

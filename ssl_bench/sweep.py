@@ -137,7 +137,7 @@ def _weights(value, where: str) -> str | None:
 
 
 def _seed(value, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not registry.is_whole(value) or value < 0:
         raise UserError(f"{where} must be a whole number >= 0, got {value!r}")
     return value
 
@@ -176,11 +176,11 @@ def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
     try:
         protocol = Protocol(**protocol)
     except TypeError:
-        known = ", ".join(f.name for f in dataclasses.fields(Protocol))
-        raise UserError(f"{source}: unknown protocol key(s) {', '.join(sorted(set(protocol) - set(known.split(', '))))}"
-                        f" -- keys: {known}") from None
+        known = [f.name for f in dataclasses.fields(Protocol)]
+        raise UserError(f"{source}: unknown protocol key(s) {', '.join(sorted(set(protocol) - set(known)))} -- "
+                        f"keys: {', '.join(known)}") from None
     seeds = seeds if isinstance(seeds, list) else [seeds]
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+    if not all(registry.is_whole(s) and s >= 0 for s in seeds):
         raise UserError(f"{source}: seeds must be integers >= 0, got {seeds!r}")
     return Grid(backbones, tasks, datasets, ks if isinstance(ks, list) else [ks], seeds, protocol)
 

@@ -7,6 +7,7 @@ dataset is cheap and memory stays flat. Labels come back as int64 at the origina
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterable, Sequence
@@ -94,8 +95,7 @@ def pair_by_stem(image_dir: Path, mask_dir: Path, what: str, mask_exts: Iterable
     """
     masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in tuple(mask_exts)}
     images = sorted((p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS), key=lambda p: p.stem)
-    stems = [p.stem for p in images]
-    twice = sorted({s for s in stems if stems.count(s) > 1})
+    twice = sorted(stem for stem, n in Counter(p.stem for p in images).items() if n > 1)
     if twice:  # two images would be scored against one mask, under one id
         raise UserError(f"{what}: several images named {twice[0]}.* in {image_dir} -- keep one file per stem")
     unmatched = [p.name for p in images if p.stem not in masks]

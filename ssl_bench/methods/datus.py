@@ -46,7 +46,7 @@ import numpy as np
 
 from ssl_bench import ops
 from ssl_bench.errors import UserError
-from ssl_bench.registry import check_like_default
+from ssl_bench.registry import check_like_default, is_number, is_whole
 
 BACKENDS = ("louvain", "igraph")
 CROP_FITS = ("stretch", "authors")
@@ -635,22 +635,19 @@ def check_params(p: dict) -> None:
         raise UserError(f"backend={p['backend']!r} -- use one of {', '.join(BACKENDS)}")
     if p["crop_fit"] not in CROP_FITS:
         raise UserError(f"crop_fit={p['crop_fit']!r} -- use one of {', '.join(CROP_FITS)}")
-    if not isinstance(p["tau"], int) or isinstance(p["tau"], bool) or p["tau"] < 0:
+    if not is_whole(p["tau"]) or p["tau"] < 0:
         raise UserError(f"tau={p['tau']!r} -- use a whole number of patches >= 0 (-p tau=5)")
-    for key in ("kmeans_iters", "kmeans_n_init", "crop_batch_size"):
-        if not isinstance(p[key], int) or isinstance(p[key], bool) or p[key] < 1:
-            raise UserError(f"{key}={p[key]!r} -- use a whole number >= 1 (-p {key}={DATUS_DEFAULTS[key]})")
-    if p["crop_size"] is not None and (not isinstance(p["crop_size"], int) or p["crop_size"] < 16):
+    for key, example in (("kmeans_iters", 50), ("kmeans_n_init", 1), ("crop_batch_size", 64)):
+        if not is_whole(p[key]) or p[key] < 1:
+            raise UserError(f"{key}={p[key]!r} -- use a whole number >= 1 (-p {key}={example})")
+    if p["crop_size"] is not None and (not is_whole(p["crop_size"]) or p["crop_size"] < 16):
         raise UserError(f"crop_size={p['crop_size']!r} -- use null (the crop backbone's own size) or a side >= 16 "
                         f"(-p crop_size=224)")
     if not 0 <= p["crop_fill"] <= 255:
         raise UserError(f"crop_fill={p['crop_fill']!r} -- use a pixel value 0-255 (-p crop_fill=0)")
-    if not isinstance(p["resolution"], (int, float)) or p["resolution"] < 0:
+    if not is_number(p["resolution"]) or p["resolution"] < 0:
         raise UserError(f"resolution={p['resolution']!r} -- use a number >= 0 (-p resolution=1.0)")
     DenoiserConfig.from_params(p["denoiser"])
-
-
-DATUS_DEFAULTS = {"kmeans_iters": 50, "kmeans_n_init": 1, "crop_batch_size": 64}
 
 
 def run(ctx):

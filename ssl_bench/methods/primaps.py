@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import UpsampleArgmax, softmax, upsample_argmax, upsample_scores
+from ..registry import is_number, is_whole
 
 
 def _t(a, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -559,7 +560,7 @@ def check_params(p: dict) -> None:
         if v is None and optional:
             return
         kind = "an integer" if integer else "a number"
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not integer or float(v).is_integer())
+        ok = is_number(v) and (not integer or is_whole(v))  # 2.0 epochs would fail later, inside range()
         if not ok or v < lo or v > hi or (lo_open and v == lo):
             bad(key, f"{kind} in {'(' if lo_open else '['}{lo}, {hi}]" + (" or null" if optional else ""))
 
@@ -586,7 +587,7 @@ def check_params(p: dict) -> None:
         if not isinstance(p[key], bool):
             bad(key, "true or false")
     res = p["train_resolution"]
-    if res not in ("patch", "image") and not (isinstance(res, int) and not isinstance(res, bool) and res >= 1):
+    if res not in ("patch", "image") and not (is_whole(res) and res >= 1):
         bad("train_resolution", "image | patch | an integer factor >= 1 of the patch grid")
 
 
