@@ -6,14 +6,12 @@ import numpy as np
 
 from .errors import UserError
 
-# Gaussian (smoothness) and bilateral (appearance) kernels of STEGO/HP/PriMaPs.
-STEGO_CRF = dict(iterations=10, gauss_sxy=1, gauss_compat=3, bilateral_sxy=67, bilateral_srgb=3, bilateral_compat=4)
-
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10, gauss_sxy: float = 1,
               gauss_compat: float = 3, bilateral_sxy: float = 67, bilateral_srgb: float = 3,
               bilateral_compat: float = 4) -> np.ndarray:
-    """Refine class probabilities (C, H, W) on an RGB image (H, W, 3) uint8; returns (C, H, W) float32."""
+    """Refine class probabilities (C, H, W) on an RGB image (H, W, 3) uint8; returns (C, H, W) float32.
+    The defaults are the Gaussian (smoothness) and bilateral (appearance) kernels of STEGO, HP and PriMaPs."""
     try:
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax

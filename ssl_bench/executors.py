@@ -120,6 +120,12 @@ def _check_reachable(address: str) -> None:
                         f"(e.g. ray://head:10001) or start one with `ray start --head`") from None
 
 
+def _gpus_per_task(device: str | None, cluster: dict) -> int:
+    """A GPU per task where the cluster has them, unless the sweep asked for the CPU: reserving a GPU there
+    would only cap how many tasks run at once."""
+    return 1 if cluster.get("GPU", 0) >= 1 and device != "cpu" else 0
+
+
 def run_ray(plan: Plan, runner: Runner, address: str | None = None, device: str | None = None,
             on_cell: CellCallback = lambda cell, status: None, cpus_per_task: int | None = None) -> SweepSummary:
     """Extractions and cells as Ray tasks; a cell takes its extraction's ObjectRef as an argument, so Ray
@@ -144,7 +150,7 @@ def run_ray(plan: Plan, runner: Runner, address: str | None = None, device: str 
             raise UserError(f"cannot reach the Ray cluster at {address} ({one_line(err)}) -- "
                             f"check --address (e.g. ray://head:10001) or start one with `ray start --head`") from None
     try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0  # a GPU per task where the cluster has them
+        gpus = _gpus_per_task(device, ray.cluster_resources())
         threads = cpus_per_task or _driver_threads(ray)
         extract = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=2)(_extract_task)
         compute = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=2)(_cell_task)

@@ -155,8 +155,7 @@ class FeatureCache:
 
     @staticmethod
     def _key(backbone: str, weights_identity: str, dataset: SegDataset, protocol: Protocol, options: dict) -> CacheKey:
-        ids_sha = hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()[:16]
-        return CacheKey(backbone, weights_identity, dataset.name, dataset.split, ids_sha,
+        return CacheKey(backbone, weights_identity, dataset.name, dataset.split, dataset.ids_sha,
                         tuple(sorted(protocol.as_dict().items())), tuple(sorted(options.items())))
 
     def entry_dir(self, key: CacheKey) -> Path:
@@ -210,8 +209,7 @@ class FeatureCache:
         for indices, batch in progress(_prefetched(images.batch, batches, workers),
                                        desc=f"extract {backbone.spec.name} on {dataset.name}/{dataset.split}",
                                        total=len(batches)):
-            device = next(iter(backbone.buffers())).device
-            feats = backbone.extract(backbone.normalize(batch.to(device)), kinds)
+            feats = backbone.extract(backbone.normalize(batch), kinds)  # normalize moves the batch to the model
             for kind in kinds:
                 rows = self._rows(kind, feats[kind]).astype(np.float16)
                 if kind not in arrays:

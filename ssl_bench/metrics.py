@@ -1,7 +1,7 @@
 """Streaming evaluation of unsupervised segmentation.
 
 A (clusters x classes) pixel-count matrix is updated image by image, so memory is bounded by K x C
-whatever the number of images; states from several workers merge by addition. Cluster ids are mapped
+whatever the number of images; two states merge by addition (``merge``). Cluster ids are mapped
 to classes only at the end: Hungarian matching on pixel counts when K <= C, majority vote (each cluster
 to its most frequent class) when K > C. The policy used is returned with the metrics.
 """

@@ -78,7 +78,6 @@ class TaskSpec:
     features: tuple[str, ...]
     params: dict
     paper: str = ""
-    produces_segments: bool = False
     benchmark: str | None = None  # "module:function" measured by `ssl-bench bench TASK`
     validate: str | None = None  # "module:function(params)" raising UserError, called before any work
 
@@ -173,7 +172,7 @@ def backbones() -> dict[str, BackboneSpec]:
                 spec = BackboneSpec(**entry)
             except TypeError as err:
                 raise UserError(f"{path}: bad backbone entry {model.get('name')!r} ({err})") from err
-            specs[spec.name] = spec
+            _register(specs, spec, path)
     return specs
 
 
@@ -190,14 +189,36 @@ def tasks() -> dict[str, TaskSpec]:
             base = TaskSpec(**data)
         except TypeError as err:
             raise UserError(f"{path}: bad task entry ({err})") from err
-        specs[base.name] = base
+        _register(specs, base, path)
         for variant in variants:
-            params = {**base.params, **variant.get("params", {})}
-            specs[variant["name"]] = TaskSpec(
-                **{**base.__dict__, "name": variant["name"], "title": variant.get("title", base.title),
-                   "params": params}
-            )
+            _register(specs, _variant(base, variant, path), path)
     return specs
+
+
+def _variant(base: TaskSpec, variant, path: Path) -> TaskSpec:
+    """A registered variant: the base task under another name with some params changed (checked here,
+    so a typo in a task file is one line at start-up, not a variant that silently runs the base task)."""
+    example = "{name: kmeans-crf, title: ..., params: {crf: true}}"
+    if not isinstance(variant, dict) or not isinstance(variant.get("name"), str):
+        raise UserError(f"{path}: each variant needs a name -- e.g. {example}")
+    unknown = set(variant) - {"name", "title", "params"}
+    if unknown:
+        raise UserError(f"{path}: variant '{variant['name']}' has unknown key(s) {sorted(unknown)} -- "
+                        f"a variant has name, title and params, e.g. {example}")
+    changes = variant.get("params") or {}
+    if not isinstance(changes, dict) or set(changes) - set(base.params):
+        raise UserError(f"{path}: variant '{variant['name']}' params {changes!r} must be parameters of "
+                        f"'{base.name}' -- known: {sorted(base.params)}")
+    for key, value in changes.items():
+        check_like_default(f"{path}: variant '{variant['name']}' parameter", key, value, base.params[key], "")
+    return TaskSpec(**{**base.__dict__, "name": variant["name"], "title": variant.get("title", base.title),
+                       "params": {**base.params, **changes}})
+
+
+def _register(specs: dict, spec, path: Path) -> None:
+    if spec.name in specs:  # the second would silently replace the first
+        raise UserError(f"{path}: the name '{spec.name}' is registered twice -- rename one of them")
+    specs[spec.name] = spec
 
 
 def lookup(registry: dict[str, Any], name: str, what: str) -> Any:

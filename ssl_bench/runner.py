@@ -7,7 +7,6 @@ The runner knows no method by name: it resolves the task's entrypoint from the r
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import subprocess
 import time
@@ -102,11 +101,12 @@ class TaskContext:
     def backbone(self) -> Backbone:
         return self._runner.backbone(self._run.spec, self._run.weights, self._run.config["weights_seed"])
 
-    def build_backbone(self, name: str, weights: str | None = None) -> Backbone:
-        """Another registered backbone (e.g. the CNN of DatUS^2's ablation), same weights rules."""
+    def build_backbone(self, name: str) -> Backbone:
+        """Another registered backbone (e.g. the CNN of DatUS^2's ablation): random weights when this run's
+        are, else found by the same rules."""
         spec = registry.backbone(name)
         seed = self._run.config["weights_seed"]
-        wanted = weights or ("random" if self._run.weights.is_random else None)
+        wanted = "random" if self._run.weights.is_random else None
         return self._runner.backbone(spec, resolve(spec, wanted, seed), seed)
 
     def dataset_for(self, split: str | None) -> SegDataset:
@@ -252,15 +252,17 @@ class Runner:
             if value < 0:  # numpy's generators take no negative seed: fail here, not mid-task
                 raise UserError(f"the {name} must be 0 or more, got {value} -- e.g. {example}")
         source = resolve(spec, cfg.weights, weights_seed)
+        if not source.is_random:  # the seed shapes random weights only: elsewhere it must not split a run in two
+            weights_seed = 0
         protocol = cfg.protocol.for_patch_size(spec.patch_size)
         k = probe.num_classes if cfg.k is None else cfg.k
         if k < 1:
             raise UserError(f"--k must be at least 1, got {k}")
         config = {
             "backbone": spec.name, "weights": source.identity, "random_weights": source.is_random,
-            "weights_seed": weights_seed,  # used only by random initialisation
+            "weights_seed": weights_seed,  # random initialisation only (0 otherwise)
             "task": task.name, "params": params, "dataset": probe.name, "dataset_options": options,
-            "split": split, "images": len(probe), "ids_sha": hashlib.sha256("\n".join(probe.ids).encode()).hexdigest()[:16],
+            "split": split, "images": len(probe), "ids_sha": probe.ids_sha,
             "num_classes": probe.num_classes, "k": k, "seed": cfg.seed, "protocol": protocol.as_dict(),
             "data_root": cfg.data_root,
         }
@@ -321,7 +323,7 @@ class Runner:
         return Computed(record, self._panel_samples(ctx, run, kept, headline["cluster_to_class"]))
 
     def _evaluate(self, ctx: TaskContext, run: ResolvedRun, predictions: Iterable[Prediction],
-                  progress: Callable, kept: list | None = None) -> tuple[dict[str, Any], float]:
+                  progress: Callable, kept: list) -> tuple[dict[str, Any], float]:
         streams: dict[str, StreamingConfusion] = {}
         seconds = 0.0
         iterator: Iterator[Prediction] = iter(predictions)
@@ -337,7 +339,7 @@ class Runner:
             if key not in streams:
                 streams[key] = StreamingConfusion(run.config["num_classes"], ctx.k)
             streams[key].update(pred.labels, label)
-            if kept is not None and key == f"{FINAL}@{ctx.split}" and pred.index in sample_indices:
+            if key == f"{FINAL}@{ctx.split}" and pred.index in sample_indices:
                 kept.append((pred.index, pred.labels.astype(np.int16), label.astype(np.int16)))
                 sample_indices.discard(pred.index)
             seconds += time.perf_counter() - t0
@@ -349,7 +351,7 @@ class Runner:
         """Arguments of ``samples.save`` for the kept predictions (plain arrays: they travel back from Ray)."""
         try:
             indices = [i for i, _, _ in kept]
-            return dict(config_hash=run.config_hash, config=run.config, indices=indices,
+            return dict(config_hash=run.config_hash, config=run.config, multiple=run.spec.patch_size, indices=indices,
                         images=[ctx.image(i) for i in indices], labels=[label for *_, label in kept],
                         predictions=[pred for _, pred, _ in kept], cluster_to_class=cluster_to_class,
                         palette=getattr(run.dataset, "palette", None), class_names=list(run.dataset.class_names))

@@ -9,8 +9,8 @@ and writes them next to the store::
     <store folder>/samples/view-<key>.npz         indices, image (uint8 RGB), label (int16, -1 = ignore),
                                                   palette (uint8 C x 3), class_names (the dataset's, as opened)
 
-Images and ground truth depend only on the data and the protocol, so every run on the same images
-shares one ``view-`` file. Files are written atomically (temporary file + rename).
+Images and ground truth depend only on the data, the protocol and the patch multiple of its crop, so
+every run on the same images shares one ``view-`` file. Files are written atomically (temporary file + rename).
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ def samples_dir(store_path: str | Path) -> Path:
     return Path(store_path).parent / "samples"
 
 
-def view_key(config: dict, indices: list[int]) -> str:
-    """Identity of the images and labels a run saw (dataset, split, image ids, protocol, indices)."""
-    keys = ("dataset", "split", "dataset_options", "ids_sha", "protocol")
-    ident = {k: config.get(k) for k in keys} | {"indices": list(map(int, indices))}
+def view_key(config: dict, indices: list[int], multiple: int) -> str:
+    """Identity of the images and labels a run saw: dataset (and a folder's location), split, image ids,
+    protocol, the patch multiple its crop rounds to, indices."""
+    keys = ("dataset", "dataset_identity", "split", "dataset_options", "ids_sha", "protocol")
+    ident = {k: config.get(k) for k in keys} | {"indices": list(map(int, indices)), "multiple": int(multiple)}
     return config_hash(ident)
 
 
@@ -64,12 +65,12 @@ def _write_npz(path: Path, **arrays) -> None:
         raise
 
 
-def save(store_path: str | Path, config_hash: str, config: dict, indices: list[int], images: list[np.ndarray],
-         labels: list[np.ndarray], predictions: list[np.ndarray], cluster_to_class: list[int],
-         palette: np.ndarray | None, class_names: list[str]) -> Path:
+def save(store_path: str | Path, config_hash: str, config: dict, multiple: int, indices: list[int],
+         images: list[np.ndarray], labels: list[np.ndarray], predictions: list[np.ndarray],
+         cluster_to_class: list[int], palette: np.ndarray | None, class_names: list[str]) -> Path:
     """Write a run's samples (``predictions`` in cluster ids) and, once, the images they show."""
     folder = samples_dir(store_path)
-    key = view_key(config, indices)
+    key = view_key(config, indices, multiple)
     view = folder / f"view-{key}.npz"
     if not view.exists():
         _write_npz(view, indices=np.asarray(indices, np.int32), image=_stack(images, np.uint8),

@@ -1,6 +1,7 @@
 """Embedded SQLite results store: one row per run, keyed by the hash of its resolved configuration.
 
-WAL mode and a UNIQUE config hash make concurrent writers (two sweeps, Ray workers on one host) safe:
+WAL mode and a UNIQUE config hash make concurrent writers (two sweeps on one host) safe; Ray workers
+never open it, the driver writes their results:
 a second insert of the same configuration is ignored, never duplicated, and a crash mid-write leaves
 the database consistent (SQLite transactions are atomic).
 """
@@ -28,7 +29,7 @@ CREATE TABLE IF NOT EXISTS runs (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     config_hash   TEXT UNIQUE NOT NULL,
     backbone      TEXT NOT NULL,
-    weights       TEXT NOT NULL,      -- weights identity: sha256 of the file, or 'random:<seed>'
+    weights       TEXT NOT NULL,      -- weights identity: sha256 of the file, 'random:<seed>', or 'none' (not learned)
     random_weights INTEGER NOT NULL,
     task          TEXT NOT NULL,
     dataset       TEXT NOT NULL,
@@ -142,9 +143,3 @@ class ResultStore:
             d["random_weights"] = bool(d["random_weights"])
             out.append(d)
         return out
-
-    def frame(self):
-        """All runs as a pandas DataFrame (one row per run, JSON columns decoded)."""
-        import pandas as pd
-
-        return pd.DataFrame(self.query())

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import registry
-from .data import open_dataset
 from .data.protocol import Protocol
 from .errors import UserError
 from .features import CacheKey
@@ -254,11 +253,12 @@ class Plan:
         return [e for e in self.extractions if e.missing]
 
 
-def expand(grid: Grid) -> list[RunConfig]:
-    """Every cell of the grid as a RunConfig (K expressions resolved against each dataset's classes)."""
+def expand(grid: Grid, runner: Runner) -> list[RunConfig]:
+    """Every cell of the grid as a RunConfig (K expressions resolved against each dataset's classes; the
+    runner opens each dataset once for the whole plan)."""
     configs = []
     for ds in grid.datasets:
-        classes = open_dataset(ds.name, ds.data_root, ds.split, **dict(ds.options)).num_classes
+        classes = runner.open_dataset(ds.name, ds.data_root, ds.split, dict(ds.options)).num_classes
         ks = list(dict.fromkeys(resolve_k(k, classes) for k in grid.ks))  # C and 5 may coincide
         for bb in grid.backbones:
             for task in grid.tasks:
@@ -280,7 +280,7 @@ def make_plan(grid: Grid, runner: Runner, select: Callable[[Cell], bool] = lambd
     """The grid's distinct cells (those ``select`` keeps), which are stored, and the extractions needed."""
     stored = runner.store.stored_hashes()
     cells: dict[str, Cell] = {}
-    for cfg in expand(grid):
+    for cfg in expand(grid, runner):
         run = runner.resolve(cfg)
         cell = Cell(cfg, run, run.config_hash in stored)
         if run.config_hash not in cells and select(cell):

@@ -11,7 +11,10 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ssl_bench import registry
 from ssl_bench.methods import primaps as pm
+
+DEFAULTS = registry.task("primaps-em").params  # the paper's setting, as the task file declares it
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -332,7 +335,7 @@ class _Ctx:
     def __init__(self, params, k=4):
         feats, labels = synthetic_set(n_images=12, k=k, seed=7)
         self.store, self.labels = _Store(feats), labels
-        self.k, self.seed, self.split, self.params = k, 0, "val", params
+        self.k, self.seed, self.split, self.params = k, 0, "val", {**DEFAULTS, **params}
         self.dataset = types.SimpleNamespace(num_classes=k)
         palette = np.random.default_rng(0).integers(0, 255, (k, 3))
         self.images = [palette[np.kron(lab, np.ones((4, 4), np.int64))].astype(np.uint8) for lab in labels]
@@ -427,19 +430,12 @@ def test_run_adapter_image_augmentation_uses_backbone(runner_module):
     assert len(list(result.predictions)) == 12
 
 
-def test_task_yaml_matches_defaults():
-    import pathlib
-
-    import yaml
-
-    spec = yaml.safe_load((pathlib.Path(__file__).parent.parent / "tasks" / "primaps-em.yaml").read_text())
-    assert spec["entrypoint"] == "ssl_bench.methods.primaps:run"
-    assert spec["params"] == pm.DEFAULTS  # every parameter is declared, with the adapter's defaults
-    names = {v["name"] for v in spec["variants"]}
-    assert {"primaps-baseline", "primaps-linear-probe", "primaps-oracle"} <= names
-    for variant in spec["variants"]:
-        assert set(variant["params"]) <= set(pm.DEFAULTS)
-        assert variant["params"].get("mode", "em") in pm.MODES
+def test_task_file_registers_valid_variants():
+    variants = {name: spec for name, spec in registry.tasks().items() if spec.entrypoint == "ssl_bench.methods.primaps:run"}
+    assert {"primaps-em", "primaps-baseline", "primaps-linear-probe", "primaps-oracle"} <= set(variants)
+    for spec in variants.values():
+        pm.check_params(spec.params)  # every registered variant passes the task's own checks
+        assert spec.params["mode"] in pm.MODES
 
 
 @pytest.mark.parametrize("params, message", [
@@ -457,7 +453,7 @@ def test_run_rejects_bad_parameters_in_one_line(runner_module, params, message):
     from ssl_bench.errors import UserError
 
     with pytest.raises(UserError, match=message) as err:
-        pm.run(_Ctx(params))
+        pm.check_params({**DEFAULTS, **params})
     assert "\n" not in str(err.value)
 
 
@@ -467,4 +463,4 @@ def test_speed_substitutes_are_recorded(runner_module):
     stats = pm.run(_Ctx(fast)).stats
     assert [s.split(":")[0] for s in stats["substitutions"]] == ["augment=feature-standin", "train_resolution=patch"]
     assert stats["augmentation"] == "feature-standin" and stats["train_resolution"] == "patch"
-    assert pm.substitutions({**pm.DEFAULTS}) == []  # the defaults are the paper's setting
+    assert pm.substitutions(DEFAULTS) == []  # the defaults are the paper's setting

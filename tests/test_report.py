@@ -7,9 +7,11 @@ means are known exactly; the panel and CLI tests use a real short run (reference
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -92,7 +94,8 @@ def test_leaderboard_k_selection_and_method_column(records):
 def test_names_with_markup_characters_stay_literal(tmp_path):
     """Folder names are user text: a | must not split a Markdown cell, a $ must not become a formula."""
     rows = [fake_record(dataset="folder", root=f"/data/{name}", miou=m)
-            for name, m in (("p|q*b_x*", 50.0), ("m$x$", 60.0), ("m#x#", 65.0), ("bad$\\foo{$", 70.0))]
+            for name, m in (("p|q*b_x*", 50.0), ("m$x$", 60.0), ("m#x#", 65.0), ("bad$\\foo{$", 70.0),
+                            ("site.v1", 55.0), ("site.v2", 56.0))]
     md = report.to_markdown(report.leaderboard(rows))
     header, rule = md.splitlines()[2:4]
     assert len(re.findall(r"(?<!\\)\|", header)) == len(re.findall(r"\|", rule))  # cells line up with the rule
@@ -102,7 +105,8 @@ def test_names_with_markup_characters_stay_literal(tmp_path):
              for r in rows]
     report.write_all(rows, tmp_path / "s.sqlite", tmp_path / "out")  # "bad$\foo{$" is not parsed
     curves = sorted(p.name for p in (tmp_path / "out" / "curves").glob("*.png"))  # files, not write calls
-    assert len(curves) == 4  # "m$x$" and "m#x#" slug alike: a hash keeps them apart
+    assert len(curves) == 6  # "m$x$" and "m#x#" slug alike: a hash keeps them apart; "site.v1" keeps its dot
+    assert "overclustering_folder_site.v1.png" in curves
     kept = samples.RunSamples([0], [np.zeros((8, 8, 3), np.uint8)], [np.zeros((8, 8), np.int16)],
                               [np.zeros((8, 8), np.int16)], np.zeros((3, 3), np.uint8), ["a", "b", "c"])
     title = report.panel_title(rows[-1], "folder:bad$\\foo{$ " + "long " * 40)  # wrapped, not parsed as maths
@@ -163,7 +167,7 @@ def test_csv_parses_with_pandas(records):
 
 
 def test_segment_statistics_table():
-    """A FABRICATED DatUS^2-like row following the stats["segments"] schema of names.md."""
+    """A FABRICATED DatUS^2-like row following the stats["segments"] schema (tables.SEGMENT_FIELDS)."""
     segments = {"images": 8, "total": 120, "valid": 90, "valid_percent": 75.0, "per_image": 15.0,
                 "valid_per_image": 11.25, "patches_per_segment": 33.5}
     rows = [fake_record("dino-vits16", task="datus2", stats={"segments": segments}),
@@ -240,6 +244,21 @@ def test_run_keeps_matched_samples_and_panel(real_run, tmp_path):
     assert figures.save_figure(fig, tmp_path / "panel", ("png",))[0].stat().st_size > 1000
 
 
+def test_figures_leave_the_callers_matplotlib_settings_alone(real_run):
+    runner, _ = real_run
+    script = (  # a fresh process: the module's import is part of what is checked
+        "import matplotlib, sys\n"
+        "before = (matplotlib.get_backend(), dict(matplotlib.rcParams))\n"
+        "from ssl_bench import report\n"
+        "from ssl_bench.store import ResultStore\n"
+        f"store = ResultStore({str(runner.store.path)!r})\n"
+        "report.html_report(store.query(), store.path)\n"  # curves and panels
+        "sys.exit(0 if (matplotlib.get_backend(), dict(matplotlib.rcParams)) == before else 1)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "MPLBACKEND": "svg"})  # e.g. a notebook's own backend
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_failed_sample_write_keeps_the_result(runner, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -251,6 +270,19 @@ def test_failed_sample_write_keeps_the_result(runner, monkeypatch):
         record = runner.run(cfg).record
     assert runner.store.get(record["config_hash"]) is not None
     assert samples.load(runner.store.path, record["config_hash"]) is None
+
+def test_panels_of_other_patch_sizes_show_their_own_crop(runner):
+    # the crop rounds down to the patch: 200 px for the /8 backbone, 192 for the /16 one; each its own view
+    shapes = {}
+    for backbone in ("reference", "reference-p16"):
+        cfg = RunConfig(backbone=backbone, task="kmeans", dataset="synthetic", dataset_options=(("n", 2),),
+                        protocol=Protocol(resize=200))
+        kept = samples.load(runner.store.path, runner.run(cfg).record["config_hash"])
+        assert all(image.shape[:2] == label.shape == pred.shape
+                   for image, label, pred in zip(kept.images, kept.labels, kept.predictions))
+        shapes[backbone] = kept.labels[0].shape
+    assert shapes == {"reference": (200, 200), "reference-p16": (192, 192)}
+
 
 
 def test_html_is_self_contained(real_run, records):

@@ -123,6 +123,15 @@ def test_random_weights_are_recorded(runner):
     assert rec["config"]["protocol"]["resize"] == 320
 
 
+def test_weights_seed_splits_random_runs_only(runner):
+    def hashes(backbone, **kw):
+        return {runner.resolve(RunConfig(backbone=backbone, task="kmeans", dataset="synthetic", weights_seed=seed,
+                                         dataset_options=(("n", 4),), **kw)).config_hash for seed in (0, 1)}
+
+    assert len(hashes("dino-vits16", weights="random")) == 2
+    assert len(hashes("reference")) == 1  # not learned: a sweep-wide weights_seed must not recompute it
+
+
 def test_dinov2_uses_322_protocol(runner):
     rec = runner.run(RunConfig(backbone="dinov2-vits14", task="kmeans", dataset="synthetic", weights="random",
                                dataset_options=(("n", 2),))).record

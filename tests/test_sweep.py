@@ -271,6 +271,14 @@ def test_an_unreachable_ray_address_fails_in_seconds():
     _check_reachable("auto")  # left to Ray
 
 
+def test_ray_tasks_reserve_a_gpu_only_where_they_use_one():
+    from ssl_bench.executors import _gpus_per_task
+
+    assert _gpus_per_task(None, {"CPU": 16, "GPU": 8}) == 1 and _gpus_per_task("cuda", {"GPU": 1}) == 1
+    assert _gpus_per_task("cpu", {"CPU": 16, "GPU": 8}) == 0  # --device cpu: no GPU held idle per task
+    assert _gpus_per_task(None, {"CPU": 2}) == 0
+
+
 def test_run_takes_k_as_a_multiple_of_the_classes(tmp_path):
     from typer.testing import CliRunner
 
@@ -291,3 +299,25 @@ def test_a_mask_of_another_format_is_named_in_the_error(tmp_path):
         (tmp_path / folder / name).write_bytes(b"")
     with pytest.raises(UserError, match=r"found a.jpg: masks must be .png"):
         pair_by_stem(tmp_path / "images", tmp_path / "masks", "folder")
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("{name: kmeans-x, param: {crf: true}}", r"unknown key\(s\) \['param'\]"),  # would run the base task
+    ("{name: kmeans-x, params: {crff: true}}", "must be parameters of 'kmeans'"),  # a parameter nothing reads
+    ("{name: kmeans-x, params: {iterations: '50'}}", "iterations='50' must be a whole number"),
+    ("{title: no name}", "each variant needs a name"),
+    ("{name: kmeans, params: {crf: true}}", "the name 'kmeans' is registered twice"),
+])
+def test_task_file_mistakes_are_one_line(tmp_path, monkeypatch, variant, message):
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "kmeans.yaml").write_text(
+        (registry.registry_dir("tasks") / "kmeans.yaml").read_text().split("variants:")[0]
+        + f"variants:\n  - {variant}\n")
+    monkeypatch.setattr(registry, "_CHECKOUT", tmp_path)
+    registry.tasks.cache_clear()
+    try:
+        with pytest.raises(UserError, match=message):
+            registry.tasks()
+    finally:
+        monkeypatch.undo()
+        registry.tasks.cache_clear()

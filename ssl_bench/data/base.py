@@ -7,6 +7,7 @@ dataset is cheap and memory stays flat. Labels come back as int64 at the origina
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,11 @@ class SegDataset:
     @property
     def ids(self) -> list[str]:
         return [s.id for s in self.samples]
+
+    @property
+    def ids_sha(self) -> str:
+        """Digest of the image list: another list (``limit=``, another split file) is another run and cache entry."""
+        return hashlib.sha256("\n".join(self.ids).encode()).hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.samples)

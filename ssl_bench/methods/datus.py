@@ -179,7 +179,7 @@ def discover_segments(
 def summarize_segments(infos: Sequence[dict]) -> dict:
     """Dataset segment statistics of paper Table II from per-image ``discover_segments`` stats.
 
-    The schema every segment-producing task shares (notes in README): total and valid segments
+    The schema every segment-producing task shares (``report.tables.SEGMENT_FIELDS``): total and valid segments
     (J summed over images), % valid, segments and valid segments per image, and the mean number
     of patches of a *valid* segment (the ones that get crops and labels).
     """
@@ -585,12 +585,11 @@ def _crop_embedder(ctx, name: str | None):
     return ctx.build_backbone(name) if name else ctx.backbone
 
 
-def _embed(backbone, crops: list[np.ndarray], device) -> np.ndarray:
+def _embed(backbone, crops: list[np.ndarray]) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
-        x = backbone.normalize(np.stack(crops)).to(device)
-        return backbone.embed(x).float().cpu().numpy()
+        return backbone.embed(backbone.normalize(np.stack(crops))).float().cpu().numpy()
 
 
 def _pseudo_label_split(ctx, split: str, p: dict, backbone, crop_size: int) -> dict:
@@ -601,7 +600,7 @@ def _pseudo_label_split(ctx, split: str, p: dict, backbone, crop_size: int) -> d
 
     def flush():
         if pending:
-            feats.append(_embed(backbone, pending, ctx.device))
+            feats.append(_embed(backbone, pending))
             pending.clear()
 
     for i in ctx.progress(range(len(keys)), desc=f"datus2 segments [{split}]", total=len(keys)):
@@ -659,8 +658,7 @@ def run(ctx):
     """
     from ssl_bench.runner import Prediction, TaskResult
 
-    p = ctx.params
-    check_params(p)
+    p = ctx.params  # resolved and checked by the registry (check_params is the task file's validate hook)
     config = DenoiserConfig.from_params(p["denoiser"])
     backbone = _crop_embedder(ctx, p["crop_backbone"])
     crop_size = int(p["crop_size"] or backbone.spec.input_size)
@@ -769,7 +767,7 @@ def benchmark(
     images, feats, source = benchmark_inputs("dino-vits16", pipeline_images, kinds=("key",))
     spec = registry.backbone("dino-vits16")
     vit = build_backbone(spec, resolve(spec, "random"), 0)
-    _embed(vit, [images[0][: spec.input_size, : spec.input_size]] * 2, "cpu")  # warm-up
+    _embed(vit, [images[0][: spec.input_size, : spec.input_size]] * 2)  # warm-up
     timings = {"discovery": 0.0, "crops": 0.0, "cls": 0.0, "kmeans": 0.0}
     seg_maps, crop_feats, infos = [], [], []
     for image, f in zip(images, feats):
@@ -780,7 +778,7 @@ def benchmark(
         crops = [segment_crop(image, full, s, size=spec.input_size) for s in range(info["n_valid"])]
         t2 = time.perf_counter()
         if crops:
-            crop_feats.append(_embed(vit, crops, "cpu"))
+            crop_feats.append(_embed(vit, crops))
         t3 = time.perf_counter()
         timings["discovery"] += t1 - t0
         timings["crops"] += t2 - t1

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..crf import STEGO_CRF, dense_crf
+from ..crf import dense_crf
 from ..errors import UserError
 from ..ops import (UpsampleArgmax, as_float32, kmeans, l2_normalize, sample_rows, softmax, upsample_argmax,
                    upsample_scores)
@@ -37,7 +37,7 @@ def predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None 
     if image is None or crf_alpha <= 0:
         return argmax(scores, size)
     up = upsample_scores(scores, size)
-    return dense_crf(image, softmax(crf_alpha * up, axis=0), **STEGO_CRF).argmax(0).astype(np.int64)
+    return dense_crf(image, softmax(crf_alpha * up, axis=0)).argmax(0).astype(np.int64)
 
 
 def check_params(p: dict) -> None:

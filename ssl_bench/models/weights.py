@@ -69,7 +69,7 @@ def is_non_learned(spec: BackboneSpec) -> bool:
     return spec.family == "reference"
 
 
-def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0, verify: bool = True) -> WeightsSource:
+def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0) -> WeightsSource:
     """Find the weights for ``spec``; ``weights`` is a path, ``"random"``, or None (search)."""
     if is_non_learned(spec):
         return WeightsSource(None, "none", "non-learned")
@@ -79,11 +79,11 @@ def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0, verify: bool
         path = Path(weights).expanduser()
         if not path.is_file():
             raise UserError(f"--weights {weights}: no such file -- give the checkpoint path, or --weights random")
-        return WeightsSource(path, _identity(spec, path, verify), "--weights")
+        return WeightsSource(path, _identity(spec, path), "--weights")
     found = locate(spec)
     if found:
         origin, path = found
-        return WeightsSource(path, _identity(spec, path, verify), origin)
+        return WeightsSource(path, _identity(spec, path), origin)
     local = os.environ.get("SSL_BENCH_WEIGHTS")
     where = f"$SSL_BENCH_WEIGHTS ({local})" if local else "a folder named by $SSL_BENCH_WEIGHTS"
     if local and not Path(local).is_dir():
@@ -99,11 +99,11 @@ def _sha256_memo(path: Path, size: int, mtime_ns: int) -> str:
     return sha256_of(path)
 
 
-def _identity(spec: BackboneSpec, path: Path, verify: bool) -> str:
+def _identity(spec: BackboneSpec, path: Path) -> str:
     real = path.resolve()
     stat = real.stat()
     digest = _sha256_memo(real, stat.st_size, stat.st_mtime_ns)
-    if verify and spec.sha256 and path.name == expected_file(spec) and not digest.startswith(spec.sha256):
+    if spec.sha256 and path.name == expected_file(spec) and not digest.startswith(spec.sha256):
         raise UserError(f"{path} has sha256 {digest[:12]}..., the registry expects {spec.sha256[:12]}... "
                         "for that file -- download it again")
     return digest

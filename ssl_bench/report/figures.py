@@ -1,4 +1,5 @@
-"""Figures from the results store (matplotlib, Agg backend: no display needed).
+"""Figures from the results store (matplotlib ``Figure`` objects, no pyplot: no display, no backend chosen,
+and the style below applies to these figures only, never to a notebook that imports this module).
 
 - ``overclustering_figure``: mIoU, pixel accuracy and mean F1 against K for each backbone and method
   on one dataset (DatUS^2 Fig. 9); mean over seeds with +- std error bars where several seeds ran.
@@ -8,28 +9,35 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import textwrap
 from pathlib import Path
 
 import matplotlib
 import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-import numpy as np  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from ..data.base import display_palette  # noqa: E402
-from ..samples import RunSamples  # noqa: E402
-from .tables import DAGGER, METRICS, runs_frame  # noqa: E402
+from ..data.base import display_palette
+from ..samples import RunSamples
+from .tables import DAGGER, METRICS, runs_frame
 
 IGNORE_COLOUR = np.array([224, 224, 192], dtype=np.uint8)  # VOC's void colour: ignore / unlabelled pixels
 METRIC_AXES = {"miou": "mIoU (%)", "acc": "Pixel accuracy (%)", "f1": "Mean F1 (%)"}
 
 # parse_math off: names are literal text (a folder called "m$x$" must not become a formula, or fail to parse).
-plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10, "figure.dpi": 100,
-                     "text.parse_math": False})
+STYLE = {"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10, "figure.dpi": 100, "text.parse_math": False}
+
+
+def _styled(make_figure):
+    """Run under ``STYLE`` (text reads it when created, ticks when drawn), leaving rcParams as they were."""
+    @functools.wraps(make_figure)
+    def build(*args, **kwargs):
+        with matplotlib.rc_context(STYLE):
+            return make_figure(*args, **kwargs)
+    return build
 
 
 def curve_data(records: list[dict]) -> dict[str, dict]:
@@ -47,12 +55,14 @@ def curve_data(records: list[dict]) -> dict[str, dict]:
     return out
 
 
-def overclustering_figure(column: str, data: dict) -> plt.Figure:
+@_styled
+def overclustering_figure(column: str, data: dict) -> Figure:
     """One row of three panels (mIoU, accuracy, F1 against K) for one dataset."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
+    fig = Figure(figsize=(15, 4.6), layout="constrained")
+    axes = fig.subplots(1, 3)
     methods = sorted({method for _, method, _ in data["series"]})
     several_methods = len(methods) > 1
-    cmap = plt.get_cmap("tab10")
+    cmap = matplotlib.colormaps["tab10"]
     handles = []
     for i, ((model, method, random), stats) in enumerate(sorted(data["series"].items())):
         name = f"{model}{DAGGER}" if random else model
@@ -97,12 +107,14 @@ def colourise(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return table[ids]
 
 
-def panel_figure(samples: RunSamples, title: str) -> plt.Figure:
+@_styled
+def panel_figure(samples: RunSamples, title: str) -> Figure:
     """Rows of image | ground truth | prediction, with a colour key of the classes shown."""
     n_classes = len(samples.class_names)
     palette = display_palette(samples.palette, n_classes)
     rows = len(samples.indices)
-    fig, axes = plt.subplots(rows, 3, figsize=(10, 3.1 * rows + 1.2), squeeze=False, constrained_layout=True)
+    fig = Figure(figsize=(10, 3.1 * rows + 1.2), layout="constrained")
+    axes = fig.subplots(rows, 3, squeeze=False)
     for r, index in enumerate(samples.indices):
         views = [samples.images[r], colourise(samples.labels[r], palette), colourise(samples.predictions[r], palette)]
         for c, (view, name) in enumerate(zip(views, ("image", "ground truth", "prediction"))):
@@ -123,20 +135,21 @@ def panel_figure(samples: RunSamples, title: str) -> plt.Figure:
     return fig
 
 
-def save_figure(fig: plt.Figure, path: Path, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
+@_styled
+def save_figure(fig: Figure, path: Path, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
+    """``path`` without extension: each format is appended (a dot in the name, as in ``site.v1``, is kept)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for fmt in formats:
-        target = path.with_suffix(f".{fmt}")
+        target = path.parent / f"{path.name}.{fmt}"
         fig.savefig(target, dpi=150 if fmt == "png" else None)
         written.append(target)
-    plt.close(fig)
     return written
 
 
-def image_bytes(fig: plt.Figure, dpi: int = 110, fmt: str = "png") -> bytes:
+@_styled
+def image_bytes(fig: Figure, dpi: int = 110, fmt: str = "png") -> bytes:
     """The figure encoded in memory: PNG for plots; JPEG keeps photo panels small in the HTML page."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format=fmt, dpi=dpi, **({"pil_kwargs": {"quality": 85}} if fmt == "jpeg" else {}))
-    plt.close(fig)
     return buffer.getvalue()

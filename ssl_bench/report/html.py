@@ -1,4 +1,5 @@
-"""One self-contained HTML page: inline CSS, figures embedded as base64 PNG, no external reference."""
+"""One self-contained HTML page: inline CSS, figures embedded as base64 PNG (plots) and
+JPEG (photo panels), no external reference."""
 
 from __future__ import annotations
 

@@ -73,7 +73,6 @@ class Table:
     rows: list[list[Cell]] = field(default_factory=list)
     random: list[bool] = field(default_factory=list)  # per row: random weights
     notes: list[str] = field(default_factory=list)
-    label_columns: int = 1  # leading columns that name the row (the dagger goes on the first)
 
     @property
     def empty(self) -> bool:
@@ -350,7 +349,7 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     columns += [Column("Family", numeric=False), Column("Params (M)", numeric=False),
                 Column("Pre-training data", numeric=False), Column("Seeds", numeric=False)]
     columns += [Column(label, group=d) for d in datasets for label in METRICS.values()]
-    table = Table(f"Leaderboard, {k_text}", columns, label_columns=2 if several_methods else 1)
+    table = Table(f"Leaderboard, {k_text}", columns)
     multi_seed = multi_count = False
     # Random-weight rows last: they are smoke runs, listed for completeness.
     for (random, model, backbone, method), runs in frame.groupby(["random_weights", "model", "backbone", "method"],
@@ -387,11 +386,11 @@ SEGMENT_FIELDS = {"images": ("Images", 0), "total": ("Total segments", 0), "vali
 
 
 def segment_table(records: list[dict]) -> Table:
-    """DatUS^2 Table II, from ``stats["segments"]`` of the runs that have it (see names.md)."""
+    """DatUS^2 Table II, from ``stats["segments"]`` of the runs that have it (the fields of ``SEGMENT_FIELDS``)."""
     rows = [r for r in records if isinstance((r.get("stats") or {}).get("segments"), dict)]
     columns = [Column("Backbone", numeric=False), Column("Method", numeric=False), Column("Dataset", numeric=False),
                Column("Runs", numeric=False)] + [Column(h) for h, _ in SEGMENT_FIELDS.values()]
-    table = Table("Segment statistics", columns, label_columns=3)
+    table = Table("Segment statistics", columns)
     if not rows:
         return table
     frame = runs_frame(rows)
@@ -414,7 +413,7 @@ def streams_table(records: list[dict]) -> Table:
     columns += [Column("Labelled (%)", group="labelled pixels only", flat="Labelled pixels (%)")]
     columns += [Column(label, group="labelled pixels only", flat=f"{label} (labelled only)")
                 for label in METRICS.values()]
-    table = Table("Prediction streams", columns, label_columns=5)
+    table = Table("Prediction streams", columns)
 
     def interesting(r: dict) -> bool:
         return len(r["metrics"]) > 1 or any(m.get("labelled_fraction", 1.0) < 1.0 for m in r["metrics"].values())
