@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Optional
@@ -69,9 +70,9 @@ CacheOpt = typer.Option(None, "--cache", help="feature cache folder (default .ss
 
 @app.command()
 def run(
-    backbone: str = typer.Option("reference", help="registered backbone (ssl-bench list backbones)"),
-    task: str = typer.Option("kmeans", help="registered task (ssl-bench list tasks)"),
-    dataset: str = typer.Option("synthetic", help="dataset (ssl-bench list datasets)"),
+    backbone: str = typer.Option("reference", "--backbone", "-b", help="registered backbone (ssl-bench list backbones)"),
+    task: str = typer.Option("kmeans", "--task", "-t", help="registered task (ssl-bench list tasks)"),
+    dataset: str = typer.Option("synthetic", "--dataset", "-d", help="dataset (ssl-bench list datasets)"),
     data_root: Optional[str] = typer.Option(None, help="dataset folder (not needed for 'synthetic')"),
     split: Optional[str] = typer.Option(None, help="split to evaluate (default: the dataset's evaluation split)"),
     k: Optional[str] = typer.Option(None, "--k", help="number of clusters: a number or C, 2C, 3C ... "
@@ -107,7 +108,7 @@ def run(
     with progress_bars() as progress:
         outcome = runner.run(cfg, force=force, progress=progress)
     rec = outcome.record
-    tag = "computed" if outcome.computed else "already stored (use --force to recompute)"
+    tag = "computed" if outcome.computed else "already stored; --force recomputes"
     random_note = "  (RANDOM WEIGHTS: smoke run, not a result)" if rec["random_weights"] else ""
     out.print(f"{rec['backbone']} / {rec['task']} / {rec['dataset']}:{rec['split']} K={rec['k']} seed={rec['seed']}: "
               f"mIoU {rec['miou']:.2f}  Acc {rec['acc']:.2f}  F1 {rec['f1']:.2f}  ({tag}){random_note}")
@@ -149,6 +150,11 @@ def sweep(
 
     if executor not in EXECUTORS:
         raise UserError(f"unknown executor '{executor}' -- choose {' or '.join(EXECUTORS)}")
+    if executor != "ray" and (address or cpus_per_task is not None):
+        flag = "--address" if address else "--cpus-per-task"
+        raise UserError(f"{flag} is for Ray -- add --executor ray (or drop {flag} to run here)")
+    if cpus_per_task is not None and cpus_per_task < 1:
+        raise UserError(f"--cpus-per-task must be at least 1, got {cpus_per_task} -- e.g. --cpus-per-task 4")
     data = sweeps.read_grid_file(file) if file else {}
     if backbone:
         data["backbones"] = backbone
@@ -236,7 +242,8 @@ def _dataset_entry(name: str, roots: list[str], split: Optional[str], options: l
 @app.command()
 def regress(
     update: bool = typer.Option(False, "--update", help="rewrite the baselines with the numbers of this run"),
-    baselines: Optional[Path] = typer.Option(None, help="baselines file (default results/regress/baselines.json)"),
+    baselines: Optional[Path] = typer.Option(None, help="baselines file (default: results/regress/baselines.json "
+                                             "of the checkout whose code runs: code and baselines go together)"),
     only: Optional[str] = typer.Option(None, help="only the cases whose name contains this text"),
 ):
     """Rerun the fixed regression suite and compare each metric with the committed baselines."""
@@ -291,7 +298,7 @@ def _backbone_table(wide: bool) -> Table:
             found = "non-learned"
         else:
             where = locate(spec)
-            found = SHORT_ORIGINS.get(where[0], where[0]) if where else "-"
+            found = SHORT_ORIGINS.get(where[0], where[0]) if where else "not found"
         grid = f"s{spec.patch_size}" if not spec.has_attention and not is_non_learned(spec) else f"/{spec.patch_size}"
         row = [spec.name, spec.family, grid, str(spec.embed_dim), f"{spec.params_m:.1f}",
                spec.licence if wide else spec.licence.split(" (")[0].replace(" License", ""), found]
@@ -315,15 +322,19 @@ def list_(what: str = typer.Argument(..., help="backbones | tasks | datasets"),
         table = _backbone_table(wide)
     elif what == "tasks":
         table = Table("name", "title", "features", "parameters")
+        bases: dict[str, registry.TaskSpec] = {}  # per entrypoint, the task its variants change
         for spec in registry.tasks().values():
+            base = bases.setdefault(spec.entrypoint, spec)
+            changed = {k: v for k, v in spec.params.items() if base.params.get(k) != v}
+            params = ", ".join(f"{k}={v}" for k, v in (spec.params if base is spec else changed).items())
             table.add_row(spec.name, spec.title, ", ".join(spec.features),
-                          ", ".join(f"{k}={v}" for k, v in spec.params.items()))
+                          params if base is spec else f"as {base.name}, with {params or 'the same parameters'}")
     elif what == "datasets":
         from .data import DATASETS
 
         table = Table("name", "title", "classes", "splits", "data root")
         for name, cls in DATASETS.items():
-            table.add_row(name, cls.title, str(getattr(cls, "num_classes", "?")), ", ".join(cls.splits),
+            table.add_row(name, cls.title, str(cls.num_classes or "classes.txt"), ", ".join(cls.splits),
                           cls.default_root)
     else:
         raise UserError(f"cannot list '{what}' -- choose backbones, tasks or datasets")
@@ -403,13 +414,24 @@ def bench(
         table = Table("benchmark", "measures")
         for key, function in available.items():
             function = registry.load_entrypoint(function) if isinstance(function, str) else function
-            table.add_row(key, (function.__doc__ or "").strip().splitlines()[0])
+            table.add_row(key, _first_sentence(function.__doc__ or ""))
         out.print(table)
         return
     result = benches.run_benchmark(name, None if no_write else output_dir, tag=tag, **dict(parse_pairs(arg, "--arg")))
     out.print_json(json.dumps(result))
     if not no_write:
         console.print(f"wrote {output_dir / benches.result_file(name, tag)}")
+
+
+def _first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, however its lines wrap."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    return paragraph.split(". ")[0].rstrip(".") + "."
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as users read it: the message, not the source file and line that raised it."""
+    return f"warning: {message}\n"
 
 
 def main() -> None:
@@ -420,6 +442,7 @@ def main() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_interrupt)
+    warnings.formatwarning = _one_line_warning
     try:
         app()
     except UserError as err:

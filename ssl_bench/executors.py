@@ -92,11 +92,20 @@ def _cell_task(config: RunConfig, cache_root: str, device: str | None, threads: 
     return runner.compute(runner.resolve(config))
 
 
-def _driver_threads(ray) -> int:
+def _largest_node_cpus(ray) -> int:
+    return int(max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node.get("Alive")), default=1))
+
+
+def _threads_per_task(ray, asked: int | None) -> int:
+    """CPUs (and torch/faiss threads) per task: as asked, else this process's torch threads; never more than
+    the largest node has (Ray would wait forever, silently, for a node that can take the task)."""
     import torch
 
-    largest_node = max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node.get("Alive")), default=1)
-    return max(1, min(torch.get_num_threads(), int(largest_node)))
+    largest = _largest_node_cpus(ray)
+    if asked is not None and asked > largest:
+        raise UserError(f"--cpus-per-task {asked}: the largest Ray node has {largest} CPUs, so no task could "
+                        f"ever start -- use --cpus-per-task {largest} or less")
+    return asked or max(1, min(torch.get_num_threads(), largest))
 
 
 def local_runtime_env() -> dict:
@@ -151,7 +160,7 @@ def run_ray(plan: Plan, runner: Runner, address: str | None = None, device: str 
                             f"check --address (e.g. ray://head:10001) or start one with `ray start --head`") from None
     try:
         gpus = _gpus_per_task(device, ray.cluster_resources())
-        threads = cpus_per_task or _driver_threads(ray)
+        threads = _threads_per_task(ray, cpus_per_task)
         extract = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=2)(_extract_task)
         compute = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=2)(_cell_task)
         cache_root = str(runner.cache.root.resolve())  # workers may run elsewhere: no relative paths

@@ -87,11 +87,14 @@ class TaskSpec:
             raise UserError(
                 f"task '{self.name}' has no parameter(s) {sorted(unknown)} -- known: {sorted(self.params)}"
             )
+        what = f"task '{self.name}' parameter"
         for key, value in (overrides or {}).items():
-            check_like_default(f"task '{self.name}' parameter", key, value, self.params[key], "-p")
+            check_like_default(what, key, value, self.params[key], "-p", counts_from=None)
         params = {**self.params, **(overrides or {})}
-        if self.validate:  # a bad value fails now, not after an hour of feature extraction
+        if self.validate:  # a bad value fails now, not after an hour of feature extraction (and names its range)
             load_entrypoint(self.validate)(params)
+        for key, value in (overrides or {}).items():  # counts the hook leaves unchecked: at least 0
+            check_like_default(what, key, value, self.params[key], "-p")
         return params
 
 
@@ -104,13 +107,15 @@ def is_whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_like_default(what: str, key: str, value, default, flag: str) -> None:
-    """A value of the type its default has: a switch true/false, a count a whole number >= 0, a real a
-    number. Text and null defaults are left to the reader's own checks (enumerations, alternatives)."""
+def check_like_default(what: str, key: str, value, default, flag: str, counts_from: int | None = 0) -> None:
+    """A value of the type its default has: a switch true/false, a count a whole number >= ``counts_from``
+    (None: any whole number), a real a number. Text and null defaults are left to the reader's own checks
+    (enumerations, alternatives)."""
     if isinstance(default, bool):
         wanted, ok = "true or false", isinstance(value, bool)
     elif isinstance(default, int):
-        wanted, ok = "a whole number >= 0", is_whole(value) and value >= 0
+        wanted = "a whole number" + ("" if counts_from is None else f" >= {counts_from}")
+        ok = is_whole(value) and (counts_from is None or value >= counts_from)
     elif isinstance(default, float):
         wanted, ok = "a number", is_number(value)
     else:

@@ -7,6 +7,8 @@ The runner knows no method by name: it resolves the task's entrypoint from the r
 
 from __future__ import annotations
 
+import os
+import pickle
 import platform
 import subprocess
 import time
@@ -106,8 +108,42 @@ class TaskContext:
         are, else found by the same rules."""
         spec = registry.backbone(name)
         seed = self._run.config["weights_seed"]
+        return self._runner.backbone(spec, self._weights_of(spec), seed)
+
+    def backbone_identity(self, name: str | None = None) -> dict:
+        """Name and weights identity of this run's backbone, or of ``build_backbone(name)``, without building
+        it: what a ``reuse`` identity names when an intermediate depends on that model."""
+        spec = registry.backbone(name) if name else self._run.spec
+        return {"backbone": spec.name, "weights": (self._weights_of(spec) if name else self._run.weights).identity}
+
+    def _weights_of(self, spec: registry.BackboneSpec) -> WeightsSource:
         wanted = "random" if self._run.weights.is_random else None
-        return self._runner.backbone(spec, resolve(spec, wanted, seed), seed)
+        return resolve(spec, wanted, self._run.config["weights_seed"])
+
+    def reuse(self, name: str, identity: dict, compute: Callable[[], Any], split: str | None = None) -> Any:
+        """An intermediate of this task that does not depend on K (e.g. DatUS^2's segments and crop embeddings),
+        computed once per (cached features of ``split``, seed, device, ``identity``) and kept beside those
+        features, so the cells of a sweep that differ only in K share it. ``identity`` names every parameter
+        and model it depends on beyond the features. An unreadable copy is computed again."""
+        dataset = self.dataset_for(split)
+        entry = self._runner.cache.entry_dir(self._runner.cache.key(
+            self._run.spec.name, self._run.weights.identity, dataset, self.protocol))
+        digest = config_hash({"task": self._run.task.entrypoint, "name": name, "seed": self.seed,
+                              "device": str(self.device), "identity": identity})
+        path = entry / "reuse" / f"{name}-{digest}.pkl"
+        if path.exists():
+            try:
+                with open(path, "rb") as f:
+                    return pickle.load(f)
+            except Exception as err:  # noqa: BLE001 -- a damaged copy costs a recomputation, nothing more
+                warnings.warn(f"{path} is unreadable ({err}); computing it again", stacklevel=2)
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)  # whole or absent, even when two processes compute it at once
+        return value
 
     def dataset_for(self, split: str | None) -> SegDataset:
         return self._runner.dataset(self._run, split or self.split)

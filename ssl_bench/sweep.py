@@ -76,16 +76,16 @@ class Grid:
 def resolve_k(k: int | str, num_classes: int) -> int:
     """A K value of the grid: a number, or ``C``, ``2C``, ``3*C`` ... relative to the class count."""
     if isinstance(k, bool):
-        raise UserError(f"K value {k!r} is not a number or a multiple of C -- e.g. k: [C, 2C, 3C, 50]")
+        raise UserError(f"K value {k!r} is not a number or a multiple of C -- use C, 2C, 3C ... or a number (--k 2C)")
     if isinstance(k, int):
         if k < 1:
-            raise UserError(f"K must be at least 1, got {k} -- e.g. k: [C, 2C, 50]")
+            raise UserError(f"K must be at least 1, got {k} -- use C, 2C, 3C ... or a number of 1 or more (--k C)")
         return k
     match = _K_EXPRESSION.match(str(k))
     if match is None:
         if str(k).strip().isdigit():
             return resolve_k(int(k), num_classes)
-        raise UserError(f"K value {k!r} is not a number or a multiple of C -- e.g. k: [C, 2C, 3C, 50]")
+        raise UserError(f"K value {k!r} is not a number or a multiple of C -- use C, 2C, 3C ... or a number (--k 2C)")
     multiple = int(match.group(1) or 1)
     if multiple < 1:
         raise UserError(f"K value {k!r} gives K = 0 -- use C, 2C, 3C ...")

@@ -217,6 +217,18 @@ def test_folder_rejects_unknown_ids_and_unpaired_images(tmp_path):
         open_dataset("folder", tmp_path, "val")
 
 
+def test_truncated_files_are_one_line_naming_them(tmp_path):
+    make_folder(tmp_path, np.array([[0, 1, 2], [255, 2, 0]]))
+    (tmp_path / "images" / "a.jpg").unlink()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    data = (tmp_path / "images" / "a.png").read_bytes()
+    (tmp_path / "images" / "a.png").write_bytes(data[:len(data) // 2])  # the header reads, the pixels do not
+    ds = open_dataset("folder", tmp_path, "val")
+    assert ds.image_size(0) == (64, 64)
+    with pytest.raises(UserError, match=r"cannot read .*a\.png \(OSError\) -- the file is damaged"):
+        ds.load_image(0)
+
+
 # --- synthetic ------------------------------------------------------------------------------------
 def test_synthetic_deterministic_and_exact():
     a, b = open_dataset("synthetic", None, "val"), open_dataset("synthetic", None, "val", seed=0)
@@ -317,9 +329,11 @@ def test_user_errors_name_the_problem_and_the_fix(tmp_path):
         open_dataset("camvid", tmp_path / "empty", "val")
     with pytest.raises(UserError, match="unknown dataset 'kitti' -- choose one of: camvid"):
         open_dataset("kitti", tmp_path, "val")
+    with pytest.raises(UserError, match="unknown dataset 'camvd' -- did you mean camvid"):
+        open_dataset("camvd", tmp_path, "val")
     with pytest.raises(UserError, match="has no split 'dev' -- choose one of"):
         open_dataset("synthetic", None, "dev")
-    with pytest.raises(UserError, match=r"unknown option\(s\) colour .* valid options: classes=6"):
+    with pytest.raises(UserError, match=r"unknown option\(s\) colour .* valid options \(with their defaults\): classes=6"):
         open_dataset("suim", tmp_path, "test", colour=1)
     with pytest.raises(UserError, match="needs a data root -- pass --data-root"):
         open_dataset("voc2012", None, "val")

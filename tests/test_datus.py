@@ -244,6 +244,8 @@ def fake_ctx(params, split="val"):
         features=lambda kind, split=None: [one_hot_keys(groups)] * n[split],
         image=lambda i, split=None: image.copy(),
         backbone=backbone(), build_backbone=backbone, built=built,
+        backbone_identity=lambda name=None: {"backbone": name or "fake-vit", "weights": "none"},
+        reuse=lambda name, identity, compute, split=None: compute(),  # the runner's keeps it on disk
         device="cpu", progress=lambda it, desc=None, total=None: it,
     )
 

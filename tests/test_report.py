@@ -162,6 +162,8 @@ def test_csv_parses_with_pandas(records):
     ref = frame[frame.Backbone == "reference"].iloc[0]
     assert ref["synthetic mIoU"] == pytest.approx(45.0) and ref["synthetic mIoU std"] == pytest.approx(50 ** 0.5)
     assert ref["synthetic mIoU n"] == 2 and not ref["random_weights"]
+    assert "camvid mIoU std" in frame and frame["camvid mIoU std"].isna().all()  # one seed: empty, not dropped
+    assert pd.isna(ref["Params (M)"])  # not learned: empty, not the tables' dash
     rand = frame[frame.Backbone == "dino-vits16"].iloc[0]
     assert bool(rand["random_weights"]) and "random weights" in rand["note"]
 

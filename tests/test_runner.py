@@ -116,6 +116,33 @@ def test_datus2_stores_metrics_and_segment_statistics(runner):
     assert rec["stats"]["crop_backbone"] == "reference" and set(rec["metrics"]) == {"initial@val", "final@val"}
 
 
+def test_datus2_cells_that_differ_in_k_share_their_segments(runner, monkeypatch):
+    import dataclasses
+
+    from ssl_bench.methods import datus
+
+    discovered = []
+    real = datus.discover_segments
+    monkeypatch.setattr(datus, "discover_segments", lambda *a, **kw: discovered.append(1) or real(*a, **kw))
+    cfg = RunConfig(backbone="dino-vits16", weights="random", task="datus2-initial", dataset="synthetic",
+                    dataset_options=(("n", 3),))
+    first = runner.run(cfg).record
+    assert len(discovered) == 3  # one discovery per image
+    for k in (10, 15):  # over-clustering: the segments and crop embeddings are reused, only k-means runs again
+        assert runner.run(dataclasses.replace(cfg, k=k)).record["k"] == k
+    assert len(discovered) == 3
+    runner.run(dataclasses.replace(cfg, seed=1))  # Louvain is seeded: another seed discovers again
+    assert len(discovered) == 6
+    other = runner.run(dataclasses.replace(cfg, params=(("tau", 2),))).record  # a segment parameter: again
+    assert len(discovered) == 9 and other["config_hash"] != first["config_hash"]
+    entry = next(runner.cache.root.rglob("reuse"))
+    for stale in entry.iterdir():
+        stale.write_bytes(b"damaged")  # an unreadable copy is computed again, with the same numbers
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = runner.run(cfg, force=True).record
+    assert again["metrics"] == first["metrics"] and len(discovered) == 12
+
+
 def test_random_weights_are_recorded(runner):
     rec = runner.run(RunConfig(backbone="dino-vits16", task="kmeans", dataset="synthetic", weights="random",
                                dataset_options=(("n", 4),))).record
@@ -149,6 +176,7 @@ def test_dinov2_uses_322_protocol(runner):
     (dict(dataset_options=(("n", 2.5),)), "option n=2.5 must be a whole number >= 0"),  # not a column "n=2.5"
     (dict(params=(("crf", "maybe"),)), "parameter crf='maybe' must be true or false"),  # not "truthy"
     (dict(params=(("iterations", 0),)), "iterations=0 -- k-means needs at least 1"),
+    (dict(params=(("iterations", -5),)), "iterations=-5 -- k-means needs at least 1"),  # its range, not ">= 0"
     (dict(task="primaps-em", params=(("epochs", 1.0),)), "parameter epochs=1.0 must be a whole number"),
     (dict(task="primaps-em", params=(("max_steps", 2.0),)), "max_steps=2.0 is invalid"),  # null default: task checks
     (dict(dataset_options=(("n", 1),), k=5000), "K=5000 clusters need at least 5000 patches"),

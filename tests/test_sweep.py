@@ -271,6 +271,26 @@ def test_an_unreachable_ray_address_fails_in_seconds():
     _check_reachable("auto")  # left to Ray
 
 
+def test_ray_task_sizes_are_checked_before_anything_waits(tmp_path):
+    import types
+
+    from typer.testing import CliRunner
+
+    from ssl_bench.cli import app
+    from ssl_bench.executors import _threads_per_task
+
+    two_cpus = types.SimpleNamespace(nodes=lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    assert _threads_per_task(two_cpus, 2) == 2 and 1 <= _threads_per_task(two_cpus, None) <= 2
+    with pytest.raises(UserError, match="the largest Ray node has 2 CPUs, so no task could ever start"):
+        _threads_per_task(two_cpus, 8)  # Ray would wait forever without a word
+    grid = ["sweep", "-b", "reference", "-t", "kmeans", "-d", "synthetic", "--plan", "--store", str(tmp_path / "s")]
+    for extra, message in ((["--executor", "ray", "--cpus-per-task", "-2"], "--cpus-per-task must be at least 1"),
+                           (["--address", "ray://head:10001"], "--address is for Ray -- add --executor ray"),
+                           (["--cpus-per-task", "3"], "--cpus-per-task is for Ray")):
+        result = CliRunner().invoke(app, grid + extra)
+        assert result.exit_code != 0 and message in str(result.exception or result.output), extra
+
+
 def test_ray_tasks_reserve_a_gpu_only_where_they_use_one():
     from ssl_bench.executors import _gpus_per_task
 
@@ -321,3 +341,14 @@ def test_task_file_mistakes_are_one_line(tmp_path, monkeypatch, variant, message
     finally:
         monkeypatch.undo()
         registry.tasks.cache_clear()
+
+
+def test_cli_warnings_and_listings_read_as_text():
+    from ssl_bench.cli import _first_sentence, _one_line_warning
+
+    assert _one_line_warning(UserWarning("no panel kept"), UserWarning, "/x/runner.py", 323) == "warning: no panel kept\n"
+    doc = """Cost of one more K (k-means cells
+    over cached features). Each figure is the best of runs.
+
+    Details."""
+    assert _first_sentence(doc) == "Cost of one more K (k-means cells over cached features)."

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from pathlib import Path
 
@@ -47,13 +48,16 @@ def open_dataset(name: str, root: str | Path | None, split: str | None, **option
     images, for small sweeps and regression suites (the image list is hashed, so it is a different run)."""
     cls = DATASETS.get(name)
     if cls is None:
-        raise UserError(f"unknown dataset {name!r} -- choose one of: {', '.join(DATASETS)}")
+        close = difflib.get_close_matches(str(name), list(DATASETS), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"choose one of: {', '.join(DATASETS)}"
+        raise UserError(f"unknown dataset {name!r} -- {hint}")
     limit = options.pop("limit", None)
     known = dataset_options(cls)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        valid = ", ".join(f"{k}={v!r}" for k, v in [*known.items(), ("limit", None)])
-        raise UserError(f"unknown option(s) {', '.join(unknown)} for dataset {name!r} -- valid options: {valid}")
+        valid = ", ".join([*(f"{k}={v!r}" for k, v in known.items()), "limit=N (the first N images)"])
+        raise UserError(f"unknown option(s) {', '.join(unknown)} for dataset {name!r} -- valid options "
+                        f"(with their defaults): {valid}")
     for key, value in options.items():
         check_like_default(f"dataset {name!r} option", key, value, known[key], "-o")
     dataset = cls(root, split or cls.default_split, **options)

@@ -11,7 +11,7 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -191,23 +191,22 @@ class SegDataset:
 
     def load_image(self, i: int) -> Image.Image:
         """Image ``i`` as RGB at its original size."""
-        with self._open(self.samples[i].image) as im:
-            return im.convert("RGB")
+        return self._read(self.samples[i].image, lambda im: im.convert("RGB"))
 
     def load_label(self, i: int) -> np.ndarray:
         """Ground truth of image ``i``: int64 (H, W) at the original size, -1 = ignore."""
-        with self._open(self.samples[i].label) as im:
-            raw = np.asarray(im)
-        return self.decode_label(raw)
+        return self.decode_label(self._read(self.samples[i].label, np.asarray))
 
     def image_size(self, i: int) -> tuple[int, int]:
         """(width, height) of image ``i`` read from the file header only (PIL opens lazily)."""
-        with self._open(self.samples[i].image) as im:
-            return im.size
+        return self._read(self.samples[i].image, lambda im: im.size)
 
-    def _open(self, path: Path | None) -> Image.Image:
+    def _read(self, path: Path | None, use: Callable[[Image.Image], Any]) -> Any:
+        """``use(image)`` on the opened file: PIL decodes lazily, so a truncated file fails inside ``use``,
+        and that too must name the file."""
         try:
-            return Image.open(path)
+            with Image.open(path) as im:
+                return use(im)
         except FileNotFoundError:
             raise UserError(
                 f"{self.title}: missing file {path} -- the data root {self.root} is incomplete; "

@@ -76,9 +76,7 @@ class SUIM(SegDataset):
         return self._lut[code]
 
     def load_label(self, i: int) -> np.ndarray:
-        with self._open(self.samples[i].label) as im:
-            raw = np.asarray(im.convert("RGB"))
-        return self.decode_label(raw)
+        return self.decode_label(self._read(self.samples[i].label, lambda im: np.asarray(im.convert("RGB"))))
 
 
 class SUIM8(SUIM):

@@ -592,8 +592,21 @@ def _embed(backbone, crops: list[np.ndarray]) -> np.ndarray:
         return backbone.embed(backbone.normalize(np.stack(crops))).float().cpu().numpy()
 
 
-def _pseudo_label_split(ctx, split: str, p: dict, backbone, crop_size: int) -> dict:
-    """Segments, crop embeddings and image sizes of every image of one split."""
+# What segments and crop embeddings depend on besides the key features, the seed and the crop model.
+SEGMENT_PARAMS = ("tau", "backend", "weighted", "resolution", "crop_fill", "crop_size", "crop_fit", "crop_batch_size")
+
+
+def _segments_of_split(ctx, split: str, p: dict) -> dict:
+    """Segments, crop embeddings and image sizes of every image of one split, plus a view of its images.
+    None of it depends on K, so the cells of an over-clustering sweep compute it once (``ctx.reuse``)."""
+    identity = {key: p[key] for key in SEGMENT_PARAMS} | {"crop_model": ctx.backbone_identity(p["crop_backbone"])}
+    data = ctx.reuse(f"datus2-segments-{split}", identity, lambda: _discover_and_embed(ctx, split, p), split=split)
+    return {**data, "images": _LazyImages(ctx, split, len(data["segments"]))}
+
+
+def _discover_and_embed(ctx, split: str, p: dict) -> dict:
+    backbone = _crop_embedder(ctx, p["crop_backbone"])
+    crop_size = int(p["crop_size"] or backbone.spec.input_size)
     keys = ctx.features("key", split=split)
     images = _LazyImages(ctx, split, len(keys))
     seg_maps, infos, sizes, feats, pending = [], [], [], [], []
@@ -624,7 +637,6 @@ def _pseudo_label_split(ctx, split: str, p: dict, backbone, crop_size: int) -> d
         "infos": infos,
         "sizes": sizes,
         "features": np.concatenate(feats) if feats else np.zeros((0, dim), np.float32),
-        "images": images,
     }
 
 
@@ -660,12 +672,10 @@ def run(ctx):
 
     p = ctx.params  # resolved and checked by the registry (check_params is the task file's validate hook)
     config = DenoiserConfig.from_params(p["denoiser"])
-    backbone = _crop_embedder(ctx, p["crop_backbone"])
-    crop_size = int(p["crop_size"] or backbone.spec.input_size)
 
     fit_split = p["fit_split"] or ctx.split
     splits = [fit_split] + ([ctx.split] if ctx.split != fit_split else [])
-    data = {s: _pseudo_label_split(ctx, s, p, backbone, crop_size) for s in splits}
+    data = {s: _segments_of_split(ctx, s, p) for s in splits}
     if len(data[fit_split]["features"]) == 0:
         raise UserError(f"no valid segment on split {fit_split!r} -- lower params.tau")
 
@@ -685,7 +695,7 @@ def run(ctx):
         "communities_per_image": sum(i["n_communities"] for i in infos) / len(infos),
         "clustered_segments": int(len(data[fit_split]["features"])),
         "clusters": int(len(centroids)),
-        "crop_backbone": backbone.spec.name,
+        "crop_backbone": ctx.backbone_identity(p["crop_backbone"])["backbone"],
     }
     if fit_split != ctx.split:
         stats["fit_split"] = fit_split

@@ -180,7 +180,8 @@ def to_latex(table: Table) -> str:
 
 
 def to_csv(table: Table) -> str:
-    """Tidy CSV: numbers unrounded, a ``std`` and ``n`` column beside each numeric column, a
+    """CSV for scripts: numbers unrounded, a ``std`` and ``n`` column beside each numeric column (always, so
+    the columns do not depend on how many seeds ran; empty where one did), missing values empty, a
     ``random_weights`` column and a ``note`` column saying what a random-weight row is."""
     if table.empty:
         return ""
@@ -194,13 +195,11 @@ def to_csv(table: Table) -> str:
                 rec[f"{column.key} std"] = cell.std
                 rec[f"{column.key} n"] = cell.n if number is not None else None
             else:
-                rec[column.key] = cell.text()
+                rec[column.key] = cell.text().replace("–", "")  # the tables' dash for "none", empty here
         rec["random_weights"] = table.random[i]
         rec["note"] = RANDOM_NOTE.lstrip(DAGGER + " ") if table.random[i] else ""
         records.append(rec)
     frame = pd.DataFrame(records)
-    # std / n columns that say nothing (one seed everywhere) are dropped.
-    frame = frame.drop(columns=[c for c in frame.columns if c.endswith((" std", " n")) and frame[c].isna().all()])
     for column in frame.columns:
         if column.endswith(" n"):
             frame[column] = frame[column].astype("Int64")  # counts, not 2.0 (a gap stays empty)
@@ -309,6 +308,8 @@ def select_k(frame: pd.DataFrame, k: str | int) -> tuple[pd.DataFrame, str]:
     if text == "C":
         return frame[frame.k == frame.num_classes], "K = C (number of classes)"
     if text.isdigit():
+        if int(text) < 1:
+            raise UserError(f"--k must be at least 1, got {text} -- e.g. --k C, --k 2C or --k 22")
         return frame[frame.k == int(text)], f"K = {int(text)}"
     from ..sweep import resolve_k  # the grid's reading of 2C, 3*C (imported here: it brings in torch)
 
@@ -382,7 +383,7 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
 
 SEGMENT_FIELDS = {"images": ("Images", 0), "total": ("Total segments", 0), "valid_percent": ("Valid segments (%)", 1),
                   "per_image": ("Segments / image", 2), "valid_per_image": ("Valid segments / image", 2),
-                  "patches_per_segment": ("Patches / segment", 2)}
+                  "patches_per_segment": ("Patches / valid segment", 2)}
 
 
 def segment_table(records: list[dict]) -> Table:
