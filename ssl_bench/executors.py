@@ -9,6 +9,7 @@ feature cache must be on storage every worker sees (a shared file system on a re
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -96,15 +97,19 @@ def _largest_node_cpus(ray) -> int:
     return int(max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node.get("Alive")), default=1))
 
 
-def _threads_per_task(ray, asked: int | None) -> int:
-    """CPUs (and torch/faiss threads) per task: as asked, else this process's torch threads; never more than
-    the largest node has (Ray would wait forever, silently, for a node that can take the task)."""
+def _threads_per_task(ray, asked: int | None, local: bool = True) -> int:
+    """CPUs (and torch/faiss threads) per task: as asked, else this process's torch threads, capped by the
+    largest node. Asking more than a node has would make Ray wait forever without a word: refused on the
+    local instance started here, a warning on a cluster (an autoscaler may yet add a bigger node)."""
     import torch
 
     largest = _largest_node_cpus(ray)
     if asked is not None and asked > largest:
-        raise UserError(f"--cpus-per-task {asked}: the largest Ray node has {largest} CPUs, so no task could "
-                        f"ever start -- use --cpus-per-task {largest} or less")
+        message = (f"--cpus-per-task {asked}: the largest Ray node has {largest} CPUs, so no task could "
+                   f"ever start")
+        if local:
+            raise UserError(f"{message} -- use --cpus-per-task {largest} or less")
+        warnings.warn(f"{message} unless the cluster adds a node that large", stacklevel=2)
     return asked or max(1, min(torch.get_num_threads(), largest))
 
 
@@ -160,7 +165,7 @@ def run_ray(plan: Plan, runner: Runner, address: str | None = None, device: str 
                             f"check --address (e.g. ray://head:10001) or start one with `ray start --head`") from None
     try:
         gpus = _gpus_per_task(device, ray.cluster_resources())
-        threads = _threads_per_task(ray, cpus_per_task)
+        threads = _threads_per_task(ray, cpus_per_task, local=started_here and not address)
         extract = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=2)(_extract_task)
         compute = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=2)(_cell_task)
         cache_root = str(runner.cache.root.resolve())  # workers may run elsewhere: no relative paths

@@ -135,7 +135,8 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 @contextmanager
-def _locked(path: Path):
+def file_lock(path: Path):
+    """An exclusive lock on ``path`` held across processes (flock) for the ``with`` block."""
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -184,7 +185,7 @@ class FeatureCache:
         folder.mkdir(parents=True, exist_ok=True)
         grids, offsets = self._plan(folder, key, dataset, protocol, backbone.patch_size)
         if self.missing_kinds(key, kinds, len(dataset)):
-            with _locked(folder / ".lock"):  # another process may have finished it meanwhile
+            with file_lock(folder / ".lock"):  # another process may have finished it meanwhile
                 todo = self.missing_kinds(key, kinds, len(dataset))
                 if todo:
                     self._extract(folder, backbone, dataset, protocol, todo, grids, offsets,
@@ -289,7 +290,7 @@ class LabelCache:
         meta = folder / "labels.json"
         if not meta.exists():
             folder.mkdir(parents=True, exist_ok=True)
-            with _locked(folder / ".lock"):  # another process may have written it meanwhile
+            with file_lock(folder / ".lock"):  # another process may have written it meanwhile
                 if not meta.exists():
                     self._decode(folder, key, dataset, protocol, multiple, progress)
         info = json.loads(meta.read_text())

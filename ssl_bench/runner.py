@@ -7,10 +7,13 @@ The runner knows no method by name: it resolves the task's entrypoint from the r
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import os
 import pickle
 import platform
 import subprocess
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ from .data import open_dataset
 from .data.base import SegDataset
 from .data.protocol import Protocol
 from .errors import UserError
-from .features import FeatureCache, FeatureStore, LabelStore
+from .features import FeatureCache, FeatureStore, LabelStore, file_lock
 from .metrics import StreamingConfusion
 from .models import Backbone, WeightsSource, build_backbone, resolve
 from .store import ResultStore, RunRecord, config_hash
@@ -86,7 +89,7 @@ class ResolvedRun:
 class TaskContext:
     """Read-only view of one run for a task adapter (see tasks/*.yaml for what each task reads)."""
 
-    def __init__(self, runner: "Runner", run: ResolvedRun, progress: Callable):
+    def __init__(self, runner: "Runner", run: ResolvedRun, progress: Callable, fresh: bool = False):
         self._runner, self._run = runner, run
         self.k: int = run.config["k"]
         self.seed: int = run.config["seed"]
@@ -98,6 +101,7 @@ class TaskContext:
         self.input_size: int = run.spec.input_size  # the backbone's pre-training resolution (crops etc.)
         self.progress = progress
         self.device = runner.device
+        self.fresh = fresh  # --force: recompute what ``reuse`` kept too
 
     @property
     def backbone(self) -> Backbone:
@@ -122,27 +126,29 @@ class TaskContext:
 
     def reuse(self, name: str, identity: dict, compute: Callable[[], Any], split: str | None = None) -> Any:
         """An intermediate of this task that does not depend on K (e.g. DatUS^2's segments and crop embeddings),
-        computed once per (cached features of ``split``, seed, device, ``identity``) and kept beside those
-        features, so the cells of a sweep that differ only in K share it. ``identity`` names every parameter
-        and model it depends on beyond the features. An unreadable copy is computed again."""
+        computed once per (cached features of ``split``, seed, device, ``identity``, the method's source code)
+        and kept beside those features, so the cells of a sweep that differ only in K share it (a cell that
+        finds another computing it waits for it). ``identity`` names every parameter and model it depends on
+        beyond the features. ``--force`` computes it again; an unreadable copy is computed again."""
         dataset = self.dataset_for(split)
         entry = self._runner.cache.entry_dir(self._runner.cache.key(
             self._run.spec.name, self._run.weights.identity, dataset, self.protocol))
-        digest = config_hash({"task": self._run.task.entrypoint, "name": name, "seed": self.seed,
-                              "device": str(self.device), "identity": identity})
+        digest = config_hash({"task": self._run.task.entrypoint, "code": _module_digest(self._run.task.entrypoint),
+                              "name": name, "seed": self.seed, "device": str(self.device), "identity": identity})
         path = entry / "reuse" / f"{name}-{digest}.pkl"
-        if path.exists():
-            try:
-                with open(path, "rb") as f:
-                    return pickle.load(f)
-            except Exception as err:  # noqa: BLE001 -- a damaged copy costs a recomputation, nothing more
-                warnings.warn(f"{path} is unreadable ({err}); computing it again", stacklevel=2)
-        value = compute()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)  # whole or absent, even when two processes compute it at once
+        with file_lock(path.with_suffix(".lock")):  # Ray starts the K cells of one extraction at once
+            if path.exists() and not self.fresh:
+                try:
+                    with open(path, "rb") as f:
+                        return pickle.load(f)
+                except Exception as err:  # noqa: BLE001 -- a damaged copy costs a recomputation, nothing more
+                    warnings.warn(f"{path} is unreadable ({err}); computing it again", stacklevel=2)
+            value = compute()
+            try:
+                _write_pickle(path, value)
+            except OSError as err:  # a full or read-only cache costs the reuse, not the computed cell
+                warnings.warn(f"could not keep {name} for other cells in {path.parent} ({err})", stacklevel=2)
         return value
 
     def dataset_for(self, split: str | None) -> SegDataset:
@@ -171,6 +177,23 @@ class TaskContext:
     @cached_property
     def evaluated_labels(self) -> LabelStore:
         return self._runner.cache.labels.ensure(self.dataset, self.protocol, self.patch_size, self.progress)
+
+
+def _module_digest(entrypoint: str) -> str:
+    """Digest of the source of a task's module: a change to the method's code retires what ``reuse`` kept."""
+    module = importlib.import_module(entrypoint.partition(":")[0])
+    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:16]
+
+
+def _write_pickle(path: Path, value: Any) -> None:
+    """Whole or absent: a temporary file in the same folder, renamed over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 # ---- the runner ---------------------------------------------------------------------------------------
@@ -312,7 +335,7 @@ class Runner:
         run = self.resolve(cfg)
         if not force and (stored := self.store.get(run.config_hash)):
             return Outcome(run.config_hash, stored, computed=False)
-        self.persist(self.compute(run, progress), replace=force)
+        self.persist(self.compute(run, progress, fresh=force), replace=force)
         return Outcome(run.config_hash, self.store.get(run.config_hash), computed=True)
 
     def persist(self, computed: "Computed", replace: bool = False) -> None:
@@ -326,7 +349,7 @@ class Runner:
             warnings.warn(f"run {computed.record.config_hash} is stored, but its sample predictions were not "
                           f"saved ({err})", stacklevel=2)
 
-    def compute(self, run: ResolvedRun, progress: Callable = lambda it, **_: it) -> "Computed":
+    def compute(self, run: ResolvedRun, progress: Callable = lambda it, **_: it, fresh: bool = False) -> "Computed":
         """One resolved cell computed without touching the store (Ray workers return it to the driver)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -334,7 +357,7 @@ class Runner:
             self.features(run, run.dataset, list(run.task.features), progress)
         timings["features"] = time.perf_counter() - t0
 
-        ctx = TaskContext(self, run, progress)
+        ctx = TaskContext(self, run, progress, fresh)
         t0 = time.perf_counter()
         ctx.evaluated_labels  # decoded into the cache before the task, whose predictions stream into evaluation
         timings["labels"] = time.perf_counter() - t0

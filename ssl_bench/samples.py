@@ -124,6 +124,9 @@ def _read(folder: Path, path: Path) -> RunSamples | None:
         if not view_path.exists():
             return None
         with np.load(view_path, allow_pickle=True) as view:
-            return RunSamples([int(i) for i in run["indices"]], list(view["image"]), list(view["label"]),
+            kept = RunSamples([int(i) for i in run["indices"]], list(view["image"]), list(view["label"]),
                               list(run["prediction"]), view["palette"], [str(n) for n in view["class_names"]])
+    if any(p.shape != label.shape for p, label in zip(kept.predictions, kept.labels)):
+        raise ValueError("its images are another crop (kept before views were told apart by patch size)")
+    return kept
 

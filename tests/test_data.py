@@ -142,6 +142,9 @@ def test_potsdam3_iic_mat_layout(tmp_path):
     assert ds.load_label(0).tolist() == [[0, 1, 2, 2], [0, 1, -1, 0], [1, 1, 1, 1]]
     with pytest.raises(UserError, match=r"labelled_train\.txt"):
         open_dataset("potsdam3", tmp_path, "train")
+    (tmp_path / "gt" / "t1.mat").write_bytes(b"MATLAB 5.0 but not really")
+    with pytest.raises(UserError, match=r"cannot read 'gt' from .*t1\.mat .* the file is damaged"):
+        ds.load_label(0)
 
 
 # --- COCO-Stuff-27 --------------------------------------------------------------------------------

@@ -340,6 +340,18 @@ def test_display_palette_keeps_dataset_colours_and_separates_repeats():
     assert np.array_equal(fallback, display_palette(np.zeros((3, 3)), 30))
 
 
+def test_samples_kept_beside_another_crop_are_not_drawn(tmp_path):
+    store = tmp_path / "results.sqlite"  # runs kept before views told patch sizes apart: 200 px prediction, 192 px view
+    config = {"dataset": "synthetic", "split": "val", "ids_sha": "x", "protocol": {}}
+    samples.save(store, "p16", config, 16, [0], [np.zeros((192, 192, 3), np.uint8)], [np.zeros((192, 192), np.int16)],
+                 [np.zeros((192, 192), np.int16)], [0], None, ["a"])
+    samples.save(store, "p8", config, 16, [0], [np.zeros((200, 200, 3), np.uint8)], [np.zeros((200, 200), np.int16)],
+                 [np.zeros((200, 200), np.int16)], [0], None, ["a"])  # same key: the view of the first run
+    assert samples.load(store, "p16") is not None
+    with pytest.warns(UserWarning, match="another crop .* rerun with --force"):
+        assert samples.load(store, "p8") is None
+
+
 def test_damaged_samples_cost_only_the_panel(tmp_path):
     folder = samples.samples_dir(tmp_path / "results.sqlite")
     folder.mkdir()

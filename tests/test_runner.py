@@ -135,12 +135,41 @@ def test_datus2_cells_that_differ_in_k_share_their_segments(runner, monkeypatch)
     assert len(discovered) == 6
     other = runner.run(dataclasses.replace(cfg, params=(("tau", 2),))).record  # a segment parameter: again
     assert len(discovered) == 9 and other["config_hash"] != first["config_hash"]
-    entry = next(runner.cache.root.rglob("reuse"))
-    for stale in entry.iterdir():
-        stale.write_bytes(b"damaged")  # an unreadable copy is computed again, with the same numbers
-    with pytest.warns(UserWarning, match="unreadable"):
-        again = runner.run(cfg, force=True).record
+    again = runner.run(cfg, force=True).record  # --force recomputes the kept segments too, to the same numbers
     assert again["metrics"] == first["metrics"] and len(discovered) == 12
+    for kept in next(runner.cache.root.rglob("reuse")).glob("*.pkl"):
+        kept.write_bytes(b"damaged")  # an unreadable copy is computed again
+    with pytest.warns(UserWarning, match="unreadable"):
+        runner.run(dataclasses.replace(cfg, k=20))
+    assert len(discovered) == 15
+
+
+def test_reuse_computes_once_for_cells_running_at_once_and_survives_a_full_disk(runner, monkeypatch):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ssl_bench import runner as runner_module
+    from ssl_bench.runner import TaskContext
+
+    run = runner.resolve(RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=(("n", 2),)))
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.5)
+        return {"x": np.arange(3)}
+
+    contexts = [TaskContext(runner, run, lambda it, **_: it) for _ in range(2)]  # two cells, e.g. two Ray tasks
+    with ThreadPoolExecutor(2) as pool:
+        values = list(pool.map(lambda ctx: ctx.reuse("probe", {"a": 1}, slow), contexts))
+    assert len(calls) == 1 and all(np.array_equal(v["x"], np.arange(3)) for v in values)
+
+    def full(path, value):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner_module, "_write_pickle", full)
+    with pytest.warns(UserWarning, match="could not keep probe"):
+        assert contexts[0].reuse("probe", {"a": 2}, slow)["x"].tolist() == [0, 1, 2]  # the value, all the same
 
 
 def test_random_weights_are_recorded(runner):

@@ -283,6 +283,8 @@ def test_ray_task_sizes_are_checked_before_anything_waits(tmp_path):
     assert _threads_per_task(two_cpus, 2) == 2 and 1 <= _threads_per_task(two_cpus, None) <= 2
     with pytest.raises(UserError, match="the largest Ray node has 2 CPUs, so no task could ever start"):
         _threads_per_task(two_cpus, 8)  # Ray would wait forever without a word
+    with pytest.warns(UserWarning, match="unless the cluster adds a node that large"):
+        assert _threads_per_task(two_cpus, 8, local=False) == 8  # a cluster may autoscale
     grid = ["sweep", "-b", "reference", "-t", "kmeans", "-d", "synthetic", "--plan", "--store", str(tmp_path / "s")]
     for extra, message in ((["--executor", "ray", "--cpus-per-task", "-2"], "--cpus-per-task must be at least 1"),
                            (["--address", "ray://head:10001"], "--address is for Ray -- add --executor ray"),

@@ -56,8 +56,9 @@ class FolderDataset(SegDataset):
         return pair_by_stem(images, masks, f"folder dataset {self.root}")
 
     def load_label(self, i: int) -> np.ndarray:
+        raw = self._read(self.samples[i].label, np.asarray)  # its errors name the file already
         try:
-            return super().load_label(i)
+            return self.decode_label(raw)
         except UserError as err:  # name the offending file: the decoder only sees pixels
             raise UserError(f"{self.samples[i].label}: {err}") from None
 

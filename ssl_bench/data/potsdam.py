@@ -74,7 +74,11 @@ class Potsdam3(SegDataset):
 
         if not path.is_file():
             raise UserError(f"Potsdam: missing file {path} -- the data root {self.root} is incomplete")
-        return loadmat(path)[key]
+        try:
+            return loadmat(path)[key]
+        except Exception as err:  # noqa: BLE001 -- scipy raises ValueError, MatReadError, KeyError ...
+            raise UserError(f"Potsdam: cannot read '{key}' from {path} ({type(err).__name__}) -- the file is damaged "
+                            f"or not of the IIC/STEGO layout; replace or remove it") from None
 
     def load_image(self, i: int) -> Image.Image:
         if not self._mat:

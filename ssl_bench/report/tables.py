@@ -195,7 +195,7 @@ def to_csv(table: Table) -> str:
                 rec[f"{column.key} std"] = cell.std
                 rec[f"{column.key} n"] = cell.n if number is not None else None
             else:
-                rec[column.key] = cell.text().replace("–", "")  # the tables' dash for "none", empty here
+                rec[column.key] = "" if cell.value is None else cell.text()  # the tables' dash for "none": empty
         rec["random_weights"] = table.random[i]
         rec["note"] = RANDOM_NOTE.lstrip(DAGGER + " ") if table.random[i] else ""
         records.append(rec)
@@ -326,7 +326,7 @@ def backbone_info(name: str) -> dict:
     spec = registry.backbones().get(name)
     if spec is None:
         return {"family": "?", "params": "?", "data": "?"}
-    params = "–" if spec.params_m == 0 else f"{spec.params_m:.1f}"
+    params = None if spec.params_m == 0 else f"{spec.params_m:.1f}"  # not learned: drawn as a dash, empty in CSV
     return {"family": spec.family, "params": params, "data": spec.pretraining_data}
 
 
