@@ -7,6 +7,7 @@ The runner knows no method by name: it resolves the task's entrypoint from the r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -136,8 +137,13 @@ class TaskContext:
         digest = config_hash({"task": self._run.task.entrypoint, "code": _module_digest(self._run.task.entrypoint),
                               "name": name, "seed": self.seed, "device": str(self.device), "identity": identity})
         path = entry / "reuse" / f"{name}-{digest}.pkl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(path.with_suffix(".lock")):  # Ray starts the K cells of one extraction at once
+        with contextlib.ExitStack() as guard:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                guard.enter_context(file_lock(path.with_suffix(".lock")))  # Ray starts a split's K cells at once
+            except OSError as err:  # e.g. a shared read-only cache: this cell computes it for itself
+                warnings.warn(f"cannot keep {name} in {path.parent} ({err}); computing it for this cell", stacklevel=2)
+                return compute()
             if path.exists() and not self.fresh:
                 try:
                     with open(path, "rb") as f:

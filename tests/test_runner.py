@@ -170,6 +170,9 @@ def test_reuse_computes_once_for_cells_running_at_once_and_survives_a_full_disk(
     monkeypatch.setattr(runner_module, "_write_pickle", full)
     with pytest.warns(UserWarning, match="could not keep probe"):
         assert contexts[0].reuse("probe", {"a": 2}, slow)["x"].tolist() == [0, 1, 2]  # the value, all the same
+    monkeypatch.setattr(runner_module, "file_lock", lambda path: open("/proc/no-such-lock", "a"))  # read-only cache
+    with pytest.warns(UserWarning, match="cannot keep probe .* computing it for this cell"):
+        assert contexts[0].reuse("probe", {"a": 3}, slow)["x"].tolist() == [0, 1, 2]
 
 
 def test_random_weights_are_recorded(runner):
