@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 import warnings
@@ -269,9 +270,12 @@ def regress(
     drifted = [r for r in rows if not r.ok]
     out.print(reg.table(drifted or rows), highlight=False, markup=False)
     verdict = f"{len(drifted)} of {len(rows)} metrics drifted" if drifted else f"all {len(rows)} metrics within tolerance"
-    out.print(f"regress: {verdict} ({len(results)} cases, {seconds:.0f} s; baselines {path})", highlight=False)
+    cases = f"{len(results)} case{'s' if len(results) != 1 else ''}"
+    out.print(f"regress: {verdict} ({cases}, {seconds:.0f} s; baselines {path})", highlight=False)
     if drifted:
-        out.print("if the change is intended: ssl-bench regress --update, then commit the baselines", highlight=False)
+        again = " ".join(["ssl-bench regress", *(["--baselines", shlex.quote(str(baselines))] if baselines else []),
+                          *(["--only", shlex.quote(only)] if only else []), "--update"])
+        out.print(f"if the change is intended: {again}, then commit the baselines", highlight=False, markup=False)
         raise SystemExit(1)
 NORMALISATIONS = {(0.485, 0.456, 0.406): "ImageNet", (0.48145466, 0.4578275, 0.40821073): "CLIP",
                   (0.0, 0.0, 0.0): "none"}

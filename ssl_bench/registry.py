@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -224,6 +225,19 @@ def _register(specs: dict, spec, path: Path) -> None:
     if spec.name in specs:  # the second would silently replace the first
         raise UserError(f"{path}: the name '{spec.name}' is registered twice -- rename one of them")
     specs[spec.name] = spec
+
+
+def overrides_text(actual: dict, defaults: dict) -> str:
+    """``key=value, ...`` of the entries of ``actual`` that differ from ``defaults`` (sorted)."""
+    diff = {k: v for k, v in sorted(actual.items()) if k not in defaults or defaults[k] != v}
+    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in diff.items())
+
+
+def task_label(task: str, params: dict) -> str:
+    """The task name, plus the parameters that differ from the registry's defaults: ``kmeans (iterations=20)``."""
+    spec = tasks().get(task)
+    extra = overrides_text(params, spec.params) if spec else ""
+    return f"{task} ({extra})" if extra else task
 
 
 def lookup(registry: dict[str, Any], name: str, what: str) -> Any:

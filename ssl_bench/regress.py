@@ -162,7 +162,10 @@ def table(rows: list[Row]) -> str:
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
-    body = [(r.case, r.metric, fmt(r.baseline), fmt(r.now), "no baseline" if r.delta is None else f"{r.delta:+.2f}",
-             f"+-{r.tolerance:g}", "ok" if r.ok else "DRIFT") for r in rows]
-    return tabulate(body, headers=["case", "metric", "baseline", "now", "delta", "tolerance", ""],
+    def delta(value: float | None) -> str:
+        return "no baseline" if value is None else f"{value if round(value, 2) else 0.0:+.2f}"  # no "-0.00"
+
+    body = [(r.case, r.metric, fmt(r.baseline), fmt(r.now), delta(r.delta), f"+-{r.tolerance:g}",
+             "ok" if r.ok else "DRIFT") for r in rows]
+    return tabulate(body, headers=["case", "metric", "baseline", "now", "delta", "tolerance", "verdict"],
                     tablefmt="simple", disable_numparse=True)

@@ -62,9 +62,10 @@ class Grid:
     protocol: Protocol = Protocol()
 
     def __post_init__(self):
-        for axis in ("backbones", "tasks", "datasets", "ks", "seeds"):
+        for axis, key in (("backbones", "backbones"), ("tasks", "tasks"), ("datasets", "datasets"), ("ks", "k"),
+                          ("seeds", "seeds")):
             if not getattr(self, axis):
-                raise UserError(f"the sweep grid has no {axis} -- give at least one")
+                raise UserError(f"the sweep grid has an empty '{key}' list -- give at least one value")
         for choice in self.backbones:
             registry.backbone(choice.name)  # unknown names fail now, with a suggestion, not mid-sweep
         for choice in self.tasks:
@@ -201,7 +202,10 @@ def load_grid(path: str | Path) -> Grid:
 # ---- the plan -----------------------------------------------------------------------------------------
 
 def _backbone_label(config: dict) -> str:
-    return config["backbone"] + (" (random weights)" if config["random_weights"] else "")
+    if not config["random_weights"]:
+        return config["backbone"]
+    seed = f", seed {config['weights_seed']}" if config.get("weights_seed") else ""
+    return f"{config['backbone']} (random weights{seed})"
 
 
 @dataclass
@@ -213,7 +217,8 @@ class Cell:
     @property
     def label(self) -> str:
         c = self.run.config
-        return f"{_backbone_label(c)} / {c['task']} / {c['dataset']}:{c['split']} K={c['k']} seed={c['seed']}"
+        task = registry.task_label(c["task"], c["params"])  # two parameter sets of one task are two cells
+        return f"{_backbone_label(c)} / {task} / {c['dataset']}:{c['split']} K={c['k']} seed={c['seed']}"
 
 
 @dataclass
@@ -237,8 +242,9 @@ class Extraction:
 
 @dataclass
 class Plan:
-    cells: list[Cell]  # every distinct cell of the grid
+    cells: list[Cell]  # every distinct cell of the grid that can run
     extractions: list[Extraction]  # one per cache entry that cells still to compute read
+    skipped: dict[str, int] = field(default_factory=dict)  # why a backbone x task pair cannot run -> its cells
 
     @property
     def todo(self) -> list[Cell]:
@@ -280,11 +286,17 @@ def make_plan(grid: Grid, runner: Runner, select: Callable[[Cell], bool] = lambd
     """The grid's distinct cells (those ``select`` keeps), which are stored, and the extractions needed."""
     stored = runner.store.stored_hashes()
     cells: dict[str, Cell] = {}
+    skipped: dict[str, int] = {}
     for cfg in expand(grid, runner):
         run = runner.resolve(cfg)
         cell = Cell(cfg, run, run.config_hash in stored)
-        if run.config_hash not in cells and select(cell):
-            cells[run.config_hash] = cell
+        if run.config_hash in cells or not select(cell):
+            continue
+        why = _cannot_run(run)
+        if why:  # one such pair must not fail the extraction, and so every cell, of that backbone
+            skipped[why] = skipped.get(why, 0) + 1
+            continue
+        cells[run.config_hash] = cell
     extractions: dict[CacheKey, Extraction] = {}
     for cell in cells.values():
         if cell.stored or not cell.run.task.features:
@@ -297,7 +309,18 @@ def make_plan(grid: Grid, runner: Runner, select: Callable[[Cell], bool] = lambd
         entry.cells.append(cell)
     for entry in extractions.values():
         entry.missing = runner.cache.missing_kinds(entry.key, entry.kinds, len(entry.run.dataset))
-    return Plan(list(cells.values()), list(extractions.values()))
+    return Plan(list(cells.values()), list(extractions.values()), skipped)
+
+
+def _cannot_run(run: ResolvedRun) -> str | None:
+    """Why a grid's backbone x task pair cannot run, known without building the model (a grid crosses
+    every backbone with every task, so some pairs may not fit)."""
+    from .models.base import ATTENTION_KINDS
+
+    wanted = sorted(set(run.task.features) & set(ATTENTION_KINDS))
+    if wanted and not run.spec.has_attention:
+        return f"{run.task.name} reads {', '.join(wanted)} of the attention, which {run.spec.name} does not have"
+    return None
 
 
 def describe(plan: Plan) -> list[str]:
@@ -307,6 +330,7 @@ def describe(plan: Plan) -> list[str]:
              f"feature extractions: {len(needed)} needed, {len(plan.extractions) - len(needed)} already cached"]
     lines += [f"  extract {e.label}" + (f" [missing: {', '.join(e.missing)}]" if e.missing != e.kinds else "")
               for e in needed]
+    lines += [f"skipped {n} cell(s): {why}" for why, n in plan.skipped.items()]
     if any(c.run.config["random_weights"] for c in plan.cells):
         lines.append("note: cells marked (random weights) are smoke runs, not results")
     return lines

@@ -57,7 +57,8 @@ def test_cli_fails_with_a_readable_table_on_a_tampered_baseline(tmp_path):
     assert proc.returncode == 1, proc.stderr
     drift_line = next(line for line in proc.stdout.splitlines() if "DRIFT" in line)
     assert CASE in drift_line and "miou" in drift_line and "+3.00" in drift_line and "+-0.5" in drift_line
-    assert "1 of 3 metrics drifted" in proc.stdout
+    assert "1 of 3 metrics drifted" in proc.stdout and "(1 case," in proc.stdout
+    assert f"ssl-bench regress --baselines {path} --only '{CASE}' --update" in proc.stdout  # the file that was read
     assert not any(Path(p).exists() for p in users.values())  # the suite never touches the user's store or cache
 
 

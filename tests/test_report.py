@@ -168,6 +168,13 @@ def test_csv_parses_with_pandas(records):
     assert bool(rand["random_weights"]) and "random weights" in rand["note"]
 
 
+def test_a_single_method_is_named_in_the_title():
+    rows = [fake_record(task="kmeans", params={"iterations": 20}), fake_record("dino-vitb16", task="kmeans",
+                                                                              params={"iterations": 20})]
+    assert report.leaderboard(rows).title.startswith("Leaderboard, kmeans (iterations=20), K = C")
+    assert report.leaderboard(rows + [fake_record(task="datus2")]).title.startswith("Leaderboard, K = C")  # a column
+
+
 def test_segment_statistics_table():
     """A FABRICATED DatUS^2-like row following the stats["segments"] schema (tables.SEGMENT_FIELDS)."""
     segments = {"images": 8, "total": 120, "valid": 90, "valid_percent": 75.0, "per_image": 15.0,
@@ -180,6 +187,10 @@ def test_segment_statistics_table():
     assert len(table.rows) == 1 and "reference" not in text
     assert "Valid segments (%)" in text and "75.0" in text and "± 0" not in text
     assert "130 ± 14" in text  # total segments over the two runs
+    over_k = rows[:2] + [fake_record("dino-vits16", task="datus2", k=k, seed=seed, stats=r["stats"])
+                         for k in (10, 15) for seed, r in enumerate(rows[:2])]  # the K cells share segments
+    text = report.to_markdown(report.segment_table(over_k))
+    assert "| 6 (2 distinct) |" in text and "130 ± 14" in text  # two samples, not six: the std is not shrunk
     assert report.segment_table([fake_record()]).empty
 
 

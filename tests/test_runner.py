@@ -128,7 +128,7 @@ def test_datus2_cells_that_differ_in_k_share_their_segments(runner, monkeypatch)
                     dataset_options=(("n", 3),))
     first = runner.run(cfg).record
     assert len(discovered) == 3  # one discovery per image
-    for k in (10, 15):  # over-clustering: the segments and crop embeddings are reused, only k-means runs again
+    for k in (6, 8):  # over-clustering: the segments and crop embeddings are reused, only k-means runs again
         assert runner.run(dataclasses.replace(cfg, k=k)).record["k"] == k
     assert len(discovered) == 3
     runner.run(dataclasses.replace(cfg, seed=1))  # Louvain is seeded: another seed discovers again
@@ -140,8 +140,10 @@ def test_datus2_cells_that_differ_in_k_share_their_segments(runner, monkeypatch)
     for kept in next(runner.cache.root.rglob("reuse")).glob("*.pkl"):
         kept.write_bytes(b"damaged")  # an unreadable copy is computed again
     with pytest.warns(UserWarning, match="unreadable"):
-        runner.run(dataclasses.replace(cfg, k=20))
+        runner.run(dataclasses.replace(cfg, k=7))
     assert len(discovered) == 15
+    with pytest.raises(UserError, match="K=10 clusters need at least 10 valid segments, split 'val' has 9"):
+        runner.run(dataclasses.replace(cfg, k=10))  # it would store 9 clusters as K = 10
 
 
 def test_reuse_computes_once_for_cells_running_at_once_and_survives_a_full_disk(runner, monkeypatch):

@@ -48,7 +48,8 @@ def test_k_values_are_numbers_or_multiples_of_classes(k, classes, expected):
     ({"backbones": ["dino-vit16"]}, "unknown backbone 'dino-vit16' -- did you mean dino-vits16"),
     ({"tasks": [{"name": "kmeans", "params": {"nope": 1}}]}, "task 'kmeans' has no parameter"),
     ({"kseeds": [1]}, "unknown key\\(s\\) kseeds"),
-    ({"seeds": []}, "the sweep grid has no seeds"),
+    ({"seeds": []}, "the sweep grid has an empty 'seeds' list"),
+    ({"k": []}, "the sweep grid has an empty 'k' list"),
     ({"seeds": [0, -1]}, "seeds must be integers >= 0"),
     ({"protocol": {"crop": "corner"}}, "unknown protocol crop"),
 ])
@@ -94,6 +95,27 @@ def test_extraction_takes_the_union_of_the_kinds_all_tasks_read(runner, monkeypa
     assert run_local(plan, runner).computed == 2
     assert extracted[0] == ["cls", "patch"]  # one pass for both tasks; the cells then hit the cache
     assert all(not runner.cache.missing_kinds(e.key, ["cls", "patch"], 2) for e in plan.extractions)
+
+
+def test_a_pair_that_cannot_run_is_skipped_not_failing_its_backbone(runner):
+    from ssl_bench.sweep import describe
+
+    g = grid_from_mapping({"backbones": ["reference"], "tasks": ["kmeans", "datus2-initial"],
+                           "datasets": [{"name": "synthetic", "options": {"n": 2}}], "k": ["C", "2C"]})
+    plan = make_plan(g, runner)  # reference has no attention keys: DatUS^2 cannot read it
+    assert [c.run.task.name for c in plan.cells] == ["kmeans", "kmeans"]
+    assert [e.kinds for e in plan.extractions_needed] == [["patch"]]  # not ["key", "patch"], which would fail
+    assert "skipped 2 cell(s): datus2-initial reads key of the attention, which reference does not have" in describe(plan)
+    assert run_local(plan, runner).computed == 2
+
+
+def test_cell_labels_tell_parameter_sets_and_weight_seeds_apart(runner):
+    g = grid_from_mapping({"backbones": [{"name": "dino-vits16", "weights": "random", "weights_seed": 7}],
+                           "tasks": ["kmeans", {"name": "kmeans", "params": {"iterations": 20}}],
+                           "datasets": [{"name": "synthetic", "options": {"n": 2}}]})
+    labels = [cell.label for cell in make_plan(g, runner).cells]
+    assert labels == ["dino-vits16 (random weights, seed 7) / kmeans / synthetic:val K=5 seed=0",
+                      "dino-vits16 (random weights, seed 7) / kmeans (iterations=20) / synthetic:val K=5 seed=0"]
 
 
 def test_cli_grid_flags_print_the_plan(tmp_path):

@@ -676,8 +676,10 @@ def run(ctx):
     fit_split = p["fit_split"] or ctx.split
     splits = [fit_split] + ([ctx.split] if ctx.split != fit_split else [])
     data = {s: _segments_of_split(ctx, s, p) for s in splits}
-    if len(data[fit_split]["features"]) == 0:
-        raise UserError(f"no valid segment on split {fit_split!r} -- lower params.tau")
+    segments = len(data[fit_split]["features"])
+    if segments < ctx.k:  # fewer clusters than K would be stored, and reported, as K
+        raise UserError(f"K={ctx.k} clusters need at least {ctx.k} valid segments, split {fit_split!r} has {segments} "
+                        f"-- lower --k, use more images, or lower -p tau (now {p['tau']})")
 
     # k-means on the fit split; a held-out split takes the nearest centroid, so its cluster ids
     # mean the same as the ones the denoiser was trained on

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .. import registry
+from ..registry import overrides_text, task_label
 from ..data import DATASETS, dataset_options
 from ..data.protocol import Protocol
 from ..errors import UserError
@@ -233,18 +234,6 @@ FORMATS = {"markdown": to_markdown, "latex": to_latex, "csv": to_csv, "html": to
 
 # ---- from stored runs to labelled rows ------------------------------------------------------------------
 
-def _overrides(actual: dict, defaults: dict) -> str:
-    diff = {k: v for k, v in sorted(actual.items()) if k not in defaults or defaults[k] != v}
-    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in diff.items())
-
-
-def task_label(task: str, params: dict) -> str:
-    """The task name, plus the parameters that differ from the registry's defaults."""
-    spec = registry.tasks().get(task)
-    extra = _overrides(params, spec.params) if spec else ""
-    return f"{task} ({extra})" if extra else task
-
-
 def dataset_label(config: dict) -> str:
     """Dataset name, plus the split, options and protocol where they differ from the defaults."""
     name = config["dataset"]
@@ -253,10 +242,10 @@ def dataset_label(config: dict) -> str:
     parts = [f"{name}:{Path(root).name}" if root else name]  # a generic folder: columns apart per folder
     if cls is not None and config.get("split") != cls.default_split:
         parts[0] += f":{config.get('split')}"
-    extra = [_overrides(config.get("dataset_options") or {}, dataset_options(cls) if cls else {})]
+    extra = [overrides_text(config.get("dataset_options") or {}, dataset_options(cls) if cls else {})]
     spec = registry.backbones().get(config["backbone"])
     if spec is not None and config.get("protocol"):
-        extra.append(_overrides(config["protocol"], Protocol().for_patch_size(spec.patch_size).as_dict()))
+        extra.append(overrides_text(config["protocol"], Protocol().for_patch_size(spec.patch_size).as_dict()))
     extra = ", ".join(e for e in extra if e)
     return f"{parts[0]} ({extra})" if extra else parts[0]
 
@@ -350,7 +339,9 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     columns += [Column("Family", numeric=False), Column("Params (M)", numeric=False),
                 Column("Pre-training data", numeric=False), Column("Seeds", numeric=False)]
     columns += [Column(label, group=d) for d in datasets for label in METRICS.values()]
-    table = Table(f"Leaderboard, {k_text}", columns)
+    # One method: no Method column, so the title names it (with its non-default parameters).
+    method_text = f", {frame.method.iloc[0]}" if len(frame) and not several_methods else ""
+    table = Table(f"Leaderboard{method_text}, {k_text}", columns)
     multi_seed = multi_count = False
     # Random-weight rows last: they are smoke runs, listed for completeness.
     for (random, model, backbone, method), runs in frame.groupby(["random_weights", "model", "backbone", "method"],
@@ -397,12 +388,17 @@ def segment_table(records: list[dict]) -> Table:
     frame = runs_frame(rows)
     frame["segments"] = [r["stats"]["segments"] for r in rows]
     for (model, method, column, random), runs in frame.groupby(["model", "method", "column", "random_weights"]):
-        cells = [Cell(model), Cell(method), Cell(column), Cell(str(len(runs)))]
+        # One sample per seed and statistics: the K cells of one seed share their segments (DatUS^2 finds
+        # them before clustering), and counting each K again would shrink the std.
+        samples = {(seed, json.dumps(s, sort_keys=True)): s for seed, s in zip(runs.seed, runs.segments)}
+        cells = [Cell(model), Cell(method), Cell(column), Cell(f"{len(runs)} ({len(samples)} distinct)"
+                                                                if len(samples) < len(runs) else str(len(runs)))]
         for key, (_, digits) in SEGMENT_FIELDS.items():
-            mean, std, n = _mean_std(s.get(key) for s in runs.segments)
-            cells.append(Cell(mean, std if std else None, n, digits=digits))  # identical values: no "± 0"
+            mean, std, n = _mean_std(s.get(key) for s in samples.values())
+            cells.append(Cell(mean, std if std and std > 1e-9 * max(abs(mean), 1) else None, n, digits=digits))
         table.add(cells, random=bool(random))
-    return table.finish(["Segments are counted per image; valid segments pass the method's own validity test."])
+    return table.finish(["Segments are counted per image; valid segments pass the method's own validity test. "
+                         "Runs that differ only in K share their segments and count once in mean ± std."])
 
 
 def streams_table(records: list[dict]) -> Table:
