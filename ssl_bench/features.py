@@ -166,6 +166,11 @@ class FeatureCache:
         folder = self.entry_dir(key)
         return [k for k in sorted(set(kinds)) if self._done(folder, k) < n_images]
 
+    def images_done(self, key: CacheKey, kinds: Iterable[str]) -> int:
+        """Images extracted for every one of ``kinds`` (an interrupted extraction resumes after them)."""
+        folder = self.entry_dir(key)
+        return min((self._done(folder, k) for k in kinds), default=0)
+
     @staticmethod
     def _done(folder: Path, kind: str) -> int:
         path = folder / f"{kind}.progress.json"

@@ -311,6 +311,8 @@ class Runner:
         params = task.resolve_params(dict(cfg.params))
         options = dict(cfg.dataset_options)
         probe = self.open_dataset(cfg.dataset, cfg.data_root, cfg.split, options)
+        if "limit" in options and not getattr(probe, "limit_cuts", True):
+            del options["limit"]  # limit=5000 on 101 images: the whole split, stored and reported as such
         split = probe.split
         weights_seed = cfg.weights_seed
         for name, value, example in (("seed", cfg.seed, "--seed 0"), ("weights seed", weights_seed, "weights_seed: 0")):

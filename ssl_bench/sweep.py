@@ -231,6 +231,7 @@ class Extraction:
     kinds: list[str]
     missing: list[str]
     cells: list[Cell] = field(default_factory=list)
+    done: int = 0  # images already extracted for every missing kind (an interrupted extraction resumes there)
 
     @property
     def label(self) -> str:
@@ -309,6 +310,7 @@ def make_plan(grid: Grid, runner: Runner, select: Callable[[Cell], bool] = lambd
         entry.cells.append(cell)
     for entry in extractions.values():
         entry.missing = runner.cache.missing_kinds(entry.key, entry.kinds, len(entry.run.dataset))
+        entry.done = runner.cache.images_done(entry.key, entry.missing) if entry.missing else 0
     return Plan(list(cells.values()), list(extractions.values()), skipped)
 
 
@@ -329,7 +331,7 @@ def describe(plan: Plan) -> list[str]:
     lines = [f"cells: {len(plan.cells)} in the grid, {len(plan.stored)} already stored, {len(plan.todo)} to compute",
              f"feature extractions: {len(needed)} needed, {len(plan.extractions) - len(needed)} already cached"]
     lines += [f"  extract {e.label}" + (f" [missing: {', '.join(e.missing)}]" if e.missing != e.kinds else "")
-              for e in needed]
+              + (f" [resumes after {e.done} of {len(e.run.dataset)} images]" if e.done else "") for e in needed]
     lines += [f"skipped {n} cell(s): {why}" for why, n in plan.skipped.items()]
     if any(c.run.config["random_weights"] for c in plan.cells):
         lines.append("note: cells marked (random weights) are smoke runs, not results")

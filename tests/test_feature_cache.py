@@ -107,6 +107,8 @@ def test_interrupted_extraction_resumes_where_it_stopped(tmp_path, vit):
     cache = FeatureCache(tmp_path / "resumed")
     with pytest.raises(KeyboardInterrupt):
         cache.ensure(vit, "random:0", ds, protocol, ["patch"], progress=dies_after_three, batch_size=1, workers=0)
+    key = cache.key(vit.spec.name, "random:0", ds, protocol)
+    assert cache.images_done(key, ["patch"]) == 3 and cache.images_done(key, ["patch", "cls"]) == 0  # the plan says so
     counting = CountingBackbone(vit)
     resumed = cache.ensure(counting, "random:0", ds, protocol, ["patch"], batch_size=1, workers=0)
     assert counting.calls == 3  # only the images not committed before the interruption

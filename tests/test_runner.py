@@ -177,6 +177,13 @@ def test_reuse_computes_once_for_cells_running_at_once_and_survives_a_full_disk(
         assert contexts[0].reuse("probe", {"a": 3}, slow)["x"].tolist() == [0, 1, 2]
 
 
+def test_a_limit_that_cuts_nothing_is_the_same_run(runner):
+    whole = runner.resolve(RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=(("n", 4),)))
+    for limit, same in ((4, True), (500, True), (3, False)):
+        cfg = RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=(("limit", limit), ("n", 4)))
+        assert (runner.resolve(cfg).config_hash == whole.config_hash) is same, limit
+
+
 def test_random_weights_are_recorded(runner):
     rec = runner.run(RunConfig(backbone="dino-vits16", task="kmeans", dataset="synthetic", weights="random",
                                dataset_options=(("n", 4),))).record

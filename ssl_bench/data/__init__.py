@@ -68,10 +68,12 @@ def open_dataset(name: str, root: str | Path | None, split: str | None, **option
 def _first(dataset: SegDataset, limit) -> SegDataset:
     if not isinstance(limit, int) or limit < 1:
         raise UserError(f"dataset option limit must be a positive integer, got {limit!r} -- e.g. -o limit=25")
+    size = len(dataset)
     if hasattr(dataset, "samples"):  # file-backed readers
         dataset.samples = dataset.samples[:limit]
     else:  # generated datasets (synthetic) size themselves with n
         dataset.n = min(dataset.n, limit)
+    dataset.limit_cuts = limit < size  # False: the same images as without the limit, so the same run
     return dataset
 
 
