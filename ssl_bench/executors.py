@@ -53,6 +53,8 @@ def run_local(plan: Plan, runner: Runner, progress: Callable = lambda it, **_: i
     summary = SweepSummary()
     broken: dict[str, BaseException] = {}  # cell hash -> why its extraction failed
     for entry in plan.extractions_needed:
+        if not runner.cache.missing_kinds(entry.key, entry.kinds, len(entry.run.dataset)):
+            continue  # another sweep on this cache filled it since the plan was made: not ours to count
         try:
             runner.features(entry.run, entry.run.dataset, entry.kinds, progress)
         except Exception as err:  # noqa: BLE001 -- its cells fail; other datasets and backbones go on

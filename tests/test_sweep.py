@@ -79,6 +79,14 @@ def test_plan_counts_cells_dedups_k_and_shares_one_extraction(runner):
     assert run_local(again, runner).extractions == 0 and len(runner.store.query()) == 6
 
 
+def test_an_extraction_another_sweep_did_is_not_counted_as_ours(runner):
+    plan = make_plan(grid(k=["C"], seeds=[0]), runner)
+    entry = plan.extractions_needed[0]
+    runner.features(entry.run, entry.run.dataset, entry.kinds, lambda it, **_: it)  # the other sweep, meanwhile
+    summary = run_local(plan, runner)
+    assert (summary.computed, summary.extractions) == (1, 0)
+
+
 def test_extraction_takes_the_union_of_the_kinds_all_tasks_read(runner, monkeypatch):
     kmeans = registry.task("kmeans")
     reads_cls = dataclasses.replace(kmeans, name="kmeans-cls", features=("patch", "cls"))
