@@ -8,10 +8,13 @@ feature cache must be on storage every worker sees (a shared file system on a re
 
 from __future__ import annotations
 
+import fcntl
 import os
 import warnings
+from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import UserError
 from .features import FeatureCache
@@ -61,19 +64,55 @@ def run_local(plan: Plan, runner: Runner, progress: Callable = lambda it, **_: i
             broken.update((cell.run.config_hash, err) for cell in entry.cells)
             continue
         summary.extractions += 1
-    for cell in plan.todo:
+    pending, deferred = deque(plan.todo), set()
+    while pending:
+        cell = pending.popleft()
         if cell.run.config_hash in broken:
             _fail(cell, broken[cell.run.config_hash], summary, on_cell)
             continue
         if _stored_meanwhile(runner, cell, summary, on_cell):
             continue
-        try:
-            computed = runner.compute(cell.run, progress)
-        except Exception as err:  # noqa: BLE001 -- one broken cell must not stop a long sweep
-            _fail(cell, err, summary, on_cell)
-            continue
-        _store_record(runner, cell, computed, summary, on_cell)
+        with _claim(runner, cell.run.config_hash, wait=cell.run.config_hash in deferred) as ours:
+            if not ours:  # another sweep on this store is computing it: do the others first, then come back
+                deferred.add(cell.run.config_hash)
+                pending.append(cell)
+                continue
+            if _stored_meanwhile(runner, cell, summary, on_cell):
+                continue
+            try:
+                computed = runner.compute(cell.run, progress)
+            except Exception as err:  # noqa: BLE001 -- one broken cell must not stop a long sweep
+                _fail(cell, err, summary, on_cell)
+                continue
+            _store_record(runner, cell, computed, summary, on_cell)
     return summary
+
+
+CLAIM_STRIPES = 64  # lock files per store: cells share them, so a store keeps 64 files, not one per cell
+
+
+@contextmanager
+def _claim(runner: Runner, config_hash: str, wait: bool) -> Iterator[bool]:
+    """Whether this process may compute a cell now: an flock beside the store, so two sweeps on one store
+    do not compute the same cell at once (the second would only throw its copy away). Without ``wait``
+    a held claim yields False at once; a folder that cannot hold the lock files yields True (no claim)."""
+    folder = Path(runner.store.path).parent / ".claims"
+    try:
+        folder.mkdir(exist_ok=True)
+        handle = open(folder / f"{int(config_hash[:8], 16) % CLAIM_STRIPES}.lock", "a")
+    except OSError:
+        yield True
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---- Ray ----------------------------------------------------------------------------------------------

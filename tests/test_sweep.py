@@ -87,6 +87,40 @@ def test_an_extraction_another_sweep_did_is_not_counted_as_ours(runner):
     assert (summary.computed, summary.extractions) == (1, 0)
 
 
+def test_two_sweeps_on_one_store_compute_each_cell_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from ssl_bench.features import FeatureCache
+    from ssl_bench.runner import Runner
+    from ssl_bench.store import ResultStore
+
+    computed = []
+    real = Runner.compute
+
+    def slow(self, run, *args, **kwargs):  # both sweeps reach the first cell together
+        computed.append(run.config_hash)
+        time.sleep(0.3)
+        return real(self, run, *args, **kwargs)
+
+    monkeypatch.setattr(Runner, "compute", slow)
+    runners = [Runner(ResultStore(tmp_path / "s.sqlite"), FeatureCache(tmp_path / "cache"), "cpu") for _ in range(2)]
+    plans = [make_plan(grid(k=["C", "2C", "3C"], seeds=[0, 1]), r) for r in runners]  # the same 6 cells
+    summaries = [None, None]
+
+    def sweep(i):
+        summaries[i] = run_local(plans[i], runners[i])
+
+    threads = [threading.Thread(target=sweep, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(computed) == sorted({c.run.config_hash for c in plans[0].cells})  # each once, none twice
+    assert sum(s.computed for s in summaries) == 6 and sum(s.already_stored for s in summaries) == 6
+    assert len(runners[0].store.query()) == 6
+
+
 def test_extraction_takes_the_union_of_the_kinds_all_tasks_read(runner, monkeypatch):
     kmeans = registry.task("kmeans")
     reads_cls = dataclasses.replace(kmeans, name="kmeans-cls", features=("patch", "cls"))
