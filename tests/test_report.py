@@ -324,6 +324,8 @@ def test_cli_writes_html_and_every_output(real_run, tmp_path):
     assert (tmp_path / "r.html").stat().st_size > 10_000
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"leaderboard.md", "leaderboard.tex", "leaderboard.csv",
                                                               "panels"}
+    panels = [p.name for p in (tmp_path / "out" / "panels").iterdir()]  # readable names, unique by the run hash
+    assert panels and all(p.startswith("reference_kmeans_synthetic_K5_seed0_") for p in panels)
     quiet = CliRunner().invoke(app, ["report", "--store", str(runner.store.path), "--html", str(tmp_path / "q.html")])
     assert "Leaderboard" not in quiet.output  # --html alone: the page, not the tables on stdout too
     latex = CliRunner().invoke(app, ["report", "--store", str(runner.store.path), "-f", "latex",

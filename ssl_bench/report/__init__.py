@@ -93,7 +93,8 @@ def write_all(records: list[dict], store_path: Path, out_dir: Path, k: str | int
         found = samples.load(store_path, record["config_hash"])
         if found is not None:
             fig = figures.panel_figure(found, title)
-            written += figures.save_figure(fig, out_dir / "panels" / record["config_hash"], ("png",))
+            name = _slug(f"{record['backbone']}_{record['task']}_{record['dataset']}_K{record['k']}_seed{record['seed']}")
+            written += figures.save_figure(fig, out_dir / "panels" / f"{name}_{record['config_hash']}", ("png",))
     return written
 
 
