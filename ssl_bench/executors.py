@@ -8,16 +8,15 @@ feature cache must be on storage every worker sees (a shared file system on a re
 
 from __future__ import annotations
 
-import fcntl
 import os
 import warnings
 from collections import deque
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import UserError
-from .features import FeatureCache
+from .features import FeatureCache, file_lock
 from .ops import set_threads
 from .runner import Computed, RunConfig, Runner
 from .sweep import Cell, CellCallback, Plan, SweepSummary, one_line
@@ -97,22 +96,13 @@ def _claim(runner: Runner, config_hash: str, wait: bool) -> Iterator[bool]:
     do not compute the same cell at once (the second would only throw its copy away). Without ``wait``
     a held claim yields False at once; a folder that cannot hold the lock files yields True (no claim)."""
     folder = Path(runner.store.path).parent / ".claims"
-    try:
-        folder.mkdir(exist_ok=True)
-        handle = open(folder / f"{int(config_hash[:8], 16) % CLAIM_STRIPES}.lock", "a")
-    except OSError:
-        yield True
-        return
-    with handle:
+    with ExitStack() as held:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            folder.mkdir(exist_ok=True)
+            ours = held.enter_context(file_lock(folder / f"{int(config_hash[:8], 16) % CLAIM_STRIPES}.lock", wait))
+        except OSError:
+            ours = True
+        yield ours
 
 
 # ---- Ray ----------------------------------------------------------------------------------------------

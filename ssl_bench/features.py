@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from .data.base import SegDataset
 from .errors import UserError
 from .data.protocol import Protocol
 from .ops import as_float32
+from .store import write_atomically
 from .models.base import Backbone
 
 
@@ -129,18 +130,21 @@ def _layout(dataset: SegDataset, protocol: Protocol, multiple: int, cell: int) -
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # per process: concurrent writers never share one
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(json.dumps(data).encode()))
 
 
 @contextmanager
-def file_lock(path: Path):
-    """An exclusive lock on ``path`` held across processes (flock) for the ``with`` block."""
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock on ``path`` held across processes (flock) for the ``with`` block; yields True once
+    held. ``wait=False``: yields False at once when another process holds it (nothing held then)."""
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import os
 import pickle
 import platform
 import subprocess
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ from .errors import UserError
 from .features import FeatureCache, FeatureStore, LabelStore, file_lock
 from .metrics import StreamingConfusion
 from .models import Backbone, WeightsSource, build_backbone, resolve
-from .store import ResultStore, RunRecord, config_hash
+from .store import ResultStore, RunRecord, config_hash, write_atomically
 
 FINAL = "final"
 
@@ -152,7 +150,7 @@ class TaskContext:
                     warnings.warn(f"{path} is unreadable ({err}); computing it again", stacklevel=2)
             value = compute()
             try:
-                _write_pickle(path, value)
+                write_atomically(path, lambda f: pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL))
             except OSError as err:  # a full or read-only cache costs the reuse, not the computed cell
                 warnings.warn(f"could not keep {name} for other cells in {path.parent} ({err})", stacklevel=2)
         return value
@@ -189,17 +187,6 @@ def _module_digest(entrypoint: str) -> str:
     """Digest of the source of a task's module: a change to the method's code retires what ``reuse`` kept."""
     module = importlib.import_module(entrypoint.partition(":")[0])
     return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:16]
-
-
-def _write_pickle(path: Path, value: Any) -> None:
-    """Whole or absent: a temporary file in the same folder, renamed over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 # ---- the runner ---------------------------------------------------------------------------------------

@@ -15,15 +15,13 @@ every run on the same images shares one ``view-`` file. Files are written atomic
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .store import config_hash
+from .store import config_hash, write_atomically
 
 SAMPLES_PER_RUN = 4
 
@@ -53,16 +51,7 @@ def map_clusters(prediction: np.ndarray, cluster_to_class: list[int]) -> np.ndar
 
 
 def _write_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; samples are as readable as the store
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def save(store_path: str | Path, config_hash: str, config: dict, multiple: int, indices: list[int],

@@ -12,11 +12,28 @@ import hashlib
 import json
 import os
 import sqlite3
+import tempfile
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from .errors import UserError
+
+
+def write_atomically(path: Path, dump: Callable[[BinaryIO], object]) -> None:
+    """Whole or absent: ``dump`` writes a temporary file in ``path``'s folder, renamed over ``path`` (two
+    writers never share the temporary; a crash leaves no half file under the name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=f".tmp{path.suffix}")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            dump(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these files are as readable as the store
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def config_hash(config: dict) -> str:

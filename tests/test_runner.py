@@ -166,10 +166,10 @@ def test_reuse_computes_once_for_cells_running_at_once_and_survives_a_full_disk(
         values = list(pool.map(lambda ctx: ctx.reuse("probe", {"a": 1}, slow), contexts))
     assert len(calls) == 1 and all(np.array_equal(v["x"], np.arange(3)) for v in values)
 
-    def full(path, value):
+    def full(path, dump):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(runner_module, "_write_pickle", full)
+    monkeypatch.setattr(runner_module, "write_atomically", full)
     with pytest.warns(UserWarning, match="could not keep probe"):
         assert contexts[0].reuse("probe", {"a": 2}, slow)["x"].tolist() == [0, 1, 2]  # the value, all the same
     monkeypatch.setattr(runner_module, "file_lock", lambda path: open("/proc/no-such-lock", "a"))  # read-only cache
