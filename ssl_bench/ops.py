@@ -29,11 +29,14 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-8, copy: bool = True) -> np.ndar
 
 
 def set_threads(threads: int) -> None:
-    """Torch and faiss (OpenMP) thread counts: fixed counts keep float reductions in one order, run after run."""
+    """Torch, faiss (OpenMP) and numpy's BLAS thread counts, for this process: a fixed count keeps torch's
+    float reductions in one order run after run, and makes a benchmark's thread count mean what it says."""
     import faiss
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
+    threadpool_limits(limits=threads, user_api="blas")
 
 
 def upsample_scores(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -80,21 +83,107 @@ def softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, redo: int = 1,
-           spherical: bool = False) -> np.ndarray:
-    """faiss k-means on rows of ``x``; returns centroids (k, d). Deterministic for a given seed.
-    ``spherical`` keeps centroids on the unit sphere (cosine k-means of L2-normalised features)."""
-    import faiss
+# Bound slack on a cosine similarity: above float32 rounding of a dot product of unit vectors (~1e-6 at
+# d = 384), so a row is skipped only when its nearest centroid cannot have changed.
+_SIMILARITY_SLACK = 1e-5
 
+
+def _chord(similarity: np.ndarray) -> np.ndarray:
+    """Euclidean distance between unit vectors of this cosine similarity (a metric: the bounds need one)."""
+    return np.sqrt(np.maximum(2.0 - 2.0 * similarity, 0.0))
+
+
+def _unit_rows(sums: np.ndarray) -> np.ndarray:
+    return (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-30)).astype(np.float32)
+
+
+def _move_rows(sums: np.ndarray, rows: np.ndarray, source: np.ndarray, target: np.ndarray) -> None:
+    """Cluster sums (float64) after ``rows`` (m, d) leave clusters ``source`` (-1: none) for ``target``."""
+    moves = np.zeros((len(sums), len(rows)))
+    columns = np.arange(len(rows))
+    moves[target, columns] = 1.0
+    left = source >= 0
+    moves[source[left], columns[left]] -= 1.0
+    sums += moves @ rows.astype(np.float64)
+
+
+def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    sums = np.zeros((k, x.shape[1]))
+    for cluster in range(k):
+        sums[cluster] = x[labels == cluster].sum(0, dtype=np.float64)
+    return sums
+
+
+def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bounds: bool = True) -> np.ndarray:
+    """Cosine k-means (Lloyd) on unit-norm rows of ``x`` (n, d): unit-norm centroids (k, d).
+
+    Starts from k distinct rows drawn with ``seed``; each of ``iterations`` rounds assigns every row to its
+    most similar centroid (first one on ties), then sets each centroid to its rows' normalised sum. A
+    cluster left empty takes the row least similar to its centroid among clusters of two rows or more.
+
+    The plain loop's result, computed faster (Elkan, ICML 2003): triangle-inequality bounds on each row's
+    distance to every centroid, loosened by how far each centroid moved, skip the rows whose nearest
+    centroid cannot have changed; only the others are compared with all k centroids. Centroid sums are
+    kept in float64 and updated from the rows that changed cluster. ``bounds=False`` compares every row at
+    every step (the plain loop, for benchmarks)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if len(x) < k:
-        raise UserError(f"K={k} clusters need at least {k} patches to fit on, got {len(x)} -- lower --k, or use "
+    n, d = x.shape
+    if n < k:
+        raise UserError(f"K={k} clusters need at least {k} patches to fit on, got {n} -- lower --k, or use "
                         f"more or larger images")
-    km = faiss.Kmeans(x.shape[1], k, niter=iterations, nredo=redo, seed=seed, verbose=False, spherical=spherical,
-                      max_points_per_centroid=max(256, len(x) // k + 1),
-                      min_points_per_centroid=1)  # only silences faiss's "please provide more points" line
-    km.train(x)
-    return km.centroids.copy()
+    centroids = x[np.random.default_rng(seed).choice(n, k, replace=False)]
+    labels = np.full(n, -1)
+    upper = np.full(n, np.inf, dtype=np.float32)     # >= distance to the own centroid
+    lower = np.zeros((k, n), dtype=np.float32)       # <= distance to every other centroid (inf: own);
+    #                                                  k rows: the min over centroids is then 10x faster
+    sums = np.zeros((k, d))
+    for step in range(iterations):
+        if step:
+            moved_to = _unit_rows(sums)
+            # rounded up by more than float32 rounding of the bound updates below (< 2.4e-7 per step)
+            moved = np.linalg.norm(moved_to - centroids, axis=1) * (1 + 1e-6) + 1e-6
+            centroids = moved_to
+            upper += moved[labels]
+            lower -= moved[:, None]
+        stale = np.flatnonzero(upper > lower.min(0)) if bounds else np.arange(n)
+        if len(stale):
+            similarity = (x if len(stale) == n else x[stale]) @ centroids.T
+            nearest = similarity.argmax(1)
+            at = np.arange(len(stale))
+            upper[stale] = _chord(similarity[at, nearest] - _SIMILARITY_SLACK)
+            distance = _chord(similarity + _SIMILARITY_SLACK)
+            distance[at, nearest] = np.inf
+            lower[:, stale] = distance.T
+            changed = nearest != labels[stale]
+            rows = stale[changed]
+            if len(rows) > n // 8:  # summing afresh is cheaper than moving so many rows
+                labels[rows] = nearest[changed]
+                sums = _cluster_sums(x, labels, k)
+            else:
+                _move_rows(sums, x[rows], labels[rows], nearest[changed])
+                labels[rows] = nearest[changed]
+        _fill_empty_clusters(x, centroids, labels, sums, upper)
+    return _unit_rows(sums)
+
+
+def _fill_empty_clusters(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, sums: np.ndarray,
+                         upper: np.ndarray) -> None:
+    """Each empty cluster takes the row least similar to its own centroid (from a cluster that keeps a row);
+    the moved rows are compared with every centroid at the next step."""
+    counts = np.bincount(labels, minlength=len(centroids))
+    empty = np.flatnonzero(counts == 0)
+    if not len(empty):
+        return
+    own = np.einsum("ij,ij->i", x, centroids[labels])
+    for cluster in empty:
+        candidates = np.where(counts[labels] > 1, own, np.inf)
+        row = int(candidates.argmin())
+        _move_rows(sums, x[row:row + 1], labels[row:row + 1], np.array([cluster]))
+        counts[labels[row]] -= 1
+        counts[cluster] += 1
+        labels[row] = cluster
+        own[row] = np.inf
+        upper[row] = np.inf
 
 
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

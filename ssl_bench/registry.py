@@ -81,6 +81,7 @@ class TaskSpec:
     paper: str = ""
     benchmark: str | None = None  # "module:function" measured by `ssl-bench bench TASK`
     validate: str | None = None  # "module:function(params)" raising UserError, called before any work
+    version: int = 1  # raised when the method's numbers change: stored cells of other versions are not reused
 
     def resolve_params(self, overrides: dict | None) -> dict:
         unknown = set(overrides or {}) - set(self.params)
@@ -195,6 +196,8 @@ def tasks() -> dict[str, TaskSpec]:
             base = TaskSpec(**data)
         except TypeError as err:
             raise UserError(f"{path}: bad task entry ({err})") from err
+        if type(base.version) is not int or base.version < 1:
+            raise UserError(f"{path}: version must be a whole number from 1, got {base.version!r} -- e.g. version: 2")
         _register(specs, base, path)
         for variant in variants:
             _register(specs, _variant(base, variant, path), path)
@@ -233,11 +236,14 @@ def overrides_text(actual: dict, defaults: dict) -> str:
     return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in diff.items())
 
 
-def task_label(task: str, params: dict) -> str:
-    """The task name, plus the parameters that differ from the registry's defaults: ``kmeans (iterations=20)``."""
+def task_label(config: dict) -> str:
+    """A run's task name, plus the parameters that differ from the registry's defaults: ``kmeans (iterations=20)``;
+    a result of another version of the task than the registered one says so: ``kmeans [v1, not current]``."""
+    task, params, version = config["task"], config.get("params") or {}, config.get("task_version", 1)
     spec = tasks().get(task)
     extra = overrides_text(params, spec.params) if spec else ""
-    return f"{task} ({extra})" if extra else task
+    label = f"{task} ({extra})" if extra else task
+    return f"{label} [v{version}, not current]" if spec and version != spec.version else label
 
 
 def lookup(registry: dict[str, Any], name: str, what: str) -> Any:

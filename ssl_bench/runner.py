@@ -320,6 +320,8 @@ class Runner:
             "num_classes": probe.num_classes, "k": k, "seed": cfg.seed, "protocol": protocol.as_dict(),
             "data_root": cfg.data_root,
         }
+        if task.version != 1:  # a new version of a method is a new run (absent at 1: earlier hashes stay valid)
+            config["task_version"] = task.version
         if probe.identity:  # a generic folder is its location (absent otherwise: earlier hashes stay valid)
             config["dataset_identity"] = probe.identity
         hashed = {key: v for key, v in config.items() if key != "data_root"}  # same data elsewhere: same run

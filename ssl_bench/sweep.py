@@ -217,7 +217,7 @@ class Cell:
     @property
     def label(self) -> str:
         c = self.run.config
-        task = registry.task_label(c["task"], c["params"])  # two parameter sets of one task are two cells
+        task = registry.task_label(c)  # two parameter sets of one task are two cells
         return f"{_backbone_label(c)} / {task} / {c['dataset']}:{c['split']} K={c['k']} seed={c['seed']}"
 
 

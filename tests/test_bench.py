@@ -40,3 +40,15 @@ def test_benchmark_arguments_follow_the_signature():
         _as_declared(k_sweep, {"repeats": 0})
     with pytest.raises(UserError, match="unknown argument.*imagecounts.*takes: backbone"):
         _as_declared(k_sweep, {"imagecounts": 3})
+
+
+def test_kmeans_benchmark_compares_the_bounded_fit_with_the_plain_loop_and_faiss(one_thread):
+    from ssl_bench.methods.kmeans import benchmark
+
+    result = benchmark(images=2, ks=(4,), seeds=(0, 1), iterations=5, repeats=1)
+    assert [(r["k"], r["seed"]) for r in result["rows"]] == [(4, 0), (4, 1)]
+    assert result["patches"] == 2 * 400 and result["dim"] == 384  # 20 x 20 patches of dino-vits16 at 320 px
+    for row in result["rows"]:
+        assert row["labels_differing_from_plain"] == 0
+        assert min(row["bounded_s"], row["plain_s"], row["faiss_s"]) > 0
+        assert 0 < row["objective"] <= 1 and 0 < row["objective_faiss"] <= 1

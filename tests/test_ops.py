@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_bench.ops import upsample_argmax
+from ssl_bench.errors import UserError
+from ssl_bench.ops import l2_normalize, spherical_kmeans, upsample_argmax
 
 
 @pytest.mark.parametrize("k", [1, 2, 11, 27])
@@ -39,3 +40,53 @@ def test_l2_normalize_copies_unless_told_and_keeps_zero_rows():
     assert np.allclose(y, [[0.6, 0.8], [0.0, 0.0]]) and x[0, 0] == 3.0
     assert l2_normalize(x, copy=False) is x and np.allclose(x, y)
     assert l2_normalize(np.ones((2, 3, 4), np.float16)).dtype == np.float32
+
+
+def plain_lloyd(x, k, seed, iterations=50):
+    """The loop ``spherical_kmeans`` promises to equal, written the obvious way (every row, every step)."""
+    n, d = x.shape
+    centroids = x[np.random.default_rng(seed).choice(n, k, replace=False)]
+    for _ in range(iterations):
+        labels = (x @ centroids.T).argmax(1)
+        counts = np.bincount(labels, minlength=k)
+        for empty in np.flatnonzero(counts == 0):
+            own = np.where(counts[labels] > 1, np.einsum("ij,ij->i", x, centroids[labels]), np.inf)
+            row = own.argmin()
+            counts[labels[row]] -= 1
+            counts[empty] += 1
+            labels[row] = empty
+        sums = np.stack([x[labels == j].sum(0, dtype=np.float64) for j in range(k)])
+        centroids = (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
+    return centroids
+
+
+def blobs(n, d, centres, spread, seed):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(centres, d))
+    return l2_normalize(means[rng.integers(centres, size=n)] + spread * rng.normal(size=(n, d)))
+
+
+@pytest.mark.parametrize("spread", [0.3, 3.0])  # separated clusters (bounds skip most rows) and a single fog
+@pytest.mark.parametrize("seed", [0, 1])
+def test_spherical_kmeans_equals_the_plain_lloyd_loop(spread, seed):
+    x = blobs(3000, 48, 6, spread, seed)
+    fast, plain = spherical_kmeans(x, 9, seed, iterations=30), plain_lloyd(x, 9, seed, iterations=30)
+    np.testing.assert_array_equal((x @ fast.T).argmax(1), (x @ plain.T).argmax(1))
+    np.testing.assert_allclose(fast, plain, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-6)
+
+
+def test_spherical_kmeans_refills_empty_clusters_like_the_plain_loop():
+    # 4 distinct directions, each repeated: 6 initial centroids must coincide, so clusters empty out
+    x = np.repeat(l2_normalize(np.random.default_rng(0).normal(size=(4, 16))), [30, 20, 10, 5], axis=0)
+    fast, plain = spherical_kmeans(x, 6, 3, iterations=10), plain_lloyd(x, 6, 3, iterations=10)
+    np.testing.assert_allclose(fast, plain, atol=1e-6)
+    assert np.isfinite(fast).all() and len(np.unique((x @ fast.T).argmax(1))) == 4
+
+
+def test_spherical_kmeans_is_seeded_and_refuses_more_clusters_than_rows():
+    x = blobs(500, 16, 5, 1.0, 0)
+    np.testing.assert_array_equal(spherical_kmeans(x, 5, 7), spherical_kmeans(x, 5, 7))
+    assert not np.array_equal(spherical_kmeans(x, 5, 7), spherical_kmeans(x, 5, 8))
+    with pytest.raises(UserError, match="K=6 clusters need at least 6 patches"):
+        spherical_kmeans(x[:5], 6, 0)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ssl_bench import report, samples
+from ssl_bench import registry, report, samples
 from ssl_bench.data.protocol import Protocol
 from ssl_bench.errors import UserError
 from ssl_bench.report import figures
@@ -29,8 +29,9 @@ NUM_CLASSES = {"synthetic": 5, "camvid": 11, "folder": 3}
 
 
 def fake_record(backbone="reference", task="kmeans", dataset="synthetic", k=None, seed=0, miou=50.0, acc=70.0,
-                f1=60.0, random=False, metrics=None, stats=None, params=None, root=None) -> dict:
-    """A FABRICATED store row (the fields reports read), for tests only; ``root``: a ``folder`` dataset there."""
+                f1=60.0, random=False, metrics=None, stats=None, params=None, root=None, version=None) -> dict:
+    """A FABRICATED store row (the fields reports read), for tests only; ``root``: a ``folder`` dataset there;
+    ``version``: of the task (default: the registered one)."""
     classes = NUM_CLASSES[dataset]
     k = k or classes
     split = "val"
@@ -40,7 +41,10 @@ def fake_record(backbone="reference", task="kmeans", dataset="synthetic", k=None
     headline = {"miou": miou, "acc": acc, "f1": f1, "labelled_fraction": 1.0, "cluster_to_class": []}
     if root:
         config["dataset_identity"] = {"root": root}
-    ident = f"{backbone}-{task}-{dataset}-{k}-{seed}-{random}-{sorted((params or {}).items())}-{root}"
+    version = version or registry.tasks()[task].version
+    if version != 1:  # as the runner stores it
+        config["task_version"] = version
+    ident = f"{backbone}-{task}-{dataset}-{k}-{seed}-{random}-{sorted((params or {}).items())}-{root}-{version}"
     return {"config_hash": ident, "backbone": backbone, "weights": config["weights"], "random_weights": random,
             "task": task, "dataset": dataset, "split": split, "k": k, "seed": seed, "miou": miou, "acc": acc,
             "f1": f1, "config": config, "metrics": metrics or {f"final@{split}": headline}, "stats": stats or {},
@@ -173,6 +177,13 @@ def test_a_single_method_is_named_in_the_title():
                                                                               params={"iterations": 20})]
     assert report.leaderboard(rows).title.startswith("Leaderboard, kmeans (iterations=20), K = C")
     assert report.leaderboard(rows + [fake_record(task="datus2")]).title.startswith("Leaderboard, K = C")  # a column
+
+
+def test_results_of_an_earlier_task_version_are_kept_apart_and_labelled():
+    rows = [fake_record(miou=40.0), fake_record(miou=60.0, version=1)]
+    frame = pd.read_csv(io.StringIO(report.to_csv(report.leaderboard(rows))))
+    old = frame[frame.Method == "kmeans [v1, not current]"]
+    assert len(frame) == 2 and len(old) == 1 and old.iloc[0]["synthetic mIoU"] == 60.0  # not averaged together
 
 
 def test_segment_statistics_table():

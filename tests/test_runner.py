@@ -1,11 +1,13 @@
 """End to end through the runner: configuration -> cache -> task -> evaluation -> store."""
 
+import dataclasses
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from ssl_bench import registry
 from ssl_bench.errors import UserError
 from ssl_bench.runner import RunConfig
 
@@ -182,6 +184,17 @@ def test_a_limit_that_cuts_nothing_is_the_same_run(runner):
     for limit, same in ((4, True), (500, True), (3, False)):
         cfg = RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=(("limit", limit), ("n", 4)))
         assert (runner.resolve(cfg).config_hash == whole.config_hash) is same, limit
+
+
+def test_a_new_version_of_a_task_is_a_new_run(runner, monkeypatch):
+    cfg = RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=(("n", 4),))
+    current = runner.resolve(cfg)
+    assert current.config["task_version"] == registry.tasks()["kmeans"].version > 1
+    tasks = dict(registry.tasks())
+    tasks["kmeans"] = dataclasses.replace(tasks["kmeans"], version=1)
+    monkeypatch.setattr(registry, "tasks", lambda: tasks)
+    first = runner.resolve(cfg)
+    assert "task_version" not in first.config and first.config_hash != current.config_hash  # v1 hashes unchanged
 
 
 def test_random_weights_are_recorded(runner):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -403,6 +404,21 @@ def test_task_file_mistakes_are_one_line(tmp_path, monkeypatch, variant, message
     registry.tasks.cache_clear()
     try:
         with pytest.raises(UserError, match=message):
+            registry.tasks()
+    finally:
+        monkeypatch.undo()
+        registry.tasks.cache_clear()
+
+
+@pytest.mark.parametrize("version", ["two", 0, 1.5])
+def test_a_task_version_is_a_whole_number(tmp_path, monkeypatch, version):
+    (tmp_path / "tasks").mkdir()
+    text = (registry.registry_dir("tasks") / "kmeans.yaml").read_text()
+    (tmp_path / "tasks" / "kmeans.yaml").write_text(re.sub(r"(?m)^version: .*$", f"version: {version}", text))
+    monkeypatch.setattr(registry, "_CHECKOUT", tmp_path)
+    registry.tasks.cache_clear()
+    try:
+        with pytest.raises(UserError, match="version must be a whole number from 1"):
             registry.tasks()
     finally:
         monkeypatch.undo()

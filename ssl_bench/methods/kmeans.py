@@ -13,14 +13,14 @@ import numpy as np
 
 from ..crf import dense_crf
 from ..errors import UserError
-from ..ops import (UpsampleArgmax, as_float32, kmeans, l2_normalize, sample_rows, softmax, upsample_argmax,
-                   upsample_scores)
+from ..ops import (UpsampleArgmax, as_float32, l2_normalize, sample_rows, softmax, spherical_kmeans,
+                   upsample_argmax, upsample_scores)
 
 
 def fit_centroids(features: np.ndarray, k: int, seed: int, iterations: int = 50, copy: bool = True) -> np.ndarray:
     """Unit-norm centroids (k, d) of cosine k-means on feature rows (n, d) (``copy=False``: a float32 scratch
     array the caller gives up, normalised in place)."""
-    return kmeans(l2_normalize(features, copy=copy), k, seed=seed, iterations=iterations, spherical=True)
+    return spherical_kmeans(l2_normalize(features, copy=copy), k, seed=seed, iterations=iterations)
 
 
 def cluster_scores(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -66,3 +66,51 @@ def run(ctx):
             yield Prediction(i, labels)
 
     return TaskResult(predictions(), stats={"fit_patches": int(len(rows))})
+
+
+def benchmark(images: int = 101, ks: tuple[int, ...] = (11, 22, 33), seeds: tuple[int, ...] = (0, 1),
+              iterations: int = 50, threads: int = 1, repeats: int = 2) -> dict:
+    """The k-means fit on a split's patches (dino-vits16 at 320 px, random weights, CamVid val when
+    ../shared/data is there): ``spherical_kmeans`` with its bounds, the same loop comparing every patch at
+    every step, and faiss's spherical k-means (k-means v1), on ``threads`` threads, best of ``repeats``.
+    Also how many labels differ from the plain loop's (the bounds promise none), and each fit's objective (mean cosine similarity of a patch to its centroid: faiss draws other initial rows
+    for a seed, so only the spread over seeds compares)."""
+    import time
+
+    import faiss
+
+    from ..features import benchmark_inputs
+    from ..ops import set_threads
+
+    set_threads(threads)
+    _, feats, source = benchmark_inputs("dino-vits16", images)
+    x = l2_normalize(np.concatenate([f["patch"].reshape(-1, f["patch"].shape[-1]) for f in feats]))
+
+    def best_of(fit):
+        seconds = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            centroids = fit()
+            seconds.append(time.perf_counter() - t0)
+        return min(seconds), centroids
+
+    def faiss_fit(k, seed):
+        km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, spherical=True, verbose=False,
+                          max_points_per_centroid=len(x), min_points_per_centroid=1)
+        km.train(x)
+        return km.centroids
+
+    rows = []
+    for k in ks:
+        for seed in seeds:
+            bounded_s, bounded = best_of(lambda: spherical_kmeans(x, k, seed, iterations))
+            plain_s, plain = best_of(lambda: spherical_kmeans(x, k, seed, iterations, bounds=False))
+            faiss_s, reference = best_of(lambda: faiss_fit(k, seed))
+            labels = (x @ bounded.T).argmax(1)
+            rows.append({"k": k, "seed": seed, "bounded_s": bounded_s, "plain_s": plain_s, "faiss_s": faiss_s,
+                         "speedup_vs_plain": plain_s / bounded_s, "speedup_vs_faiss": faiss_s / bounded_s,
+                         "labels_differing_from_plain": int((labels != (x @ plain.T).argmax(1)).sum()),
+                         "objective": float((x @ bounded.T).max(1).mean()),
+                         "objective_faiss": float((x @ reference.T).max(1).mean())})
+    return {"features": source, "patches": int(len(x)), "dim": int(x.shape[1]), "iterations": iterations,
+            "threads": threads, "rows": rows}

@@ -59,7 +59,7 @@ def _task_filter(records: list[dict], task: str | None) -> list[dict]:
 def panel_title(record: dict, dataset: str | None = None) -> str:
     """``dataset``: the run's leaderboard column (which folder, which options); default name:split."""
     rand = f"{DAGGER} RANDOM WEIGHTS (smoke run, not a result) | " if record["random_weights"] else ""
-    method = task_label(record["task"], record["config"].get("params") or {})
+    method = task_label(record["config"])
     dataset = dataset or f"{record['dataset']}:{record['split']}"
     return (f"{rand}{record['backbone']} | {method} | {dataset} | "
             f"K={record['k']} seed={record['seed']} | mIoU {record['miou']:.1f}  Acc {record['acc']:.1f}  "

@@ -274,7 +274,7 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
     for r in records:
         cfg = r["config"]
         rows.append({"backbone": r["backbone"], "weights": r["weights"], "random_weights": bool(r["random_weights"]),
-                     "task": r["task"], "method": task_label(r["task"], cfg.get("params") or {}),
+                     "task": r["task"], "method": task_label(cfg),
                      "dataset": r["dataset"], "column": dataset_label(cfg), "split": r["split"], "k": r["k"],
                      "num_classes": cfg.get("num_classes"), "seed": r["seed"], "miou": r["miou"],
                      "acc": r["acc"], "f1": r["f1"], "config_hash": r["config_hash"]})
