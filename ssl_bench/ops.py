@@ -117,9 +117,10 @@ def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bounds: bool = True) -> np.ndarray:
     """Cosine k-means (Lloyd) on unit-norm rows of ``x`` (n, d): unit-norm centroids (k, d).
 
-    Starts from k distinct rows drawn with ``seed``; each of ``iterations`` rounds assigns every row to its
-    most similar centroid (first one on ties), then sets each centroid to its rows' normalised sum. A
-    cluster left empty takes the row least similar to its centroid among clusters of two rows or more.
+    All-zero rows (no direction) take no part. Starts from k distinct rows drawn with ``seed``; each of
+    ``iterations`` rounds assigns every row to its most similar centroid (first one on ties), then sets each
+    centroid to its rows' normalised sum. A cluster left empty takes the row least similar to its centroid
+    among clusters of two rows or more.
 
     The plain loop's result, computed faster (Elkan, ICML 2003): triangle-inequality bounds on each row's
     distance to every centroid, loosened by how far each centroid moved, skip the rows whose nearest
@@ -127,6 +128,12 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bou
     kept in float64 and updated from the rows that changed cluster. ``bounds=False`` compares every row at
     every step (the plain loop, for benchmarks)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise UserError("the features hold NaN or infinite values -- the backbone's weights or inputs are broken; "
+                        "once fixed, delete the backbone's entry in the feature cache (--cache) and run again")
+    directed = np.abs(x).max(1) > 0
+    if not directed.all():
+        x = x[directed]
     n, d = x.shape
     if n < k:
         raise UserError(f"K={k} clusters need at least {k} patches to fit on, got {n} -- lower --k, or use "
@@ -174,7 +181,8 @@ def _fill_empty_clusters(x: np.ndarray, centroids: np.ndarray, labels: np.ndarra
     empty = np.flatnonzero(counts == 0)
     if not len(empty):
         return
-    own = np.einsum("ij,ij->i", x, centroids[labels])
+    own = np.concatenate([np.einsum("ij,ij->i", x[i:i + 65536], centroids[labels[i:i + 65536]])  # no (n, d) copy
+                          for i in range(0, len(x), 65536)])
     for cluster in empty:
         candidates = np.where(counts[labels] > 1, own, np.inf)
         row = int(candidates.argmin())

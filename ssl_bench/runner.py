@@ -125,14 +125,15 @@ class TaskContext:
 
     def reuse(self, name: str, identity: dict, compute: Callable[[], Any], split: str | None = None) -> Any:
         """An intermediate of this task that does not depend on K (e.g. DatUS^2's segments and crop embeddings),
-        computed once per (cached features of ``split``, seed, device, ``identity``, the method's source code)
+        computed once per (cached features of ``split``, seed, device, ``identity``, the method's source and version)
         and kept beside those features, so the cells of a sweep that differ only in K share it (a cell that
         finds another computing it waits for it). ``identity`` names every parameter and model it depends on
         beyond the features. ``--force`` computes it again; an unreadable copy is computed again."""
         dataset = self.dataset_for(split)
         entry = self._runner.cache.entry_dir(self._runner.cache.key(
             self._run.spec.name, self._run.weights.identity, dataset, self.protocol))
-        digest = config_hash({"task": self._run.task.entrypoint, "code": _module_digest(self._run.task.entrypoint),
+        task = self._run.task
+        digest = config_hash({"task": task.entrypoint, "code": _module_digest(task.entrypoint), "version": task.version,
                               "name": name, "seed": self.seed, "device": str(self.device), "identity": identity})
         path = entry / "reuse" / f"{name}-{digest}.pkl"
         with contextlib.ExitStack() as guard:

@@ -26,10 +26,12 @@ def one_thread():
     """Small tensors: extra intra-op threads only add overhead (and stall badly on a busy 2-core machine)."""
     import torch
 
+    from ssl_bench.ops import set_threads
+
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_threads(1)
     yield
-    torch.set_num_threads(before)
+    set_threads(before)  # torch, OpenMP and BLAS: a benchmark run under this fixture sets all three
 
 
 @pytest.fixture

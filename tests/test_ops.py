@@ -90,3 +90,14 @@ def test_spherical_kmeans_is_seeded_and_refuses_more_clusters_than_rows():
     assert not np.array_equal(spherical_kmeans(x, 5, 7), spherical_kmeans(x, 5, 8))
     with pytest.raises(UserError, match="K=6 clusters need at least 6 patches"):
         spherical_kmeans(x[:5], 6, 0)
+
+
+def test_spherical_kmeans_leaves_zero_rows_out_and_refuses_non_finite_features():
+    x = blobs(400, 16, 4, 0.5, 0)
+    with_zeros = np.insert(x, [0, 10, 10, 399], 0.0, axis=0)  # patches with no direction (l2_normalize keeps 0)
+    centroids = spherical_kmeans(with_zeros, 6, 1)
+    np.testing.assert_array_equal(centroids, spherical_kmeans(x, 6, 1))
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-6)
+    x[5, 3] = np.nan
+    with pytest.raises(UserError, match="NaN or infinite"):
+        spherical_kmeans(x, 6, 1)
