@@ -128,10 +128,11 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bou
     kept in float64 and updated from the rows that changed cluster. ``bounds=False`` compares every row at
     every step (the plain loop, for benchmarks)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
+    squared_norms = np.einsum("ij,ij->i", x, x)  # one pass: NaN and inf reach the sums, zero rows sum to 0
+    if not np.isfinite(squared_norms).all():
         raise UserError("the features hold NaN or infinite values -- the backbone's weights or inputs are broken; "
                         "once fixed, delete the backbone's entry in the feature cache (--cache) and run again")
-    directed = np.abs(x).max(1) > 0
+    directed = squared_norms > 0
     if not directed.all():
         x = x[directed]
     n, d = x.shape
