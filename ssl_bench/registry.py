@@ -236,6 +236,9 @@ def overrides_text(actual: dict, defaults: dict) -> str:
     return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in diff.items())
 
 
+NOT_CURRENT = "not current"  # in the label of a result of another version of its task
+
+
 def task_label(config: dict) -> str:
     """A run's task name, plus the parameters that differ from the registry's defaults: ``kmeans (iterations=20)``;
     a result of another version of the task than the registered one says so: ``kmeans [v1, not current]``."""
@@ -243,7 +246,7 @@ def task_label(config: dict) -> str:
     spec = tasks().get(task)
     extra = overrides_text(params, spec.params) if spec else ""
     label = f"{task} ({extra})" if extra else task
-    return f"{label} [v{version}, not current]" if spec and version != spec.version else label
+    return f"{label} [v{version}, {NOT_CURRENT}]" if spec and version != spec.version else label
 
 
 def lookup(registry: dict[str, Any], name: str, what: str) -> Any:

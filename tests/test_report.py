@@ -180,10 +180,13 @@ def test_a_single_method_is_named_in_the_title():
 
 
 def test_results_of_an_earlier_task_version_are_kept_apart_and_labelled():
-    rows = [fake_record(miou=40.0), fake_record(miou=60.0, version=1)]
+    rows = [fake_record(miou=40.0, acc=41.0, f1=42.0), fake_record(miou=60.0, acc=61.0, f1=62.0, version=1)]
     frame = pd.read_csv(io.StringIO(report.to_csv(report.leaderboard(rows))))
     old = frame[frame.Method == "kmeans [v1, not current]"]
     assert len(frame) == 2 and len(old) == 1 and old.iloc[0]["synthetic mIoU"] == 60.0  # not averaged together
+    text = report.to_markdown(report.leaderboard(rows))
+    assert "**6" not in text and "**40.0**" in text  # a superseded result is never "best"
+    assert "among rows of the current task versions" in text and "run or sweep again" in text
 
 
 def test_segment_statistics_table():

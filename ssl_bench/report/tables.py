@@ -96,10 +96,10 @@ class Table:
         return texts
 
 
-def mark_best(table: Table) -> None:
+def mark_best(table: Table, skip: set[int] = frozenset()) -> None:
     """Bold the highest mean of each numeric column among the rows not from random weights (none when every
-    row is: a smoke run is never "best")."""
-    candidates = [i for i, r in enumerate(table.random) if not r]
+    row is: a smoke run is never "best") and not in ``skip``."""
+    candidates = [i for i, r in enumerate(table.random) if not r and i not in skip]
     for c, column in enumerate(table.columns):
         if not column.numeric:
             continue
@@ -343,6 +343,7 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     method_text = f", {frame.method.iloc[0]}" if len(frame) and not several_methods else ""
     table = Table(f"Leaderboard{method_text}, {k_text}", columns)
     multi_seed = multi_count = False
+    superseded = set()  # rows of results stored by another version of their task: never "best"
     # Random-weight rows last: they are smoke runs, listed for completeness.
     for (random, model, backbone, method), runs in frame.groupby(["random_weights", "model", "backbone", "method"],
                                                                   sort=True):
@@ -361,12 +362,19 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
         per_dataset = len(set(ran)) > 1  # one number when every dataset it ran on had the same seeds
         multi_count |= per_dataset
         cells.append(Cell(" / ".join(str(s or "–") for s in seeds) if per_dataset else str(ran[0])))
+        if f", {registry.NOT_CURRENT}]" in method:
+            superseded.add(len(table.rows))
         table.add(cells + numbers, random=bool(random))
-    mark_best(table)
+    mark_best(table, superseded)
     if all(table.random):
         notes = ["No value is bold: every row is a random-weight smoke run."]
     else:
-        notes = ["Bold: best per column" + (" among rows not marked †." if any(table.random) else ".")]
+        rows = [what for what, present in (("not marked †", any(table.random)),
+                                           ("of the current task versions", superseded)) if present]
+        notes = ["Bold: best per column" + (f" among rows {' and '.join(rows)}." if rows else ".")]
+    if superseded:
+        notes.append(f"[vN, {registry.NOT_CURRENT}]: stored by another version of the task, whose numbers differ; "
+                     f"run or sweep again for the current one.")
     notes += [SEEDS_NOTE] if multi_seed else []
     notes += ["Seeds a / b: seeds per dataset, in column order."] if multi_count else []
     return table.finish(notes)
