@@ -325,13 +325,13 @@ def list_(what: str = typer.Argument(..., help="backbones | tasks | datasets"),
     if what == "backbones":
         table = _backbone_table(wide)
     elif what == "tasks":
-        table = Table("name", "title", "features", "parameters")
+        table = Table("name", "version", "title", "features", "parameters")
         bases: dict[str, registry.TaskSpec] = {}  # per entrypoint, the task its variants change
         for spec in registry.tasks().values():
             base = bases.setdefault(spec.entrypoint, spec)
             changed = {k: v for k, v in spec.params.items() if base.params.get(k) != v}
             params = ", ".join(f"{k}={v}" for k, v in (spec.params if base is spec else changed).items())
-            table.add_row(spec.name, spec.title, ", ".join(spec.features),
+            table.add_row(spec.name, str(spec.version), spec.title, ", ".join(spec.features),
                           params if base is spec else f"as {base.name}, with {params or 'the same parameters'}")
     elif what == "datasets":
         from .data import DATASETS

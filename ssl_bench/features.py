@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -358,6 +359,11 @@ def benchmark_inputs(backbone: str, n: int, kinds=("patch",)):
     spec = registry.backbone(backbone)
     model = build_backbone(spec, resolve(spec, "random"), 0)
     camvid = shared_data_dir() / "camvid" if shared_data_dir() else None
-    dataset = open_dataset("camvid", camvid, "val") if camvid and camvid.is_dir() else open_dataset("synthetic", None, "val")
+    if camvid and camvid.is_dir():
+        dataset = open_dataset("camvid", camvid, "val")
+    else:
+        warnings.warn("no ../shared/data/camvid beside the checkout: measuring the synthetic dataset instead "
+                      "(SSL_BENCH_SHARED_DATA=/path/to/data points elsewhere)")
+        dataset = open_dataset("synthetic", None, "val")
     images, feats = features_of(model, dataset, Protocol(), kinds, n)
     return images, feats, f"{dataset.name}/{dataset.split} ({backbone}, random weights)"

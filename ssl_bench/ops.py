@@ -137,7 +137,8 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bou
         x = x[directed]
     n, d = x.shape
     if n < k:
-        raise UserError(f"K={k} clusters need at least {k} patches to fit on, got {n} -- lower --k, or use "
+        nonzero = "" if directed.all() else " with non-zero features"
+        raise UserError(f"K={k} clusters need at least {k} patches{nonzero} to fit on, got {n} -- lower --k, or use "
                         f"more or larger images")
     centroids = x[np.random.default_rng(seed).choice(n, k, replace=False)]
     labels = np.full(n, -1)

@@ -197,7 +197,7 @@ def tasks() -> dict[str, TaskSpec]:
         except TypeError as err:
             raise UserError(f"{path}: bad task entry ({err})") from err
         if type(base.version) is not int or base.version < 1:
-            raise UserError(f"{path}: version must be a whole number from 1, got {base.version!r} -- e.g. version: 2")
+            raise UserError(f"{path}: version must be a whole number, 1 or more, got {base.version!r} -- e.g. version: 2")
         _register(specs, base, path)
         for variant in variants:
             _register(specs, _variant(base, variant, path), path)

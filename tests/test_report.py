@@ -186,7 +186,9 @@ def test_results_of_an_earlier_task_version_are_kept_apart_and_labelled():
     assert len(frame) == 2 and len(old) == 1 and old.iloc[0]["synthetic mIoU"] == 60.0  # not averaged together
     text = report.to_markdown(report.leaderboard(rows))
     assert "**6" not in text and "**40.0**" in text  # a superseded result is never "best"
-    assert "among rows of the current task versions" in text and "run or sweep again" in text
+    assert "among rows of the current task versions" in text and "run or sweep again for the current one (kmeans v" in text
+    only_old = report.to_markdown(report.leaderboard(rows[1:] + [fake_record("dino-vits16", random=True)]))
+    assert "| **" not in only_old and "No value is bold: every row is a random-weight smoke run or from another" in only_old
 
 
 def test_segment_statistics_table():

@@ -234,6 +234,7 @@ def test_dinov2_uses_322_protocol(runner):
     (dict(task="primaps-em", params=(("epochs", 1.0),)), "parameter epochs=1.0 must be a whole number"),
     (dict(task="primaps-em", params=(("max_steps", 2.0),)), "max_steps=2.0 is invalid"),  # null default: task checks
     (dict(dataset_options=(("n", 1),), k=5000), "K=5000 clusters need at least 5000 patches"),
+    (dict(params=(("max_fit_patches", 3),)), "max_fit_patches=3 is fewer patches than K=5 clusters -- raise"),
     (dict(task="primaps-em", params=(("psi", 2),)), "psi=2 is invalid"),  # the task's validate hook
     (dict(backbone="reference", task="datus2"), "cannot give 'key' features"),
 ])

@@ -418,7 +418,7 @@ def test_a_task_version_is_a_whole_number(tmp_path, monkeypatch, version):
     monkeypatch.setattr(registry, "_CHECKOUT", tmp_path)
     registry.tasks.cache_clear()
     try:
-        with pytest.raises(UserError, match="version must be a whole number from 1"):
+        with pytest.raises(UserError, match="version must be a whole number, 1 or more"):
             registry.tasks()
     finally:
         monkeypatch.undo()

@@ -368,13 +368,17 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     mark_best(table, superseded)
     if all(table.random):
         notes = ["No value is bold: every row is a random-weight smoke run."]
+    elif all(random or i in superseded for i, random in enumerate(table.random)):
+        notes = ["No value is bold: every row is a random-weight smoke run or from another task version."]
     else:
         rows = [what for what, present in (("not marked †", any(table.random)),
                                            ("of the current task versions", superseded)) if present]
         notes = ["Bold: best per column" + (f" among rows {' and '.join(rows)}." if rows else ".")]
     if superseded:
+        current = ", ".join(sorted(f"{t} v{registry.tasks()[t].version}" for t in frame.task.unique()
+                                   if t in registry.tasks()))
         notes.append(f"[vN, {registry.NOT_CURRENT}]: stored by another version of the task, whose numbers differ; "
-                     f"run or sweep again for the current one.")
+                     f"run or sweep again for the current one ({current}).")
     notes += [SEEDS_NOTE] if multi_seed else []
     notes += ["Seeds a / b: seeds per dataset, in column order."] if multi_count else []
     return table.finish(notes)
