@@ -13,6 +13,7 @@ from typing import Iterable, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -22,7 +23,7 @@ from .errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark self-supervised backbones by unsupervised semantic segmentation.")
 console = Console(stderr=True)
-out = Console(soft_wrap=True)
+out = Console(soft_wrap=True, markup=False)  # our text has brackets ([missing: key]), never markup
 
 
 EXAMPLE_PAIRS = {"--param": "tau=5", "--option": "limit=25", "--arg": "image_counts=25,50"}
@@ -119,6 +120,9 @@ def run(
             out.print(f"  {key}: labelled {m['labelled_fraction'] * 100:.1f}% of pixels; on labelled pixels only: "
                       f"mIoU {lab['miou']:.2f} Acc {lab['acc']:.2f} F1 {lab['f1']:.2f}")
     out.print(f"  run {rec['config_hash']} in {runner.store.path}")
+    if outcome.computed and any(runner.store.has(h) for h in runner.resolve(cfg).earlier_version_hashes()):
+        out.print(f"  note: an earlier version of {rec['task']} stored this cell too; its row is kept, and reports "
+                  f"label it [vN, not current]")
 
 
 @app.command()
@@ -268,14 +272,14 @@ def regress(
         return
     rows = reg.compare(committed, results)
     drifted = [r for r in rows if not r.ok]
-    out.print(reg.table(drifted or rows), highlight=False, markup=False)
+    out.print(reg.table(drifted or rows), highlight=False)
     verdict = f"{len(drifted)} of {len(rows)} metrics drifted" if drifted else f"all {len(rows)} metrics within tolerance"
     cases = f"{len(results)} case{'s' if len(results) != 1 else ''}"
     out.print(f"regress: {verdict} ({cases}, {seconds:.0f} s; baselines {path})", highlight=False)
     if drifted:
         again = " ".join(["ssl-bench regress", *(["--baselines", shlex.quote(str(baselines))] if baselines else []),
                           *(["--only", shlex.quote(only)] if only else []), "--update"])
-        out.print(f"if the change is intended: {again}, then commit the baselines", highlight=False, markup=False)
+        out.print(f"if the change is intended: {again}, then commit the baselines", highlight=False)
         raise SystemExit(1)
 NORMALISATIONS = {(0.485, 0.456, 0.406): "ImageNet", (0.48145466, 0.4578275, 0.40821073): "CLIP",
                   (0.0, 0.0, 0.0): "none"}
@@ -450,7 +454,7 @@ def main() -> None:
     try:
         app()
     except UserError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)  # one line, never wrapped
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line, never wrapped
         raise SystemExit(2)
     except (KeyboardInterrupt, SystemExit) as stop:
         if not interrupted and not isinstance(stop, KeyboardInterrupt):

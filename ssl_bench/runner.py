@@ -82,6 +82,21 @@ class ResolvedRun:
     dataset: SegDataset
     protocol: Protocol
 
+    def earlier_version_hashes(self) -> list[str]:
+        """The hashes this run had under the earlier versions of its task (to tell a user why it recomputes)."""
+        hashes = []
+        for version in range(1, self.task.version):
+            config = {key: v for key, v in self.config.items() if key != "task_version"}
+            if version != 1:
+                config["task_version"] = version
+            hashes.append(run_hash(config))
+        return hashes
+
+
+def run_hash(config: dict) -> str:
+    """A run's key in the store: its config without the data root (the same data elsewhere: the same run)."""
+    return config_hash({key: v for key, v in config.items() if key != "data_root"})
+
 
 # ---- the context handed to a task ---------------------------------------------------------------------
 
@@ -325,8 +340,7 @@ class Runner:
             config["task_version"] = task.version
         if probe.identity:  # a generic folder is its location (absent otherwise: earlier hashes stay valid)
             config["dataset_identity"] = probe.identity
-        hashed = {key: v for key, v in config.items() if key != "data_root"}  # same data elsewhere: same run
-        return ResolvedRun(config, config_hash(hashed), spec, task, source, probe, protocol)
+        return ResolvedRun(config, run_hash(config), spec, task, source, probe, protocol)
 
     # -- one cell --
     def run(self, cfg: RunConfig, force: bool = False, progress: Callable = lambda it, **_: it) -> Outcome:

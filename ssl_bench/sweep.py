@@ -213,6 +213,7 @@ class Cell:
     config: RunConfig
     run: ResolvedRun
     stored: bool
+    earlier_version_stored: bool = False  # not stored, but stored by an earlier version of its task
 
     @property
     def label(self) -> str:
@@ -291,6 +292,7 @@ def make_plan(grid: Grid, runner: Runner, select: Callable[[Cell], bool] = lambd
     for cfg in expand(grid, runner):
         run = runner.resolve(cfg)
         cell = Cell(cfg, run, run.config_hash in stored)
+        cell.earlier_version_stored = not cell.stored and any(h in stored for h in run.earlier_version_hashes())
         if run.config_hash in cells or not select(cell):
             continue
         why = _cannot_run(run)
@@ -328,8 +330,13 @@ def _cannot_run(run: ResolvedRun) -> str | None:
 def describe(plan: Plan) -> list[str]:
     """The plan as lines for the user: counts first, then each extraction still needed."""
     needed = plan.extractions_needed
-    lines = [f"cells: {len(plan.cells)} in the grid, {len(plan.stored)} already stored, {len(plan.todo)} to compute",
-             f"feature extractions: {len(needed)} needed, {len(plan.extractions) - len(needed)} already cached"]
+    lines = [f"cells: {len(plan.cells)} in the grid, {len(plan.stored)} already stored, {len(plan.todo)} to compute"]
+    older = [c for c in plan.todo if c.earlier_version_stored]
+    if older:
+        tasks = ", ".join(sorted({f"{c.run.task.name} v{c.run.task.version}" for c in older}))
+        lines.append(f"  {len(older)} of them stored by an earlier version of their task, whose numbers differ "
+                     f"(now {tasks}): computed again, the earlier rows kept")
+    lines += [f"feature extractions: {len(needed)} needed, {len(plan.extractions) - len(needed)} already cached"]
     lines += [f"  extract {e.label}" + (f" [missing: {', '.join(e.missing)}]" if e.missing != e.kinds else "")
               + (f" [resumes after {e.done} of {len(e.run.dataset)} images]" if e.done else "") for e in needed]
     lines += [f"skipped {n} cell(s): {why}" for why, n in plan.skipped.items()]

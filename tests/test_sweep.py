@@ -410,6 +410,23 @@ def test_task_file_mistakes_are_one_line(tmp_path, monkeypatch, variant, message
         registry.tasks.cache_clear()
 
 
+def test_the_plan_says_which_cells_an_earlier_task_version_stored(runner, monkeypatch):
+    from ssl_bench.sweep import describe
+
+    grid = grid_from_mapping({"backbones": ["reference"], "tasks": ["kmeans"],
+                              "datasets": [{"name": "synthetic", "options": {"n": 4}}], "k": ["C"], "seeds": [0, 1]})
+    tasks = dict(registry.tasks())
+    current = tasks["kmeans"]
+    tasks["kmeans"] = dataclasses.replace(current, version=current.version - 1)
+    monkeypatch.setattr(registry, "tasks", lambda: tasks)
+    run_local(make_plan(grid, runner, lambda cell: cell.config.seed == 0), runner)  # seed 0 by the earlier version
+    tasks["kmeans"] = current
+    lines = describe(make_plan(grid, runner))
+    assert lines[0] == "cells: 2 in the grid, 0 already stored, 2 to compute"
+    assert lines[1].startswith(f"  1 of them stored by an earlier version of their task, whose numbers differ "
+                               f"(now kmeans v{current.version})")
+
+
 @pytest.mark.parametrize("version", ["two", 0, 1.5])
 def test_a_task_version_is_a_whole_number(tmp_path, monkeypatch, version):
     (tmp_path / "tasks").mkdir()
@@ -434,3 +451,11 @@ def test_cli_warnings_and_listings_read_as_text():
 
     Details."""
     assert _first_sentence(doc) == "Cost of one more K (k-means cells over cached features)."
+
+
+def test_printed_lines_keep_their_brackets():
+    from ssl_bench.cli import out
+
+    with out.capture() as captured:
+        out.print("  extract x [missing: key] [resumes after 3 of 5 images]", highlight=False)
+    assert "[missing: key] [resumes after 3 of 5 images]" in captured.get()  # rich markup would eat both
