@@ -36,7 +36,8 @@ from .models import build_backbone, resolve
 def machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "load_average_1min_at_start": os.getloadavg()[0]}  # a busy shared machine slows every figure
 
 
 def _data_root(name: str, root: str | None) -> str | None:

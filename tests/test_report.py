@@ -184,6 +184,7 @@ def test_results_of_an_earlier_task_version_are_kept_apart_and_labelled():
     frame = pd.read_csv(io.StringIO(report.to_csv(report.leaderboard(rows))))
     old = frame[frame.Method == "kmeans [v1, not current]"]
     assert len(frame) == 2 and len(old) == 1 and old.iloc[0]["synthetic mIoU"] == 60.0  # not averaged together
+    assert frame.current_task_version.tolist() == [True, False] and old.iloc[0]["note"].startswith("stored by another")
     text = report.to_markdown(report.leaderboard(rows))
     assert "**6" not in text and "**40.0**" in text  # a superseded result is never "best"
     assert "among rows of the current task versions" in text and "run or sweep again for the current one (kmeans v" in text

@@ -73,6 +73,7 @@ class Table:
     columns: list[Column]
     rows: list[list[Cell]] = field(default_factory=list)
     random: list[bool] = field(default_factory=list)  # per row: random weights
+    superseded: set[int] = field(default_factory=set)  # rows stored by another version of their task
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -183,7 +184,8 @@ def to_latex(table: Table) -> str:
 def to_csv(table: Table) -> str:
     """CSV for scripts: numbers unrounded, a ``std`` and ``n`` column beside each numeric column (always, so
     the columns do not depend on how many seeds ran; empty where one did), missing values empty, a
-    ``random_weights`` column and a ``note`` column saying what a random-weight row is."""
+    ``random_weights`` and a ``current_task_version`` column, and a ``note`` column saying what a random-weight
+    or superseded row is."""
     if table.empty:
         return ""
     records = []
@@ -198,7 +200,10 @@ def to_csv(table: Table) -> str:
             else:
                 rec[column.key] = "" if cell.value is None else cell.text()  # the tables' dash for "none": empty
         rec["random_weights"] = table.random[i]
-        rec["note"] = RANDOM_NOTE.lstrip(DAGGER + " ") if table.random[i] else ""
+        rec["current_task_version"] = i not in table.superseded
+        notes = [RANDOM_NOTE.lstrip(DAGGER + " ")] if table.random[i] else []
+        notes += ["stored by another version of the task"] if i in table.superseded else []
+        rec["note"] = "; ".join(notes)
         records.append(rec)
     frame = pd.DataFrame(records)
     for column in frame.columns:
@@ -343,7 +348,7 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     method_text = f", {frame.method.iloc[0]}" if len(frame) and not several_methods else ""
     table = Table(f"Leaderboard{method_text}, {k_text}", columns)
     multi_seed = multi_count = False
-    superseded = set()  # rows of results stored by another version of their task: never "best"
+    superseded = table.superseded  # rows of results stored by another version of their task: never "best"
     # Random-weight rows last: they are smoke runs, listed for completeness.
     for (random, model, backbone, method), runs in frame.groupby(["random_weights", "model", "backbone", "method"],
                                                                   sort=True):
