@@ -433,7 +433,7 @@ def bench(
 
 def _first_sentence(doc: str) -> str:
     """The first sentence of a docstring's first paragraph, however its lines wrap."""
-    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split()).replace("``", "")  # no reST quoting on screen
     return paragraph.split(". ")[0].rstrip(".") + "."
 
 

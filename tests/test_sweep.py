@@ -451,6 +451,7 @@ def test_cli_warnings_and_listings_read_as_text():
 
     Details."""
     assert _first_sentence(doc) == "Cost of one more K (k-means cells over cached features)."
+    assert _first_sentence("The fit: ``spherical_kmeans`` with bounds. More.") == "The fit: spherical_kmeans with bounds."
 
 
 def test_printed_lines_keep_their_brackets():

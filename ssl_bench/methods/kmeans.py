@@ -75,7 +75,7 @@ def benchmark(images: int = 101, ks: tuple[int, ...] = (11, 22, 33), seeds: tupl
               iterations: int = 50, threads: int = 1, repeats: int = 2) -> dict:
     """The k-means fit on a split's patches (dino-vits16 at 320 px, random weights, CamVid val when
     ../shared/data is there): ``spherical_kmeans`` with its bounds, the same loop comparing every patch at
-    every step, and faiss's spherical k-means (k-means v1), on ``threads`` threads, best of ``repeats``.
+    every step, and faiss's spherical k-means (k-means v1); one thread by default, best of 2 runs.
     Also how many labels differ from the plain loop's (the bounds promise none), and each fit's objective
     (mean cosine similarity of a patch to its centroid: faiss draws other initial rows for a seed, so only
     the spread over seeds compares)."""
