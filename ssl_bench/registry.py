@@ -239,14 +239,20 @@ def overrides_text(actual: dict, defaults: dict) -> str:
 NOT_CURRENT = "not current"  # in the label of a result of another version of its task
 
 
+def is_current_version(config: dict) -> bool:
+    """Whether a run's config was stored by the registered version of its task (unknown tasks: yes)."""
+    spec = tasks().get(config["task"])
+    return spec is None or config.get("task_version", 1) == spec.version
+
+
 def task_label(config: dict) -> str:
     """A run's task name, plus the parameters that differ from the registry's defaults: ``kmeans (iterations=20)``;
     a result of another version of the task than the registered one says so: ``kmeans [v1, not current]``."""
-    task, params, version = config["task"], config.get("params") or {}, config.get("task_version", 1)
+    task, params = config["task"], config.get("params") or {}
     spec = tasks().get(task)
     extra = overrides_text(params, spec.params) if spec else ""
     label = f"{task} ({extra})" if extra else task
-    return f"{label} [v{version}, {NOT_CURRENT}]" if spec and version != spec.version else label
+    return label if is_current_version(config) else f"{label} [v{config.get('task_version', 1)}, {NOT_CURRENT}]"
 
 
 def lookup(registry: dict[str, Any], name: str, what: str) -> Any:

@@ -80,7 +80,9 @@ class Table:
     def empty(self) -> bool:
         return not self.rows
 
-    def add(self, cells: list[Cell], random: bool = False) -> None:
+    def add(self, cells: list[Cell], random: bool = False, superseded: bool = False) -> None:
+        if superseded:
+            self.superseded.add(len(self.rows))
         self.rows.append(cells)
         self.random.append(bool(random))
 
@@ -97,10 +99,10 @@ class Table:
         return texts
 
 
-def mark_best(table: Table, skip: set[int] = frozenset()) -> None:
-    """Bold the highest mean of each numeric column among the rows not from random weights (none when every
-    row is: a smoke run is never "best") and not in ``skip``."""
-    candidates = [i for i, r in enumerate(table.random) if not r and i not in skip]
+def mark_best(table: Table) -> None:
+    """Bold the highest mean of each numeric column among the rows neither from random weights nor stored by
+    another version of their task (none when there are no such rows: a smoke run is never "best")."""
+    candidates = [i for i, r in enumerate(table.random) if not r and i not in table.superseded]
     for c, column in enumerate(table.columns):
         if not column.numeric:
             continue
@@ -280,11 +282,12 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
         cfg = r["config"]
         rows.append({"backbone": r["backbone"], "weights": r["weights"], "random_weights": bool(r["random_weights"]),
                      "task": r["task"], "method": task_label(cfg),
+                     "current_version": registry.is_current_version(cfg),
                      "dataset": r["dataset"], "column": dataset_label(cfg), "split": r["split"], "k": r["k"],
                      "num_classes": cfg.get("num_classes"), "seed": r["seed"], "miou": r["miou"],
                      "acc": r["acc"], "f1": r["f1"], "config_hash": r["config_hash"]})
-    columns = ["backbone", "weights", "random_weights", "task", "method", "dataset", "column", "split", "k",
-               "num_classes", "seed", "miou", "acc", "f1", "config_hash"]
+    columns = ["backbone", "weights", "random_weights", "task", "method", "current_version", "dataset", "column",
+               "split", "k", "num_classes", "seed", "miou", "acc", "f1", "config_hash"]
     frame = pd.DataFrame(rows, columns=columns)
     frame["column"] = _distinct_columns(frame.column, [(r["config"].get("dataset_identity") or {}).get("root")
                                                        for r in records])
@@ -348,7 +351,6 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     method_text = f", {frame.method.iloc[0]}" if len(frame) and not several_methods else ""
     table = Table(f"Leaderboard{method_text}, {k_text}", columns)
     multi_seed = multi_count = False
-    superseded = table.superseded  # rows of results stored by another version of their task: never "best"
     # Random-weight rows last: they are smoke runs, listed for completeness.
     for (random, model, backbone, method), runs in frame.groupby(["random_weights", "model", "backbone", "method"],
                                                                   sort=True):
@@ -367,19 +369,18 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
         per_dataset = len(set(ran)) > 1  # one number when every dataset it ran on had the same seeds
         multi_count |= per_dataset
         cells.append(Cell(" / ".join(str(s or "–") for s in seeds) if per_dataset else str(ran[0])))
-        if f", {registry.NOT_CURRENT}]" in method:
-            superseded.add(len(table.rows))
-        table.add(cells + numbers, random=bool(random))
-    mark_best(table, superseded)
+        # the method label carries the version, so a row's runs share it
+        table.add(cells + numbers, random=bool(random), superseded=not runs.current_version.iloc[0])
+    mark_best(table)
     if all(table.random):
         notes = ["No value is bold: every row is a random-weight smoke run."]
-    elif all(random or i in superseded for i, random in enumerate(table.random)):
+    elif all(random or i in table.superseded for i, random in enumerate(table.random)):
         notes = ["No value is bold: every row is a random-weight smoke run or from another task version."]
     else:
         rows = [what for what, present in (("not marked †", any(table.random)),
-                                           ("of the current task versions", superseded)) if present]
+                                           ("of the current task versions", table.superseded)) if present]
         notes = ["Bold: best per column" + (f" among rows {' and '.join(rows)}." if rows else ".")]
-    if superseded:
+    if table.superseded:
         current = ", ".join(sorted(f"{t} v{registry.tasks()[t].version}" for t in frame.task.unique()
                                    if t in registry.tasks()))
         notes.append(f"[vN, {registry.NOT_CURRENT}]: stored by another version of the task, whose numbers differ; "
