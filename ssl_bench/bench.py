@@ -122,9 +122,9 @@ def k_sweep(backbone: str = "dino-vits16", dataset: str = "camvid", data_root: s
     Each figure is the best of ``repeats`` runs, extraction and cells alike (a shared machine only ever
     adds time). Decoding the labels is, like the extraction, done once per sweep and reported apart.
     ``fit_s`` times the k-means fit alone (all patches, the task's iterations): the floor of a cell.
-    ``threads`` fixes torch, OpenMP and BLAS threads for both sides; one thread by default, so the ratio
-    measures work rather than thread contention on a shared machine (OpenMP with 2 threads on a loaded
-    2-core host runs several times slower than with one)."""
+    ``threads`` fixes torch, OpenMP, BLAS and numba threads for both sides; one thread by default, so the
+    ratio measures work rather than thread contention on a shared machine (OpenMP with 2 threads on a
+    loaded 2-core host runs several times slower than with one)."""
     from .methods.kmeans import fit_centroids
     from .ops import as_float32, set_threads
     from .runner import RunConfig, Runner, TaskContext

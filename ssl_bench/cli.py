@@ -142,7 +142,7 @@ def sweep(
     crop: Optional[str] = typer.Option(None, help="protocol: 'center' or 'none'"),
     executor: str = typer.Option("local", help="local (in-process) | ray"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local instance)"),
-    cpus_per_task: Optional[int] = typer.Option(None, help="Ray: CPUs (= torch/OpenMP/BLAS threads) per task "
+    cpus_per_task: Optional[int] = typer.Option(None, help="Ray: CPUs (= torch/OpenMP/BLAS/numba threads) per task "
                                                 "(default: this machine's torch threads)"),
     plan_only: bool = typer.Option(False, "--plan", help="print the plan and stop"),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if present, else cpu)"),

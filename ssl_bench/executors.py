@@ -129,7 +129,7 @@ def _largest_node_cpus(ray) -> int:
 
 
 def _threads_per_task(ray, asked: int | None, local: bool = True) -> int:
-    """CPUs (and torch/OpenMP/BLAS threads) per task: as asked, else this process's torch threads, capped by the
+    """CPUs (and torch/OpenMP/BLAS/numba threads) per task: as asked, else this process's torch threads, capped by the
     largest node. Asking more than a node has would make Ray wait forever without a word: refused on the
     local instance started here, a warning on a cluster (an autoscaler may yet add a bigger node)."""
     import torch
@@ -175,8 +175,8 @@ def run_ray(plan: Plan, runner: Runner, address: str | None = None, device: str 
             on_cell: CellCallback = lambda cell, status: None, cpus_per_task: int | None = None) -> SweepSummary:
     """Extractions and cells as Ray tasks; a cell takes its extraction's ObjectRef as an argument, so Ray
     starts it only once that entry is filled. Uses a running Ray instance if this process has one.
-    Each task gets ``cpus_per_task`` CPUs and as many torch/OpenMP/BLAS threads (default: this process's torch
-    thread count, capped by the largest node), so results equal the local executor's."""
+    Each task gets ``cpus_per_task`` CPUs and as many torch/OpenMP/BLAS/numba threads (default: this
+    process's torch thread count, capped by the largest node), so results equal the local executor's."""
     try:
         import ray
     except ImportError:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .errors import UserError
 
 
@@ -29,14 +30,17 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-8, copy: bool = True) -> np.ndar
 
 
 def set_threads(threads: int) -> None:
-    """Torch, faiss (OpenMP) and numpy's BLAS thread counts, for this process: a fixed count keeps torch's
-    float reductions in one order run after run, and makes a benchmark's thread count mean what it says."""
+    """Torch, faiss (OpenMP), numpy's BLAS and numba (``kernels``) thread counts, for this process: a fixed
+    count keeps torch's float reductions in one order run after run, and makes a benchmark's thread count
+    mean what it says (the kernels' results do not depend on it)."""
     import faiss
+    import numba
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     threadpool_limits(limits=threads, user_api="blas")
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # at most the cores numba started with
 
 
 def upsample_scores(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -45,30 +49,28 @@ def upsample_scores(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
 
 
-class UpsampleArgmax:
-    """Labels (H, W) = argmax (first maximum) of bilinearly upsampled scores (K, h, w), image after image.
-
-    Upsampled channels-last, so each pixel's K scores are contiguous for the argmax (2.5-4x faster than
-    channels-first), into one buffer reused while K and the size stay the same: a fresh multi-megabyte
-    tensor per image costs as much in page faults as the interpolation. Channels-last rounds differently
-    in the last bit, which changes a label only at exact float ties (about 1 pixel in 10^6 on CamVid)."""
-
-    def __init__(self):
-        self._buffer: torch.Tensor | None = None
-
-    def __call__(self, scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))[None]
-        t = t.contiguous(memory_format=torch.channels_last)
-        shape = (1, t.shape[1], *size)
-        if self._buffer is None or tuple(self._buffer.shape) != shape:
-            self._buffer = torch.empty(shape).contiguous(memory_format=torch.channels_last)
-        torch.ops.aten.upsample_bilinear2d.out(t, list(size), False, None, None, out=self._buffer)
-        return self._buffer[0].permute(1, 2, 0).numpy().argmax(-1)  # numpy: faster over a short last axis
+def bilinear_sources(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output position of a bilinear resize (align_corners=False), its two source positions and the
+    weight of the second, computed as torch computes them (float32: scale in/out, clamped at the edges)."""
+    scale = np.float32(size_in) / np.float32(size_out)
+    source = np.maximum((np.arange(size_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5),
+                        np.float32(0.0))
+    first = np.minimum(source.astype(np.int64), size_in - 1)
+    weight = np.clip(source - first.astype(np.float32), np.float32(0.0), np.float32(1.0)).astype(np.float32)
+    return first, first + (first < size_in - 1), weight
 
 
 def upsample_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """One image's labels; ``UpsampleArgmax`` does the same for a stream of images, reusing its buffer."""
-    return UpsampleArgmax()(scores, size)
+    """Labels (H, W) = argmax (first maximum) of the bilinearly upsampled scores (K, h, w), as
+    ``upsample_scores(scores, size).argmax(0)`` without the (K, H, W) array (``kernels.upsample_argmax``:
+    3-5x faster at K = 11-33). Labels differ only where two classes tie to float32 rounding, about 1 pixel
+    in 10^6 on CamVid."""
+    k, h, w = scores.shape
+    rows = bilinear_sources(h, size[0])
+    cols = bilinear_sources(w, size[1])
+    out = np.empty(size, dtype=np.int64)
+    kernels.upsample_argmax(np.ascontiguousarray(scores.transpose(1, 2, 0), dtype=np.float32), *rows, *cols, out)
+    return out
 
 
 def upsample_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -83,35 +85,13 @@ def softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-# Bound slack on a cosine similarity: above float32 rounding of a dot product of unit vectors (~1e-6 at
-# d = 384), so a row is skipped only when its nearest centroid cannot have changed.
+# Bound slack on a cosine similarity: far above float32 rounding of the stored bounds (~1e-7), so a
+# centroid is skipped only when it cannot be the nearest.
 _SIMILARITY_SLACK = 1e-5
-
-
-def _chord(similarity: np.ndarray) -> np.ndarray:
-    """Euclidean distance between unit vectors of this cosine similarity (a metric: the bounds need one)."""
-    return np.sqrt(np.maximum(2.0 - 2.0 * similarity, 0.0))
 
 
 def _unit_rows(sums: np.ndarray) -> np.ndarray:
     return (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-30)).astype(np.float32)
-
-
-def _move_rows(sums: np.ndarray, rows: np.ndarray, source: np.ndarray, target: np.ndarray) -> None:
-    """Cluster sums (float64) after ``rows`` (m, d) leave clusters ``source`` (-1: none) for ``target``."""
-    moves = np.zeros((len(sums), len(rows)))
-    columns = np.arange(len(rows))
-    moves[target, columns] = 1.0
-    left = source >= 0
-    moves[source[left], columns[left]] -= 1.0
-    sums += moves @ rows.astype(np.float64)
-
-
-def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    sums = np.zeros((k, x.shape[1]))
-    for cluster in range(k):
-        sums[cluster] = x[labels == cluster].sum(0, dtype=np.float64)
-    return sums
 
 
 def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bounds: bool = True) -> np.ndarray:
@@ -119,14 +99,14 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bou
 
     All-zero rows (no direction) take no part. Starts from k distinct rows drawn with ``seed``; each of
     ``iterations`` rounds assigns every row to its most similar centroid (first one on ties), then sets each
-    centroid to its rows' normalised sum. A cluster left empty takes the row least similar to its centroid
-    among clusters of two rows or more.
+    centroid to its rows' normalised float64 sum. A cluster left empty takes the row least similar to its
+    centroid among clusters of two rows or more. Similarities are float64 sums of exact products
+    (``kernels.dot64``), so the result does not depend on the BLAS, the CPU or the thread count.
 
-    The plain loop's result, computed faster (Elkan, ICML 2003): triangle-inequality bounds on each row's
-    distance to every centroid, loosened by how far each centroid moved, skip the rows whose nearest
-    centroid cannot have changed; only the others are compared with all k centroids. Centroid sums are
-    kept in float64 and updated from the rows that changed cluster. ``bounds=False`` compares every row at
-    every step (the plain loop, for benchmarks)."""
+    That loop's result, computed faster (Elkan, ICML 2003; ``kernels.kmeans_assign_bounded``):
+    triangle-inequality bounds on each row's distance to every centroid, loosened by how far each centroid
+    moved, skip the comparisons that cannot change a row's cluster. ``bounds=False`` compares every row
+    with every centroid at every step (the plain loop, for tests and benchmarks)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     squared_norms = np.einsum("ij,ij->i", x, x)  # one pass: NaN and inf reach the sums, zero rows sum to 0
     if not np.isfinite(squared_norms).all():
@@ -141,59 +121,54 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bou
         raise UserError(f"K={k} clusters need at least {k} patches{nonzero} to fit on, got {n} -- lower --k, or use "
                         f"more or larger images")
     centroids = x[np.random.default_rng(seed).choice(n, k, replace=False)]
-    labels = np.full(n, -1)
-    upper = np.full(n, np.inf, dtype=np.float32)     # >= distance to the own centroid
-    lower = np.zeros((k, n), dtype=np.float32)       # <= distance to every other centroid (inf: own);
-    #                                                  k rows: the min over centroids is then 10x faster
-    sums = np.zeros((k, d))
-    for step in range(iterations):
-        if step:
-            moved_to = _unit_rows(sums)
-            # rounded up by more than float32 rounding of the bound updates below (< 2.4e-7 per step)
-            moved = np.linalg.norm(moved_to - centroids, axis=1) * (1 + 1e-6) + 1e-6
+    labels = np.empty(n, dtype=np.int64)
+    upper = np.empty(n, dtype=np.float32)      # >= distance to the own centroid
+    lower = np.empty((n, k), dtype=np.float32)  # <= distance to every other centroid (own: inf)
+    kernels.kmeans_assign_all(x, centroids, labels, upper, lower, _SIMILARITY_SLACK)
+    sums = kernels.cluster_sums(x, labels, k)
+    for step in range(1, iterations + 1):
+        _fill_empty_clusters(x, centroids, labels, sums, upper, lower)
+        if step == iterations:
+            break
+        moved_to = _unit_rows(sums)
+        if bounds:
+            # rounded up by more than float32 rounding of the bound updates (< 2.4e-7 per step)
+            moved = (np.linalg.norm(moved_to - centroids, axis=1) * (1 + 1e-6) + 1e-6).astype(np.float32)
             centroids = moved_to
-            upper += moved[labels]
-            lower -= moved[:, None]
-        stale = np.flatnonzero(upper > lower.min(0)) if bounds else np.arange(n)
-        if len(stale):
-            similarity = (x if len(stale) == n else x[stale]) @ centroids.T
-            nearest = similarity.argmax(1)
-            at = np.arange(len(stale))
-            upper[stale] = _chord(similarity[at, nearest] - _SIMILARITY_SLACK)
-            distance = _chord(similarity + _SIMILARITY_SLACK)
-            distance[at, nearest] = np.inf
-            lower[:, stale] = distance.T
-            changed = nearest != labels[stale]
-            rows = stale[changed]
-            if len(rows) > n // 8:  # summing afresh is cheaper than moving so many rows
-                labels[rows] = nearest[changed]
-                sums = _cluster_sums(x, labels, k)
-            else:
-                _move_rows(sums, x[rows], labels[rows], nearest[changed])
-                labels[rows] = nearest[changed]
-        _fill_empty_clusters(x, centroids, labels, sums, upper)
+            # half the distance between two centroids, rounded down by the slack: a row closer than that to
+            # its own centroid cannot be nearer the other (Elkan's lemma 1)
+            c = centroids.astype(np.float64)
+            half_gap = (np.sqrt(np.maximum(2.0 - 2.0 * (c @ c.T + _SIMILARITY_SLACK), 0.0)) / 2).astype(np.float32)
+            np.fill_diagonal(half_gap, np.inf)
+            kernels.kmeans_assign_bounded(x, centroids, labels, upper, lower, moved, half_gap, sums,
+                                          _SIMILARITY_SLACK)
+        else:
+            centroids = moved_to
+            kernels.kmeans_assign_all(x, centroids, labels, upper, lower, _SIMILARITY_SLACK)
+            sums = kernels.cluster_sums(x, labels, k)
     return _unit_rows(sums)
 
 
 def _fill_empty_clusters(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, sums: np.ndarray,
-                         upper: np.ndarray) -> None:
+                         upper: np.ndarray, lower: np.ndarray) -> None:
     """Each empty cluster takes the row least similar to its own centroid (from a cluster that keeps a row);
     the moved rows are compared with every centroid at the next step."""
     counts = np.bincount(labels, minlength=len(centroids))
     empty = np.flatnonzero(counts == 0)
     if not len(empty):
         return
-    own = np.concatenate([np.einsum("ij,ij->i", x[i:i + 65536], centroids[labels[i:i + 65536]])  # no (n, d) copy
-                          for i in range(0, len(x), 65536)])
+    own = kernels.own_similarity(x, centroids, labels)
     for cluster in empty:
-        candidates = np.where(counts[labels] > 1, own, np.inf)
-        row = int(candidates.argmin())
-        _move_rows(sums, x[row:row + 1], labels[row:row + 1], np.array([cluster]))
-        counts[labels[row]] -= 1
+        row = int(np.where(counts[labels] > 1, own, np.inf).argmin())
+        source = labels[row]
+        sums[source] -= x[row]
+        sums[cluster] += x[row]
+        counts[source] -= 1
         counts[cluster] += 1
         labels[row] = cluster
         own[row] = np.inf
         upper[row] = np.inf
+        lower[row, source] = 0.0  # it was the own centroid (no bound kept): 0 is a valid lower bound
 
 
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from .ops import set_threads
 BASELINES = Path(__file__).resolve().parent.parent / "results" / "regress" / "baselines.json"
 METRICS = ("miou", "acc", "f1")
 TOLERANCE = {"miou": 0.5, "acc": 0.5, "f1": 0.5}  # absolute, in percentage points
-THREADS = 2  # torch, OpenMP and BLAS: a fixed count keeps float reductions in one order run after run
+THREADS = 2  # torch, OpenMP, BLAS and numba: a fixed count keeps float reductions in one order run after run
 
 SYNTHETIC = {"name": "synthetic", "options": {"n": 12}}
 RANDOM_VIT = {"name": "dino-vits16", "weights": "random", "weights_seed": 0}

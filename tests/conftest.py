@@ -31,7 +31,7 @@ def one_thread():
     before = torch.get_num_threads()
     set_threads(1)
     yield
-    set_threads(before)  # torch, OpenMP and BLAS: a benchmark run under this fixture sets all three
+    set_threads(before)  # torch, OpenMP, BLAS and numba: a benchmark run under this fixture sets them all
 
 
 @pytest.fixture

@@ -21,15 +21,22 @@ def test_ties_go_to_the_first_class_like_argmax():
     assert labels.dtype == np.int64 and (labels[-1] == 0).all() and (labels[0] == 2).all()
 
 
-def test_reused_upsampler_follows_changing_sizes_and_k():
-    from ssl_bench.ops import UpsampleArgmax
+@pytest.mark.parametrize("grid,size", [((4, 6), (32, 48)), ((6, 4), (48, 30)), ((3, 3), (9, 9)), ((1, 5), (7, 40)),
+                                       ((5, 5), (5, 5)), ((7, 9), (4, 5))])  # up, odd ratios, one row, same, down
+def test_upsample_argmax_follows_torch_at_any_ratio(grid, size):
+    scores = np.random.default_rng(sum(size)).standard_normal((9, *grid)).astype(np.float32)
+    up = F.interpolate(torch.from_numpy(scores)[None], size=size, mode="bilinear", align_corners=False)[0]
+    labels = upsample_argmax(scores, size)
+    assert labels.shape == size and (labels == up.argmax(0).numpy()).all()
 
-    upsample, rng = UpsampleArgmax(), np.random.default_rng(0)
-    for k, grid, size in [(5, (4, 6), (32, 48)), (5, (4, 6), (32, 48)), (9, (6, 4), (48, 30)), (5, (3, 3), (9, 9))]:
-        scores = rng.standard_normal((k, *grid)).astype(np.float32)
-        up = F.interpolate(torch.from_numpy(scores)[None], size=size, mode="bilinear", align_corners=False)[0]
-        labels = upsample(scores, size)
-        assert labels.shape == size and (labels == up.argmax(0).numpy()).all()
+
+def test_upsample_argmax_finds_a_class_on_top_only_between_two_patches():
+    # class 2 is below classes 0 and 1 at both patch centres but above their mix halfway: the pixels in
+    # between must be 2, which a rule looking only at the patches' own winners would miss
+    scores = np.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.8]], np.float32)[:, None, :]
+    up = F.interpolate(torch.from_numpy(scores)[None], size=(1, 16), mode="bilinear", align_corners=False)[0]
+    labels = upsample_argmax(scores, (1, 16))
+    assert (labels == up.argmax(0).numpy()).all() and set(labels[0]) == {0, 1, 2}
 
 
 def test_l2_normalize_copies_unless_told_and_keeps_zero_rows():
@@ -43,14 +50,16 @@ def test_l2_normalize_copies_unless_told_and_keeps_zero_rows():
 
 
 def plain_lloyd(x, k, seed, iterations=50):
-    """The loop ``spherical_kmeans`` promises to equal, written the obvious way (every row, every step)."""
+    """The loop ``spherical_kmeans`` promises to equal, written the obvious way (every row, every step;
+    similarities in float64, as it computes them)."""
     n, d = x.shape
+    x64 = x.astype(np.float64)
     centroids = x[np.random.default_rng(seed).choice(n, k, replace=False)]
     for _ in range(iterations):
-        labels = (x @ centroids.T).argmax(1)
+        labels = (x64 @ centroids.T.astype(np.float64)).argmax(1)
         counts = np.bincount(labels, minlength=k)
         for empty in np.flatnonzero(counts == 0):
-            own = np.where(counts[labels] > 1, np.einsum("ij,ij->i", x, centroids[labels]), np.inf)
+            own = np.where(counts[labels] > 1, np.einsum("ij,ij->i", x64, centroids[labels].astype(np.float64)), np.inf)
             row = own.argmin()
             counts[labels[row]] -= 1
             counts[empty] += 1
@@ -74,6 +83,7 @@ def test_spherical_kmeans_equals_the_plain_lloyd_loop(spread, seed):
     np.testing.assert_array_equal((x @ fast.T).argmax(1), (x @ plain.T).argmax(1))
     np.testing.assert_allclose(fast, plain, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(spherical_kmeans(x, 9, seed, iterations=30, bounds=False), fast)
 
 
 def test_spherical_kmeans_refills_empty_clusters_like_the_plain_loop():
@@ -101,3 +111,23 @@ def test_spherical_kmeans_leaves_zero_rows_out_and_refuses_non_finite_features()
     x[5, 3] = np.nan
     with pytest.raises(UserError, match="NaN or infinite"):
         spherical_kmeans(x, 6, 1)
+
+
+def test_kernels_give_the_same_result_on_any_number_of_threads():
+    import numba
+
+    from ssl_bench.ops import set_threads
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba sees one core: nothing to compare")
+    x = blobs(4000, 32, 8, 2.0, 0)
+    scores = np.random.default_rng(0).standard_normal((12, 9, 11)).astype(np.float32)
+    results, before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            set_threads(threads)
+            results.append((spherical_kmeans(x, 10, 0, iterations=20), upsample_argmax(scores, (70, 90))))
+    finally:
+        set_threads(before)
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])

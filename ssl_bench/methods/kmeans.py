@@ -7,14 +7,12 @@ by the dense CRF those papers share.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 from ..crf import dense_crf
 from ..errors import UserError
-from ..ops import (UpsampleArgmax, as_float32, l2_normalize, sample_rows, softmax, spherical_kmeans,
-                   upsample_argmax, upsample_scores)
+from ..ops import (as_float32, l2_normalize, sample_rows, softmax, spherical_kmeans, upsample_argmax,
+                   upsample_scores)
 
 
 def fit_centroids(features: np.ndarray, k: int, seed: int, iterations: int = 50, copy: bool = True) -> np.ndarray:
@@ -30,12 +28,11 @@ def cluster_scores(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None = None,
-            crf_alpha: float = 0.0, argmax: Callable = upsample_argmax) -> np.ndarray:
+            crf_alpha: float = 0.0) -> np.ndarray:
     """Labels (H, W) from patch scores (k, h, w); with ``image`` and ``crf_alpha`` > 0, CRF-refined
-    (probabilities are softmax(alpha * cosine), as STEGO's cluster probabilities). ``argmax``: an
-    ``ops.UpsampleArgmax`` reused over a split's images."""
+    (probabilities are softmax(alpha * cosine), as STEGO's cluster probabilities)."""
     if image is None or crf_alpha <= 0:
-        return argmax(scores, size)
+        return upsample_argmax(scores, size)
     up = upsample_scores(scores, size)
     return dense_crf(image, softmax(crf_alpha * up, axis=0)).argmax(0).astype(np.int64)
 
@@ -62,10 +59,9 @@ def run(ctx):
     feats = ctx.features("patch")
 
     def predictions():
-        argmax = UpsampleArgmax()
         for i in range(len(feats)):
             image = ctx.image(i) if p["crf"] else None
-            labels = predict(cluster_scores(feats[i], centroids), ctx.label_size(i), image, p["crf_alpha"], argmax)
+            labels = predict(cluster_scores(feats[i], centroids), ctx.label_size(i), image, p["crf_alpha"])
             yield Prediction(i, labels)
 
     return TaskResult(predictions(), stats={"fit_patches": int(len(rows))})

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import UpsampleArgmax, softmax, upsample_argmax, upsample_scores
+from ..ops import softmax, upsample_argmax, upsample_scores
 from ..registry import is_number, is_whole
 
 
@@ -606,12 +606,10 @@ def image_proposals(features: np.ndarray, size: tuple[int, int], image: np.ndarr
     return proposals_to_image(soft, size, image, crf=p["proposal_crf"], gain=p["mask_gain"])
 
 
-def _predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None,
-             argmax: Callable = upsample_argmax) -> dict[str, np.ndarray]:
-    """Upsample scores to label size, argmax; with an image (CRF on) also keep the un-refined prediction.
-    ``argmax``: an ``ops.UpsampleArgmax`` reused over a split's images."""
+def _predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Upsample scores to label size, argmax; with an image (CRF on) also keep the un-refined prediction."""
     if image is None:
-        return {"final": argmax(scores, size)}
+        return {"final": upsample_argmax(scores, size)}
     from ..crf import dense_crf
 
     up = upsample_scores(scores, size)  # the CRF needs the scores themselves
@@ -678,11 +676,10 @@ def run(ctx):
                      augmentation=p["augment"], train_resolution=p["train_resolution"])
 
     def predictions():
-        argmax = UpsampleArgmax()
         for i in range(len(evaluated)):  # the runner shows progress while it consumes predictions
             image = ctx.image(i) if p["crf"] else None
             scores = model.predict_scores(evaluated[i])
-            for stream, labels in _predict(scores, ctx.label_size(i), image, argmax).items():
+            for stream, labels in _predict(scores, ctx.label_size(i), image).items():
                 yield Prediction(index=i, labels=labels, stream=stream)
 
     if mode == "linear-probe":
