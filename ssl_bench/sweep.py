@@ -334,7 +334,7 @@ def describe(plan: Plan) -> list[str]:
     older = [c for c in plan.todo if c.earlier_version_stored]
     if older:
         tasks = ", ".join(sorted({f"{c.run.task.name} v{c.run.task.version}" for c in older}))
-        lines.append(f"  {len(older)} of them stored by an earlier version of their task, whose numbers differ "
+        lines.append(f"  {len(older)} of them stored by an earlier version of their task, whose numbers may differ "
                      f"(now {tasks}): computed again, the earlier rows kept")
     lines += [f"feature extractions: {len(needed)} needed, {len(plan.extractions) - len(needed)} already cached"]
     lines += [f"  extract {e.label}" + (f" [missing: {', '.join(e.missing)}]" if e.missing != e.kinds else "")

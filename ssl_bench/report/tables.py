@@ -383,7 +383,7 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     if table.superseded:
         current = ", ".join(sorted(f"{t} v{registry.tasks()[t].version}" for t in frame.task.unique()
                                    if t in registry.tasks()))
-        notes.append(f"[vN, {registry.NOT_CURRENT}]: stored by another version of the task, whose numbers differ; "
+        notes.append(f"[vN, {registry.NOT_CURRENT}]: stored by another version of the task, whose numbers may differ; "
                      f"run or sweep again for the current one ({current}).")
     notes += [SEEDS_NOTE] if multi_seed else []
     notes += ["Seeds a / b: seeds per dataset, in column order."] if multi_count else []
