@@ -12,8 +12,9 @@ from numba import njit, prange
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
 def dot64(a: np.ndarray, b: np.ndarray) -> float:
-    """Dot product of two float32 vectors in float64 (each product is exact; the sum errs by ~1e-16), so a
-    comparison of two similarities has one answer whatever the CPU, BLAS or summation order."""
+    """Dot product of two float32 vectors in float64 (each product is exact; the sum errs by ~1e-16), so
+    comparing two similarities gives the same answer whatever the BLAS, thread count or summation order
+    (the vector width picks the order), except at float64 near-ties."""
     total = 0.0
     for t in range(a.shape[0]):
         total += np.float64(a[t]) * np.float64(b[t])
@@ -29,9 +30,9 @@ def _chord(similarity: float) -> float:
 
 @njit(parallel=True, cache=True)
 def kmeans_assign_all(x, centroids, labels, upper, lower, slack):
-    """Every row (n, d) to its most similar centroid (first on ties), and exact bounds from the comparison:
-    ``upper`` (n,) >= distance to the own centroid, ``lower`` (n, k) <= distance to the others (own: inf).
-    ``slack`` on the similarities covers float32 rounding of the stored bounds."""
+    """Every unit row (n, d) to its most similar centroid (first on ties), and bounds from the comparison:
+    ``upper`` (n,) >= distance to the own centroid, ``lower`` (n, k) <= distance to the others (own: inf),
+    widened by ``slack`` on the similarities, which covers float32 rounding of the stored bounds."""
     n, k = lower.shape
     for i in prange(n):
         best, best_similarity = 0, -np.inf
@@ -75,6 +76,7 @@ def kmeans_assign_bounded(x, centroids, labels, upper, lower, moved, half_gap, s
                 continue
             similarity = dot64(x[i], centroids[j])
             row_lower[j] = _chord(similarity + slack)
+            # j < best on a tie: only while best is still the own centroid (later ones have smaller j)
             if similarity > best_similarity or (similarity == best_similarity and j < best):
                 row_lower[best] = _chord(best_similarity + slack)
                 row_lower[j] = np.inf
@@ -130,7 +132,7 @@ def _envelope(left, right, first, last, breaks, classes):
             t = (np.float64(left[current]) - np.float64(left[c])) / (steeper - slope)
             if t < soonest or (t == soonest and steeper > following_slope):
                 soonest, following, following_slope = t, c, steeper
-        if following < 0:  # only by rounding: ``last`` ties with ``current`` along the whole interval
+        if following < 0:  # no steeper line: ``current`` stays on top (``last`` ties with it, by rounding)
             break
         at = max(at, soonest)
         breaks[count] = at
@@ -154,6 +156,7 @@ def upsample_argmax(scores, rows0, rows1, row_weights, cols0, cols1, col_weights
     h, w, k = scores.shape
     height, width = out.shape
     for y in prange(height):  # output rows are independent (spread over numba's threads)
+        # scratch (numba allocates it once per thread): every element is written before it is read
         row = np.empty((w, k), np.float32)
         top = np.empty(w, np.int64)
         breaks = np.empty(k + 1)
@@ -179,4 +182,18 @@ def upsample_argmax(scores, rows0, rows1, row_weights, cols0, cols1, col_weights
             t, s = col_weights[x], 0
             while s < count and t > breaks[s]:
                 s += 1
-            out[y, x] = min(classes[s], classes[s + 1]) if s < count and t == breaks[s] else classes[s]
+            if s < count and t == breaks[s]:  # on a crossing: ties go to the first class, as argmax does
+                out[y, x] = _first_top(row[i], row[j], t)
+            else:
+                out[y, x] = classes[s]
+
+
+@njit(cache=True)
+def _first_top(left, right, t):
+    """First class on top of ``left (1 - t) + right t`` (where the envelope crosses, several lines may tie)."""
+    best, best_value = 0, -np.inf
+    for c in range(left.shape[0]):
+        value = (np.float32(1.0) - t) * left[c] + t * right[c]
+        if value > best_value:
+            best, best_value = c, value
+    return best

@@ -51,7 +51,8 @@ def upsample_scores(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def bilinear_sources(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each output position of a bilinear resize (align_corners=False), its two source positions and the
-    weight of the second, computed as torch computes them (float32: scale in/out, clamped at the edges)."""
+    weight of the second, by torch's formula (float32: scale in/out, clamped at the edges). Torch's vectorised
+    CPU kernels fuse its multiply-add and may differ in the last bit, which moves a label only at a near-tie."""
     scale = np.float32(size_in) / np.float32(size_out)
     source = np.maximum((np.arange(size_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5),
                         np.float32(0.0))
@@ -95,18 +96,22 @@ def _unit_rows(sums: np.ndarray) -> np.ndarray:
 
 
 def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bounds: bool = True) -> np.ndarray:
-    """Cosine k-means (Lloyd) on unit-norm rows of ``x`` (n, d): unit-norm centroids (k, d).
+    """Cosine k-means (Lloyd) on the rows of ``x`` (n, d), normalised first unless they are unit-norm already:
+    unit-norm centroids (k, d).
 
     All-zero rows (no direction) take no part. Starts from k distinct rows drawn with ``seed``; each of
     ``iterations`` rounds assigns every row to its most similar centroid (first one on ties), then sets each
     centroid to its rows' normalised float64 sum. A cluster left empty takes the row least similar to its
     centroid among clusters of two rows or more. Similarities are float64 sums of exact products
-    (``kernels.dot64``), so the result does not depend on the BLAS, the CPU or the thread count.
+    (``kernels.dot64``), so the result does not depend on the BLAS or the thread count.
 
     That loop's result, computed faster (Elkan, ICML 2003; ``kernels.kmeans_assign_bounded``):
     triangle-inequality bounds on each row's distance to every centroid, loosened by how far each centroid
-    moved, skip the comparisons that cannot change a row's cluster. ``bounds=False`` compares every row
-    with every centroid at every step (the plain loop, for tests and benchmarks)."""
+    moved, skip the comparisons that cannot change a row's cluster. The cluster sums follow the rows that
+    change cluster instead of being summed afresh: they differ by float64 rounding (~1e-15), which reaches
+    a float32 centroid only at a rounding boundary (not seen on features; rows whose components span 14
+    orders of magnitude show it). ``bounds=False`` compares every row with every centroid and sums afresh
+    at every step (the plain loop, for tests and benchmarks)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     squared_norms = np.einsum("ij,ij->i", x, x)  # one pass: NaN and inf reach the sums, zero rows sum to 0
     if not np.isfinite(squared_norms).all():
@@ -115,6 +120,8 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bou
     directed = squared_norms > 0
     if not directed.all():
         x = x[directed]
+    if np.abs(squared_norms[directed] - 1.0).max(initial=0.0) > 1e-4:  # the bounds hold for unit rows only
+        x = l2_normalize(x)
     n, d = x.shape
     if n < k:
         nonzero = "" if directed.all() else " with non-zero features"
@@ -123,11 +130,12 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bou
     centroids = x[np.random.default_rng(seed).choice(n, k, replace=False)]
     labels = np.empty(n, dtype=np.int64)
     upper = np.empty(n, dtype=np.float32)      # >= distance to the own centroid
-    lower = np.empty((n, k), dtype=np.float32)  # <= distance to every other centroid (own: inf)
+    lower = np.empty((n, k), dtype=np.float32)  # <= distance to every other centroid (own: unused)
     kernels.kmeans_assign_all(x, centroids, labels, upper, lower, _SIMILARITY_SLACK)
     sums = kernels.cluster_sums(x, labels, k)
     for step in range(1, iterations + 1):
-        _fill_empty_clusters(x, centroids, labels, sums, upper, lower)
+        if _fill_empty_clusters(x, centroids, labels, sums, upper, lower) and not bounds:
+            sums = kernels.cluster_sums(x, labels, k)  # the plain loop sums afresh
         if step == iterations:
             break
         moved_to = _unit_rows(sums)
@@ -150,13 +158,13 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bou
 
 
 def _fill_empty_clusters(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, sums: np.ndarray,
-                         upper: np.ndarray, lower: np.ndarray) -> None:
+                         upper: np.ndarray, lower: np.ndarray) -> bool:
     """Each empty cluster takes the row least similar to its own centroid (from a cluster that keeps a row);
-    the moved rows are compared with every centroid at the next step."""
+    the moved rows are compared with every centroid at the next step. Returns whether any row moved."""
     counts = np.bincount(labels, minlength=len(centroids))
     empty = np.flatnonzero(counts == 0)
     if not len(empty):
-        return
+        return False
     own = kernels.own_similarity(x, centroids, labels)
     for cluster in empty:
         row = int(np.where(counts[labels] > 1, own, np.inf).argmin())
@@ -169,6 +177,7 @@ def _fill_empty_clusters(x: np.ndarray, centroids: np.ndarray, labels: np.ndarra
         own[row] = np.inf
         upper[row] = np.inf
         lower[row, source] = 0.0  # it was the own centroid (no bound kept): 0 is a valid lower bound
+    return True
 
 
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

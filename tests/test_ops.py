@@ -39,6 +39,14 @@ def test_upsample_argmax_finds_a_class_on_top_only_between_two_patches():
     assert (labels == up.argmax(0).numpy()).all() and set(labels[0]) == {0, 1, 2}
 
 
+def test_upsample_argmax_gives_a_three_way_tie_at_a_crossing_to_the_first_class():
+    # at the midpoint all three classes score 0.5 exactly: argmax takes class 0, not the steepest line
+    scores = np.array([[0.5, 0.5], [0.0, 1.0], [1.0, 0.0]], np.float32)[:, None, :]
+    for size in [(1, 1), (1, 3), (1, 5)]:
+        up = F.interpolate(torch.from_numpy(scores)[None], size=size, mode="bilinear", align_corners=False)[0]
+        assert (upsample_argmax(scores, size) == up.argmax(0).numpy()).all()
+
+
 def test_l2_normalize_copies_unless_told_and_keeps_zero_rows():
     from ssl_bench.ops import l2_normalize
 
@@ -92,6 +100,14 @@ def test_spherical_kmeans_refills_empty_clusters_like_the_plain_loop():
     fast, plain = spherical_kmeans(x, 6, 3, iterations=10), plain_lloyd(x, 6, 3, iterations=10)
     np.testing.assert_allclose(fast, plain, atol=1e-6)
     assert np.isfinite(fast).all() and len(np.unique((x @ fast.T).argmax(1))) == 4
+
+
+def test_spherical_kmeans_normalises_rows_that_are_not_unit_norm():
+    x = blobs(600, 16, 4, 1.0, 0)
+    scaled = x * np.random.default_rng(1).uniform(0.2, 5.0, size=(len(x), 1)).astype(np.float32)
+    fast = spherical_kmeans(scaled, 5, 0)  # unnormalised, the chord-distance bounds would skip wrongly
+    np.testing.assert_array_equal(fast, spherical_kmeans(scaled, 5, 0, bounds=False))
+    np.testing.assert_allclose(fast, spherical_kmeans(x, 5, 0), atol=1e-6)  # rows equal to float32 rounding
 
 
 def test_spherical_kmeans_is_seeded_and_refuses_more_clusters_than_rows():
