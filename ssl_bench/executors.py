@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import UserError
-from .features import FeatureCache, file_lock
+from .features import FeatureCache
 from .ops import set_threads
 from .runner import Computed, RunConfig, Runner
+from .store import file_lock
 from .sweep import Cell, CellCallback, Plan, SweepSummary, one_line
 
 EXECUTORS = ("local", "ray")

@@ -13,17 +13,15 @@ so the K values and seeds of a sweep never decode a label file twice.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -32,7 +30,7 @@ from .data.base import SegDataset
 from .errors import UserError
 from .data.protocol import Protocol
 from .ops import as_float32
-from .store import write_atomically
+from .store import file_lock, write_atomically
 from .models.base import Backbone
 
 
@@ -132,22 +130,6 @@ def _layout(dataset: SegDataset, protocol: Protocol, multiple: int, cell: int) -
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     write_atomically(path, lambda f: f.write(json.dumps(data).encode()))
-
-
-@contextmanager
-def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
-    """An exclusive lock on ``path`` held across processes (flock) for the ``with`` block; yields True once
-    held. ``wait=False``: yields False at once when another process holds it (nothing held then)."""
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class FeatureCache:

@@ -28,10 +28,10 @@ from .data import open_dataset
 from .data.base import SegDataset
 from .data.protocol import Protocol
 from .errors import UserError
-from .features import FeatureCache, FeatureStore, LabelStore, file_lock
+from .features import FeatureCache, FeatureStore, LabelStore
 from .metrics import StreamingConfusion
 from .models import Backbone, WeightsSource, build_backbone, resolve
-from .store import ResultStore, RunRecord, config_hash, write_atomically
+from .store import ResultStore, RunRecord, config_hash, file_lock, write_atomically
 
 FINAL = "final"
 

@@ -8,17 +8,34 @@ the database consistent (SQLite transactions are atomic).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import sqlite3
 import tempfile
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import UserError
+
+
+@contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock on ``path`` held across processes (flock) for the ``with`` block; yields True once
+    held. ``wait=False``: yields False at once when another process holds it (nothing held then)."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_atomically(path: Path, dump: Callable[[BinaryIO], object]) -> None:
@@ -112,10 +129,13 @@ class ResultStore:
             raise UserError(f"--store {self.path} is a directory -- give a file, e.g. {self.path / 'results.sqlite'}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(sqlite3.connect(self.path, timeout=60)) as db:  # before WAL mode touches the file
-                _check_is_store(db, self.path)
-            with closing(self._connect()) as db, db:
-                db.executescript(SCHEMA)
+            # one process at a time: switching a new file to WAL mode needs it alone, and SQLite answers
+            # "database is locked" at once (no busy wait) to a second process opening it meanwhile
+            with file_lock(self.path.with_name(self.path.name + "-init.lock")):
+                with closing(sqlite3.connect(self.path, timeout=60)) as db:  # before WAL mode touches the file
+                    _check_is_store(db, self.path)
+                with closing(self._connect()) as db, db:
+                    db.executescript(SCHEMA)
         except (sqlite3.DatabaseError, OSError) as err:  # sqlite3.OperationalError is a DatabaseError
             raise UserError(f"cannot use {self.path} as the results store ({err}) -- pass --store with a new "
                             f"file or an ssl-bench store") from None

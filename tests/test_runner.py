@@ -296,6 +296,31 @@ def test_a_foreign_or_broken_file_is_not_used_as_the_store(tmp_path):
         ResultStore(tmp_path / "notes.txt")
 
 
+def test_processes_opening_a_new_store_at_once_all_get_it(tmp_path):
+    # two sweeps started together: switching the new file to WAL mode made SQLite answer "database is
+    # locked" at once to the other process (about 1 open in 4 failed before opening was serialised)
+    script = tmp_path / "race.py"
+    script.write_text(f"""
+import multiprocessing as mp, pathlib
+from ssl_bench.store import ResultStore
+
+def open_store(path, barrier):
+    barrier.wait()
+    ResultStore(path).stored_hashes()
+
+if __name__ == "__main__":
+    for trial in range(12):
+        barrier = mp.Barrier(2)
+        path = pathlib.Path({str(tmp_path)!r}) / f"s{{trial}}.sqlite"
+        procs = [mp.Process(target=open_store, args=(path, barrier)) for _ in range(2)]
+        [p.start() for p in procs]
+        [p.join() for p in procs]
+        assert all(p.exitcode == 0 for p in procs), f"trial {{trial}}: a process could not open the store"
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_a_label_of_another_size_than_its_image_is_refused(runner, tmp_path):
     from PIL import Image
 
