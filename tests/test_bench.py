@@ -43,9 +43,18 @@ def test_benchmark_arguments_follow_the_signature():
 
 
 def test_kmeans_benchmark_compares_the_bounded_fit_with_the_plain_loop_and_faiss(one_thread):
+    import warnings
+
+    from ssl_bench.data.shared import shared_data_dir
     from ssl_bench.methods.kmeans import benchmark
 
-    result = benchmark(images=2, ks=(4,), seeds=(0, 1), iterations=5, repeats=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = benchmark(images=2, ks=(4,), seeds=(0, 1), iterations=5, repeats=1)
+    fell_back = [w for w in caught if "measuring the synthetic dataset instead" in str(w.message)]
+    has_camvid = shared_data_dir() is not None and (shared_data_dir() / "camvid").is_dir()
+    assert len(fell_back) == (0 if has_camvid else 1)  # said once, and only when it happens
+    assert result["features"].startswith("camvid/" if has_camvid else "synthetic/")
     assert [(r["k"], r["seed"]) for r in result["rows"]] == [(4, 0), (4, 1)]
     assert result["patches"] == 2 * 400 and result["dim"] == 384  # 20 x 20 patches of dino-vits16 at 320 px
     for row in result["rows"]:
