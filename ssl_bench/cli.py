@@ -93,7 +93,7 @@ def run(
 ):
     """Run one backbone x task x dataset cell and store the result."""
     from .data.protocol import Protocol
-    from .runner import RunConfig
+    from .runner import RunConfig, earlier_version_hashes
     from .sweep import resolve_k
 
     params = dict(parse_pairs(param, "--param"))
@@ -120,7 +120,7 @@ def run(
             out.print(f"  {key}: labelled {m['labelled_fraction'] * 100:.1f}% of pixels; on labelled pixels only: "
                       f"mIoU {lab['miou']:.2f} Acc {lab['acc']:.2f} F1 {lab['f1']:.2f}")
     out.print(f"  run {rec['config_hash']} in {runner.store.path}")
-    if outcome.computed and any(runner.store.has(h) for h in runner.resolve(cfg).earlier_version_hashes()):
+    if outcome.computed and any(runner.store.has(h) for h in earlier_version_hashes(rec["config"])):
         out.print(f"  note: an earlier version of {rec['task']} stored this cell too; its row is kept, and reports "
                   f"label it [vN, not current]")
 

@@ -82,20 +82,22 @@ class ResolvedRun:
     dataset: SegDataset
     protocol: Protocol
 
-    def earlier_version_hashes(self) -> list[str]:
-        """The hashes this run had under the earlier versions of its task (to tell a user why it recomputes)."""
-        hashes = []
-        for version in range(1, self.task.version):
-            config = {key: v for key, v in self.config.items() if key != "task_version"}
-            if version != 1:
-                config["task_version"] = version
-            hashes.append(run_hash(config))
-        return hashes
-
 
 def run_hash(config: dict) -> str:
     """A run's key in the store: its config without the data root (the same data elsewhere: the same run)."""
     return config_hash({key: v for key, v in config.items() if key != "data_root"})
+
+
+def with_task_version(config: dict, version: int) -> dict:
+    """``config`` as run by ``version`` of its task: a new version of a method is a new run; the key is absent
+    at version 1, so the hashes stored before tasks had versions stay valid."""
+    config = {key: v for key, v in config.items() if key != "task_version"}
+    return config if version == 1 else {**config, "task_version": version}
+
+
+def earlier_version_hashes(config: dict) -> list[str]:
+    """The hashes a run's config had under the earlier versions of its task (to tell a user why it recomputes)."""
+    return [run_hash(with_task_version(config, v)) for v in range(1, config.get("task_version", 1))]
 
 
 # ---- the context handed to a task ---------------------------------------------------------------------
@@ -336,8 +338,7 @@ class Runner:
             "num_classes": probe.num_classes, "k": k, "seed": cfg.seed, "protocol": protocol.as_dict(),
             "data_root": cfg.data_root,
         }
-        if task.version != 1:  # a new version of a method is a new run (absent at 1: earlier hashes stay valid)
-            config["task_version"] = task.version
+        config = with_task_version(config, task.version)
         if probe.identity:  # a generic folder is its location (absent otherwise: earlier hashes stay valid)
             config["dataset_identity"] = probe.identity
         return ResolvedRun(config, run_hash(config), spec, task, source, probe, protocol)

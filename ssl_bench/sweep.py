@@ -23,7 +23,7 @@ from .data.protocol import Protocol
 from .errors import UserError
 from .features import CacheKey
 from .models.weights import is_non_learned
-from .runner import ResolvedRun, RunConfig, Runner
+from .runner import ResolvedRun, RunConfig, Runner, earlier_version_hashes
 
 GRID_KEYS = ("backbones", "tasks", "datasets", "k", "seeds", "weights", "weights_seed", "protocol")
 _K_EXPRESSION = re.compile(r"^\s*(\d*)\s*\*?\s*C\s*$", re.IGNORECASE)
@@ -292,7 +292,7 @@ def make_plan(grid: Grid, runner: Runner, select: Callable[[Cell], bool] = lambd
     for cfg in expand(grid, runner):
         run = runner.resolve(cfg)
         cell = Cell(cfg, run, run.config_hash in stored)
-        cell.earlier_version_stored = not cell.stored and any(h in stored for h in run.earlier_version_hashes())
+        cell.earlier_version_stored = not cell.stored and any(h in stored for h in earlier_version_hashes(run.config))
         if run.config_hash in cells or not select(cell):
             continue
         why = _cannot_run(run)

@@ -460,3 +460,22 @@ def test_printed_lines_keep_their_brackets():
     with out.capture() as captured:
         out.print("  extract x [missing: key] [resumes after 3 of 5 images]", highlight=False)
     assert "[missing: key] [resumes after 3 of 5 images]" in captured.get()  # rich markup would eat both
+
+
+def test_run_says_when_an_earlier_task_version_stored_the_cell(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ssl_bench.cli import app
+
+    args = ["run", "--backbone", "reference", "--task", "kmeans", "--dataset", "synthetic", "-o", "n=4",
+            "--store", str(tmp_path / "s.sqlite"), "--cache", str(tmp_path / "cache")]
+    tasks = dict(registry.tasks())
+    current = tasks["kmeans"]
+    tasks["kmeans"] = dataclasses.replace(current, version=current.version - 1)
+    monkeypatch.setattr(registry, "tasks", lambda: tasks)
+    earlier = CliRunner().invoke(app, args)
+    tasks["kmeans"] = current
+    now = CliRunner().invoke(app, args)
+    assert earlier.exit_code == 0 and "earlier version" not in earlier.output
+    assert now.exit_code == 0 and "(computed)" in now.output
+    assert "note: an earlier version of kmeans stored this cell too" in now.output
