@@ -151,15 +151,8 @@ def sweep(
 ):
     """Run a grid of cells: shared feature extraction, resumable, local or on Ray."""
     from . import sweep as sweeps
-    from .executors import EXECUTORS, run_local, run_ray
 
-    if executor not in EXECUTORS:
-        raise UserError(f"unknown executor '{executor}' -- choose {' or '.join(EXECUTORS)}")
-    if executor != "ray" and (address or cpus_per_task is not None):
-        flag = "--address" if address else "--cpus-per-task"
-        raise UserError(f"{flag} is for Ray -- add --executor ray (or drop {flag} to run here)")
-    if cpus_per_task is not None and cpus_per_task < 1:
-        raise UserError(f"--cpus-per-task must be at least 1, got {cpus_per_task} -- e.g. --cpus-per-task 4")
+    _check_executor(executor, address, cpus_per_task)
     data = sweeps.read_grid_file(file) if file else {}
     if backbone:
         data["backbones"] = backbone
@@ -194,6 +187,29 @@ def sweep(
     if plan_only or not plan.todo:
         return
 
+    summary = _execute(plan, runner, executor, address, device, cpus_per_task)
+    out.print(f"results in {runner.store.path} (ssl-bench report --store {runner.store.path})", highlight=False)
+    if summary.failed:
+        raise SystemExit(1)
+
+
+def _check_executor(executor: str, address: Optional[str], cpus_per_task: Optional[int]) -> None:
+    from .executors import EXECUTORS
+
+    if executor not in EXECUTORS:
+        raise UserError(f"unknown executor '{executor}' -- choose {' or '.join(EXECUTORS)}")
+    if executor != "ray" and (address or cpus_per_task is not None):
+        flag = "--address" if address else "--cpus-per-task"
+        raise UserError(f"{flag} is for Ray -- add --executor ray (or drop {flag} to run here)")
+    if cpus_per_task is not None and cpus_per_task < 1:
+        raise UserError(f"--cpus-per-task must be at least 1, got {cpus_per_task} -- e.g. --cpus-per-task 4")
+
+
+def _execute(plan, runner, executor: str, address: Optional[str], device: Optional[str],
+             cpus_per_task: Optional[int]):
+    """Run a sweep plan (``sweep`` and ``reproduce``): a line per cell, the summary at the end."""
+    from .executors import run_local, run_ray
+
     def report_cell(cell, status: str) -> None:
         rec = f"{status}  {cell.label}"
         if status == "computed":
@@ -208,9 +224,7 @@ def sweep(
             summary = run_local(plan, runner, progress, on_cell=report_cell)
     for line in summary.lines():
         out.print(line, highlight=False)
-    out.print(f"results in {runner.store.path} (ssl-bench report --store {runner.store.path})", highlight=False)
-    if summary.failed:
-        raise SystemExit(1)
+    return summary
 
 
 def _split_prefix(value: str, mark: str) -> tuple[str | None, str]:
@@ -242,6 +256,89 @@ def _dataset_entry(name: str, roots: list[str], split: Optional[str], options: l
     root = named[0] if named else (plain[0] if plain else None)
     mine = [pair for prefix, pair in (_split_prefix(v, ":") for v in options) if prefix in (None, name)]
     return {"name": name, "data_root": root, "split": split, "options": dict(parse_pairs(mine, "--option"))}
+
+
+@app.command()
+def reproduce(
+    name: Optional[str] = typer.Argument(None, help="recipe (omit to list them; see recipes/) or a recipe file"),
+    plan_only: bool = typer.Option(False, "--plan", help="print what the recipe needs and runs, and stop"),
+    weights: Optional[str] = typer.Option(None, help="'random' for a smoke run of every learned backbone "
+                                          "(marked, never compared); default: the weights found here"),
+    data_root: list[str] = typer.Option([], help="DATASET=PATH (repeatable; default $SSL_BENCH_DATA/FOLDER)"),
+    limit: Optional[int] = typer.Option(None, help="the first N images of each dataset (a subset: never compared)"),
+    only: Optional[str] = typer.Option(None, help="only the rows whose label contains this text"),
+    format: str = typer.Option("markdown", "--format", "-f", help="printed table: markdown | latex | csv"),
+    out_dir: Optional[Path] = typer.Option(None, help="where NAME.md/.tex/.csv are written (default: reproduce/ "
+                                           "beside the results store)"),
+    executor: str = typer.Option("local", help="local (in-process) | ray"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local instance)"),
+    cpus_per_task: Optional[int] = typer.Option(None, help="Ray: CPUs (and threads) per task"),
+    device: Optional[str] = typer.Option(None, help="torch device (default: cuda if present, else cpu)"),
+    store: Optional[Path] = StoreOpt,
+    cache: Optional[Path] = CacheOpt,
+):
+    """Reproduce a published table: the paper's value beside ours (exit 1 when a cell is out of tolerance)."""
+    from . import reproduce as rep
+    from . import sweep as sweeps
+    from .report import FORMATS
+
+    roots = {}
+    for value in data_root:
+        prefix, path = _split_prefix(value, "=")
+        if prefix is None:
+            raise UserError(f"--data-root {value!r} must name its dataset -- e.g. --data-root suim=~/data/SUIM")
+        roots[prefix] = path
+    if weights not in (None, "random"):
+        raise UserError(f"--weights {weights!r}: a recipe runs many backbones -- put their files in "
+                        f"$SSL_BENCH_WEIGHTS, or use --weights random for a smoke run")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    if format not in ("markdown", "latex", "csv"):
+        raise UserError(f"unknown format '{format}' -- choose markdown, latex or csv")
+    if name is None:
+        _recipe_listing(rep.listing(roots))
+        return
+    _check_executor(executor, address, cpus_per_task)
+    setup = rep.setup(rep.load(name).select(only), roots, weights, limit)
+    if plan_only:
+        for line in rep.describe(setup):
+            out.print(line, highlight=False)
+        why = rep.cannot_run(setup)
+        if why:
+            out.print(f"cannot run here: {why}", highlight=False)
+            return
+    rep.check_can_run(setup)  # one line naming the missing weight files and folders
+    runner = _runner(store, cache, device)
+    plan = rep.plan(setup, runner)
+    for line in sweeps.describe(plan):
+        out.print(line, highlight=False)
+    if plan_only:
+        return
+    failed = _execute(plan, runner, executor, address, device, cpus_per_task).failed if plan.todo else []
+    outcomes = rep.outcomes(setup, runner.store)
+    table = rep.comparison_table(setup.recipe, outcomes)
+    target = out_dir or Path(runner.store.path).parent / "reproduce"
+    target.mkdir(parents=True, exist_ok=True)
+    for fmt, ext in (("markdown", "md"), ("latex", "tex"), ("csv", "csv")):
+        (target / f"{setup.recipe.name}.{ext}").write_text(FORMATS[fmt](table))
+    sys.stdout.write(FORMATS[format](table))
+    console.print(f"wrote {target / setup.recipe.name}.md, .tex, .csv")
+    _, outside, _ = rep.verdict(outcomes)
+    console.print(rep.verdict_text(outcomes), highlight=False)
+    if outside or failed:
+        raise SystemExit(1)
+
+
+def _recipe_listing(rows: list[dict]) -> None:
+    table = Table("recipe", "values", "runnable", "weights", "image passes", "data",
+                  box=None, pad_edge=False, header_style="bold underline",
+                  caption="values: paper values transcribed; runnable: those ssl-bench can measure now; weights: files "
+                          "found / needed; image passes: images x backbones to extract.\n"
+                          "ssl-bench reproduce NAME --plan: what it needs; ssl-bench reproduce NAME: run and compare")
+    table.columns[0].no_wrap = True
+    for r in rows:
+        table.add_row(r["name"], str(r["values"]), str(r["runnable"]), r["weights"], r["work"], r["data"])
+    out.print(table)
 
 
 @app.command()

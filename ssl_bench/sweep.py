@@ -16,7 +16,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import registry
 from .data.protocol import Protocol
@@ -284,12 +284,14 @@ def cache_key(runner: Runner, run: ResolvedRun) -> CacheKey:
     return runner.cache.key(run.spec.name, run.weights.identity, run.dataset, run.protocol)
 
 
-def make_plan(grid: Grid, runner: Runner, select: Callable[[Cell], bool] = lambda cell: True) -> Plan:
-    """The grid's distinct cells (those ``select`` keeps), which are stored, and the extractions needed."""
+def make_plan(grid: Grid | Sequence[Grid], runner: Runner, select: Callable[[Cell], bool] = lambda cell: True) -> Plan:
+    """The distinct cells of one grid or of several (a ``reproduce`` recipe is one grid per table row; a cell
+    two grids share runs once), which are stored, and the extractions needed (shared across the grids)."""
     stored = runner.store.stored_hashes()
     cells: dict[str, Cell] = {}
     skipped: dict[str, int] = {}
-    for cfg in expand(grid, runner):
+    grids = [grid] if isinstance(grid, Grid) else list(grid)
+    for cfg in (cfg for g in grids for cfg in expand(g, runner)):
         run = runner.resolve(cfg)
         cell = Cell(cfg, run, run.config_hash in stored)
         cell.earlier_version_stored = not cell.stored and any(h in stored for h in earlier_version_hashes(run.config))
