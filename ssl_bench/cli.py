@@ -292,7 +292,7 @@ def reproduce(
         raise UserError(f"--weights {weights!r}: a recipe runs many backbones -- put their files in "
                         f"$SSL_BENCH_WEIGHTS, or use --weights random for a smoke run")
     if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1, got {limit}")
+        raise UserError(f"--limit must be at least 1, got {limit} -- e.g. --limit 8")
     if format not in ("markdown", "latex", "csv"):
         raise UserError(f"unknown format '{format}' -- choose markdown, latex or csv")
     if name is None:

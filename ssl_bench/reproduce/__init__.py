@@ -18,8 +18,8 @@ from . import needs
 from .compare import Observation, Outcome, comparison_table, outcome, verdict, verdict_text
 from .recipe import Measure, PaperCell, Recipe, load, recipe_paths
 
-__all__ = ["Setup", "load", "recipe_paths", "setup", "comparison_table", "verdict", "verdict_text", "Outcome",
-           "listing", "describe"]
+__all__ = ["Outcome", "PaperCell", "Setup", "cannot_run", "check_can_run", "comparison_table", "describe", "listing",
+           "load", "outcomes", "plan", "recipe_paths", "setup", "verdict", "verdict_text"]
 
 
 @dataclass
@@ -163,9 +163,13 @@ def describe(s: Setup) -> list[str]:
     lines.append("rows:")
     for row in r.rows:
         cells = [c for c in r.cells if c.row == row]
-        parts = sorted({_measure_text(c.measure) for c in cells})
+        parts = sorted({_measure_text(c.measure) for c in cells if not (c.measure.not_in_ssl_bench
+                                                                          or c.measure.not_run)})
         reasons = sorted({why for c in cells if (why := s.not_run(c.measure))})
         excluded = sorted({e for c in cells if not s.not_run(c.measure) for e in s.excluded(c.measure)})
+        if not parts:  # a method outside ssl-bench: the reason is all there is to say
+            lines.append(f"  {row}: {'; '.join(reasons)}")
+            continue
         lines.append(f"  {row}: " + " | ".join(parts))
         lines += [f"      {why}" for why in reasons] + [f"      not compared: {e}" for e in excluded]
     lines += [f"protocol difference: {d}" for d in r.differences]
@@ -183,15 +187,13 @@ def describe(s: Setup) -> list[str]:
         else:
             lines.append(f"  {n.label} (folder '{n.folder}'): MISSING -- {n.problem}{paper}"
                          + (f"; looked in {', '.join(n.looked)}" if n.looked else ""))
-    backbones, _, passes = needs.work(r, s.data)
+    backbones, passes = needs.work(r, s.data)
     lines.append(f"work: {backbones} backbone(s), {passes:,} image passes in all (images x backbones, one "
                  f"extraction per backbone and split; methods add their own passes, e.g. DatUS^2's crops)")
     return lines
 
 
 def _measure_text(m: Measure) -> str:
-    if m.not_in_ssl_bench:
-        return "method not in ssl-bench"
     params = ", ".join(f"{k}={v}" for k, v in m.params)
     task = f"{m.task} ({params})" if params else str(m.task)
     split = f":{m.split}" if m.split else ""
@@ -206,15 +208,13 @@ def listing(data_roots: dict[str, str] | None = None) -> list[dict]:
         s = setup(load(name), data_roots)
         r = s.recipe
         runnable = sum(needs.why_not_runnable(c.measure) is None for c in r.cells)
-        backbones, _, passes = needs.work(r, s.data)
+        backbones, passes = needs.work(r, s.data)
         missing = [n.label for n in s.data if not n.present]
         subsets = [n.label for n in s.data if n.subset]
         data = ("missing: " + ", ".join(missing)) if missing else ("subset: " + ", ".join(subsets)) if subsets \
             else "here" if s.data else "-"
-        out.append({"name": name, "table": str(r.paper.get("table", "")), "values": len(r.cells),
+        out.append({"name": name, "values": len(r.cells),
                     "runnable": runnable, "weights": f"{sum(w.found is not None for w in s.weights)}/{len(s.weights)}",
                     "data": data, "work": f"{passes:,}" if passes else ("?" if backbones else "-")})
     return out
 
-
-__all__ += ["PaperCell", "cannot_run", "check_can_run", "plan", "outcomes"]

@@ -202,9 +202,9 @@ def _locate(m: Measure, data_roots: dict[str, str], options: dict) -> DataNeed:
     return need
 
 
-def work(recipe: Recipe, needs: list[DataNeed], runnable_only: bool = False) -> tuple[int, int, int]:
-    """(backbones, most images of one pass, image passes in all): one extraction pass per (backbone, dataset
-    split), of the paper's image count where the recipe gives it (else of the images found here)."""
+def work(recipe: Recipe, needs: list[DataNeed], runnable_only: bool = False) -> tuple[int, int]:
+    """(backbones, image passes in all): one extraction pass per (backbone, dataset split), of the paper's image
+    count where the recipe gives it (else of the images found here)."""
     found = {n.key: n for n in needs}
     passes, backbones = {}, set()
     for cell in recipe.cells:
@@ -215,7 +215,7 @@ def work(recipe: Recipe, needs: list[DataNeed], runnable_only: bool = False) -> 
         images = m.images or (need.images if need and need.present else None) or 0  # the paper's work first
         passes[(m.backbone, m.dataset, m.split, m.options)] = images
         backbones.add(m.backbone)
-    return len(backbones), max(passes.values(), default=0), sum(passes.values())
+    return len(backbones), sum(passes.values())
 
 
 # ---- grids ----------------------------------------------------------------------------------------------

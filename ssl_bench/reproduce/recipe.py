@@ -72,8 +72,8 @@ class Tolerance:
                 amount = -1.0
             if amount >= 0:
                 return cls(amount, relative=True)
-        raise UserError(f"{where}: tolerance {value!r} must be a number of points >= 0 or a percentage of the "
-                        f"paper value, e.g. 2.0 or '10%'")
+        raise UserError(f"{where}: tolerance {value!r} is not a tolerance -- give points >= 0 or a percentage "
+                        f"of the paper value, e.g. 2.0 or '10%'")
 
 
 def _pairs(mapping: dict) -> tuple:
@@ -191,22 +191,22 @@ def load(name_or_path: str | Path) -> Recipe:
         raise UserError(f"{where}: name {name!r} must be the file's name {path.stem!r} -- rename one of them")
     paper = data.get("paper") or {}
     if not isinstance(paper, dict) or not paper.get("table"):
-        raise UserError(f"{where}: paper must name at least the table, e.g. paper: {{file: 000_....txt, table: Table I}}")
+        raise UserError(f"{where}: paper does not name the table -- e.g. paper: {{file: 000_....txt, document: ..., table: Table I}}")
     _check_keys(paper, PAPER_KEYS, f"{where}: paper")
     base = _measure_mapping(data.get("measure") or {}, f"{where}: measure")
     columns = data.get("columns")
     if not isinstance(columns, dict) or not columns:
-        raise UserError(f"{where}: columns must map each column key to its spec, e.g. columns: {{miou: {{header: mIoU}}}}")
+        raise UserError(f"{where}: no columns -- map each column key to its spec, e.g. columns: {{miou: {{header: mIoU, tolerance: 2.0}}}}")
     column_specs = {}
     for key, spec in columns.items():
         spec = spec or {}
         if not isinstance(spec, dict):
-            raise UserError(f"{where}: column {key!r} must be a mapping, e.g. {{header: mIoU, tolerance: 2.0}}")
+            raise UserError(f"{where}: column {key!r} is not a mapping -- e.g. {{header: mIoU, tolerance: 2.0}}")
         _check_keys(spec, COLUMN_KEYS, f"{where}: column {key}")
         column_specs[str(key)] = spec
     rows = data.get("rows")
     if not isinstance(rows, list) or not rows:
-        raise UserError(f"{where}: rows must be a list of the paper's rows, each with a label and its paper values")
+        raise UserError(f"{where}: no rows -- list the paper's rows, each with a label and its paper values")
     cells, labels = [], []
     for i, row in enumerate(rows):
         cells += _row_cells(row, i, base, column_specs, where, labels)
@@ -221,7 +221,7 @@ def load(name_or_path: str | Path) -> Recipe:
 
 def _row_cells(row, index: int, base: dict, columns: dict, where: str, labels: list) -> list[PaperCell]:
     if not isinstance(row, dict) or not isinstance(row.get("label"), str):
-        raise UserError(f"{where}: row {index + 1} needs a label (the paper's row name) and its paper values")
+        raise UserError(f"{where}: row {index + 1} has no label -- give each row label: (the paper's row name) and paper: (its values)")
     label = row["label"]
     here = f"{where}: row {label!r}"
     if label in labels:
@@ -230,7 +230,7 @@ def _row_cells(row, index: int, base: dict, columns: dict, where: str, labels: l
     _check_keys(row, ROW_KEYS, here)
     values = row.get("paper")
     if not isinstance(values, dict):
-        raise UserError(f"{here}: paper must map column keys to the paper's numbers (null where the paper has none)")
+        raise UserError(f"{here}: paper is not a mapping -- map column keys to the paper's numbers (null where the paper has none)")
     unknown = sorted(set(values) - set(columns))
     overrides = row.get("columns") or {}
     unknown += sorted(set(overrides) - set(columns))
@@ -238,10 +238,10 @@ def _row_cells(row, index: int, base: dict, columns: dict, where: str, labels: l
         raise UserError(f"{here}: unknown column(s) {', '.join(map(str, unknown))} -- columns: {', '.join(columns)}")
     source = row.get("source", "table")
     if source not in SOURCES:
-        raise UserError(f"{here}: source {source!r} must be one of {', '.join(SOURCES)}")
+        raise UserError(f"{here}: unknown source {source!r} -- use {' or '.join(SOURCES)}")
     tolerances = row.get("tolerance") or {}
     if not isinstance(tolerances, dict):
-        raise UserError(f"{here}: tolerance must map column keys to tolerances, e.g. {{miou: 3.0}}")
+        raise UserError(f"{here}: tolerance is not a mapping -- map column keys to tolerances, e.g. {{miou: 3.0}}")
     row_measure = {k: v for k, v in row.items() if k in MEASURE_KEYS}
     cells = []
     for column, spec in columns.items():
@@ -249,10 +249,10 @@ def _row_cells(row, index: int, base: dict, columns: dict, where: str, labels: l
         if value is None:
             continue  # the paper has no number there ("–")
         if not is_number(value) or not math.isfinite(value):
-            raise UserError(f"{here}: paper value of {column} must be a number, got {value!r}")
+            raise UserError(f"{here}: paper value of {column} is {value!r}, not a number -- transcribe the number (null where the paper has none)")
         override = overrides.get(column) or {}
         if not isinstance(override, dict):
-            raise UserError(f"{here}: columns.{column} must be a mapping of measure keys")
+            raise UserError(f"{here}: columns.{column} is not a mapping -- give measure keys, e.g. {{task: stego, stream: linear}}")
         _check_keys(override, MEASURE_KEYS, f"{here}: columns.{column}")
         merged = base
         for layer, name in ((row_measure, "row"), ({k: v for k, v in spec.items() if k in MEASURE_KEYS},
@@ -272,11 +272,11 @@ def _row_cells(row, index: int, base: dict, columns: dict, where: str, labels: l
 
 def _measure_mapping(data, where: str) -> dict:
     if not isinstance(data, dict):
-        raise UserError(f"{where} must be a mapping of measure keys ({', '.join(MEASURE_KEYS)})")
+        raise UserError(f"{where} is not a mapping -- give measure keys ({', '.join(MEASURE_KEYS)})")
     _check_keys(data, MEASURE_KEYS, where)
     for key in MERGED:
         if key in data and not isinstance(data[key] or {}, dict):
-            raise UserError(f"{where}: {key} must be a mapping, e.g. {key}: {{name: value}}")
+            raise UserError(f"{where}: {key} is not a mapping -- e.g. {key}: {{name: value}}")
     return dict(data)
 
 
@@ -293,27 +293,27 @@ def _measure(data: dict, where: str) -> Measure:
     seeds = data.get("seeds", [0])
     seeds = seeds if isinstance(seeds, list) else [seeds]
     if not seeds or not all(is_whole(s) and s >= 0 for s in seeds):
-        raise UserError(f"{where}: seeds must be whole numbers >= 0, e.g. seeds: [0, 1, 2]")
+        raise UserError(f"{where}: seeds {seeds!r} are not whole numbers >= 0 -- e.g. seeds: [0, 1, 2]")
     view = data.get("view", "headline")
     if view not in VIEWS:
-        raise UserError(f"{where}: view {view!r} must be {' or '.join(VIEWS)}")
+        raise UserError(f"{where}: unknown view {view!r} -- use {' or '.join(VIEWS)}")
     images = data.get("images")
     if images is not None and not (is_whole(images) and images > 0):
-        raise UserError(f"{where}: images must be the paper's image count (a whole number > 0), got {images!r}")
+        raise UserError(f"{where}: images {images!r} is not an image count -- give the paper's (a whole number > 0)")
     metric = str(data.get("metric"))
     check_metric(metric, where)
     k = data.get("k", "C")
     if not (is_whole(k) and k > 0) and not re.fullmatch(r"\s*\d*\s*\*?\s*C\s*", str(k), re.IGNORECASE):
-        raise UserError(f"{where}: k {k!r} must be a number or C, 2C ... (multiples of the classes)")
+        raise UserError(f"{where}: k {k!r} is not a number of clusters -- give a number or C, 2C ... (multiples of the classes)")
     stream = str(data.get("stream", "final"))
     if not re.fullmatch(r"[A-Za-z0-9_-]+(@[A-Za-z0-9_-]+)?", stream):
-        raise UserError(f"{where}: stream {stream!r} must be NAME or NAME@SPLIT, e.g. initial@train")
+        raise UserError(f"{where}: stream {stream!r} is not NAME or NAME@SPLIT -- e.g. initial@train")
     texts = {key: data.get(key) for key in ("backbone", "task", "dataset", "split", "folder", "not_run")}
     for key, value in texts.items():
         if value is not None and not isinstance(value, str):
-            raise UserError(f"{where}: {key} must be a text, got {value!r}")
+            raise UserError(f"{where}: {key} {value!r} is not a text -- e.g. {key}: name")
     if not isinstance(data.get("not_in_ssl_bench", False), bool):
-        raise UserError(f"{where}: not_in_ssl_bench must be true or false")
+        raise UserError(f"{where}: not_in_ssl_bench is not true or false -- e.g. not_in_ssl_bench: true")
     runnable = not data.get("not_in_ssl_bench") and not data.get("not_run")
     if runnable and not (texts["backbone"] and texts["task"] and texts["dataset"]):
         missing = [key for key in ("backbone", "task", "dataset") if not texts[key]]
@@ -331,7 +331,7 @@ def _texts(value, where: str) -> list[str]:
         return []
     items = value if isinstance(value, list) else [value]
     if not all(isinstance(v, str) for v in items):
-        raise UserError(f"{where} must be a list of texts")
+        raise UserError(f"{where} is not a list of texts -- write one sentence per item")
     return [" ".join(v.split()) for v in items]
 
 
