@@ -277,6 +277,22 @@ def test_what_is_not_built_yet_is_one_line_per_cell_not_a_failure(tmp_path):
     assert all(line.count("\n") == 0 for line in rep.describe(setup))
 
 
+def test_a_recipe_is_loadable_as_sweep_grids_and_expected_values(tmp_path, runner):
+    """What a regression suite reads: grid mappings any sweep accepts, each paper cell pointing at its grid."""
+    from ssl_bench.sweep import grid_from_mapping, make_plan
+
+    path = write_recipe(tmp_path / "suite.yaml", rows=[
+        {"label": "reference", "backbone": "reference", "paper": {"miou": 50.0, "acc": 60.0}},
+        {"label": "reference K=2C", "backbone": "reference", "k": "2C", "paper": {"miou": 55.0}},
+        {"label": "not built", "backbone": "reference", "task": "stego", "paper": {"miou": 1.0}}])
+    grids, expected = rep.suite(str(path))
+    assert [g["k"] for g in grids] == [["C"], ["2C"]]  # the task that is not registered has no grid
+    assert [(i, c.row, c.column, c.value) for i, c in expected] == [
+        (0, "reference", "miou", 50.0), (0, "reference", "acc", 60.0), (1, "reference K=2C", "miou", 55.0)]
+    plan = make_plan([grid_from_mapping(g) for g in grids], runner)
+    assert len(plan.todo) == 2 and len(plan.extractions) == 1  # two cells, one shared extraction
+
+
 # ---- reading our numbers back ---------------------------------------------------------------------------
 
 def stored(miou=40.0, labelled_miou=50.0, random=False, ious=(80.0, 30.0, 10.0, None, 0.0), split="val"):

@@ -19,7 +19,7 @@ from .compare import Observation, Outcome, comparison_table, outcome, verdict, v
 from .recipe import Measure, PaperCell, Recipe, load, recipe_paths
 
 __all__ = ["Outcome", "PaperCell", "Setup", "cannot_run", "check_can_run", "comparison_table", "describe", "listing",
-           "load", "outcomes", "plan", "recipe_paths", "setup", "verdict", "verdict_text"]
+           "load", "outcomes", "plan", "recipe_paths", "setup", "suite", "verdict", "verdict_text"]
 
 
 @dataclass
@@ -135,6 +135,17 @@ def plan(s: Setup, runner):
     for m, grid in zip(s.runs, grids):
         s.hashes[m.run] = {cfg.seed: runner.resolve(cfg).config_hash for cfg in expand(grid, runner)}
     return make_plan(grids, runner)
+
+
+def suite(name_or_path: str, data_roots: dict[str, str] | None = None,
+          weights_choice: str | None = None) -> tuple[list[dict], list[tuple[int, PaperCell]]]:
+    """A recipe as a regression suite: its sweep grid mappings (the runnable cells here), and each paper cell
+    with the index of the grid whose runs measure it (stream, view, metric and tolerance are on the cell)."""
+    s = setup(load(name_or_path), data_roots, weights_choice)
+    index = {m.run: i for i, m in enumerate(s.runs)}
+    expected = [(index[c.measure.run], c) for c in s.recipe.cells if c.measure.run in index
+                and s.not_run(c.measure) is None]
+    return s.grids(), expected
 
 
 def outcomes(s: Setup, store) -> list[Outcome]:
