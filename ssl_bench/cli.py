@@ -154,6 +154,10 @@ def sweep(
 
     _check_executor(executor, address, cpus_per_task)
     data = sweeps.read_grid_file(file) if file else {}
+    flags = backbone or weights or task or param or dataset or data_root or option or split or k or seed
+    if "grids" in data and (flags or resize is not None or crop is not None):
+        raise UserError(f"{file} holds several grids, and grid flags replace the axes of one grid -- edit the "
+                        f"file, or give the flags without it")
     if backbone:
         data["backbones"] = backbone
     if weights:
@@ -179,10 +183,10 @@ def sweep(
     if not file and not backbone:
         raise UserError("give a sweep file or grid flags -- e.g. ssl-bench sweep --backbone reference --task kmeans "
                         "--dataset synthetic --k C --k 2C --seed 0 --seed 1")
-    grid = sweeps.grid_from_mapping(data, str(file) if file else "command line")
+    grids, skipped = sweeps.grids_from_mapping(data, str(file) if file else "command line")
     runner = _runner(store, cache, device)
-    plan = sweeps.make_plan(grid, runner)
-    for line in sweeps.describe(plan):
+    plan = sweeps.make_plan(grids, runner)
+    for line in [grid.reason for grid in skipped] + sweeps.describe(plan):
         out.print(line, highlight=False)
     if plan_only or not plan.todo:
         return

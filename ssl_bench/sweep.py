@@ -1,9 +1,11 @@
 """Sweeps: a declarative grid (backbones x tasks x datasets x K x seeds) expanded into runner cells.
 
-A grid comes from a YAML file (see examples/sweep.yaml) or from repeated command-line flags. The
-plan resolves every cell to its configuration hash, drops the cells already in the store and groups
-the remaining ones by feature-cache entry (backbone, weights, dataset, split, protocol), so each entry
-is extracted once, with the union of the feature kinds its cells' tasks read, before any cell runs.
+A grid comes from a YAML file (see examples/sweep.yaml) or from repeated command-line flags; a file may
+also hold several grids under ``grids:`` (their cells are planned together, so they share extractions),
+and a grid marked ``optional`` is skipped, with the reason, where its data is absent. The plan resolves
+every cell to its configuration hash, drops the cells already in the store and groups the remaining ones
+by feature-cache entry (backbone, weights, dataset, split, protocol), so each entry is extracted once,
+with the union of the feature kinds its cells' tasks read, before any cell runs.
 
 Resuming is the store's job: a cell is stored in one SQLite transaction when it is complete, so a
 sweep killed at any moment and started again computes exactly the cells that are not stored yet.
@@ -13,10 +15,11 @@ Executors (local in-process, Ray) live in ``executors.py``; they share ``Plan`` 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from . import registry
 from .data.protocol import Protocol
@@ -26,7 +29,10 @@ from .models.weights import is_non_learned
 from .runner import ResolvedRun, RunConfig, Runner, earlier_version_hashes
 
 GRID_KEYS = ("backbones", "tasks", "datasets", "k", "seeds", "weights", "weights_seed", "protocol")
+BACKBONE_KEYS = ("name", "weights", "weights_seed", "weights_match")
+WEIGHTS_MATCH = ("path", "exact")  # what a regression baseline of a weights file holds to: see BackboneChoice
 _K_EXPRESSION = re.compile(r"^\s*(\d*)\s*\*?\s*C\s*$", re.IGNORECASE)
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 
 # ---- the grid -----------------------------------------------------------------------------------------
@@ -36,6 +42,9 @@ class BackboneChoice:
     name: str
     weights: str | None = None  # path, "random", or None (the usual search)
     weights_seed: int = 0
+    # read by ``ssl-bench regress`` only: a baseline holds for whatever the weights file now holds ("path": a
+    # checkpoint overwritten by each training run), or for exactly the file it was measured on ("exact")
+    weights_match: str = "path"
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,19 @@ def _absolute(root) -> str | None:
     return str(Path(str(root)).expanduser().resolve()) if root else None
 
 
+def _expand(text: str, env: Mapping[str, str]) -> tuple[str, str | None]:
+    """``text`` with ``$NAME`` / ``${NAME}`` replaced from ``env``; the first name ``env`` lacks, if any."""
+    unset = [m.group(1) or m.group(2) for m in _VARIABLE.finditer(text) if (m.group(1) or m.group(2)) not in env]
+    return _VARIABLE.sub(lambda m: env.get(m.group(1) or m.group(2), m.group(0)), text), (unset or [None])[0]
+
+
+def _data_root(root: str, env: Mapping[str, str], where: str) -> str:
+    expanded, unset = _expand(root, env)
+    if unset:
+        raise UserError(f"{where}: data_root {root} names ${unset}, which is not set -- set it, or write the folder")
+    return _absolute(expanded)
+
+
 def _check_keys(entry: dict, allowed: tuple, where: str) -> None:
     unknown = sorted(set(entry) - set(allowed))
     if unknown:
@@ -142,8 +164,10 @@ def _seed(value, where: str) -> int:
     return value
 
 
-def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
-    """The grid of a parsed YAML file (see examples/sweep.yaml for every key)."""
+def grid_from_mapping(data: dict, source: str = "grid", env: Mapping[str, str] | None = None) -> Grid:
+    """The grid of a parsed YAML file (see examples/sweep.yaml for every key); ``$NAME`` in a data root is
+    read from ``env`` (default: the environment)."""
+    env = os.environ if env is None else env
     if not isinstance(data, dict):
         raise UserError(f"{source} must be a YAML mapping with keys {', '.join(GRID_KEYS)}")
     _check_keys(data, GRID_KEYS, source)
@@ -152,10 +176,14 @@ def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
     backbones = []
     for e in _entries(data, "backbones", source):
         where = f"{source}: backbone {e['name']}"
-        _check_keys(e, ("name", "weights", "weights_seed"), where)
+        _check_keys(e, BACKBONE_KEYS, where)
         default = None if is_non_learned(registry.backbone(e["name"])) else default_weights  # nothing to load
+        match = e.get("weights_match", "path")
+        if match not in WEIGHTS_MATCH:
+            raise UserError(f"{where}: weights_match must be path (whatever the file now holds) or exact (exactly "
+                            f"the file the baselines were measured on), got {match!r}")
         backbones.append(BackboneChoice(e["name"], _weights(e.get("weights", default), where),
-                                        _seed(e.get("weights_seed", default_wseed), f"{where}: weights_seed")))
+                                        _seed(e.get("weights_seed", default_wseed), f"{where}: weights_seed"), match))
     tasks = []
     for e in _entries(data, "tasks", source):
         _check_keys(e, ("name", "params"), f"{source}: task {e['name']}")
@@ -166,7 +194,8 @@ def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
         root = e.get("data_root")
         if root is not None and not isinstance(root, str):
             raise UserError(f"{source}: dataset {e['name']}: data_root must be one folder, got {root!r}")
-        datasets.append(DatasetChoice(e["name"], _absolute(root), e.get("split"),
+        root = _data_root(root, env, f"{source}: dataset {e['name']}") if root else None
+        datasets.append(DatasetChoice(e["name"], root, e.get("split"),
                                       _pairs(e.get("options"), f"{source}: options of dataset {e['name']}")))
     ks = data.get("k", ["C"])
     seeds = data.get("seeds", [0])
@@ -185,14 +214,79 @@ def grid_from_mapping(data: dict, source: str = "grid") -> Grid:
     return Grid(backbones, tasks, datasets, ks if isinstance(ks, list) else [ks], seeds, protocol)
 
 
-def read_grid_file(path: str | Path) -> dict:
+@dataclass(frozen=True)
+class SkippedGrid:
+    """An ``optional`` grid of a file, not run here because its data is absent."""
+
+    reason: str
+    backbones: frozenset[str]
+    tasks: frozenset[str]
+    datasets: frozenset[str]
+
+    def covers(self, backbone: str, task: str, dataset: str) -> bool:
+        """Whether a cell of these names would be one of this grid's."""
+        return backbone in self.backbones and task in self.tasks and dataset in self.datasets
+
+
+def grids_from_mapping(data: dict, source: str = "grid",
+                       env: Mapping[str, str] | None = None) -> tuple[list[Grid], list[SkippedGrid]]:
+    """The grids of a sweep file: the file itself, or each entry of its ``grids:`` list. An entry with
+    ``optional: true`` is skipped, with the reason, where one of its data roots is absent (or names an unset
+    variable); any other problem of any grid fails the whole file now, before anything runs."""
+    env = os.environ if env is None else env
+    if not isinstance(data, dict) or "grids" not in data:
+        return [grid_from_mapping(data, source, env)], []
+    if set(data) != {"grids"}:
+        extra = ", ".join(sorted(set(data) - {"grids"}))
+        raise UserError(f"{source}: a file with 'grids' holds nothing else, found {extra} -- move those keys into "
+                        f"each grid")
+    entries = data["grids"]
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{source}: 'grids' must be a list of sweep grids (mappings with keys {', '.join(GRID_KEYS)})")
+    grids, skipped = [], []
+    for number, entry in enumerate(entries, 1):
+        where = f"{source}: grid {number}"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where} must be a mapping with keys {', '.join(GRID_KEYS)}, optional")
+        optional = entry.get("optional", False)
+        if not isinstance(optional, bool):
+            raise UserError(f"{where}: optional must be true or false, got {optional!r}")
+        body = {key: value for key, value in entry.items() if key != "optional"}
+        absent = _absent_data(body, where, env) if optional else None
+        if absent:  # checked all the same: a typo must not hide behind data that is absent on this machine
+            grid_from_mapping({**body, "datasets": [{k: v for k, v in e.items() if k != "data_root"}
+                                                     for e in _entries(body, "datasets", where)]}, where, env)
+            names = {key: frozenset(e["name"] for e in _entries(body, key, where)) for key in ("backbones", "tasks")}
+            datasets = frozenset(e["name"] for e in _entries(body, "datasets", where))
+            skipped.append(SkippedGrid(f"{where} ({', '.join(sorted(datasets))}) skipped: {absent}",
+                                       names["backbones"], names["tasks"], datasets))
+            continue
+        grids.append(grid_from_mapping(body, where, env))
+    return grids, skipped
+
+
+def _absent_data(grid: dict, where: str, env: Mapping[str, str]) -> str | None:
+    """Why a grid's data is not here (a data root that is not a folder, or names an unset variable), if so."""
+    for entry in _entries(grid, "datasets", where):
+        root = entry.get("data_root")
+        if not isinstance(root, str):
+            continue
+        expanded, unset = _expand(root, env)
+        if unset:
+            return f"{root}: ${unset} is not set"
+        if not Path(expanded).expanduser().is_dir():
+            return f"{expanded} absent"
+    return None
+
+
+def read_grid_file(path: str | Path, what: str = "sweep file") -> dict:
     """The mapping in a sweep file (the command line may replace some of its axes before the grid is made)."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path} is a folder, not a sweep file -- give a YAML file such as examples/sweep.yaml")
+        raise UserError(f"{path} is a folder, not a {what} -- give a YAML file such as examples/sweep.yaml")
     if not path.is_file():
-        raise UserError(f"sweep file {path} not found -- see examples/sweep.yaml for the format")
-    return registry.read_yaml_mapping(path, "sweep file", f"examples/sweep.yaml (keys: {', '.join(GRID_KEYS)})")
+        raise UserError(f"{what} {path} not found -- see examples/sweep.yaml for the format")
+    return registry.read_yaml_mapping(path, what, f"examples/sweep.yaml (keys: {', '.join(GRID_KEYS)})")
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -295,7 +389,7 @@ def make_plan(grid: Grid | Sequence[Grid], runner: Runner, select: Callable[[Cel
         run = runner.resolve(cfg)
         cell = Cell(cfg, run, run.config_hash in stored)
         cell.earlier_version_stored = not cell.stored and any(h in stored for h in earlier_version_hashes(run.config))
-        if run.config_hash in cells or not select(cell):
+        if not select(cell) or run.config_hash in cells:  # ``select`` sees every cell, a repeated one too
             continue
         why = _cannot_run(run)
         if why:  # one such pair must not fail the extraction, and so every cell, of that backbone

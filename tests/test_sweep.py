@@ -479,3 +479,72 @@ def test_run_says_when_an_earlier_task_version_stored_the_cell(tmp_path, monkeyp
     assert earlier.exit_code == 0 and "earlier version" not in earlier.output
     assert now.exit_code == 0 and "(computed)" in now.output
     assert "note: an earlier version of kmeans stored this cell too" in now.output
+
+
+# ---- files of several grids, optional grids, $VARIABLES in data roots ----------------------------------
+
+def test_a_file_of_several_grids_plans_them_together_and_skips_an_optional_one_without_data(tmp_path, runner):
+    from ssl_bench.sweep import grids_from_mapping
+
+    data = {"grids": [
+        {"backbones": ["reference"], "tasks": ["kmeans"], "datasets": [TINY], "k": ["C"]},
+        {"backbones": ["reference"], "tasks": ["kmeans"], "datasets": [TINY], "k": ["C", "2C"]},  # K=C again
+        {"optional": True, "backbones": ["reference"], "tasks": ["kmeans"],
+         "datasets": [{"name": "camvid", "data_root": "$CAMVID_HOME/camvid"}]},
+        {"optional": True, "backbones": ["reference"], "tasks": ["kmeans"],
+         "datasets": [{"name": "camvid", "data_root": str(tmp_path / "nowhere")}]}]}
+    grids, skipped = grids_from_mapping(data, "two.yaml", env={})
+    assert len(grids) == 2 and len(skipped) == 2
+    assert skipped[0].reason == "two.yaml: grid 3 (camvid) skipped: $CAMVID_HOME/camvid: $CAMVID_HOME is not set"
+    assert skipped[1].reason.endswith(f"{tmp_path / 'nowhere'} absent")
+    assert skipped[0].covers("reference", "kmeans", "camvid") and not skipped[0].covers("reference", "kmeans", "suim")
+    plan = make_plan(grids, runner)
+    assert len(plan.cells) == 2 and len(plan.extractions) == 1  # one cell per distinct config, one extraction
+
+
+def test_data_roots_read_variables_and_an_unset_one_is_one_line(tmp_path):
+    from ssl_bench.sweep import grids_from_mapping
+
+    (tmp_path / "camvid").mkdir()
+    entry = {"backbones": ["reference"], "tasks": ["kmeans"],
+             "datasets": [{"name": "camvid", "data_root": "${DATA}/camvid"}]}
+    grids, _ = grids_from_mapping(entry, "g.yaml", env={"DATA": str(tmp_path)})
+    assert grids[0].datasets[0].data_root == str(tmp_path / "camvid")
+    with pytest.raises(UserError, match=r"data_root \$\{DATA\}/camvid names \$DATA, which is not set"):
+        grids_from_mapping(entry, "g.yaml", env={})  # not optional: the file is wrong here, not skipped
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"grids": [], }, "'grids' must be a list of sweep grids"),
+    ({"grids": [{"backbones": ["reference"]}], "k": [5]}, "a file with 'grids' holds nothing else, found k"),
+    ({"grids": [{"optional": "yes", "backbones": ["reference"]}]}, "grid 1: optional must be true or false"),
+    ({"grids": [{"backbones": ["reference"], "tasks": ["kmeans"], "datasets": [TINY], "optional": False,
+                 "k": ["x"]}]}, "K value 'x'"),
+    ({"backbones": [{"name": "dino-vits16", "weights_match": "sha"}], "tasks": ["kmeans"], "datasets": [TINY]},
+     "weights_match must be path .* or exact"),
+    ({"grids": [{"optional": True, "backbones": ["refrence"], "tasks": ["kmeans"],
+                 "datasets": [{"name": "camvid", "data_root": "/absent"}]}]}, "unknown backbone 'refrence'"),
+])
+def test_bad_grid_lists_fail_with_one_line(data, message):
+    from ssl_bench.sweep import grids_from_mapping
+
+    with pytest.raises(UserError, match=message):
+        grids_from_mapping(data, "f.yaml")
+
+
+def test_sweep_command_runs_a_file_of_grids_and_refuses_grid_flags_with_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from ssl_bench.cli import app
+
+    path = tmp_path / "grids.yaml"
+    path.write_text(yaml.safe_dump({"grids": [
+        {"backbones": ["reference"], "tasks": ["kmeans"], "datasets": [TINY]},
+        {"optional": True, "backbones": ["reference"], "tasks": ["kmeans"],
+         "datasets": [{"name": "camvid", "data_root": str(tmp_path / "absent")}]}]}))
+    store = ["--store", str(tmp_path / "s.sqlite"), "--cache", str(tmp_path / "c")]
+    result = CliRunner().invoke(app, ["sweep", str(path), "--plan", *store])
+    assert result.exit_code == 0, result.output
+    assert "grid 2 (camvid) skipped:" in result.output and "cells: 1 in the grid" in result.output
+    flags = CliRunner().invoke(app, ["sweep", str(path), "--seed", "1", "--plan", *store])
+    assert "holds several grids, and grid flags replace the axes of one grid" in str(flags.exception)
