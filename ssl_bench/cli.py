@@ -347,41 +347,72 @@ def _recipe_listing(rows: list[dict]) -> None:
 
 @app.command()
 def regress(
+    suite: Optional[Path] = typer.Option(None, "--suite", help="suite file: any sweep file (default: ssl-bench's own "
+                                         "suite, results/regress/suite.yaml of the checkout whose code runs)"),
+    baselines: Optional[Path] = typer.Option(None, help="baselines file (default: baselines.json beside the suite "
+                                             "file: code, suite and baselines go together)"),
     update: bool = typer.Option(False, "--update", help="rewrite the baselines with the numbers of this run"),
-    baselines: Optional[Path] = typer.Option(None, help="baselines file (default: results/regress/baselines.json "
-                                             "of the checkout whose code runs: code and baselines go together)"),
-    only: Optional[str] = typer.Option(None, help="only the cases whose name contains this text"),
+    only: Optional[str] = typer.Option(None, help="only the cells whose name contains this text"),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="also write a JUnit XML report here (one test case "
+                                         "per cell and metric)"),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="also write a Markdown summary here (for a "
+                                            "pull-request comment or a CI job summary)"),
+    device: str = typer.Option("cpu", help="torch device (cpu by default: the baselines' numbers are CPU numbers)"),
 ):
-    """Rerun the fixed regression suite and compare each metric with the committed baselines."""
-    import time
+    """Rerun a suite of cells and compare each metric with its baselines.
 
+    Exit status: 0 every metric within its tolerance; 1 drift (a metric beyond its tolerance, a cell without
+    a baseline, a baseline without a cell, a pinned weights file that changed); 2 could not run (a bad suite
+    or baselines file, data that is not there, a cell that failed)."""
     from . import regress as reg
+    from .regress import outputs
 
-    path = baselines or reg.BASELINES
-    committed = reg.read_baselines(path, missing_ok=update)  # a broken file fails now, not after the suite
-    grids, skipped = reg.suite_grids()
-    for reason in skipped:
-        out.print(reason, highlight=False)
-    t0 = time.perf_counter()
-    results = reg.run_suite(grids, only)
-    seconds = time.perf_counter() - t0
-    if not results:
-        raise UserError(f"no regression case matches --only {only!r} -- see the names in {path}")
+    suite_path = suite or reg.PROJECT_SUITE
+    baselines_path = baselines or reg.default_baselines(suite_path)
+    if update and (junit or markdown):
+        raise UserError("--update rewrites the baselines; --junit/--markdown report a comparison -- run them "
+                        "separately")
+    for target, flag in ((junit, "--junit"), (markdown, "--markdown")):
+        if target is not None and target.is_dir():
+            raise UserError(f"{flag} {target} is a folder -- give a file name, e.g. {target / 'regress'}")
+    again = " ".join(["ssl-bench regress", *(["--suite", shlex.quote(str(suite))] if suite else []),
+                      *(["--baselines", shlex.quote(str(baselines))] if baselines else []),
+                      *(["--only", shlex.quote(only)] if only else []), "--update"])
+
+    def on_cell(name: str, status: str) -> None:
+        console.print(f"{status}  {name}", markup=False, highlight=False, soft_wrap=True)
+
+    def write(target: Optional[Path], content: str) -> None:
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+
     if update:
-        reg.update(results, path)
-        out.print(f"wrote {len(results)} cases to {path} ({seconds:.0f} s); review and commit it", highlight=False)
+        report, written = reg.update(suite_path, baselines_path, only, device, on_cell)
+        out.print(outputs.text(report), highlight=False)
+        if report.exit_status == 2:
+            out.print(f"baselines not written: fix the cells that could not run, then run again", highlight=False)
+            raise SystemExit(2)
+        measured = len(report.cells("ok", "drift", "new", "weights"))
+        kept = len(written.cells) - measured
+        out.print(f"wrote {measured} cells to {baselines_path} ({len(report.cells('drift'))} moved beyond tolerance, "
+                  f"{len(report.cells('new'))} new, {len(report.cells('gone'))} gone and dropped, {kept} kept without "
+                  f"running); review and commit it", highlight=False)
         return
-    rows = reg.compare(committed, results)
-    drifted = [r for r in rows if not r.ok]
-    out.print(reg.table(drifted or rows), highlight=False)
-    verdict = f"{len(drifted)} of {len(rows)} metrics drifted" if drifted else f"all {len(rows)} metrics within tolerance"
-    cases = f"{len(results)} case{'s' if len(results) != 1 else ''}"
-    out.print(f"regress: {verdict} ({cases}, {seconds:.0f} s; baselines {path})", highlight=False)
-    if drifted:
-        again = " ".join(["ssl-bench regress", *(["--baselines", shlex.quote(str(baselines))] if baselines else []),
-                          *(["--only", shlex.quote(only)] if only else []), "--update"])
+    try:
+        report = reg.check(suite_path, baselines_path, only, device, on_cell)
+    except UserError as err:  # the CI page says why, where it expects the report
+        write(junit, outputs.error_junit(str(err)))
+        write(markdown, outputs.error_markdown(str(err)))
+        raise
+    write(junit, outputs.junit(report))
+    write(markdown, outputs.markdown(report, again))
+    out.print(outputs.text(report), highlight=False)
+    if report.exit_status == 1:
         out.print(f"if the change is intended: {again}, then commit the baselines", highlight=False)
-        raise SystemExit(1)
+    raise SystemExit(report.exit_status)
+
+
 NORMALISATIONS = {(0.485, 0.456, 0.406): "ImageNet", (0.48145466, 0.4578275, 0.40821073): "CLIP",
                   (0.0, 0.0, 0.0): "none"}
 
