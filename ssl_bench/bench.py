@@ -143,7 +143,7 @@ def k_sweep(backbone: str = "dino-vits16", dataset: str = "camvid", data_root: s
                 runner = Runner(ResultStore(Path(tmp) / "s.sqlite"), FeatureCache(Path(tmp) / f"cache{r}"))
                 run = runner.resolve(base)
                 t0 = time.perf_counter()
-                runner.features(run, run.dataset, list(run.task.features), lambda it, **_: it)
+                runner.features(run, run.dataset, list(run.features), lambda it, **_: it)
                 extraction_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             ctx = TaskContext(runner, run, lambda it, **_: it)
@@ -243,13 +243,22 @@ BENCHMARKS: dict[str, Callable[..., dict]] = {"extraction": extraction, "eval-me
 
 
 def available_benchmarks() -> dict[str, str | Callable[..., dict]]:
-    """Harness benchmarks plus each task's own (named by ``benchmark:`` in its registry file)."""
+    """Harness benchmarks plus each task's and stage's own (named by ``benchmark:`` in its registry file). A
+    benchmark several stages of one kind share (one comparison of them all) is listed under the kind's folder
+    name, e.g. ``clusterers``."""
     found: dict[str, str | Callable[..., dict]] = dict(BENCHMARKS)
     seen = set()
     for spec in registry.tasks().values():
         if spec.benchmark and spec.benchmark not in seen:  # variants share their method's benchmark
             seen.add(spec.benchmark)
             found[spec.name] = spec.benchmark
+    for kind, folder in registry.STAGE_KINDS.items():
+        named: dict[str, list[str]] = {}
+        for spec in registry.stages(kind).values():
+            if spec.benchmark and spec.benchmark not in seen:
+                named.setdefault(spec.benchmark, []).append(spec.name)
+        for function, names in named.items():
+            found[folder if len(names) > 1 else names[0]] = function
     return found
 
 

@@ -455,7 +455,7 @@ def _backbone_table(wide: bool) -> Table:
 
 
 @app.command("list")
-def list_(what: str = typer.Argument(..., help="backbones | tasks | datasets"),
+def list_(what: str = typer.Argument(..., help="backbones | tasks | stages | datasets"),
           wide: bool = typer.Option(False, "--wide", help="backbones: all details (needs a wide terminal)")):
     """List registered backbones, tasks or datasets."""
     if what == "backbones":
@@ -464,11 +464,18 @@ def list_(what: str = typer.Argument(..., help="backbones | tasks | datasets"),
         table = Table("name", "version", "title", "features", "parameters")
         bases: dict[str, registry.TaskSpec] = {}  # per entrypoint, the task its variants change
         for spec in registry.tasks().values():
-            base = bases.setdefault(spec.entrypoint, spec)
+            base = bases.setdefault(spec.name if spec.stages else spec.entrypoint, spec)  # composed: each file apart
             changed = {k: v for k, v in spec.params.items() if base.params.get(k) != v}
             params = ", ".join(f"{k}={v}" for k, v in (spec.params if base is spec else changed).items())
-            table.add_row(spec.name, str(spec.version), spec.title, ", ".join(spec.features),
+            features = spec.features_for(spec.resolve_params({})) if spec.stages else spec.features
+            table.add_row(spec.name, str(spec.version), spec.title, ", ".join(features),
                           params if base is spec else f"as {base.name}, with {params or 'the same parameters'}")
+    elif what == "stages":
+        table = Table("kind", "name", "title", "features", "parameters (-p SLOT.NAME=VALUE)")
+        for kind in registry.STAGE_KINDS:
+            for spec in registry.stages(kind).values():
+                table.add_row(kind, spec.name, spec.title, ", ".join(spec.features_for(spec.params)) or "-",
+                              ", ".join(f"{k}={v}" for k, v in spec.params.items()))
     elif what == "datasets":
         from .data import DATASETS
 
@@ -477,7 +484,7 @@ def list_(what: str = typer.Argument(..., help="backbones | tasks | datasets"),
             table.add_row(name, cls.title, str(cls.num_classes or "classes.txt"), ", ".join(cls.splits),
                           cls.default_root)
     else:
-        raise UserError(f"cannot list '{what}' -- choose backbones, tasks or datasets")
+        raise UserError(f"cannot list '{what}' -- choose backbones, tasks, stages or datasets")
     out.print(table)
 
 

@@ -330,9 +330,9 @@ def features_of(backbone: Backbone, dataset: SegDataset, protocol: Protocol, kin
     return images, feats
 
 
-def benchmark_inputs(backbone: str, n: int, kinds=("patch",)):
+def benchmark_inputs(backbone: str, n: int, kinds=("patch",), protocol: Protocol = Protocol()):
     """Random-weight ``backbone`` features of ``n`` real CamVid images when ../shared/data is there,
-    else of the synthetic dataset; returns (images, features, dataset description)."""
+    else of the synthetic dataset (at ``protocol``); returns (images, features, dataset description)."""
     from . import registry
     from .data import open_dataset
     from .data.shared import shared_data_dir
@@ -347,5 +347,5 @@ def benchmark_inputs(backbone: str, n: int, kinds=("patch",)):
         warnings.warn("no ../shared/data/camvid beside the checkout: measuring the synthetic dataset instead "
                       "(SSL_BENCH_SHARED_DATA=/path/to/data points elsewhere)")
         dataset = open_dataset("synthetic", None, "val")
-    images, feats = features_of(model, dataset, Protocol(), kinds, n)
+    images, feats = features_of(model, dataset, protocol, kinds, n)
     return images, feats, f"{dataset.name}/{dataset.split} ({backbone}, random weights)"

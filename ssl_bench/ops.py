@@ -95,11 +95,13 @@ def _unit_rows(sums: np.ndarray) -> np.ndarray:
     return (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-30)).astype(np.float32)
 
 
-def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bounds: bool = True) -> np.ndarray:
+def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bounds: bool = True,
+                     init: np.ndarray | None = None) -> np.ndarray:
     """Cosine k-means (Lloyd) on the rows of ``x`` (n, d), normalised first unless they are unit-norm already:
     unit-norm centroids (k, d).
 
-    All-zero rows (no direction) take no part. Starts from k distinct rows drawn with ``seed``; each of
+    All-zero rows (no direction) take no part. Starts from k distinct rows drawn with ``seed`` (or from the
+    caller's ``init`` centroids); each of
     ``iterations`` rounds assigns every row to its most similar centroid (first one on ties), then sets each
     centroid to its rows' normalised float64 sum. A cluster left empty takes the row least similar to its
     centroid among clusters of two rows or more. Similarities are float64 sums of exact products
@@ -127,7 +129,10 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bou
         nonzero = "" if directed.all() else " with non-zero features"
         raise UserError(f"K={k} clusters need at least {k} patches{nonzero} to fit on, got {n} -- lower --k, or use "
                         f"more or larger images")
-    centroids = x[np.random.default_rng(seed).choice(n, k, replace=False)]
+    if init is None:
+        centroids = x[np.random.default_rng(seed).choice(n, k, replace=False)]
+    else:  # the caller's seeds (e.g. k-means++), as unit rows
+        centroids = _unit_rows(np.asarray(init, dtype=np.float64))
     labels = np.empty(n, dtype=np.int64)
     upper = np.empty(n, dtype=np.float32)      # >= distance to the own centroid
     lower = np.empty((n, k), dtype=np.float32)  # <= distance to every other centroid (own: unused)

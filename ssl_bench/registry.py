@@ -1,7 +1,13 @@
-"""Declarative registries: ``backbones/*.yaml`` (one file per family) and ``tasks/*.yaml`` (one per method).
+"""Declarative registries: ``backbones/*.yaml`` (one file per family), ``tasks/*.yaml`` (one per method) and
+``stages/{segmenters,embeddings,clusterers}/*.yaml`` (one per composable stage of a method).
 
 The runner, store and reports only ever see the dataclasses below; the code behind an entry is
 named by its ``entrypoint`` ("module:function") and imported when first needed.
+
+A task may have *stage slots* (``stages: {segmenter: segmenter, embed: embedding, clusterer: clusterer}``):
+the parameter named by a slot holds a registered stage of that kind, and the chosen stage's parameters join
+the task's under the slot's name (``segmenter.tau``, ``clusterer.metric``), so ``-p segmenter=dsm
+-p segmenter.eigenvectors=4`` composes a method and every choice is in the run's configuration and hash.
 """
 
 from __future__ import annotations
@@ -69,6 +75,28 @@ class BackboneSpec:
         return self.heads > 0
 
 
+STAGE_KINDS = {"segmenter": "segmenters", "embedding": "embeddings", "clusterer": "clusterers"}  # kind -> folder
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One registered stage (a segmenter, region embedding or clusterer) that composed tasks plug in."""
+
+    name: str
+    kind: str  # a key of STAGE_KINDS
+    title: str
+    entrypoint: str  # "module:Class" (see ssl_bench/stages/__init__.py for what each kind implements)
+    features: tuple[str, ...] = ()  # cached kinds it reads; "{param}" = the kind its parameter ``param`` names
+    params: dict = field(default_factory=dict)
+    paper: str = ""
+    validate: str | None = None  # "module:function(params)" raising UserError
+    version: int = 1  # raised when the stage's numbers change (a run of another version is not reused)
+    benchmark: str | None = None  # "module:function" measured by `ssl-bench bench` (see bench.available_benchmarks)
+
+    def features_for(self, params: dict) -> tuple[str, ...]:
+        return tuple(f.format(**params) if "{" in f else f for f in self.features)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One registered task (method or method variant)."""
@@ -82,8 +110,11 @@ class TaskSpec:
     benchmark: str | None = None  # "module:function" measured by `ssl-bench bench TASK`
     validate: str | None = None  # "module:function(params)" raising UserError, called before any work
     version: int = 1  # raised when the method's numbers change: stored cells of other versions are not reused
+    stages: dict = field(default_factory=dict)  # stage slots: parameter name -> stage kind (composed tasks)
 
     def resolve_params(self, overrides: dict | None) -> dict:
+        if self.stages:
+            return self._resolve_composed(dict(overrides or {}))
         unknown = set(overrides or {}) - set(self.params)
         if unknown:
             raise UserError(
@@ -98,6 +129,87 @@ class TaskSpec:
         for key, value in (overrides or {}).items():  # counts the hook leaves unchecked: at least 0
             check_like_default(what, key, value, self.params[key], "-p")
         return params
+
+    # -- composed tasks (stage slots) --
+    def own_params(self) -> dict:
+        """The task's parameters without the stage parameters its file sets (``slot.param`` keys)."""
+        return {key: v for key, v in self.params.items() if "." not in key}
+
+    def _resolve_composed(self, overrides: dict) -> dict:
+        dotted = {key: v for key, v in overrides.items() if "." in key}
+        plain = {key: v for key, v in overrides.items() if "." not in key}
+        own = self.own_params()
+        unknown = set(plain) - set(own) | {key for key in dotted if key.split(".", 1)[0] not in self.stages}
+        if unknown:
+            hint = _dotted_hint(sorted(unknown)[0], self)
+            raise UserError(f"task '{self.name}' has no parameter(s) {sorted(unknown)} -- known: {sorted(own)}"
+                            f"{hint}")
+        what = f"task '{self.name}' parameter"
+        for key, value in plain.items():
+            check_like_default(what, key, value, own[key], "-p", counts_from=None)
+        params = {**own, **plain}
+        for slot, kind in self.stages.items():
+            stage = stage_spec(kind, params[slot], f"{what} {slot}")
+            mine = {key.split(".", 1)[1]: v for key, v in dotted.items() if key.split(".", 1)[0] == slot}
+            params.update({f"{slot}.{key}": v for key, v in self._stage_params(slot, stage, mine).items()})
+        if self.validate:
+            load_entrypoint(self.validate)(params)
+        for key, value in plain.items():
+            check_like_default(what, key, value, own[key], "-p")
+        return params
+
+    def _stage_params(self, slot: str, stage: StageSpec, overrides: dict) -> dict:
+        """The parameters of the stage in ``slot``: its defaults, the task file's ``slot.key`` values when the
+        slot holds the task file's own stage (they were written for it), then the user's overrides."""
+        defaults = dict(stage.params)
+        if stage.name == self.params[slot]:
+            defaults.update({key.split(".", 1)[1]: v for key, v in self.params.items() if key.startswith(slot + ".")})
+        unknown = set(overrides) - set(defaults)
+        if unknown:
+            raise UserError(f"{stage.kind} '{stage.name}' ({slot}) has no parameter(s) "
+                            f"{sorted(f'{slot}.{k}' for k in unknown)} -- known: "
+                            f"{sorted(f'{slot}.{k}' for k in defaults) or 'none'}")
+        what = f"{stage.kind} '{stage.name}' parameter"
+        for key, value in overrides.items():
+            check_like_default(what, f"{slot}.{key}", value, defaults[key], "-p", counts_from=None)
+        resolved = {**defaults, **overrides}
+        if stage.validate:
+            load_entrypoint(stage.validate)(resolved)
+        for key, value in overrides.items():
+            check_like_default(what, f"{slot}.{key}", value, defaults[key], "-p")
+        return resolved
+
+    def defaults_like(self, params: dict) -> dict:
+        """The default parameters for the same stage choices as ``params`` (what a label compares with)."""
+        if not self.stages:
+            return self.params
+        try:
+            return self.resolve_params({slot: params[slot] for slot in self.stages if slot in params})
+        except UserError:  # a stored run of a stage that is no longer registered
+            return self.own_params()
+
+    def features_for(self, params: dict) -> tuple[str, ...]:
+        """The cached feature kinds a run with these (resolved) parameters reads: the task's own and its stages'."""
+        kinds = list(self.features)
+        for slot, kind in self.stages.items():
+            stage = stages(kind).get(params.get(slot))
+            if stage:
+                own = {key.split(".", 1)[1]: v for key, v in params.items() if key.startswith(slot + ".")}
+                kinds += stage.features_for(own)
+        return tuple(dict.fromkeys(kinds))
+
+    def stage_specs(self, params: dict) -> dict[str, StageSpec]:
+        """The registered stage in each slot of a run with these parameters."""
+        return {slot: stage_spec(kind, params[slot], slot) for slot, kind in self.stages.items()}
+
+
+def _dotted_hint(key: str, spec: TaskSpec) -> str:
+    """' (did you mean segmenter.tau?)' for a stage parameter given without its slot."""
+    for slot, kind in spec.stages.items():
+        stage = stages(kind).get(spec.params.get(slot))
+        if stage and key in stage.params:
+            return f" (stage parameters are named by their slot: did you mean {slot}.{key}?)"
+    return ""
 
 
 def is_number(value) -> bool:
@@ -163,6 +275,11 @@ def _read_yaml(path: Path) -> dict:
     return read_yaml_mapping(path, "registry file", f"the other files in {path.parent}")
 
 
+def _check_version(path: Path, version) -> None:
+    if type(version) is not int or version < 1:
+        raise UserError(f"{path}: version must be a whole number, 1 or more, got {version!r} -- e.g. version: 2")
+
+
 @cache
 def backbones() -> dict[str, BackboneSpec]:
     """All registered backbones; a family file gives defaults shared by its ``models``."""
@@ -196,15 +313,67 @@ def tasks() -> dict[str, TaskSpec]:
             base = TaskSpec(**data)
         except TypeError as err:
             raise UserError(f"{path}: bad task entry ({err})") from err
-        if type(base.version) is not int or base.version < 1:
-            raise UserError(f"{path}: version must be a whole number, 1 or more, got {base.version!r} -- e.g. version: 2")
+        _check_version(path, base.version)
+        _check_slots(base, path)
         _register(specs, base, path)
         for variant in variants:
             _register(specs, _variant(base, variant, path), path)
     return specs
 
 
-def _variant(base: TaskSpec, variant, path: Path) -> TaskSpec:
+def _check_slots(spec: TaskSpec, path: Path) -> None:
+    """A composed task names a registered stage in each slot, and its ``slot.key`` values are that stage's."""
+    for slot, kind in spec.stages.items():
+        if kind not in STAGE_KINDS or slot not in spec.params:
+            raise UserError(f"{path}: stage slot '{slot}' needs a kind ({', '.join(STAGE_KINDS)}) and a default "
+                            f"stage in params -- e.g. stages: {{segmenter: segmenter}}, params: {{segmenter: louvain}}")
+        stage = stage_spec(kind, spec.params[slot], f"{path}: slot {slot}")
+        for key, value in spec.params.items():
+            slot_of, _, name = key.partition(".")
+            if name and slot_of == slot:
+                if name not in stage.params:
+                    raise UserError(f"{path}: '{key}' is not a parameter of {kind} '{stage.name}' -- known: "
+                                    f"{sorted(stage.params)}")
+                check_like_default(f"{path}: parameter", key, value, stage.params[name], "")
+    stray = [key for key in spec.params if "." in key and key.split(".", 1)[0] not in spec.stages]
+    if stray:
+        raise UserError(f"{path}: parameter(s) {stray} name no stage slot -- slots: {sorted(spec.stages) or 'none'}")
+
+
+@cache
+def stages(kind: str) -> dict[str, StageSpec]:
+    """The registered stages of one kind (``stages/<kind folder>/*.yaml``, one per stage; ``variants`` register
+    more names with other parameters)."""
+    folder = registry_dir("stages") / STAGE_KINDS[kind]
+    specs: dict[str, StageSpec] = {}
+    for path in sorted(folder.glob("*.yaml")):
+        data = _read_yaml(path)
+        variants = data.pop("variants", []) or []
+        data["features"] = tuple(data.get("features", ()))
+        data.setdefault("params", {})
+        data.setdefault("kind", kind)
+        if data["kind"] != kind:
+            raise UserError(f"{path}: kind '{data['kind']}' in the {STAGE_KINDS[kind]} folder -- move the file "
+                            f"or fix its kind")
+        try:
+            base = StageSpec(**data)
+        except TypeError as err:
+            raise UserError(f"{path}: bad stage entry ({err})") from err
+        _check_version(path, base.version)
+        _register(specs, base, path)
+        for variant in variants:
+            _register(specs, _variant(base, variant, path), path)
+    return specs
+
+
+def stage_spec(kind: str, name, what: str = "stage") -> StageSpec:
+    """A registered stage of ``kind`` by name; anything else is one line with suggestions."""
+    if not isinstance(name, str):
+        raise UserError(f"{what}={name!r} must name a registered {kind} -- see `ssl-bench list stages`")
+    return lookup(stages(kind), name, kind)
+
+
+def _variant(base, variant, path: Path):
     """A registered variant: the base task under another name with some params changed (checked here,
     so a typo in a task file is one line at start-up, not a variant that silently runs the base task)."""
     example = "{name: kmeans-crf, title: ..., params: {crf: true}}"
@@ -215,13 +384,23 @@ def _variant(base: TaskSpec, variant, path: Path) -> TaskSpec:
         raise UserError(f"{path}: variant '{variant['name']}' has unknown key(s) {sorted(unknown)} -- "
                         f"a variant has name, title and params, e.g. {example}")
     changes = variant.get("params") or {}
-    if not isinstance(changes, dict) or set(changes) - set(base.params):
+    slots = getattr(base, "stages", {})
+    own = {key for key in changes if "." in key and key.split(".", 1)[0] in slots}  # checked by _check_slots
+    if not isinstance(changes, dict) or set(changes) - set(base.params) - own:
         raise UserError(f"{path}: variant '{variant['name']}' params {changes!r} must be parameters of "
                         f"'{base.name}' -- known: {sorted(base.params)}")
     for key, value in changes.items():
-        check_like_default(f"{path}: variant '{variant['name']}' parameter", key, value, base.params[key], "")
-    return TaskSpec(**{**base.__dict__, "name": variant["name"], "title": variant.get("title", base.title),
-                       "params": {**base.params, **changes}})
+        if key not in own:
+            check_like_default(f"{path}: variant '{variant['name']}' parameter", key, value, base.params[key], "")
+    params = {**base.params, **changes}
+    for slot in slots:  # another stage in a slot: the base's values for that slot's stage do not apply to it
+        if changes.get(slot, base.params.get(slot)) != base.params.get(slot):
+            params = {k: v for k, v in params.items() if not k.startswith(slot + ".") or k in changes}
+    spec = type(base)(**{**base.__dict__, "name": variant["name"], "title": variant.get("title", base.title),
+                         "params": params})
+    if slots:
+        _check_slots(spec, path)
+    return spec
 
 
 def _register(specs: dict, spec, path: Path) -> None:
@@ -239,10 +418,22 @@ def overrides_text(actual: dict, defaults: dict) -> str:
 NOT_CURRENT = "not current"  # in the label of a result of another version of its task
 
 
+def stage_versions(spec: TaskSpec, params: dict) -> dict[str, int]:
+    """The versions of a composed run's stages that are not 1 (absent: the hashes of version-1 stages stay)."""
+    versions = {slot: stage.version for slot, stage in spec.stage_specs(params).items()} if spec.stages else {}
+    return {slot: v for slot, v in versions.items() if v != 1}
+
+
 def is_current_version(config: dict) -> bool:
-    """Whether a run's config was stored by the registered version of its task (unknown tasks: yes)."""
+    """Whether a run's config was stored by the registered version of its task and stages (unknown tasks: yes)."""
     spec = tasks().get(config["task"])
-    return spec is None or config.get("task_version", 1) == spec.version
+    if spec is None:
+        return True
+    try:
+        stages_now = stage_versions(spec, config.get("params") or {})
+    except UserError:  # a stage that is no longer registered
+        return False
+    return config.get("task_version", 1) == spec.version and config.get("stage_versions", {}) == stages_now
 
 
 def task_label(config: dict) -> str:
@@ -250,7 +441,7 @@ def task_label(config: dict) -> str:
     a result of another version of the task than the registered one says so: ``kmeans [v1, not current]``."""
     task, params = config["task"], config.get("params") or {}
     spec = tasks().get(task)
-    extra = overrides_text(params, spec.params) if spec else ""
+    extra = overrides_text(params, spec.defaults_like(params)) if spec else ""
     label = f"{task} ({extra})" if extra else task
     return label if is_current_version(config) else f"{label} [v{config.get('task_version', 1)}, {NOT_CURRENT}]"
 

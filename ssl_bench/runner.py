@@ -81,6 +81,7 @@ class ResolvedRun:
     weights: WeightsSource
     dataset: SegDataset
     protocol: Protocol
+    features: tuple[str, ...] = ()  # the cached kinds it reads: the task's and its stages'
 
 
 def run_hash(config: dict) -> str:
@@ -110,6 +111,7 @@ class TaskContext:
         self.k: int = run.config["k"]
         self.seed: int = run.config["seed"]
         self.params: dict = run.config["params"]
+        self.stages: dict[str, registry.StageSpec] = run.task.stage_specs(self.params)  # composed tasks: slot -> stage
         self.split: str = run.dataset.split
         self.dataset: SegDataset = run.dataset
         self.protocol: Protocol = run.protocol
@@ -150,7 +152,9 @@ class TaskContext:
         entry = self._runner.cache.entry_dir(self._runner.cache.key(
             self._run.spec.name, self._run.weights.identity, dataset, self.protocol))
         task = self._run.task
-        digest = config_hash({"task": task.entrypoint, "code": _module_digest(task.entrypoint), "version": task.version,
+        entrypoints = [task.entrypoint, *(s.entrypoint for s in task.stage_specs(self.params).values())]
+        digest = config_hash({"task": task.entrypoint, "code": _module_digest(*entrypoints), "version": task.version,
+                              "stage_versions": self._run.config.get("stage_versions", {}),
                               "name": name, "seed": self.seed, "device": str(self.device), "identity": identity})
         path = entry / "reuse" / f"{name}-{digest}.pkl"
         with contextlib.ExitStack() as guard:
@@ -201,10 +205,14 @@ class TaskContext:
         return self._runner.cache.labels.ensure(self.dataset, self.protocol, self.patch_size, self.progress)
 
 
-def _module_digest(entrypoint: str) -> str:
-    """Digest of the source of a task's module: a change to the method's code retires what ``reuse`` kept."""
-    module = importlib.import_module(entrypoint.partition(":")[0])
-    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:16]
+def _module_digest(*entrypoints: str) -> str:
+    """Digest of the source of a task's module (and its stages' modules): a change to the method's code retires
+    what ``reuse`` kept."""
+    digest = hashlib.sha256()
+    for entrypoint in entrypoints:
+        module = importlib.import_module(entrypoint.partition(":")[0])
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 # ---- the runner ---------------------------------------------------------------------------------------
@@ -339,9 +347,11 @@ class Runner:
             "data_root": cfg.data_root,
         }
         config = with_task_version(config, task.version)
+        if versions := registry.stage_versions(task, params):  # absent while every stage is at version 1
+            config["stage_versions"] = versions
         if probe.identity:  # a generic folder is its location (absent otherwise: earlier hashes stay valid)
             config["dataset_identity"] = probe.identity
-        return ResolvedRun(config, run_hash(config), spec, task, source, probe, protocol)
+        return ResolvedRun(config, run_hash(config), spec, task, source, probe, protocol, task.features_for(params))
 
     # -- one cell --
     def run(self, cfg: RunConfig, force: bool = False, progress: Callable = lambda it, **_: it) -> Outcome:
@@ -366,8 +376,8 @@ class Runner:
         """One resolved cell computed without touching the store (Ray workers return it to the driver)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        if run.task.features:  # one extraction pass for every kind the task declares
-            self.features(run, run.dataset, list(run.task.features), progress)
+        if run.features:  # one extraction pass for every kind the task (and its stages) read
+            self.features(run, run.dataset, list(run.features), progress)
         timings["features"] = time.perf_counter() - t0
 
         ctx = TaskContext(self, run, progress, fresh)

@@ -110,6 +110,29 @@ def _pairs(mapping: Any, what: str) -> tuple:
     return tuple(sorted((str(k).replace("-", "_"), v) for k, v in mapping.items()))
 
 
+def expand_params(task: str, pairs: tuple) -> list[tuple]:
+    """A task's parameter pairs with every list value (for a parameter whose default is not a list) expanded
+    into one choice per value: ``{segmenter: [louvain, dsm], clusterer: [kmeans, sinkhorn]}`` is four cells,
+    each its own leaderboard row."""
+    import itertools
+
+    spec = registry.task(task)
+
+    def takes_lists(key: str) -> bool:
+        slot, _, name = key.partition(".")
+        if not name:
+            return isinstance(spec.params.get(key), list)
+        kind = spec.stages.get(slot)
+        return bool(kind) and any(isinstance(stage.params.get(name), list) for stage in registry.stages(kind).values())
+
+    axes = [[(key, v) for v in value] if isinstance(value, list) and not takes_lists(key) else [(key, value)]
+            for key, value in pairs]
+    empty = [key for (key, _), axis in zip(pairs, axes) if not axis]
+    if empty:
+        raise UserError(f"task {task}: an empty list of values for '{empty[0]}' -- give at least one value")
+    return [tuple(choice) for choice in itertools.product(*axes)]
+
+
 def _entries(data: dict, key: str, source: str) -> list[dict]:
     """A grid axis as a list of mappings; a bare string is ``{name: string}``."""
     value = data.get(key)
@@ -187,7 +210,8 @@ def grid_from_mapping(data: dict, source: str = "grid", env: Mapping[str, str] |
     tasks = []
     for e in _entries(data, "tasks", source):
         _check_keys(e, ("name", "params"), f"{source}: task {e['name']}")
-        tasks.append(TaskChoice(e["name"], _pairs(e.get("params"), f"{source}: params of task {e['name']}")))
+        pairs = _pairs(e.get("params"), f"{source}: params of task {e['name']}")
+        tasks += [TaskChoice(e["name"], choice) for choice in expand_params(e["name"], pairs)]
     datasets = []
     for e in _entries(data, "datasets", source):
         _check_keys(e, ("name", "data_root", "split", "options"), f"{source}: dataset {e['name']}")
@@ -398,13 +422,13 @@ def make_plan(grid: Grid | Sequence[Grid], runner: Runner, select: Callable[[Cel
         cells[run.config_hash] = cell
     extractions: dict[CacheKey, Extraction] = {}
     for cell in cells.values():
-        if cell.stored or not cell.run.task.features:
+        if cell.stored or not cell.run.features:
             continue
         key = cache_key(runner, cell.run)
         if key not in extractions:
             extractions[key] = Extraction(key, cell.config, cell.run, [], [])
         entry = extractions[key]
-        entry.kinds = sorted(set(entry.kinds) | set(cell.run.task.features))
+        entry.kinds = sorted(set(entry.kinds) | set(cell.run.features))
         entry.cells.append(cell)
     for entry in extractions.values():
         entry.missing = runner.cache.missing_kinds(entry.key, entry.kinds, len(entry.run.dataset))
@@ -417,7 +441,7 @@ def _cannot_run(run: ResolvedRun) -> str | None:
     every backbone with every task, so some pairs may not fit)."""
     from .models.base import ATTENTION_KINDS
 
-    wanted = sorted(set(run.task.features) & set(ATTENTION_KINDS))
+    wanted = sorted(set(run.features) & set(ATTENTION_KINDS))
     if wanted and not run.spec.has_attention:
         return f"{run.task.name} reads {', '.join(wanted)} of the attention, which {run.spec.name} does not have"
     return None

@@ -1,4 +1,4 @@
-"""DatUS^2 core functions and adapter (ssl_bench.methods.datus): small synthetic inputs, < 30 s."""
+"""DatUS^2 as composed stages (Louvain segmenter, crop embedding, k-means, de-noiser) and its adapter."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ssl_bench.methods import datus
+from ssl_bench.methods import segment_cluster
+from ssl_bench.stages import denoise, embeddings, regions
+from ssl_bench.stages.clusterers.kmeans import KMeans
+from ssl_bench.stages.segmenters import louvain
 
 
 def one_hot_keys(groups: np.ndarray, dim: int = 8) -> np.ndarray:
@@ -18,11 +21,11 @@ def one_hot_keys(groups: np.ndarray, dim: int = 8) -> np.ndarray:
 # ---------------------------------------------------------------- segment discovery
 
 
-@pytest.mark.parametrize("backend", datus.BACKENDS)
+@pytest.mark.parametrize("backend", louvain.BACKENDS)
 def test_two_orthogonal_regions_give_two_segments(backend):
     groups = np.zeros((4, 6), dtype=int)
     groups[:, 3:] = 1
-    seg, info = datus.discover_segments(one_hot_keys(groups), tau=5, backend=backend)
+    seg, info = louvain.discover_segments(one_hot_keys(groups), tau=5, backend=backend)
     expected = np.where(groups == 0, 0, 1)
     np.testing.assert_array_equal(seg, expected)
     assert seg.dtype == np.int64
@@ -32,7 +35,7 @@ def test_two_orthogonal_regions_give_two_segments(backend):
 def test_community_in_two_separate_regions_gives_two_segments():
     groups = np.zeros((4, 9), dtype=int)
     groups[:, 3:6] = 1  # group 0 occupies two stripes separated by group 1
-    seg, info = datus.discover_segments(one_hot_keys(groups), tau=5)
+    seg, info = louvain.discover_segments(one_hot_keys(groups), tau=5)
     expected = np.repeat(np.array([[0, 0, 0, 1, 1, 1, 2, 2, 2]]), 4, axis=0)
     np.testing.assert_array_equal(seg, expected)
     assert (info["n_communities"], info["n_segments"], info["n_valid"]) == (2, 3, 3)
@@ -42,13 +45,13 @@ def test_segments_up_to_tau_patches_are_noise():
     groups = np.zeros((6, 6), dtype=int)
     groups[0, :5] = 1  # exactly 5 patches: noise for tau=5
     groups[5, :] = 2  # 6 patches: valid
-    seg, info = datus.discover_segments(one_hot_keys(groups), tau=5)
+    seg, info = louvain.discover_segments(one_hot_keys(groups), tau=5)
     assert (seg[0, :5] == -1).all()
     assert (seg[5] == 1).all()
     assert (seg[groups == 0] == 0).all()
     assert (info["n_segments"], info["n_valid"], info["valid_sizes"]) == (3, 2, [25, 6])
     # one lower threshold makes the 5-patch segment valid
-    seg4, info4 = datus.discover_segments(one_hot_keys(groups), tau=4)
+    seg4, info4 = louvain.discover_segments(one_hot_keys(groups), tau=4)
     assert info4["n_valid"] == 3 and (seg4[0, :5] == 0).all()
 
 
@@ -56,7 +59,7 @@ def test_diagonal_touch_is_one_segment():
     groups = np.zeros((6, 6), dtype=int)
     groups[:3, 3:] = 1
     groups[3:, :3] = 1  # each group: two 3x3 blocks touching only at a corner
-    seg, info = datus.discover_segments(one_hot_keys(groups), tau=5)
+    seg, info = louvain.discover_segments(one_hot_keys(groups), tau=5)
     np.testing.assert_array_equal(seg, np.where(groups == 0, 0, 1))
     assert info["n_segments"] == 2  # 4-connectivity would give 4
 
@@ -66,17 +69,17 @@ def test_non_square_grids(shape):
     h, w = shape
     groups = np.zeros(shape, dtype=int)
     groups[h // 2 :, :] = 1
-    seg, info = datus.discover_segments(one_hot_keys(groups), tau=2)
+    seg, info = louvain.discover_segments(one_hot_keys(groups), tau=2)
     assert seg.shape == shape
     np.testing.assert_array_equal(seg, groups)
     assert info["n_valid"] == 2
 
 
-@pytest.mark.parametrize("backend", datus.BACKENDS)
+@pytest.mark.parametrize("backend", louvain.BACKENDS)
 def test_seeded_discovery_is_deterministic(backend):
-    keys, _ = datus.synthetic_keys(14, 14, noise=1.5, seed=1)
-    a = datus.discover_segments(keys, seed=3, backend=backend)
-    b = datus.discover_segments(keys, seed=3, backend=backend)
+    keys, _ = louvain.synthetic_keys(14, 14, noise=1.5, seed=1)
+    a = louvain.discover_segments(keys, seed=3, backend=backend)
+    b = louvain.discover_segments(keys, seed=3, backend=backend)
     np.testing.assert_array_equal(a[0], b[0])
     assert a[1] == b[1]
 
@@ -85,21 +88,21 @@ def test_modularity_matches_python_louvain():
     import community as community_louvain
     import networkx as nx
 
-    keys, _ = datus.synthetic_keys(10, 10, noise=1.5, seed=0)
-    adjacency = datus.key_adjacency(keys.reshape(100, -1), weighted=True)
+    keys, _ = louvain.synthetic_keys(10, 10, noise=1.5, seed=0)
+    adjacency = louvain.key_adjacency(keys.reshape(100, -1), weighted=True)
     labels = np.random.default_rng(0).integers(0, 4, 100)
     graph = nx.from_numpy_array(adjacency)
     reference = community_louvain.modularity(dict(enumerate(labels.tolist())), graph)
-    assert datus.modularity(adjacency, labels) == pytest.approx(reference, abs=1e-9)
+    assert louvain.modularity(adjacency, labels) == pytest.approx(reference, abs=1e-9)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_igraph_reaches_python_louvain_modularity(seed, weighted):
-    keys, _ = datus.synthetic_keys(16, 16, noise=2.0, seed=seed)
-    adjacency = datus.key_adjacency(keys.reshape(256, -1), weighted=weighted)
-    q_ref = datus.modularity(adjacency, datus.detect_communities(adjacency, seed, "louvain"))
-    q_fast = datus.modularity(adjacency, datus.detect_communities(adjacency, seed, "igraph"))
+    keys, _ = louvain.synthetic_keys(16, 16, noise=2.0, seed=seed)
+    adjacency = louvain.key_adjacency(keys.reshape(256, -1), weighted=weighted)
+    q_ref = louvain.modularity(adjacency, louvain.detect_communities(adjacency, seed, "louvain"))
+    q_fast = louvain.modularity(adjacency, louvain.detect_communities(adjacency, seed, "igraph"))
     assert q_ref > 0.05  # a graph with real structure, not a trivial one
     assert abs(q_fast - q_ref) < 0.01
 
@@ -109,9 +112,9 @@ def test_summarize_segments():
         {"n_communities": 2, "n_segments": 4, "n_valid": 2, "valid_sizes": [10, 20]},
         {"n_communities": 4, "n_segments": 6, "n_valid": 1, "valid_sizes": [30]},
     ]
-    assert datus.summarize_segments(infos) == {  # the schema of the segment statistics
+    assert regions.summarize_segments(infos) == {  # the schema of the segment statistics
         "images": 2, "total": 10, "valid": 3, "valid_percent": 30.0,
-        "per_image": 5.0, "valid_per_image": 1.5, "patches_per_segment": 20.0,
+        "per_image": 5.0, "valid_per_image": 1.5, "valid_per_image_std": 0.5, "patches_per_segment": 20.0,
     }
 
 
@@ -120,7 +123,7 @@ def test_summarize_segments():
 
 def test_upsample_nearest_non_square():
     labels = np.arange(6).reshape(2, 3)
-    up = datus.upsample_nearest(labels, (4, 9))
+    up = regions.upsample_nearest(labels, (4, 9))
     np.testing.assert_array_equal(up, np.repeat(np.repeat(labels, 2, 0), 3, 1))
 
 
@@ -130,14 +133,14 @@ def test_segment_crop_tight_box_and_fill():
     seg = np.full((20, 30), -1)
     seg[5:9, 10:14] = 3
     seg[6, 11] = 4  # another segment inside the box must be filled
-    crop = datus.segment_crop(image, seg, 3, fill=7, size=4)  # same size: no resampling
+    crop = embeddings.segment_crop(image, seg, 3, fill=7, size=4)  # same size: no resampling
     expected = image[5:9, 10:14].copy()
     expected[1, 1] = 7
     np.testing.assert_array_equal(crop, expected)
-    assert datus.segment_crop(image, seg == 3, None, size=16).shape == (16, 16, 3)
-    assert datus.segment_crop(image, seg, 3, size=16, fit="authors").shape == (16, 16, 3)
+    assert embeddings.segment_crop(image, seg == 3, None, size=16).shape == (16, 16, 3)
+    assert embeddings.segment_crop(image, seg, 3, size=16, fit="authors").shape == (16, 16, 3)
     with pytest.raises(ValueError):
-        datus.segment_crop(image, seg, 99)
+        embeddings.segment_crop(image, seg, 99)
 
 
 def test_kmeans_groups_segments_of_the_same_class():
@@ -145,24 +148,25 @@ def test_kmeans_groups_segments_of_the_same_class():
     classes = np.repeat(np.arange(3), 30)
     centres = rng.normal(size=(3, 16)) * 3
     feats = centres[classes] + rng.normal(size=(90, 16)) * 0.3
-    labels, centroids = datus.cluster_segments(feats, k=3, seed=0)
-    assert centroids.shape == (3, 16)
+    clusterer = KMeans(k=3, seed=0).fit(feats)
+    labels = clusterer.labels_
+    assert clusterer.centroids_.shape == (3, 16)
     for c in range(3):  # every class in one cluster, different classes in different clusters
         assert len(set(labels[classes == c])) == 1
     assert len(set(labels)) == 3
-    np.testing.assert_array_equal(datus.nearest_centroid(feats, centroids), labels)
+    np.testing.assert_array_equal(clusterer.predict(feats), labels)
 
 
 def test_paint_segments_keeps_noise_unlabelled():
     seg = np.array([[0, 0, -1], [1, 2, 2]])
     np.testing.assert_array_equal(
-        datus.paint_segments(seg, np.array([5, 1, 5])), [[5, 5, -1], [1, 5, 5]]
+        regions.paint_segments(seg, np.array([5, 1, 5])), [[5, 5, -1], [1, 5, 5]]
     )
 
 
 # ---------------------------------------------------------------- denoiser
 
-TINY = datus.DenoiserConfig(arch="resnet18", input_size=32, epochs=1, batch_size=2,
+TINY = denoise.DenoiserConfig(arch="resnet18", input_size=32, epochs=1, batch_size=2,
                             predict_batch_size=3)
 
 
@@ -173,7 +177,7 @@ def test_usable_masks_drops_near_single_class():
     mixed[:, 2:] = 1
     mostly = np.zeros((10, 10), int)
     mostly[0, 0] = 1  # 99 % one class
-    keep = datus.usable_masks([single, empty, mixed, mostly], threshold=0.95)
+    keep = denoise.usable_masks([single, empty, mixed, mostly], threshold=0.95)
     np.testing.assert_array_equal(keep, [False, False, True, False])
 
 
@@ -182,9 +186,9 @@ def test_denoiser_smoke_shapes():
     sizes = [(40, 50), (36, 36), (30, 44), (32, 32)]
     images = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in sizes]
     masks = [rng.integers(-1, 3, (5, 6)) for _ in sizes]
-    model, used = datus.train_denoiser(images, masks, num_classes=3, config=TINY, seed=0)
+    model, used = denoise.train_denoiser(images, masks, num_classes=3, config=TINY, seed=0)
     assert used == 4
-    preds = list(datus.predict_denoiser(model, images, TINY))
+    preds = list(denoise.predict_denoiser(model, images, TINY))
     assert [p.shape for p in preds] == sizes
     assert all(p.dtype == np.int64 and p.min() >= 0 and p.max() < 3 for p in preds)
 
@@ -192,32 +196,32 @@ def test_denoiser_smoke_shapes():
 def test_denoiser_config_rejects_unknown_params():
     from ssl_bench.errors import UserError
 
-    assert datus.DenoiserConfig.from_params({"epochs": 5}).epochs == 5
-    assert datus.DenoiserConfig.from_params("gpu").arch == "resnet50"
-    gpu_small = datus.DenoiserConfig.from_params({"preset": "gpu", "input_size": 64})
+    assert denoise.DenoiserConfig.from_params({"epochs": 5}).epochs == 5
+    assert denoise.DenoiserConfig.from_params("gpu").arch == "resnet50"
+    gpu_small = denoise.DenoiserConfig.from_params({"preset": "gpu", "input_size": 64})
     assert (gpu_small.arch, gpu_small.input_size) == ("resnet50", 64)
     with pytest.raises(UserError, match="stepz"):
-        datus.DenoiserConfig.from_params({"stepz": 5})
+        denoise.DenoiserConfig.from_params({"stepz": 5})
     with pytest.raises(UserError, match="preset"):
-        datus.DenoiserConfig.from_params("tpu")
+        denoise.DenoiserConfig.from_params("tpu")
     with pytest.raises(UserError, match="batch_size 1"):
-        datus.DenoiserConfig.from_params({"batch_size": 1})
+        denoise.DenoiserConfig.from_params({"batch_size": 1})
     with pytest.raises(UserError, match="arch 'vgg'"):
-        datus.DenoiserConfig.from_params({"arch": "vgg"})
+        denoise.DenoiserConfig.from_params({"arch": "vgg"})
 
 
 def test_epoch_batches_cover_every_mask_once_per_epoch():
     rng = np.random.default_rng(0)
-    batches = datus.epoch_batches(np.arange(10), 4, 2, rng)
+    batches = denoise.epoch_batches(np.arange(10), 4, 2, rng)
     assert len(batches) == 4 and all(len(b) == 4 for b in batches)
     assert len(set(np.concatenate(batches[:2]))) == 8  # no repeat within an epoch
-    assert [len(b) for b in datus.epoch_batches(np.arange(3), 4, 2, rng)] == [4, 4]
+    assert [len(b) for b in denoise.epoch_batches(np.arange(3), 4, 2, rng)] == [4, 4]
 
 
 # ---------------------------------------------------------------- adapter
 
 
-def fake_ctx(params, split="val"):
+def fake_ctx(params, split="val", task="datus2"):
     """Images half red / half blue; keys orthogonal on the two halves of a 4x6 grid."""
     import torch
 
@@ -234,15 +238,18 @@ def fake_ctx(params, split="val"):
     def backbone(name="fake-vit"):
         built.append(name)
         return SimpleNamespace(
-            spec=SimpleNamespace(name=name, input_size=16),
+            spec=SimpleNamespace(name=name, input_size=16, embed_dim=3),
             normalize=lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255,
             embed=lambda x: x.mean((2, 3)),  # mean colour: crops of the same half look alike
         )
 
+    spec = registry.task(task)
+    resolved = spec.resolve_params(params)
     return SimpleNamespace(
-        k=2, seed=0, split=split, params=registry.task("datus2").resolve_params(params),
+        k=2, seed=0, split=split, params=resolved, stages=spec.stage_specs(resolved),
         features=lambda kind, split=None: [one_hot_keys(groups)] * n[split],
         image=lambda i, split=None: image.copy(),
+        dataset_for=lambda split: [None] * n[split], label_size=lambda i, split=None: (32, 48),
         backbone=backbone(), build_backbone=backbone, built=built,
         backbone_identity=lambda name=None: {"backbone": name or "fake-vit", "weights": "none"},
         reuse=lambda name, identity, compute, split=None: compute(),  # the runner's keeps it on disk
@@ -254,7 +261,7 @@ TINY_PARAMS = {"denoiser": {f: getattr(TINY, f) for f in ("arch", "input_size", 
 
 
 def test_adapter_streams_and_stats():
-    result = datus.run(fake_ctx(TINY_PARAMS))
+    result = segment_cluster.run(fake_ctx(TINY_PARAMS))
     preds = list(result.predictions)
     streams = {(p.stream, p.split) for p in preds}
     assert streams == {("initial", None), ("denoised", None), ("final", None)}
@@ -267,13 +274,14 @@ def test_adapter_streams_and_stats():
     assert all((f == d).all() for f, d in zip(final, denoised))  # final = de-noised masks
     assert result.stats["segments"] == {
         "images": 2, "total": 4, "valid": 4, "valid_percent": 100.0,
-        "per_image": 2.0, "valid_per_image": 2.0, "patches_per_segment": 12.0,
+        "per_image": 2.0, "valid_per_image": 2.0, "valid_per_image_std": 0.0, "patches_per_segment": 12.0,
     }
     assert result.stats["denoiser_train_masks"] == 2 and result.stats["denoiser"]["epochs"] == 1
+    assert result.stats["communities_per_image"] == 2.0 and result.stats["crop_backbone"] == "fake-vit"
 
 
 def test_adapter_without_denoising_final_is_initial():
-    preds = list(datus.run(fake_ctx({"denoise": False})).predictions)
+    preds = list(segment_cluster.run(fake_ctx({"denoise": False})).predictions)
     assert {p.stream for p in preds} == {"initial", "final"}
     initial = [p.labels for p in preds if p.stream == "initial"]
     final = [p.labels for p in preds if p.stream == "final"]
@@ -281,7 +289,7 @@ def test_adapter_without_denoising_final_is_initial():
 
 
 def test_adapter_fit_split_yields_train_and_val():
-    result = datus.run(fake_ctx({**TINY_PARAMS, "fit_split": "train"}))
+    result = segment_cluster.run(fake_ctx({**TINY_PARAMS, "fit_split": "train"}))
     counts = {}
     for p in result.predictions:
         counts[(p.stream, p.split)] = counts.get((p.stream, p.split), 0) + 1
@@ -293,28 +301,30 @@ def test_adapter_fit_split_yields_train_and_val():
 
 
 def test_adapter_crops_go_to_the_named_backbone():
-    ctx = fake_ctx({"denoise": False, "crop_backbone": "some-cnn"})
-    result = datus.run(ctx)
+    ctx = fake_ctx({"denoise": False, "embed.backbone": "some-cnn"})
+    result = segment_cluster.run(ctx)
     assert ctx.built == ["fake-vit", "some-cnn"] and result.stats["crop_backbone"] == "some-cnn"
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"backend": "leiden"}, "backend='leiden'"),
-    ({"crop_fit": "squash"}, "crop_fit='squash'"),
+    ({"segmenter.backend": "leiden"}, "backend='leiden'"),
+    ({"embed.fit": "squash"}, "fit='squash'"),
     ({"denoiser": "tpu"}, "denoiser preset 'tpu'"),
+    ({"tau": 3}, r"did you mean segmenter.tau\?"),
+    ({"clusterer.tau": 3}, r"kmeans' \(clusterer\) has no parameter\(s\) \['clusterer.tau'\]"),
 ])
 def test_adapter_bad_params_are_one_clear_error(params, message):
     from ssl_bench.errors import UserError
 
     with pytest.raises(UserError, match=message):
-        datus.run(fake_ctx(params))
+        segment_cluster.run(fake_ctx(params))
 
 
-@pytest.mark.parametrize("arch", datus.DENOISER_ARCHS)
+@pytest.mark.parametrize("arch", denoise.DENOISER_ARCHS)
 def test_every_denoiser_arch_builds_untrained_and_predicts(arch):
     import torch
 
-    model = datus.build_denoiser(num_classes=3, arch=arch).eval()
+    model = denoise.build_denoiser(num_classes=3, arch=arch).eval()
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, 64, 64))["out"]
     assert out.shape == (1, 3, 64, 64)

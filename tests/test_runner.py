@@ -108,12 +108,12 @@ def test_datus2_stores_metrics_and_segment_statistics(runner):
     assert rec["metrics"]["final@val"]["miou"] == rec["miou"]
     seg = rec["stats"]["segments"]
     assert set(seg) == {"images", "total", "valid", "valid_percent", "per_image", "valid_per_image",
-                        "patches_per_segment"}
+                        "valid_per_image_std", "patches_per_segment"}
     assert seg["images"] == 3 and 0 < seg["valid"] <= seg["total"]
     assert seg["valid_percent"] == pytest.approx(100 * seg["valid"] / seg["total"])
     assert rec["stats"]["crop_backbone"] == "dino-vits16"
     # the CNN-ablation path: crops embedded by another registered backbone, built by the runner
-    cnn = RunConfig(**{**cfg.__dict__, "params": (("crop_backbone", "reference"), ("denoise", False))})
+    cnn = RunConfig(**{**cfg.__dict__, "params": (("denoise", False), ("embed.backbone", "reference"))})
     rec = runner.run(cnn).record
     assert rec["stats"]["crop_backbone"] == "reference" and set(rec["metrics"]) == {"initial@val", "final@val"}
 
@@ -121,11 +121,11 @@ def test_datus2_stores_metrics_and_segment_statistics(runner):
 def test_datus2_cells_that_differ_in_k_share_their_segments(runner, monkeypatch):
     import dataclasses
 
-    from ssl_bench.methods import datus
+    from ssl_bench.stages.segmenters import louvain
 
     discovered = []
-    real = datus.discover_segments
-    monkeypatch.setattr(datus, "discover_segments", lambda *a, **kw: discovered.append(1) or real(*a, **kw))
+    real = louvain.discover_segments
+    monkeypatch.setattr(louvain, "discover_segments", lambda *a, **kw: discovered.append(1) or real(*a, **kw))
     cfg = RunConfig(backbone="dino-vits16", weights="random", task="datus2-initial", dataset="synthetic",
                     dataset_options=(("n", 3),))
     first = runner.run(cfg).record
@@ -135,7 +135,7 @@ def test_datus2_cells_that_differ_in_k_share_their_segments(runner, monkeypatch)
     assert len(discovered) == 3
     runner.run(dataclasses.replace(cfg, seed=1))  # Louvain is seeded: another seed discovers again
     assert len(discovered) == 6
-    other = runner.run(dataclasses.replace(cfg, params=(("tau", 2),))).record  # a segment parameter: again
+    other = runner.run(dataclasses.replace(cfg, params=(("segmenter.tau", 2),))).record  # a segment parameter: again
     assert len(discovered) == 9 and other["config_hash"] != first["config_hash"]
     again = runner.run(cfg, force=True).record  # --force recomputes the kept segments too, to the same numbers
     assert again["metrics"] == first["metrics"] and len(discovered) == 12

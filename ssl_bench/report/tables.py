@@ -392,6 +392,7 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
 
 SEGMENT_FIELDS = {"images": ("Images", 0), "total": ("Total segments", 0), "valid_percent": ("Valid segments (%)", 1),
                   "per_image": ("Segments / image", 2), "valid_per_image": ("Valid segments / image", 2),
+                  "valid_per_image_std": ("Spread over images (std)", 2),
                   "patches_per_segment": ("Patches / valid segment", 2)}
 
 
@@ -415,7 +416,8 @@ def segment_table(records: list[dict]) -> Table:
             mean, std, n = _mean_std(s.get(key) for s in samples.values())
             cells.append(Cell(mean, std if std and std > 1e-9 * max(abs(mean), 1) else None, n, digits=digits))
         table.add(cells, random=bool(random))
-    return table.finish(["Segments are counted per image; valid segments pass the method's own validity test. "
+    return table.finish(["Segments are counted per image; valid segments pass the method's own validity test; the spread "
+                         "is the std of valid segments per image over the images (how much the segmenter adapts). "
                          "Runs that differ only in K share their segments and count once in mean ± std."])
 
 

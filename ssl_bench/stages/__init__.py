@@ -1,0 +1,43 @@
+"""Composable stages of the segment-then-cluster methods (DatUS^2, Deep Spectral Methods, ACSeg, COMUS ...).
+
+Each stage is registered by one file in ``stages/<kind>/NAME.yaml`` (parameters, the features it reads)
+naming a class here; a composed task (``tasks/segment-cluster.yaml``, ``tasks/datus2.yaml``, ...) picks one
+stage per slot. The classes are small estimators with plain arrays in and out:
+
+- **segmenter** (``segmenters/``): ``segment(features, image) -> (segment map, info)`` for one image, where
+  ``features`` maps each kind the stage reads to its (h, w, d) grid and the map follows ``regions``
+  (ids 0..V-1, -1 noise, -2 background). ``fit(features)`` (optional) sees the whole split first (learned
+  segmenters: ``features`` maps each kind to the split's sequence of grids); ``uses_image`` says whether
+  ``segment`` needs the image.
+- **embedding** (``embeddings.py``): ``embed(regions) -> (N, d)`` over an iterable of ``RegionImage`` (one per
+  image, in order; N = their valid segments): crops through a backbone, mean patch features, ...
+  ``identity(ctx, **params)`` names what the vectors depend on beyond the parameters (the crop model).
+- **clusterer** (``clusterers/``): ``fit(x) -> self`` on region embeddings (N, d) with ``labels_``, and
+  ``predict(x)`` for regions of a held-out split; ``uncertainty_`` (optional) scores how far each region lies
+  from its cluster (COMUS's filtering).
+
+A class is built by ``build(spec, params, ctx)``: its ``from_context(ctx, **params)`` classmethod when it
+needs the run (a backbone to embed crops with, the seed), else ``cls(**params)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..registry import StageSpec, load_entrypoint
+
+
+def build(spec: StageSpec, params: dict, ctx: Any = None, **extra) -> Any:
+    """An instance of the stage ``spec`` with its resolved ``params`` (plus ``extra`` keyword arguments, e.g.
+    a clusterer's ``k`` and ``seed``), built from the run's context when the class asks for it."""
+    cls = load_entrypoint(spec.entrypoint)
+    kwargs = {**params, **extra}
+    if ctx is not None and hasattr(cls, "from_context"):
+        return cls.from_context(ctx, **kwargs)
+    return cls(**kwargs)
+
+
+def slot_params(params: dict, slot: str) -> dict:
+    """The parameters of the stage in ``slot`` of a composed task's resolved parameters (``slot.key`` keys)."""
+    prefix = slot + "."
+    return {key[len(prefix):]: v for key, v in params.items() if key.startswith(prefix)}

@@ -1,0 +1,115 @@
+"""Segment maps, shared by every segmenter and by the composed task that clusters their regions.
+
+A *segment map* is an int array on the patch grid (h, w): ids 0..V-1 are the image's valid regions (in
+raster order of each region's first patch), ``NOISE`` (-1) marks patches no region claims (too-small
+fragments, uncovered proposals: they stay unlabelled), ``BACKGROUND`` (-2) marks patches a segmenter calls
+background (painted with the background cluster, never clustered). Each segmenter also reports one *info*
+dict per image (``n_segments``, ``n_valid``, ``valid_sizes``, and what else it knows), from which
+``summarize_segments`` gives the segment statistics of DatUS^2's Table II for any segmenter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+NOISE = -1
+BACKGROUND = -2
+
+
+def upsample_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map (h, w) to (H, W), sampling at pixel centres."""
+    h, w = labels.shape
+    rows = np.minimum(((np.arange(size[0]) + 0.5) * h / size[0]).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(size[1]) + 0.5) * w / size[1]).astype(np.int64), w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
+def split_into_segments(groups: np.ndarray, tau: int = 5, connected: bool = True) -> tuple[np.ndarray, dict]:
+    """Segments of a grouping of the patch grid (h, w) (ids >= 0; ``NOISE``/``BACKGROUND`` entries are kept as
+    they are): each group split into 8-connected components when ``connected``, components with more than
+    ``tau`` patches valid, the rest ``NOISE``.
+
+    Returns (segment map int64 (h, w), info {n_groups, n_segments, n_valid, valid_sizes}); valid ids follow
+    the raster order of each segment's first patch (canonical, whatever the grouping's own ids).
+    """
+    from scipy import ndimage
+
+    groups = np.asarray(groups)
+    components = np.zeros(groups.shape, dtype=np.int64)  # 0 = not a segment (noise / background)
+    offset = 0
+    group_ids = np.unique(groups[groups >= 0])
+    for g in group_ids:
+        inside = groups == g
+        if connected:
+            lab, n = ndimage.label(inside, structure=np.ones((3, 3), dtype=bool))
+        else:
+            lab, n = inside.astype(np.int64), 1
+        components[lab > 0] = lab[lab > 0] + offset
+        offset += n
+    ids, first, sizes = np.unique(components.ravel(), return_index=True, return_counts=True)
+    valid = (sizes > tau) & (ids > 0)
+    new_id = np.full(offset + 1, NOISE, dtype=np.int64)
+    order = np.argsort(first[valid], kind="stable")  # raster order: canonical, seed-independent
+    new_id[ids[valid][order]] = np.arange(valid.sum())
+    segment_map = new_id[components]
+    segment_map[groups == BACKGROUND] = BACKGROUND
+    info = {
+        "n_groups": int(group_ids.size),
+        "n_segments": int(offset),
+        "n_valid": int(valid.sum()),
+        "valid_sizes": sizes[valid][order].tolist(),
+    }
+    return segment_map, info
+
+
+def border_background(groups: np.ndarray) -> np.ndarray:
+    """``groups`` with the group touching the image border most marked ``BACKGROUND`` (Deep Spectral Methods'
+    background heuristic: border patches are counted on all four sides, corners twice, as the authors do)."""
+    border = np.concatenate([groups[:, 0], groups[:, -1], groups[0, :], groups[-1, :]])
+    border = border[border >= 0]
+    if border.size == 0:
+        return groups
+    ids, counts = np.unique(border, return_counts=True)
+    out = groups.copy()
+    out[groups == ids[counts.argmax()]] = BACKGROUND  # ties: the lowest id, as argmax over sorted ids
+    return out
+
+
+def summarize_segments(infos: Sequence[dict]) -> dict:
+    """Dataset segment statistics (DatUS^2 Table II) from per-image infos, for any segmenter.
+
+    The schema every segment-producing task shares (``report.tables.SEGMENT_FIELDS``): total and valid
+    segments (summed over images), % valid, segments and valid segments per image (and the spread of the
+    latter over images: how adaptive the segmenter is), and the mean number of patches of a *valid* segment.
+    """
+    n_images = len(infos)
+    total = sum(i["n_segments"] for i in infos)
+    valid = sum(i["n_valid"] for i in infos)
+    sizes = [s for i in infos for s in i["valid_sizes"]]
+    return {
+        "images": n_images,
+        "total": total,
+        "valid": valid,
+        "valid_percent": 100.0 * valid / total if total else 0.0,
+        "per_image": total / n_images if n_images else 0.0,
+        "valid_per_image": valid / n_images if n_images else 0.0,
+        "valid_per_image_std": float(np.std([i["n_valid"] for i in infos])) if n_images else 0.0,
+        "patches_per_segment": float(np.mean(sizes)) if sizes else 0.0,
+    }
+
+
+def paint_segments(segment_map: np.ndarray, segment_labels: np.ndarray, background: int = NOISE) -> np.ndarray:
+    """Pseudo mask from a segment map and one label per valid segment: noise stays ``NOISE`` (unlabelled),
+    background patches get the label ``background``."""
+    # lookup table: the labels, then background at index -2 and noise at index -1
+    lut = np.concatenate([np.asarray(segment_labels, dtype=np.int64), [background, NOISE]])
+    return lut[segment_map]
+
+
+def paint_split(segment_maps: Sequence[np.ndarray], infos: Sequence[dict], labels: np.ndarray,
+                background: int = NOISE) -> list[np.ndarray]:
+    """Pseudo masks of a split: ``labels`` holds every image's valid segments in order (``n_valid`` each)."""
+    bounds = np.cumsum([0] + [i["n_valid"] for i in infos])
+    return [paint_segments(seg, labels[a:b], background) for seg, a, b in zip(segment_maps, bounds[:-1], bounds[1:])]
