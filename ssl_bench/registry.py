@@ -180,13 +180,15 @@ class TaskSpec:
         return resolved
 
     def defaults_like(self, params: dict) -> dict:
-        """The default parameters for the same stage choices as ``params`` (what a label compares with)."""
+        """What a label compares a run's parameters with: the task's own defaults (the stage in each slot
+        included) and, for stage parameters, the defaults of the stages the run chose."""
         if not self.stages:
             return self.params
         try:
-            return self.resolve_params({slot: params[slot] for slot in self.stages if slot in params})
+            chosen = self.resolve_params({slot: params[slot] for slot in self.stages if slot in params})
         except UserError:  # a stored run of a stage that is no longer registered
-            return self.own_params()
+            chosen = {}
+        return {**self.own_params(), **{key: v for key, v in chosen.items() if "." in key}}
 
     def features_for(self, params: dict) -> tuple[str, ...]:
         """The cached feature kinds a run with these (resolved) parameters reads: the task's own and its stages'."""
