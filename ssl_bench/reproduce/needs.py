@@ -38,7 +38,14 @@ def why_not_runnable(m: Measure) -> str | None:
     if m.task not in registry.tasks():
         return f"task '{m.task}' is not registered yet"
     spec = registry.tasks()[m.task]
-    unknown = sorted(set(dict(m.params)) - set(spec.params))
+    params = dict(m.params)
+    known = set(spec.own_params())
+    for slot, kind in spec.stages.items():  # a composed task: each slot's stage, and that stage's parameters
+        stage = registry.stages(kind).get(params.get(slot, spec.params[slot]))
+        if stage is None:
+            return f"{kind} '{params[slot]}' is not registered yet"
+        known |= {f"{slot}.{key}" for key in stage.params}
+    unknown = sorted(set(params) - known)
     if unknown:
         return f"parameter {', '.join(unknown)} of task '{m.task}' is not registered yet"
     try:
