@@ -202,7 +202,7 @@ class TaskSpec:
 
     def stage_specs(self, params: dict) -> dict[str, StageSpec]:
         """The registered stage in each slot of a run with these parameters."""
-        return {slot: stage_spec(kind, params[slot], slot) for slot, kind in self.stages.items()}
+        return {slot: stage_spec(kind, params.get(slot), slot) for slot, kind in self.stages.items()}
 
 
 def _dotted_hint(key: str, spec: TaskSpec) -> str:

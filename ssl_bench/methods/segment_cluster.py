@@ -20,13 +20,11 @@ from dataclasses import asdict
 import numpy as np
 
 from ..errors import UserError
+from ..registry import load_entrypoint
 from ..stages import build, slot_params
 from ..stages.denoise import DenoiserConfig, predict_denoiser, train_denoiser
 from ..stages.embeddings import RegionImage
 from ..stages.regions import BACKGROUND, NOISE, paint_split, summarize_segments, upsample_nearest
-
-SLOTS = ("segmenter", "embed", "clusterer")
-
 
 class LazyImages:
     """Sequence view of one split's protocol images (loaded on access)."""
@@ -71,7 +69,7 @@ def segment_and_embed(segmenter, embedder, images, features: dict, n: int, progr
 def _regions_of_split(ctx, split: str) -> dict:
     """``segment_and_embed`` of one split, kept for the cells that differ only in K."""
     p, specs = ctx.params, ctx.stages
-    embed_class = _stage_class(specs["embed"])
+    embed_class = load_entrypoint(specs["embed"].entrypoint)
     identity = {slot: {"stage": p[slot], **slot_params(p, slot)} for slot in ("segmenter", "embed")}
     identity["embed"].update(embed_class.identity(ctx, **slot_params(p, "embed")))
 
@@ -93,12 +91,6 @@ def _regions_of_split(ctx, split: str) -> dict:
 
     data = ctx.reuse(f"regions-{split}", identity, compute, split=split)
     return {**data, "identity": identity, "images": LazyImages(ctx, split, len(data["segments"]))}
-
-
-def _stage_class(spec):
-    from ..registry import load_entrypoint
-
-    return load_entrypoint(spec.entrypoint)
 
 
 def check_params(p: dict) -> None:

@@ -61,7 +61,7 @@ def why_not_runnable(m: Measure) -> str | None:
 
 
 def backbones_in_params(m: Measure) -> list[str]:
-    """Backbones a task parameter names (DatUS^2's ``crop_backbone``): their weights are needed too."""
+    """Backbones a task parameter names (DatUS^2's ``embed.backbone``): their weights are needed too."""
     names = [v for _, v in m.params if isinstance(v, str) and v in registry.backbones()]
     return [n for n in names if n != m.backbone]
 
