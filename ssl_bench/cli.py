@@ -86,6 +86,10 @@ def run(
     option: list[str] = typer.Option([], "--option", "-o", help="dataset option key=value, e.g. classes=8"),
     resize: int = typer.Option(320, help="protocol: shorter side (320; 322 for /14 backbones)"),
     crop: str = typer.Option("center", help="protocol: 'center' crop or 'none'"),
+    overclustering: str = typer.Option("majority", help="protocol, K > C: majority | hungarian-majority (PriMaPs) | "
+                                       "stego-drop (STEGO's code: ignores pixels of clusters >= C)"),
+    absent_classes: str = typer.Option("zero-if-predicted", help="protocol, a class absent from the ground truth: "
+                                       "zero-if-predicted (IoU 0 when predicted) | ignore (always left out)"),
     force: bool = typer.Option(False, "--force", help="recompute even if this configuration is stored"),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if present, else cpu)"),
     store: Optional[Path] = StoreOpt,
@@ -93,7 +97,7 @@ def run(
 ):
     """Run one backbone x task x dataset cell and store the result."""
     from .data.protocol import Protocol
-    from .runner import RunConfig, earlier_version_hashes
+    from .runner import RunConfig, before_scoring_rules_hashes, earlier_version_hashes
     from .sweep import resolve_k
 
     params = dict(parse_pairs(param, "--param"))
@@ -104,9 +108,10 @@ def run(
     if k is not None:  # 2C as in sweeps: the classes are the dataset's
         k = resolve_k(k, 1) if k.strip().isdigit() else \
             resolve_k(k, runner.open_dataset(dataset, data_root, split, dict(options)).num_classes)
+    protocol = Protocol(resize=resize, crop=crop, overclustering=overclustering, absent_classes=absent_classes)
     cfg = RunConfig(backbone=backbone, task=task, dataset=dataset, split=split, k=k, seed=seed, weights=weights,
-                    data_root=data_root, dataset_options=options,
-                    params=tuple(sorted(params.items())), protocol=Protocol(resize=resize, crop=crop))
+                    data_root=data_root, dataset_options=options, params=tuple(sorted(params.items())),
+                    protocol=protocol)
     with progress_bars() as progress:
         outcome = runner.run(cfg, force=force, progress=progress)
     rec = outcome.record
@@ -123,6 +128,9 @@ def run(
     if outcome.computed and any(runner.store.has(h) for h in earlier_version_hashes(rec["config"])):
         out.print(f"  note: an earlier version of {rec['task']} stored this cell too; its row is kept, and reports "
                   f"label it [vN, not current]")
+    if outcome.computed and any(runner.store.has(h) for h in before_scoring_rules_hashes(rec["config"])):
+        out.print("  note: this cell was stored before the protocol named its scoring rules; that row is kept, and "
+                  "reports show it under absent_classes=ignore")
 
 
 @app.command()
@@ -140,6 +148,9 @@ def sweep(
     param: list[str] = typer.Option([], "--param", "-p", help="parameter of every --task, key=value (repeatable)"),
     resize: Optional[int] = typer.Option(None, help="protocol: shorter side (default 320)"),
     crop: Optional[str] = typer.Option(None, help="protocol: 'center' or 'none'"),
+    overclustering: Optional[str] = typer.Option(None, help="protocol, K > C: majority (default) | hungarian-majority "
+                                                 "| stego-drop"),
+    absent_classes: Optional[str] = typer.Option(None, help="protocol: zero-if-predicted (default) | ignore"),
     executor: str = typer.Option("local", help="local (in-process) | ray"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local instance)"),
     cpus_per_task: Optional[int] = typer.Option(None, help="Ray: CPUs (= torch/OpenMP/BLAS/numba threads) per task "
@@ -175,9 +186,9 @@ def sweep(
         data["k"] = list(k)  # "5", "C", "2C": sweep.resolve_k reads them all
     if seed:
         data["seeds"] = list(seed)
-    if resize is not None or crop is not None:
-        data["protocol"] = {**(data.get("protocol") or {}), **({"resize": resize} if resize is not None else {}),
-                            **({"crop": crop} if crop is not None else {})}
+    flags = {"resize": resize, "crop": crop, "overclustering": overclustering, "absent_classes": absent_classes}
+    if any(v is not None for v in flags.values()):  # replace the file's protocol keys they name, keep the others
+        data["protocol"] = {**(data.get("protocol") or {}), **{k: v for k, v in flags.items() if v is not None}}
     if not file and (task or dataset) and not backbone:
         raise UserError("--backbone missing -- give the backbones to sweep, e.g. --backbone reference")
     if not file and not backbone:

@@ -144,7 +144,7 @@ class FeatureCache:
     @staticmethod
     def _key(backbone: str, weights_identity: str, dataset: SegDataset, protocol: Protocol, options: dict) -> CacheKey:
         return CacheKey(backbone, weights_identity, dataset.name, dataset.split, dataset.ids_sha,
-                        tuple(sorted(protocol.as_dict().items())), tuple(sorted(options.items())))
+                        tuple(sorted(protocol.input_dict().items())), tuple(sorted(options.items())))
 
     def entry_dir(self, key: CacheKey) -> Path:
         return self.root / key.backbone / f"{key.dataset}-{key.split}" / key.digest()

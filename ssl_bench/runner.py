@@ -26,7 +26,7 @@ import torch
 from . import __version__, registry, samples
 from .data import open_dataset
 from .data.base import SegDataset
-from .data.protocol import Protocol
+from .data.protocol import SCORING_FIELDS, Protocol
 from .errors import UserError
 from .features import FeatureCache, FeatureStore, LabelStore
 from .metrics import StreamingConfusion
@@ -99,6 +99,16 @@ def with_task_version(config: dict, version: int) -> dict:
 def earlier_version_hashes(config: dict) -> list[str]:
     """The hashes a run's config had under the earlier versions of its task (to tell a user why it recomputes)."""
     return [run_hash(with_task_version(config, v)) for v in range(1, config.get("task_version", 1))]
+
+
+def before_scoring_rules_hashes(config: dict) -> list[str]:
+    """The hashes a run's config had before the protocol named its scoring rules (rows of that time were scored by
+    ``LEGACY_SCORING``), under this or an earlier version of its task: to tell a user why it recomputes."""
+    protocol = config["protocol"]
+    if not set(SCORING_FIELDS) & set(protocol):
+        return []
+    before = {**config, "protocol": {k: v for k, v in protocol.items() if k not in SCORING_FIELDS}}
+    return [run_hash(with_task_version(before, v)) for v in range(1, config.get("task_version", 1) + 1)]
 
 
 # ---- the context handed to a task ---------------------------------------------------------------------
@@ -426,7 +436,7 @@ class Runner:
                 sample_indices.discard(pred.index)
             seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
-        metrics = {key: conf.compute(ctx.k) for key, conf in streams.items()}
+        metrics = {key: conf.compute(ctx.k, **run.protocol.scoring) for key, conf in streams.items()}
         return metrics, seconds + time.perf_counter() - t0
 
     def _panel_samples(self, ctx: TaskContext, run: ResolvedRun, kept: list, cluster_to_class: list) -> dict | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.protocol import SCORING_FIELDS
 from .store import config_hash, write_atomically
 
 SAMPLES_PER_RUN = 4
@@ -38,14 +39,16 @@ def samples_dir(store_path: str | Path) -> Path:
 def view_key(config: dict, indices: list[int], multiple: int) -> str:
     """Identity of the images and labels a run saw: dataset (and a folder's location), split, image ids,
     protocol, the patch multiple its crop rounds to, indices."""
-    keys = ("dataset", "dataset_identity", "split", "dataset_options", "ids_sha", "protocol")
-    ident = {k: config.get(k) for k in keys} | {"indices": list(map(int, indices)), "multiple": int(multiple)}
+    keys = ("dataset", "dataset_identity", "split", "dataset_options", "ids_sha")
+    inputs = {k: v for k, v in (config.get("protocol") or {}).items() if k not in SCORING_FIELDS}  # as cached
+    ident = {k: config.get(k) for k in keys} | {"protocol": inputs, "indices": list(map(int, indices)),
+                                                  "multiple": int(multiple)}
     return config_hash(ident)
 
 
 def map_clusters(prediction: np.ndarray, cluster_to_class: list[int]) -> np.ndarray:
-    """Cluster ids -> class ids; unlabelled pixels and clusters without a class become -1."""
-    mapping = np.asarray(list(cluster_to_class) + [-1], dtype=np.int64)  # last entry: out-of-range ids
+    """Cluster ids -> class ids; unlabelled pixels and clusters without a class (or dropped) become -1."""
+    mapping = np.maximum(np.asarray(list(cluster_to_class) + [-1], dtype=np.int64), -1)  # last: out-of-range ids
     ids = np.where((prediction >= 0) & (prediction < len(mapping) - 1), prediction, len(mapping) - 1)
     return mapping[ids].astype(np.int16)
 

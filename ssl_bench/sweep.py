@@ -26,7 +26,7 @@ from .data.protocol import Protocol
 from .errors import UserError
 from .features import CacheKey
 from .models.weights import is_non_learned
-from .runner import ResolvedRun, RunConfig, Runner, earlier_version_hashes
+from .runner import ResolvedRun, RunConfig, Runner, before_scoring_rules_hashes, earlier_version_hashes
 
 GRID_KEYS = ("backbones", "tasks", "datasets", "k", "seeds", "weights", "weights_seed", "protocol")
 BACKBONE_KEYS = ("name", "weights", "weights_seed", "weights_match")
@@ -332,6 +332,7 @@ class Cell:
     run: ResolvedRun
     stored: bool
     earlier_version_stored: bool = False  # not stored, but stored by an earlier version of its task
+    stored_before_scoring_rules: bool = False  # not stored, but stored before the protocol named its scoring rules
 
     @property
     def label(self) -> str:
@@ -413,6 +414,8 @@ def make_plan(grid: Grid | Sequence[Grid], runner: Runner, select: Callable[[Cel
         run = runner.resolve(cfg)
         cell = Cell(cfg, run, run.config_hash in stored)
         cell.earlier_version_stored = not cell.stored and any(h in stored for h in earlier_version_hashes(run.config))
+        cell.stored_before_scoring_rules = not cell.stored and any(
+            h in stored for h in before_scoring_rules_hashes(run.config))
         if not select(cell) or run.config_hash in cells:  # ``select`` sees every cell, a repeated one too
             continue
         why = _cannot_run(run)
@@ -456,6 +459,10 @@ def describe(plan: Plan) -> list[str]:
         tasks = ", ".join(sorted({f"{c.run.task.name} v{c.run.task.version}" for c in older}))
         lines.append(f"  {len(older)} of them stored by an earlier version of their task, whose numbers may differ "
                      f"(now {tasks}): computed again, the earlier rows kept")
+    unscored = [c for c in plan.todo if c.stored_before_scoring_rules]
+    if unscored:
+        lines.append(f"  {len(unscored)} of them stored before the protocol named its scoring rules (absent classes then "
+                     f"left out: absent_classes=ignore), whose numbers may differ: computed again, the earlier rows kept")
     lines += [f"feature extractions: {len(needed)} needed, {len(plan.extractions) - len(needed)} already cached"]
     lines += [f"  extract {e.label}" + (f" [missing: {', '.join(e.missing)}]" if e.missing != e.kinds else "")
               + (f" [resumes after {e.done} of {len(e.run.dataset)} images]" if e.done else "") for e in needed]

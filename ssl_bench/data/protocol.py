@@ -13,6 +13,12 @@ upsampled to (H, W) lines up with the target pixel for pixel:
 2. ``crop="center"``: centre-crop a ``resize x resize`` square; ``crop="none"``: keep the aspect;
 3. centre-crop each side down to a multiple of ``multiple`` (the patch size), so the patch grid is
    exact (a no-op for the benchmark sizes). Crop offsets round like torchvision's ``CenterCrop``.
+
+Two scoring rules complete the protocol (``metrics.py`` says what each value does): ``overclustering``, how
+K > C clusters are matched to classes, and ``absent_classes``, how a class without ground-truth pixels
+counts. They change the numbers, not the inputs, so they are part of a run's configuration and hash but
+not of the feature and label caches' keys (``input_dict``). Rows stored before they existed were scored
+with ``LEGACY_SCORING``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ssl_bench.errors import UserError
+from ssl_bench.metrics import ABSENT_CLASSES, OVERCLUSTERING
 
 DEFAULT_RESIZE = 320
 CROPS = ("center", "none")
@@ -42,6 +49,8 @@ class Protocol:
     crop: str = "center"  # "center" | "none"
     image_interp: str = "bilinear"
     label_interp: str = "nearest"  # the only choice: class ids cannot be interpolated
+    overclustering: str = "majority"  # K > C: majority | hungarian-majority (PriMaPs) | stego-drop (STEGO's code)
+    absent_classes: str = "zero-if-predicted"  # a class absent from the ground truth: zero-if-predicted | ignore
 
     def __post_init__(self):
         if not isinstance(self.resize, int) or self.resize < 1:
@@ -52,9 +61,21 @@ class Protocol:
             raise UserError(f"unknown image interpolation {self.image_interp!r} -- choose one of: {', '.join(_PIL_INTERP)}")
         if self.label_interp != "nearest":
             raise UserError(f"label interpolation {self.label_interp!r} is not supported -- labels are resized with 'nearest'")
+        for name, allowed in (("overclustering", OVERCLUSTERING), ("absent_classes", ABSENT_CLASSES)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"unknown {name} rule {getattr(self, name)!r} -- choose one of: {', '.join(allowed)}")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def input_dict(self) -> dict:
+        """The fields that shape images and labels: what cached features and labels depend on."""
+        return {key: value for key, value in self.as_dict().items() if key not in SCORING_FIELDS}
+
+    @property
+    def scoring(self) -> dict:
+        """The scoring rules, as ``metrics.evaluate_counts`` takes them."""
+        return {key: getattr(self, key) for key in SCORING_FIELDS}
 
     def for_patch_size(self, patch: int) -> "Protocol":
         """The benchmark protocol for a backbone of patch size ``patch``.
@@ -106,6 +127,15 @@ class Protocol:
         rows = _nearest_index(rh, h)[top:top + oh]
         cols = _nearest_index(rw, w)[left:left + ow]
         return np.ascontiguousarray(label[rows[:, None], cols[None, :]], dtype=np.int64)
+
+
+SCORING_FIELDS = ("overclustering", "absent_classes")
+LEGACY_SCORING = {"overclustering": "majority", "absent_classes": "ignore"}  # rows stored before the two rules
+
+
+def stored_protocol(protocol: dict | None) -> dict:
+    """A stored run's protocol with the scoring rules it was scored by (rows older than the rules lack them)."""
+    return {**LEGACY_SCORING, **(protocol or {})}
 
 
 def _nearest_index(out_len: int, in_len: int) -> np.ndarray:

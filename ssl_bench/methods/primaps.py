@@ -702,9 +702,10 @@ def _with_class_id_scores(predictions, ctx, stats: dict):
         yield pred
     if scored:  # the runner reads stats once it has consumed every prediction
         wrong_class = conf.counts[c:].sum(0)  # predicted ids beyond the classes (K > C): wrong
+        absent = ctx.protocol.absent_classes  # the run's rule for a class without ground truth
         stats["class_id_scores"] = {
-            "all": _scores(conf.counts[:c], conf.unlabelled + wrong_class),
-            "labelled": _scores(conf.counts[:c], wrong_class),
+            "all": _scores(conf.counts[:c], conf.unlabelled + wrong_class, absent),
+            "labelled": _scores(conf.counts[:c], wrong_class, absent),
         }
 
 

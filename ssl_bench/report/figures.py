@@ -22,7 +22,7 @@ from matplotlib.patches import Patch
 
 from ..data.base import display_palette
 from ..samples import RunSamples
-from .tables import DAGGER, METRICS, runs_frame
+from .tables import DAGGER, METRICS, runs_frame, scoring_caption
 
 IGNORE_COLOUR = np.array([224, 224, 192], dtype=np.uint8)  # VOC's void colour: ignore / unlabelled pixels
 METRIC_AXES = {"miou": "mIoU (%)", "acc": "Pixel accuracy (%)", "f1": "Mean F1 (%)"}
@@ -51,7 +51,7 @@ def curve_data(records: list[dict]) -> dict[str, dict]:
             stats = group.groupby("k")[list(METRICS)].agg(["mean", "std", "count"])
             series[key] = stats
         if any(len(s) > 1 for s in series.values()):
-            out[column] = {"classes": int(runs.num_classes.iloc[0]), "series": series}
+            out[column] = {"classes": int(runs.num_classes.iloc[0]), "series": series, "scoring": scoring_caption(runs)}
     return out
 
 
@@ -93,8 +93,8 @@ def overclustering_figure(column: str, data: dict) -> Figure:
         else:
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     method = "" if several_methods else f", {methods[0]}"
-    fig.suptitle(f"Over-clustering on {column}{method} (C = {classes} classes); error bars: ± std over seeds",
-                 fontsize=13)
+    fig.suptitle(f"Over-clustering on {column}{method} (C = {classes} classes); error bars: ± std over seeds\n"
+                 f"{data.get('scoring', '')}", fontsize=13)
     handles.append(classes_line)
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), frameon=False)
     return fig

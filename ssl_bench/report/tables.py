@@ -25,7 +25,7 @@ import pandas as pd
 from .. import registry
 from ..registry import overrides_text, task_label
 from ..data import DATASETS, dataset_options
-from ..data.protocol import Protocol
+from ..data.protocol import SCORING_FIELDS, Protocol, stored_protocol
 from ..errors import UserError
 
 METRICS = {"miou": "mIoU", "acc": "Acc", "f1": "F1"}
@@ -75,16 +75,18 @@ class Table:
     random: list[bool] = field(default_factory=list)  # per row: random weights
     superseded: set[int] = field(default_factory=set)  # rows stored by another version of their task
     notes: list[str] = field(default_factory=list)
+    scoring: list[dict] = field(default_factory=list)  # per row: its scoring rules (CSV columns), when they apply
 
     @property
     def empty(self) -> bool:
         return not self.rows
 
-    def add(self, cells: list[Cell], random: bool = False, superseded: bool = False) -> None:
+    def add(self, cells: list[Cell], random: bool = False, superseded: bool = False, scoring: dict | None = None) -> None:
         if superseded:
             self.superseded.add(len(self.rows))
         self.rows.append(cells)
         self.random.append(bool(random))
+        self.scoring.append(scoring or {})
 
     def finish(self, extra_notes: list[str] = ()) -> "Table":
         if any(self.random):
@@ -187,7 +189,8 @@ def to_csv(table: Table) -> str:
     """CSV for scripts: numbers unrounded, a ``std`` and ``n`` column beside each numeric column (always, so
     the columns do not depend on how many seeds ran; empty where one did), missing values empty, a
     ``random_weights`` and a ``current_task_version`` column, and a ``note`` column saying what a random-weight
-    or superseded row is."""
+    or superseded row is; tables of scores also have the ``overclustering`` and ``absent_classes`` rules of each
+    row (``a / b`` when its runs differ, in column order)."""
     if table.empty:
         return ""
     records = []
@@ -201,6 +204,7 @@ def to_csv(table: Table) -> str:
                 rec[f"{column.key} n"] = cell.n if number is not None else None
             else:
                 rec[column.key] = "" if cell.value is None else cell.text()  # the tables' dash for "none": empty
+        rec.update(table.scoring[i])
         rec["random_weights"] = table.random[i]
         rec["current_task_version"] = i not in table.superseded
         notes = [RANDOM_NOTE.lstrip(DAGGER + " ")] if table.random[i] else []
@@ -252,7 +256,8 @@ def dataset_label(config: dict) -> str:
     extra = [overrides_text(config.get("dataset_options") or {}, dataset_options(cls) if cls else {})]
     spec = registry.backbones().get(config["backbone"])
     if spec is not None and config.get("protocol"):
-        extra.append(overrides_text(config["protocol"], Protocol().for_patch_size(spec.patch_size).as_dict()))
+        extra.append(overrides_text(stored_protocol(config["protocol"]),
+                                    Protocol().for_patch_size(spec.patch_size).as_dict()))
     extra = ", ".join(e for e in extra if e)
     return f"{parts[0]} ({extra})" if extra else parts[0]
 
@@ -285,9 +290,10 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
                      "current_version": registry.is_current_version(cfg),
                      "dataset": r["dataset"], "column": dataset_label(cfg), "split": r["split"], "k": r["k"],
                      "num_classes": cfg.get("num_classes"), "seed": r["seed"], "miou": r["miou"],
-                     "acc": r["acc"], "f1": r["f1"], "config_hash": r["config_hash"]})
+                     "acc": r["acc"], "f1": r["f1"], "config_hash": r["config_hash"],
+                     **{key: stored_protocol(cfg.get("protocol"))[key] for key in SCORING_FIELDS}})
     columns = ["backbone", "weights", "random_weights", "task", "method", "current_version", "dataset", "column",
-               "split", "k", "num_classes", "seed", "miou", "acc", "f1", "config_hash"]
+               "split", "k", "num_classes", "seed", "miou", "acc", "f1", "config_hash", *SCORING_FIELDS]
     frame = pd.DataFrame(rows, columns=columns)
     frame["column"] = _distinct_columns(frame.column, [(r["config"].get("dataset_identity") or {}).get("root")
                                                        for r in records])
@@ -296,6 +302,31 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
     frame["model"] = [f"{b} [{w[:12]}]" if several.get((b, r), 1) > 1 else b
                       for b, r, w in zip(frame.backbone, frame.random_weights, frame.weights)]
     return frame
+
+
+def scoring_caption(frame: pd.DataFrame) -> str:
+    """The scoring rules of a table's runs, for its caption (a column of other rules names them in its label)."""
+    rules = set(zip(*(frame[key] for key in SCORING_FIELDS)))
+    if len(rules) == 1:
+        return "scoring: " + ", ".join(f"{key}={value}" for key, value in zip(SCORING_FIELDS, rules.pop()))
+    default = Protocol()
+    return ("scoring: " + ", ".join(f"{key}={getattr(default, key)}" for key in SCORING_FIELDS)
+            + " unless its column names another rule")
+
+
+STEGO_DROP_NOTE = ("overclustering=stego-drop (STEGO's code): pixels predicted as a cluster id >= C are not scored, so "
+                   "these numbers compare only with STEGO's own tables.")
+
+
+def scoring_notes(frame: pd.DataFrame) -> list[str]:
+    return [STEGO_DROP_NOTE] if (frame.overclustering == "stego-drop").any() else []
+
+
+def row_scoring(runs: pd.DataFrame, columns: list[str]) -> dict:
+    """The scoring rules of one row's runs (CSV columns): ``a / b`` where they differ, in column order."""
+    order = {column: i for i, column in enumerate(columns)}
+    runs = runs.sort_values("column", key=lambda c: c.map(order))
+    return {key: " / ".join(dict.fromkeys(runs[key])) for key in SCORING_FIELDS}
 
 
 def select_k(frame: pd.DataFrame, k: str | int) -> tuple[pd.DataFrame, str]:
@@ -349,7 +380,8 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     columns += [Column(label, group=d) for d in datasets for label in METRICS.values()]
     # One method: no Method column, so the title names it (with its non-default parameters).
     method_text = f", {frame.method.iloc[0]}" if len(frame) and not several_methods else ""
-    table = Table(f"Leaderboard{method_text}, {k_text}", columns)
+    table = Table(f"Leaderboard{method_text}, {k_text}" + (f"; {scoring_caption(frame)}" if len(frame) else ""),
+                  columns)
     multi_seed = multi_count = False
     # Random-weight rows last: they are smoke runs, listed for completeness.
     for (random, model, backbone, method), runs in frame.groupby(["random_weights", "model", "backbone", "method"],
@@ -370,7 +402,8 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
         multi_count |= per_dataset
         cells.append(Cell(" / ".join(str(s or "–") for s in seeds) if per_dataset else str(ran[0])))
         # the method label carries the version, so a row's runs share it
-        table.add(cells + numbers, random=bool(random), superseded=not runs.current_version.iloc[0])
+        table.add(cells + numbers, random=bool(random), superseded=not runs.current_version.iloc[0],
+                  scoring=row_scoring(runs, datasets))
     mark_best(table)
     if all(table.random):
         notes = ["No value is bold: every row is a random-weight smoke run."]
@@ -385,6 +418,7 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
                                    if t in registry.tasks()))
         notes.append(f"[vN, {registry.NOT_CURRENT}]: stored by another version of the task, whose numbers may differ; "
                      f"run or sweep again for the current one ({current}).")
+    notes += scoring_notes(frame)
     notes += [SEEDS_NOTE] if multi_seed else []
     notes += ["Seeds a / b: seeds per dataset, in column order."] if multi_count else []
     return table.finish(notes)
@@ -430,7 +464,7 @@ def streams_table(records: list[dict]) -> Table:
     columns += [Column("Labelled (%)", group="labelled pixels only", flat="Labelled pixels (%)")]
     columns += [Column(label, group="labelled pixels only", flat=f"{label} (labelled only)")
                 for label in METRICS.values()]
-    table = Table("Prediction streams", columns)
+    table = Table("Prediction streams", columns)  # the caption names the scoring rules once rows are known
 
     def interesting(r: dict) -> bool:
         return len(r["metrics"]) > 1 or any(m.get("labelled_fraction", 1.0) < 1.0 for m in r["metrics"].values())
@@ -439,6 +473,7 @@ def streams_table(records: list[dict]) -> Table:
     if not rows:
         return table
     frame = runs_frame(rows)
+    table.title += f"; {scoring_caption(frame)}"
     frame["metrics"] = [r["metrics"] for r in rows]
     for (model, method, column, k, random), runs in frame.groupby(["model", "method", "column", "k",
                                                                     "random_weights"]):
@@ -453,6 +488,7 @@ def streams_table(records: list[dict]) -> Table:
             cells.append(Cell(*fraction))
             partial = [m for m in present if m.get("labelled_fraction", 1.0) < 1.0 and "labelled" in m]
             cells += [Cell(*_mean_std(m["labelled"].get(metric) for m in partial)) for metric in METRICS]
-            table.add(cells, random=bool(random))
+            table.add(cells, random=bool(random), scoring=row_scoring(runs, [column]))
     return table.finish(["All pixels: unlabelled pixels count as wrong (the headline). Labelled pixels only: "
-                         "scores over the pixels the method labelled; – where it labels every pixel."])
+                         "scores over the pixels the method labelled; – where it labels every pixel."]
+                        + scoring_notes(frame))
