@@ -37,10 +37,11 @@ def set_threads(threads: int) -> None:
     import numba
     from threadpoolctl import threadpool_limits
 
+    # numba first: launching its threading layer (at its first call) resets OpenMP's thread count, torch's included
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # at most the cores numba started with
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     threadpool_limits(limits=threads, user_api="blas")
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # at most the cores numba started with
 
 
 def upsample_scores(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:

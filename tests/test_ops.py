@@ -147,3 +147,15 @@ def test_kernels_give_the_same_result_on_any_number_of_threads():
         set_threads(before)
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_set_threads_holds_for_torch_once_its_thread_pool_has_started():
+    # numba launches its threading layer at its first set_num_threads, which reset torch's (OpenMP's) count
+    # when it came last: a "one thread" benchmark then measured two
+    import subprocess
+    import sys
+
+    code = ("import torch; from ssl_bench.ops import set_threads; torch.get_num_threads(); "  # torch's pool started
+            "set_threads(1); print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
