@@ -4,11 +4,12 @@ Hahn, Araslanov, Schaub-Meyer, Roth, "Boosting Unsupervised Semantic Segmentatio
 Proposals", TMLR 2024 (reference code: github.com/visinf/primaps; this is an independent implementation).
 
 Pipeline on cached patch features (h, w, d):
-1. ``proposal_soft_masks`` / ``principal_mask_proposals``: per image, repeatedly take the first principal
-   component of the not-yet-assigned features, anchor it to its nearest feature, and cut the mask of
-   features similar to the anchor, until ``coverage`` of the positions is assigned.
-2. ``proposals_to_image``: median-filter the soft masks, add a background channel, upsample bilinearly to
-   the image and refine with the dense CRF -> proposal ids at image resolution (-1 = unassigned).
+1. ``proposal_soft_masks`` / ``principal_mask_proposals`` (``primaps_proposals.py``, with the choices it
+   follows from the reference code): per image, repeatedly take the first principal component of the
+   not-yet-assigned features, anchor it to its nearest feature, and cut the mask of features similar to the
+   anchor, until ``coverage`` of the positions is assigned.
+2. ``proposals_to_image`` (same module): median-filter the soft masks, add a background channel, upsample
+   bilinearly to the image and refine with the dense CRF -> proposal ids at image resolution (-1 = unassigned).
 3. ``PrimapsEM``: prototypes initialised by PCA, pre-trained with the cosine batch k-means loss (Eq. 9),
    then EM: the EMA teacher labels each proposal with its majority class (E), the student is fitted to
    those pseudo labels with a confidence-weighted focal loss (M). Inference uses the teacher (+ CRF).
@@ -30,9 +31,6 @@ Deliberate differences from the reference code:
   (the reference normalises upsampled features), a small difference at region borders only.
 - The runner matches clusters to classes (Hungarian) for every task; the oracle and the linear probe
   predict class ids already, so their runs also store unmatched scores in ``stats["class_id_scores"]``.
-- The sign of a principal component is arbitrary (the reference uses whatever randomised SVD returns, and
-  can pick an already-assigned position when every cosine is negative). We anchor on the unassigned
-  feature with the largest *absolute* cosine, which is sign-invariant and deterministic.
 - With ``ema=False`` (Table 4 ablation) the teacher *is* the student (pseudo labels from the current
   student, plain stochastic EM); the reference code's "no EMA update" setting would instead freeze the
   teacher at its initialisation.
@@ -52,121 +50,13 @@ from torch import nn
 
 from ..ops import softmax, upsample_argmax, upsample_scores
 from ..registry import is_number, is_whole
-
-
-def _t(a, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Tensor copy of an array-like (cached features may be read-only memmaps; torch warns on those)."""
-    if isinstance(a, torch.Tensor):
-        return a.to(dtype)
-    return torch.tensor(np.asarray(a), dtype=dtype)
+from .primaps_proposals import (ANCHORS, PRINCIPAL, _t, principal_mask_proposals, proposal_soft_masks,  # noqa: F401
+                                proposals_to_image)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Principal mask proposals
+# 1. Principal mask proposals (primaps_proposals.py)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _principal_directions(x: torch.Tensor, count: int) -> torch.Tensor:
-    """Top ``count`` principal directions (count, d) of the rows of x, largest variance first."""
-    xc = x - x.mean(0, keepdim=True)
-    if len(x) >= x.shape[1]:
-        # eigh of the d x d scatter matrix: ~5x faster than an SVD of (n, d), and deterministic
-        _, vecs = torch.linalg.eigh(xc.T @ xc)
-        return vecs.flip(1).T[:count]
-    # few rows left (late iterations): eigenvectors of the small n x n Gram matrix, mapped back to d
-    _, u = torch.linalg.eigh(xc @ xc.T)
-    dirs = (xc.T @ u.flip(1)[:, :count]).T
-    norms = dirs.norm(dim=1, keepdim=True)
-    if len(dirs) and norms[0] < 1e-12:  # no variance at all (e.g. one row): any direction will do
-        return torch.eye(x.shape[1])[:count]
-    return dirs / norms.clamp_min(1e-12)
-
-
-def proposal_soft_masks(features: np.ndarray, psi: float = 0.4, coverage: float = 0.95, nn_anchor: bool = True,
-                        iterative: bool = True, max_masks: int | None = None) -> np.ndarray:
-    """Soft principal mask proposals (n_masks, h, w) float32 of one image's features (h, w, d).
-
-    Inside mask m the value is the anchor similarity divided by its maximum (in [psi, 1]), 0 elsewhere;
-    masks are disjoint. As in the reference code, the similarity is computed to all features but only
-    unassigned positions may join (assigned ones are zeroed before thresholding).
-    """
-    feats = _t(features)
-    h, w, d = feats.shape
-    x = feats.reshape(-1, d)
-    xn = F.normalize(x, dim=1)
-    free = torch.ones(len(x), dtype=torch.bool)
-    limit = len(x) if max_masks is None else max_masks
-    fixed_dirs = None if iterative else _principal_directions(x, min(limit, d, len(x)))
-    masks: list[torch.Tensor] = []
-    while len(masks) < limit and 1.0 - free.float().mean().item() < coverage:
-        if iterative:
-            v = _principal_directions(x[free], 1)[0]
-        elif len(masks) < len(fixed_dirs):
-            v = fixed_dirs[len(masks)]  # ablation: next component of the whole image, not recomputed
-        else:
-            break
-        cos_v = xn @ v
-        best = int(torch.where(free, cos_v.abs(), torch.full_like(cos_v, -1.0)).argmax())  # an unassigned one
-        if nn_anchor:
-            sim = xn @ xn[best]  # nearest-neighbour anchoring: a real feature replaces the direction
-        else:
-            sim = cos_v * torch.sign(cos_v[best])
-        sim = torch.where(free, sim, torch.zeros(()))
-        peak = sim.max()
-        if not peak > 1e-6:  # zero / degenerate features: nothing left to propose
-            break
-        keep = free & (sim >= psi * peak) & (sim > 0)
-        if not keep.any():
-            break
-        masks.append(torch.where(keep, sim / peak, torch.zeros(())).reshape(h, w))
-        free &= ~keep
-    if not masks:
-        return np.zeros((0, h, w), dtype=np.float32)
-    return torch.stack(masks).numpy()
-
-
-def principal_mask_proposals(features: np.ndarray, psi: float = 0.4, coverage: float = 0.95,
-                             nn_anchor: bool = True, iterative: bool = True,
-                             max_masks: int | None = None) -> np.ndarray:
-    """Proposal-id map (h, w) int64 on the patch grid; -1 = left unassigned (the 1 - coverage remainder)."""
-    soft = proposal_soft_masks(features, psi, coverage, nn_anchor, iterative, max_masks)
-    if len(soft) == 0:
-        return np.full(np.shape(features)[:2], -1, dtype=np.int64)
-    return np.where(soft.max(0) > 0, soft.argmax(0), -1).astype(np.int64)
-
-
-def _median3x3(x: torch.Tensor) -> torch.Tensor:
-    """3x3 median filter of (n, h, w) maps, reflect padding (as the reference MedianPool2d)."""
-    mode = "reflect" if min(x.shape[-2:]) > 1 else "replicate"
-    p = F.pad(x[None], (1, 1, 1, 1), mode=mode)[0]
-    return p.unfold(1, 3, 1).unfold(2, 3, 1).reshape(*x.shape, 9).median(-1).values
-
-
-def proposals_to_image(soft_masks: np.ndarray, size: tuple[int, int], image: np.ndarray | None = None,
-                       crf: bool = True, gain: float = 10.0, median: bool = True) -> np.ndarray:
-    """Patch-grid soft masks (n, h, w) -> proposal ids (H, W) int64 at image resolution, -1 = background.
-
-    Follows the reference: median filter, saturate (x gain, clip to [0, 1]), a background channel that is
-    high where no mask is, log-softmax, bilinear upsampling, softmax, dense CRF on the image, argmax.
-    """
-    n = len(soft_masks)
-    if n == 0:
-        return np.full(size, -1, dtype=np.int64)
-    m = _t(soft_masks)
-    if median:
-        m = _median3x3(m)
-    m = (m * gain).clamp(0, 1)
-    level = m[m > 0].mean() if (m > 0).any() else torch.tensor(1.0)
-    bg = (level - m.sum(0, keepdim=True)).clamp(0, 1)
-    logp = F.log_softmax(torch.cat([bg, m]), dim=0).numpy()
-    probs = softmax(upsample_scores(logp, tuple(size)), axis=0)
-    if crf:
-        if image is None:
-            raise ValueError("proposals_to_image(crf=True) needs the image")
-        from ..crf import dense_crf
-
-        probs = dense_crf(np.asarray(image), probs.astype(np.float32))
-    return (probs.argmax(0) - 1).astype(np.int64)
 
 
 def resize_label_map(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -563,6 +453,9 @@ def check_params(p: dict) -> None:
         p["augment"] = "none"
     if p["augment"] not in AUGMENTS:
         bad("augment", " | ".join(AUGMENTS))
+    for key, allowed in (("anchor", ANCHORS), ("principal", PRINCIPAL)):
+        if p[key] not in allowed:
+            bad(key, " | ".join(allowed))
     for key in ("psi", "coverage"):
         number(key, 0, 1, lo_open=True)
     number("ema_decay", 0, 1)
@@ -599,10 +492,11 @@ def _train_grid(resolution, grid: tuple[int, int], image_size: tuple[int, int]) 
     return (grid[0] * int(resolution), grid[1] * int(resolution))
 
 
-def image_proposals(features: np.ndarray, size: tuple[int, int], image: np.ndarray | None, p: dict) -> np.ndarray:
+def image_proposals(features: np.ndarray, size: tuple[int, int], image: np.ndarray | None, p: dict,
+                    seed: int = 0) -> np.ndarray:
     """Full PriMaPs proposal pipeline for one image: ids (H, W) at label resolution, -1 = none."""
     soft = proposal_soft_masks(features, p["psi"], p["coverage"], p["nn_anchor"], p["iterative"],
-                               p["max_masks"])
+                               p["max_masks"], p["anchor"], p["principal"], seed)
     return proposals_to_image(soft, size, image, crf=p["proposal_crf"], gain=p["mask_gain"])
 
 
@@ -632,7 +526,7 @@ def run(ctx):
             for i in range(len(evaluated)):  # the runner shows progress while it consumes predictions
                 gt = ctx.label(i)
                 image = ctx.image(i) if p["proposal_crf"] else None
-                ids = image_proposals(evaluated[i], gt.shape, image, p)
+                ids = image_proposals(evaluated[i], gt.shape, image, p, ctx.seed)
                 coverage.append(float((ids >= 0).mean()))
                 stats["proposal_pixel_fraction"] = float(np.mean(coverage))  # filled while streaming
                 yield Prediction(index=i, labels=oracle_pseudo_labels(ids, gt))
@@ -659,7 +553,7 @@ def run(ctx):
         proposals, counts, covered = [], [], []
         for i in ctx.progress(range(n), desc="PriMaPs proposals", total=n):
             size = tuple(ctx.label_size(i, fit_split))
-            ids = image_proposals(fit[i], size, ctx.image(i, fit_split) if p["proposal_crf"] else None, p)
+            ids = image_proposals(fit[i], size, ctx.image(i, fit_split) if p["proposal_crf"] else None, p, ctx.seed)
             counts.append(int(ids.max()) + 1)
             covered.append(float((ids >= 0).mean()))
             grid = _train_grid(p["train_resolution"], fit.grid(i), size)
@@ -762,7 +656,8 @@ def _measure(images: int, k: int, batch: int, steps: int, augmented: int, seed: 
 
     imgs, feats, source = benchmark_inputs("dino-vits8", images)
     maps = [f["patch"] for f in feats]
-    p = {"psi": 0.4, "coverage": 0.95, "nn_anchor": True, "iterative": True, "max_masks": None, "mask_gain": 10.0}
+    p = {"psi": 0.4, "coverage": 0.95, "nn_anchor": True, "iterative": True, "max_masks": None, "mask_gain": 10.0,
+         "anchor": "signed", "principal": "exact"}
     out: dict = {"features": source, "feature_map": list(maps[0].shape), "image": list(imgs[0].shape[:2]),
                  "images": len(maps), "torch_threads": torch.get_num_threads()}
     t0 = time.perf_counter()

@@ -1,0 +1,112 @@
+"""PriMaPs mask proposals as the paper and the reference code (github.com/visinf/primaps) make them: the signed
+nearest-neighbour anchor, the reference routine's sign, the stop at exactly the coverage; and the incremental
+loop giving the straightforward loop's masks on structured and noise maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_bench.methods import primaps_proposals as pp
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Small tensors: see conftest's one_thread."""
+
+
+def offset_line(rows: int = 8, cols: int = 8, dim: int = 64) -> np.ndarray:
+    """Features t * e0 + 2 * e1: t = +1 on all patches but the last 4, where t = -3. The principal direction is
+    e0; the cosines to it are +0.45 (t = 1) and -0.83 (t = -3)."""
+    f = np.zeros((rows, cols, dim), np.float32)
+    f[..., 0], f[..., 1] = 1.0, 2.0
+    f.reshape(-1, dim)[-4:, 0] = -3.0
+    return f
+
+
+def test_the_signed_anchor_is_not_the_largest_absolute_cosine():
+    f = offset_line()
+    signed, absolute = pp.proposal_soft_masks(f), pp.proposal_soft_masks(f, anchor="abs")
+    # the routine signs e0 so that the first patch lies on its positive side: the anchor is a t = +1 patch
+    assert (signed[0] > 0).sum() == 60 and (signed[1] > 0).sum() == 4
+    assert (absolute[0] > 0).sum() == 4 and (absolute[1] > 0).sum() == 60  # |cos|: the t = -3 patches first
+    assert np.array_equal(pp.proposal_soft_masks(f, principal="lowrank"), signed)  # the reference routine agrees
+
+
+def test_with_no_positive_cosine_left_the_anchor_is_the_first_assigned_patch():
+    # Two tight clusters along e0 and e1; once the first is cut, the second's principal direction (its noise) can
+    # have a negative cosine to all of it: the code then anchors on the first assigned patch, whose similarity
+    # (~0) only picks a few of the remaining patches, and so do we.
+    rng = np.random.default_rng(0)
+    f = np.zeros((10, 10, 8), np.float32)
+    f[:, :5, 0] = f[:, 5:, 1] = 1.0
+    f += 0.05 * rng.standard_normal(f.shape).astype(np.float32)
+    soft = pp.proposal_soft_masks(f)
+    x = torch.tensor(f.reshape(-1, 8))
+    free = torch.tensor(~(soft[0] > 0).reshape(-1))
+    v = pp.principal_directions(x[free])[:, 0]
+    assert (torch.nn.functional.normalize(x[free], dim=1) @ v).max() < 0  # no unassigned patch is positive
+    assert (soft[1] > 0).sum() < 50  # the second mask is a fragment of the right half, as in the code
+    assert np.array_equal(pp.proposal_soft_masks(f, principal="lowrank"), soft)
+    assert len(pp.proposal_soft_masks(f, anchor="abs")) == 2  # |cos| anchors on an unassigned patch: two halves
+
+
+def test_the_stop_is_at_exactly_the_coverage():
+    # 1520 of 1600 patches (95%) along e0, 80 along e1: the first mask takes the 1520 and the loop stops
+    f = np.zeros((40, 40, 4), np.float32)
+    f[..., 0] = 1.0
+    f[-2:, :, 0], f[-2:, :, 1] = 0.0, 1.0
+    soft = pp.proposal_soft_masks(f, anchor="abs")  # the two |cosines| tie: the first patch, an e0 one
+    assert len(soft) == 1 and (soft[0] > 0).sum() == 1520  # a float32 ratio below 0.95 asked for one more mask
+    assert [pp.coverage_target(c, n) for c, n in ((0.95, 1600), (0.1, 1600), (0.95, 529), (1.0, 7))] == \
+        [1520, 160, 503, 7]
+
+
+def _stable_lowrank_direction(x: torch.Tensor) -> torch.Tensor | None:
+    """torch.pca_lowrank's first direction (q=3, niter=100, as the reference code calls it) where two random
+    starts give the same sign (converged), else None."""
+    found = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        found.append(torch.pca_lowrank(x, q=3, niter=100)[2][:, 0])
+    return found[0] if float(found[0] @ found[1]) > 0.99 else None
+
+
+def test_the_direction_has_the_sign_the_reference_routine_gives_it():
+    g = torch.Generator().manual_seed(11)
+    compared = 0
+    for dim in (8, 59, 60, 64, 200):
+        for rows in (10, 59, 60, 61, 150):  # both sides of the SVD's width rule, rows above and below dim
+            centres = torch.randn(4, dim, generator=g) * torch.tensor([4.0, 3.0, 2.0, 1.0])[:, None]
+            x = centres[torch.randint(0, 4, (rows,), generator=g)] + 0.1 * torch.randn(rows, dim, generator=g)
+            x += torch.randn(dim, generator=g)  # a shared offset, as real features have
+            reference = _stable_lowrank_direction(x)
+            if reference is None:
+                continue
+            ours = pp.principal_directions(x)[:, 0]
+            assert float(ours @ reference) > 0.999, (rows, dim)
+            compared += 1
+    assert compared >= 20
+
+
+def clustered(count: int = 2, grid: int = 16, dim: int = 64) -> list[np.ndarray]:
+    return pp._clustered_maps(count, grid, dim, seed=0)
+
+
+@pytest.mark.parametrize("maps", [clustered(), [np.random.default_rng(0).standard_normal((16, 16, 64))
+                                               .astype(np.float32)]], ids=["clustered", "noise"])
+def test_the_incremental_loop_gives_the_straightforward_loops_masks(maps):
+    for f in maps:
+        fast, plain = pp.proposal_soft_masks(f), pp.proposal_soft_masks(f, incremental=False)
+        assert len(fast) > 3 and fast.shape == plain.shape and np.array_equal(fast, plain)
+
+
+@pytest.mark.slow
+def test_the_incremental_loop_gives_the_straightforward_loops_masks_on_camvid_features(shared_dataset):
+    from ssl_bench.features import benchmark_inputs
+
+    shared_dataset("camvid")
+    _, feats, _ = benchmark_inputs("dino-vits8", 2)  # 40 x 40 x 384, random weights
+    for f in (f["patch"] for f in feats):
+        assert np.array_equal(pp.proposal_soft_masks(f), pp.proposal_soft_masks(f, incremental=False))
