@@ -297,7 +297,8 @@ def test_protocol_apply_image_and_label():
     small = proto.apply_label(label, 16)
     assert small.dtype == np.int64 and small.shape == (320, 320)
     assert set(np.unique(small)) <= set(np.unique(label)) and (small == -1).any()
-    assert proto.as_dict() == {"resize": 320, "crop": "center", "image_interp": "bilinear", "label_interp": "nearest"}
+    assert proto.input_dict() == {"resize": 320, "crop": "center", "image_interp": "bilinear", "label_interp": "nearest"}
+    assert proto.as_dict() == {**proto.input_dict(), "overclustering": "majority", "absent_classes": "zero-if-predicted"}
     ident = Protocol(resize=360, crop="none")
     assert np.array_equal(ident.apply_label(label, 8), label)  # 360x480 already fits the /8 grid: untouched
     assert np.array_equal(ident.apply_label(label, 16), label[4:356])  # 360 -> 352 rows, centred
