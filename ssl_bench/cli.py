@@ -86,8 +86,9 @@ def run(
     option: list[str] = typer.Option([], "--option", "-o", help="dataset option key=value, e.g. classes=8"),
     resize: int = typer.Option(320, help="protocol: shorter side (320; 322 for /14 backbones)"),
     crop: str = typer.Option("center", help="protocol: 'center' crop or 'none'"),
-    overclustering: str = typer.Option("majority", help="protocol, K > C: majority | hungarian-majority (PriMaPs) | "
-                                       "stego-drop (STEGO's code: ignores pixels of clusters >= C)"),
+    overclustering: str = typer.Option("majority", help="protocol, K > C: majority | hungarian (DatUS^2) | "
+                                       "hungarian-majority (PriMaPs) | stego-drop (STEGO's code: ignores pixels of "
+                                       "clusters >= C)"),
     absent_classes: str = typer.Option("zero-if-predicted", help="protocol, a class absent from the ground truth: "
                                        "zero-if-predicted (IoU 0 when predicted) | ignore (always left out)"),
     force: bool = typer.Option(False, "--force", help="recompute even if this configuration is stored"),
@@ -148,8 +149,8 @@ def sweep(
     param: list[str] = typer.Option([], "--param", "-p", help="parameter of every --task, key=value (repeatable)"),
     resize: Optional[int] = typer.Option(None, help="protocol: shorter side (default 320)"),
     crop: Optional[str] = typer.Option(None, help="protocol: 'center' or 'none'"),
-    overclustering: Optional[str] = typer.Option(None, help="protocol, K > C: majority (default) | hungarian-majority "
-                                                 "| stego-drop"),
+    overclustering: Optional[str] = typer.Option(None, help="protocol, K > C: majority (default) | hungarian | "
+                                                 "hungarian-majority | stego-drop"),
     absent_classes: Optional[str] = typer.Option(None, help="protocol: zero-if-predicted (default) | ignore"),
     executor: str = typer.Option("local", help="local (in-process) | ray"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local instance)"),

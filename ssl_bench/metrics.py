@@ -8,6 +8,8 @@ classes only at the end, by two named rules of the protocol (``Protocol.overclus
 Matching. K <= C: Hungarian matching on pixel counts (every method's code). K > C, ``overclustering``:
 
 - ``majority`` (default): each cluster to its most frequent class (COMUS, MaskContrast, PiCIE);
+- ``hungarian``: DatUS^2 (paper, Sec. IV-C): one cluster per class by Hungarian matching, the pixels of the
+  K - C clusters left without a class count wrong;
 - ``hungarian-majority``: PriMaPs' code: a Hungarian assignment on the transposed counts gives every class
   one cluster, the remaining clusters go to their most frequent class;
 - ``stego-drop``: STEGO's code: pixels predicted as a cluster id >= C are dropped before counting (neither
@@ -32,7 +34,7 @@ import warnings
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-OVERCLUSTERING = ("majority", "hungarian-majority", "stego-drop")
+OVERCLUSTERING = ("majority", "hungarian", "hungarian-majority", "stego-drop")
 ABSENT_CLASSES = ("zero-if-predicted", "ignore")
 
 
@@ -88,7 +90,7 @@ def match_clusters(counts: np.ndarray, num_clusters: int | None = None,
     k, c = counts.shape
     k = max(k, num_clusters or 0)
     counts = np.pad(counts, ((0, k - len(counts)), (0, 0)))
-    if k <= c:
+    if k <= c or overclustering == "hungarian":  # one to one; a cluster left out (K > C) counts wrong
         rows, cols = linear_sum_assignment(counts, maximize=True)
         mapping = np.full(k, -1, dtype=np.int64)
         mapping[rows] = cols

@@ -108,7 +108,7 @@ def test_a_class_neither_present_nor_predicted_is_left_out():
 OVERCLUSTERED = np.array([[5, 0], [4, 1], [3, 2]])
 
 
-def test_three_overclustering_policies_give_three_hand_computed_answers():
+def test_four_overclustering_policies_give_four_hand_computed_answers():
     none = np.zeros(2, dtype=np.int64)
     majority = evaluate_counts(OVERCLUSTERED, none, 3, "majority")
     # class 0 predicted for all 15 pixels: IoU 12/15; class 1: IoU 0
@@ -121,6 +121,12 @@ def test_three_overclustering_policies_give_three_hand_computed_answers():
     assert primaps["cluster_to_class"] == [0, 0, 1] and primaps["matching"] == "hungarian-majority"
     assert primaps["miou"] == pytest.approx((900 / 13 + 200 / 6) / 2) and primaps["acc"] == pytest.approx(1100 / 15)
 
+    datus = evaluate_counts(OVERCLUSTERED, none, 3, "hungarian")
+    # one to one: class 0 -> cluster 0, class 1 -> cluster 2; cluster 1's 5 pixels count wrong.
+    # class 0: tp 5, fn 7 -> 5/12; class 1: tp 2, fp 3, fn 1 -> 2/6
+    assert datus["cluster_to_class"] == [0, -1, 1] and datus["matching"] == "hungarian"
+    assert datus["miou"] == pytest.approx((500 / 12 + 200 / 6) / 2) and datus["acc"] == pytest.approx(700 / 15)
+
     with pytest.warns(UserWarning, match="ignored 5 of 15 labelled pixels"):
         stego = evaluate_counts(OVERCLUSTERED, none, 3, "stego-drop")
     # cluster 2 (id >= C) dropped; clusters 0, 1 matched one to one: class 0: tp 5, fn 4 -> 5/9; class 1: tp 1, fp 4 -> 1/5
@@ -131,7 +137,7 @@ def test_three_overclustering_policies_give_three_hand_computed_answers():
 def test_policies_agree_when_k_equals_c():
     counts = np.array([[1, 6], [7, 2]])
     results = {p: evaluate_counts(counts, np.zeros(2, dtype=np.int64), 2, p) for p in
-               ("majority", "hungarian-majority", "stego-drop")}
+               ("majority", "hungarian", "hungarian-majority", "stego-drop")}
     assert {r["matching"] for r in results.values()} == {"hungarian"}
     assert len({r["miou"] for r in results.values()}) == 1
 
@@ -183,5 +189,5 @@ def test_overclustering_equals_the_reference_metric_code_on_random_counts(policy
 
 
 def test_an_unknown_rule_is_refused():
-    with pytest.raises(ValueError, match="unknown overclustering rule 'hungarian'"):
-        match_clusters(OVERCLUSTERED, 3, "hungarian")
+    with pytest.raises(ValueError, match="unknown overclustering rule 'hungarian-first'"):
+        match_clusters(OVERCLUSTERED, 3, "hungarian-first")

@@ -259,7 +259,7 @@ def test_what_is_not_built_yet_is_one_line_per_cell_not_a_failure(tmp_path):
          "paper": {"miou": 1}},
         {"label": "IIC", "not_in_ssl_bench": True, "paper": {"miou": 1}},
         {"label": "coco", "backbone": "reference", "dataset": "coco81", "paper": {"miou": 1}},
-        {"label": "future protocol", "backbone": "reference", "protocol": {"overclustering": "stego-drop"},
+        {"label": "future protocol", "backbone": "reference", "protocol": {"matching_cost": "iou"},
          "paper": {"miou": 1}},
         {"label": "implied protocol", "backbone": "reference", "protocol": {"overclustering": "majority"},
          "paper": {"miou": 1}}]))
@@ -271,9 +271,9 @@ def test_what_is_not_built_yet_is_one_line_per_cell_not_a_failure(tmp_path):
     assert why["coco"] == "not run: dataset 'coco81' has no reader in ssl-bench"
     assert why["future protocol"] is None and why["implied protocol"] is None  # they run, under the default
     excluded = {c.row: setup.excluded(c.measure) for c in recipe.cells}
-    assert excluded["future protocol"] == ["protocol differs: overclustering=stego-drop (no such protocol setting "
+    assert excluded["future protocol"] == ["protocol differs: matching_cost=iou (no such protocol setting "
                                            "in this ssl-bench yet)"]
-    assert excluded["implied protocol"] == []  # majority is what ssl-bench does without the setting
+    assert excluded["implied protocol"] == []  # a setting ssl-bench has: run as asked
     assert all(line.count("\n") == 0 for line in rep.describe(setup))
 
 

@@ -63,8 +63,8 @@ def test_sweep_files_and_flags_set_the_rules(tmp_path):
     protocols = sorted((r["config"]["protocol"]["overclustering"], r["config"]["protocol"]["absent_classes"],
                         r["config"]["protocol"]["crop"]) for r in ResultStore(tmp_path / "s.sqlite").query())
     assert protocols == [("hungarian-majority", "ignore", "center"), ("hungarian-majority", "zero-if-predicted", "center")]
-    bad = CliRunner().invoke(app, ["run", "--overclustering", "hungarian", *where])
-    assert isinstance(bad.exception, UserError) and "unknown overclustering rule 'hungarian'" in str(bad.exception)
+    bad = CliRunner().invoke(app, ["run", "--overclustering", "hungarian-first", *where])
+    assert isinstance(bad.exception, UserError) and "unknown overclustering rule 'hungarian-first'" in str(bad.exception)
 
 
 def _store_as_before_the_rules(runner, run) -> None:

@@ -49,7 +49,7 @@ class Protocol:
     crop: str = "center"  # "center" | "none"
     image_interp: str = "bilinear"
     label_interp: str = "nearest"  # the only choice: class ids cannot be interpolated
-    overclustering: str = "majority"  # K > C: majority | hungarian-majority (PriMaPs) | stego-drop (STEGO's code)
+    overclustering: str = "majority"  # K > C: majority | hungarian (DatUS^2) | hungarian-majority | stego-drop
     absent_classes: str = "zero-if-predicted"  # a class absent from the ground truth: zero-if-predicted | ignore
 
     def __post_init__(self):
