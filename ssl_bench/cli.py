@@ -167,7 +167,9 @@ def sweep(
     _check_executor(executor, address, cpus_per_task)
     data = sweeps.read_grid_file(file) if file else {}
     flags = backbone or weights or task or param or dataset or data_root or option or split or k or seed
-    if "grids" in data and (flags or resize is not None or crop is not None):
+    protocol_flags = {"resize": resize, "crop": crop, "overclustering": overclustering, "absent_classes": absent_classes}
+    protocol_flags = {key: value for key, value in protocol_flags.items() if value is not None}
+    if "grids" in data and (flags or protocol_flags):
         raise UserError(f"{file} holds several grids, and grid flags replace the axes of one grid -- edit the "
                         f"file, or give the flags without it")
     if backbone:
@@ -187,9 +189,8 @@ def sweep(
         data["k"] = list(k)  # "5", "C", "2C": sweep.resolve_k reads them all
     if seed:
         data["seeds"] = list(seed)
-    flags = {"resize": resize, "crop": crop, "overclustering": overclustering, "absent_classes": absent_classes}
-    if any(v is not None for v in flags.values()):  # replace the file's protocol keys they name, keep the others
-        data["protocol"] = {**(data.get("protocol") or {}), **{k: v for k, v in flags.items() if v is not None}}
+    if protocol_flags:  # replace the file's protocol keys they name, keep the others
+        data["protocol"] = {**(data.get("protocol") or {}), **protocol_flags}
     if not file and (task or dataset) and not backbone:
         raise UserError("--backbone missing -- give the backbones to sweep, e.g. --backbone reference")
     if not file and not backbone:
