@@ -341,18 +341,19 @@ def test_the_project_suite_is_a_suite_file_whose_cells_are_the_committed_baselin
     assert ".ci/run" and "ssl-bench regress\n" in (ROOT / ".ci" / "run").read_text()  # CI runs this suite
 
 
-def test_project_camvid_cells_are_skipped_not_gone_without_the_shared_data(tmp_path, monkeypatch):
+def test_project_real_data_cells_are_skipped_not_gone_without_the_shared_data(tmp_path, monkeypatch):
     from ssl_bench.regress.suite import SuiteRun
 
     monkeypatch.setenv("SSL_BENCH_SHARED_DATA", str(tmp_path / "nowhere"))
     suite = regress.read_suite(regress.PROJECT_SUITE, regress.suite_environment(regress.PROJECT_SUITE))
-    assert len(suite.grids) == 3 and len(suite.skipped) == 1
+    assert len(suite.grids) == 3 and len(suite.skipped) == 3  # camvid, and voc2012 twice (the scoring rules)
     assert "(camvid) skipped:" in suite.skipped[0].reason and "nowhere/camvid absent" in suite.skipped[0].reason
+    assert all("nowhere/voc2012 absent" in grid.reason for grid in suite.skipped[1:])
     committed = regress.read_baselines(regress.default_baselines(regress.PROJECT_SUITE))
     report = regress.compare(committed, SuiteRun({}, {}, {}, {}, suite.skipped, [], 0.0), regress.PROJECT_SUITE)
-    camvid = {check.status for check in report.checks if "camvid" in check.cell}
-    assert camvid == {"skipped"} and len(report.cells("skipped")) == 2  # not gone: the grid exists, its data not here
-    assert all("camvid" not in name for name in report.cells("gone"))  # (this empty run has no synthetic cell)
+    real = {check.status for check in report.checks if "camvid" in check.cell or "voc2012" in check.cell}
+    assert real == {"skipped"} and len(report.cells("skipped")) == 5  # not gone: the grids exist, their data not here
+    assert all("camvid" not in name and "voc2012" not in name for name in report.cells("gone"))
 
 
 def test_the_project_suite_reads_the_shared_data_beside_the_checkout_by_default(monkeypatch, tmp_path):
