@@ -21,9 +21,9 @@ class PrincipalMaskProposals:
     uses_image = False
 
     def __init__(self, psi: float = 0.4, coverage: float = 0.95, nn_anchor: bool = True, iterative: bool = True,
-                 max_masks: int | None = None):
+                 max_masks: int | None = None, anchor: str = "signed"):
         self.options = dict(psi=psi, coverage=coverage, nn_anchor=nn_anchor, iterative=iterative,
-                            max_masks=max_masks)
+                            max_masks=max_masks, anchor=anchor)
 
     def segment(self, features: dict, image=None) -> tuple[np.ndarray, dict]:
         from ...methods.primaps import principal_mask_proposals
@@ -38,3 +38,5 @@ def check_params(p: dict) -> None:
                         f"(-p segmenter.psi=0.4 -p segmenter.coverage=0.95)")
     if p["max_masks"] is not None and (not isinstance(p["max_masks"], int) or p["max_masks"] < 1):
         raise UserError(f"max_masks={p['max_masks']!r} -- use null or a whole number >= 1")
+    if p["anchor"] not in ("signed", "abs"):
+        raise UserError(f"anchor={p['anchor']!r} -- use signed (the paper's) or abs (-p segmenter.anchor=signed)")
