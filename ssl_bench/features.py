@@ -26,11 +26,14 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from . import registry
 from .data.base import SegDataset
 from .errors import UserError
 from .data.protocol import Protocol
 from .ops import as_float32
-from .store import file_lock, write_atomically
+from .integrity import (Damaged, NpyWriter, crc32, disk_error, open_npy, open_reserved, read_checked_json, regular_file,
+                        write_checked_json)
+from .store import file_lock
 from .models.base import Backbone
 
 
@@ -128,14 +131,23 @@ def _layout(dataset: SegDataset, protocol: Protocol, multiple: int, cell: int) -
     return shapes, np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1])]).astype(np.int64)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    write_atomically(path, lambda f: f.write(json.dumps(data).encode()))
+KIND_FILES = ("{kind}.npy", "{kind}.crc32", "{kind}.progress.json")  # what one feature kind keeps in an entry
 
 
 class FeatureCache:
+    """The feature cache under ``root``: one folder per ``CacheKey``, holding ``meta.json`` (the image list and
+    grid layout) and, per kind, the float16 rows (``KIND.npy``), a CRC-32 of each image's rows (``KIND.crc32``)
+    and the number of images committed (``KIND.progress.json``). The JSON files carry their own checksum.
+
+    Opening an entry checks it: file sizes against the metadata always, and each committed image's rows
+    against its CRC once per process (a sweep's cells share the check). A damaged kind is extracted again
+    from its first bad image, with one warning naming the folder; a damaged entry that cannot be rewritten
+    (a read-only cache) is one line naming the folder to delete."""
+
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else default_cache_dir()
         self.labels = LabelCache(self.root / "_labels")  # no backbone is called "_labels"
+        self._verified: dict[tuple, int] = {}  # (file signatures) -> images whose rows were checked
 
     def key(self, backbone: str, weights_identity: str, dataset: SegDataset, protocol: Protocol) -> CacheKey:
         image_options = {k: v for k, v in dataset.options.items() if k in dataset.image_options}
@@ -159,14 +171,24 @@ class FeatureCache:
         return min((self._done(folder, k) for k in kinds), default=0)
 
     @staticmethod
-    def _done(folder: Path, kind: str) -> int:
-        path = folder / f"{kind}.progress.json"
-        return json.loads(path.read_text())["done"] if path.exists() else 0
+    def _progress(folder: Path, kind: str) -> int | None:
+        """Images committed for ``kind`` (0 when none); None when its progress file is damaged."""
+        try:
+            done = read_checked_json(folder / f"{kind}.progress.json")["done"]
+        except FileNotFoundError:
+            return 0
+        except (Damaged, TypeError, KeyError):
+            return None
+        return done if registry.is_whole(done) and done >= 0 else None
+
+    @classmethod
+    def _done(cls, folder: Path, kind: str) -> int:
+        return cls._progress(folder, kind) or 0  # damaged: nothing counts as done (checked again when opened)
 
     def ensure(self, backbone: Backbone, weights_identity: str, dataset: SegDataset, protocol: Protocol,
                kinds: Iterable[str], progress: Callable = lambda it, **_: it, batch_size: int = 8,
                workers: int = 1) -> dict[str, FeatureStore]:
-        """Extract whatever of ``kinds`` is not cached yet, then open every kind for reading.
+        """Extract whatever of ``kinds`` is not cached yet (or is damaged), then open every kind for reading.
 
         ``workers`` threads decode the next batches while the model runs (0: decode in line).
         """
@@ -174,45 +196,120 @@ class FeatureCache:
         backbone.check_kinds(kinds)
         key = self.key(backbone.spec.name, weights_identity, dataset, protocol)
         folder = self.entry_dir(key)
-        folder.mkdir(parents=True, exist_ok=True)
-        grids, offsets = self._plan(folder, key, dataset, protocol, backbone.patch_size)
-        if self.missing_kinds(key, kinds, len(dataset)):
-            with file_lock(folder / ".lock"):  # another process may have finished it meanwhile
-                todo = self.missing_kinds(key, kinds, len(dataset))
-                if todo:
-                    self._extract(folder, backbone, dataset, protocol, todo, grids, offsets,
-                                  progress, batch_size, workers)
-        return {k: self.open(folder, k, grids, offsets) for k in kinds}
+        what = f"the {', '.join(kinds)} features of {backbone.spec.name} on {dataset.name}/{dataset.split}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            grids, offsets = self._plan(folder, key, dataset, protocol, backbone.patch_size)
+            for kind in kinds:
+                self._check_kind(folder, kind, grids, offsets)
+            if self.missing_kinds(key, kinds, len(dataset)):
+                with file_lock(folder / ".lock"):  # another process may have finished it meanwhile
+                    todo = self.missing_kinds(key, kinds, len(dataset))
+                    if todo:
+                        self._extract(folder, backbone, dataset, protocol, todo, grids, offsets,
+                                      progress, batch_size, workers)
+            return {k: self.open(folder, k, grids, offsets) for k in kinds}
+        except OSError as err:
+            raise disk_error(err, folder, what, "pass --cache with a writable folder that has room") from None
+        except Damaged as err:  # changed under us (checked just before): not ours to repair while it is in use
+            raise UserError(f"the feature cache entry {folder} is damaged ({err}) -- delete that folder") from None
 
     def _plan(self, folder: Path, key: CacheKey, dataset: SegDataset, protocol: Protocol, patch: int):
+        """The entry's grids and offsets, from its metadata (checked against the dataset), or written now."""
         meta_path = folder / "meta.json"
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            return np.array(meta["grids"], dtype=np.int64).reshape(-1, 2), np.array(meta["offsets"], dtype=np.int64)
+        try:
+            meta = read_checked_json(meta_path)
+            grids = np.array(meta["grids"], dtype=np.int64).reshape(-1, 2)
+            offsets = np.array(meta["offsets"], dtype=np.int64)
+            if meta["ids"] != dataset.ids or not _layout_is_consistent(grids, offsets):
+                raise Damaged(f"{meta_path} describes other images")
+            return grids, offsets
+        except FileNotFoundError:
+            pass
+        except (Damaged, TypeError, KeyError, ValueError) as err:
+            with file_lock(folder / ".lock"):
+                self._damaged(folder, f"{err if isinstance(err, Damaged) else f'{meta_path} is not as written'}",
+                              "extracting the whole entry again")
+                for name in folder.iterdir():  # every kind was laid out by that metadata
+                    if name.suffix in (".npy", ".crc32") or name.name.endswith(".progress.json"):
+                        name.unlink()
         grids, offsets = _layout(dataset, protocol, patch, cell=patch)
-        _write_json_atomic(meta_path, {"key": key.__dict__, "ids": dataset.ids,
+        write_checked_json(meta_path, {"key": key.__dict__, "ids": dataset.ids,
                                        "grids": grids.tolist(), "offsets": offsets.tolist()})
         return grids, offsets
+
+    @staticmethod
+    def _damaged(folder: Path, problem: str, action: str) -> None:
+        """Before repairing ``folder``: one warning, or, where it cannot be written, one line naming it."""
+        if not os.access(folder, os.W_OK):
+            raise UserError(f"the feature cache entry {folder} is damaged ({problem}) and cannot be rewritten "
+                            f"here -- delete that folder, or pass --cache with a writable folder")
+        warnings.warn(f"feature cache entry {folder} is damaged ({problem}); {action}", stacklevel=4)
+
+    def _check_kind(self, folder: Path, kind: str, grids: np.ndarray, offsets: np.ndarray) -> None:
+        """Check a kind's committed images; from the first that fails, they are extracted again."""
+        good, problem = self._verify(folder, kind, grids, offsets)
+        if problem is None:
+            return
+        with file_lock(folder / ".lock"):  # another process may be repairing it too
+            good, problem = self._verify(folder, kind, grids, offsets)
+            if problem is None:
+                return
+            self._damaged(folder, problem, f"extracting {kind} again from image {good}")
+            if good == 0:
+                for pattern in KIND_FILES:
+                    (folder / pattern.format(kind=kind)).unlink(missing_ok=True)
+            else:
+                write_checked_json(folder / f"{kind}.progress.json", {"done": good})
+
+    def _verify(self, folder: Path, kind: str, grids: np.ndarray, offsets: np.ndarray) -> tuple[int, str | None]:
+        """(images that check, what is wrong with the next one or None): sizes against the metadata, then
+        each committed image's rows against its CRC (once per file version in this process)."""
+        done = self._progress(folder, kind)
+        if done is None:
+            return 0, f"{kind}.progress.json is not as written"
+        if done == 0:
+            return 0, None
+        if done > len(grids):
+            return 0, f"{kind}.progress.json counts {done} of {len(grids)} images"
+        data, crc_path = folder / f"{kind}.npy", folder / f"{kind}.crc32"
+        try:
+            signature = (str(data), _stat_signature(data), _stat_signature(crc_path))
+            if self._verified.get(signature, 0) >= done:
+                return done, None
+            flat = open_npy(data, np.float16, _rows_shape(kind, grids, offsets))
+            crcs = np.fromfile(regular_file(crc_path, "cache file"), dtype="<u4")
+        except (FileNotFoundError, Damaged, UserError, ValueError, OSError) as err:
+            return 0, f"{kind}: {err}"
+        starts = np.arange(len(grids) + 1) if _per_image(kind) else offsets
+        for i in range(done):
+            if i >= len(crcs) or crc32(flat[starts[i]:starts[i + 1]]) != crcs[i]:
+                return i, f"the {kind} features of image {i} do not match their checksum"
+        self._verified[signature] = done
+        return done, None
 
     def _extract(self, folder, backbone, dataset, protocol, kinds, grids, offsets, progress, batch_size, workers):
         start = min(self._done(folder, k) for k in kinds)
         batches = _same_size_batches(grids, start, batch_size)
         images = _ProtocolImages(dataset, protocol, backbone.patch_size)
-        arrays: dict[str, np.ndarray] = {}
-        for indices, batch in progress(_prefetched(images.batch, batches, workers),
-                                       desc=f"extract {backbone.spec.name} on {dataset.name}/{dataset.split}",
-                                       total=len(batches)):
-            feats = backbone.extract(backbone.normalize(batch), kinds)  # normalize moves the batch to the model
-            for kind in kinds:
-                rows = self._rows(kind, feats[kind]).astype(np.float16)
-                if kind not in arrays:
-                    fresh = self._done(folder, kind) == 0
-                    arrays[kind] = self._open_for_write(folder, kind, rows.shape[1], len(grids), offsets, fresh)
-                lo = indices[0] if _per_image(kind) else offsets[indices[0]]
-                arrays[kind][lo:lo + len(rows)] = rows
-            for kind in kinds:  # commit only what is on disk
-                arrays[kind].flush()
-                _write_json_atomic(folder / f"{kind}.progress.json", {"done": indices[-1] + 1})
+        writers: dict[str, _KindWriter] = {}
+        try:
+            for indices, batch in progress(_prefetched(images.batch, batches, workers),
+                                           desc=f"extract {backbone.spec.name} on {dataset.name}/{dataset.split}",
+                                           total=len(batches)):
+                feats = backbone.extract(backbone.normalize(batch), kinds)  # normalize moves the batch to the model
+                for kind in kinds:
+                    rows = self._rows(kind, feats[kind]).astype(np.float16)
+                    if kind not in writers:
+                        writers[kind] = _KindWriter(folder, kind, rows.shape[1], grids, offsets,
+                                                    fresh=self._done(folder, kind) == 0)
+                    writers[kind].write(indices, rows)
+                for kind in kinds:  # commit only what is on disk
+                    writers[kind].commit(indices[-1] + 1)
+                    self._verified[writers[kind].signature()] = indices[-1] + 1  # its rows are what we wrote
+        finally:
+            for writer in writers.values():
+                writer.close()
 
     @staticmethod
     def _rows(kind: str, t: torch.Tensor) -> np.ndarray:
@@ -222,23 +319,61 @@ class FeatureCache:
         return t.reshape(-1, t.shape[-1]).numpy() if t.dim() > 2 else t.numpy()
 
     @staticmethod
-    def _open_for_write(folder: Path, kind: str, dim: int, n_images: int, offsets: np.ndarray,
-                        fresh: bool) -> np.ndarray:
-        path = folder / f"{kind}.npy"
-        shape = (n_images if _per_image(kind) else int(offsets[-1]), dim)
-        if not fresh:  # resume: committed rows are kept
-            array = np.load(path, mmap_mode="r+")
-            if array.shape != shape:
-                raise RuntimeError(f"cache file {path} has shape {array.shape}, expected {shape}: delete {folder}")
-            return array
-        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
-
-    @staticmethod
     def open(folder: Path, kind: str, grids: np.ndarray, offsets: np.ndarray) -> FeatureStore:
-        flat = np.load(folder / f"{kind}.npy", mmap_mode="c")  # copy-on-write: never written, but torch-viewable
+        flat = open_npy(folder / f"{kind}.npy", np.float16, _rows_shape(kind, grids, offsets), mode="c")  # copy-on-write:
+        # never written, but torch-viewable
         if _per_image(kind):
             offsets = np.arange(len(grids) + 1)
         return FeatureStore(kind, flat, offsets, grids)
+
+
+def _rows_shape(kind: str, grids: np.ndarray, offsets: np.ndarray) -> tuple[int, None]:
+    """The shape ``kind``'s file must have: one row per image (cls) or per patch, of any width."""
+    return len(grids) if _per_image(kind) else int(offsets[-1]), None
+
+
+def _layout_is_consistent(grids: np.ndarray, offsets: np.ndarray) -> bool:
+    return (len(offsets) == len(grids) + 1 and offsets[0] == 0 and (grids > 0).all()
+            and np.array_equal(np.diff(offsets), grids[:, 0] * grids[:, 1]))
+
+
+def _stat_signature(path: Path) -> tuple:
+    """What changes when a file is rewritten or altered in place (a check is kept per signature)."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class _KindWriter:
+    """Writes one kind's rows and their per-image CRCs, and commits the count of images on disk."""
+
+    def __init__(self, folder: Path, kind: str, dim: int, grids: np.ndarray, offsets: np.ndarray, fresh: bool):
+        self.folder, self.kind = folder, kind
+        self.starts = np.arange(len(grids) + 1) if _per_image(kind) else offsets
+        self.rows = NpyWriter(folder / f"{kind}.npy", np.float16, (int(self.starts[-1]), dim), fresh)
+        try:
+            self.crcs = open_reserved(folder / f"{kind}.crc32", len(grids) * 4, fresh)
+        except BaseException:
+            self.rows.close()
+            raise
+
+    def write(self, indices: list[int], rows: np.ndarray) -> None:
+        lo = int(self.starts[indices[0]])
+        self.rows.write(lo, rows)
+        crcs = [crc32(rows[self.starts[i] - lo:self.starts[i + 1] - lo]) for i in indices]
+        os.pwrite(self.crcs, np.asarray(crcs, dtype="<u4").tobytes(), 4 * indices[0])
+
+    def commit(self, done: int) -> None:
+        self.rows.sync()
+        os.fdatasync(self.crcs)
+        write_checked_json(self.folder / f"{self.kind}.progress.json", {"done": done})
+
+    def signature(self) -> tuple:
+        data = self.folder / f"{self.kind}.npy"
+        return str(data), _stat_signature(data), _stat_signature(self.folder / f"{self.kind}.crc32")
+
+    def close(self) -> None:
+        self.rows.close()
+        os.close(self.crcs)
 
 
 class LabelStore:
@@ -268,54 +403,105 @@ def _label_file_stamp(dataset: SegDataset) -> str:
 
 class LabelCache:
     """Labels decoded once per (dataset, reader options, protocol, patch multiple) and kept as one int16
-    memory map, so the cells of a sweep (every backbone of that patch size, task, K and seed) read them
-    instead of decoding and resizing every label file again. Written whole, then published by rename."""
+    array, so the cells of a sweep (every backbone of that patch size, task, K and seed) read them instead
+    of decoding and resizing every label file again. Written whole, then published by rename; ``labels.json``
+    (with its own checksum) holds the layout and a CRC-32 of each image's labels, checked once per process.
+    A damaged entry is decoded again, with one warning naming it."""
 
     def __init__(self, root: Path):
         self.root = root
+        self._verified: set[tuple] = set()  # signatures of label files checked in this process
 
     def ensure(self, dataset: SegDataset, protocol: Protocol, multiple: int,
                progress: Callable = lambda it, **_: it) -> LabelStore:
         key = FeatureCache._key("labels", f"multiple={multiple}", dataset, protocol,
                                 {**dataset.options, **dataset.identity, "label_files": _label_file_stamp(dataset)})
         folder = self.root / f"{dataset.name}-{dataset.split}" / key.digest()
-        meta = folder / "labels.json"
-        if not meta.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            with file_lock(folder / ".lock"):  # another process may have written it meanwhile
-                if not meta.exists():
-                    self._decode(folder, key, dataset, protocol, multiple, progress)
-        info = json.loads(meta.read_text())
-        return LabelStore(np.load(folder / "labels.npy", mmap_mode="r"), np.array(info["offsets"], dtype=np.int64),
-                          np.array(info["shapes"], dtype=np.int64).reshape(-1, 2))
+        try:
+            labels = self._open(folder, dataset)
+            if labels is None:
+                folder.mkdir(parents=True, exist_ok=True)
+                with file_lock(folder / ".lock"):  # another process may have written (or repaired) it meanwhile
+                    labels = self._open(folder, dataset, repair=True)
+                    if labels is None:
+                        self._decode(folder, key, dataset, protocol, multiple, progress)
+                        labels = self._open(folder, dataset)
+        except OSError as err:
+            raise disk_error(err, folder, f"the labels of {dataset.name}/{dataset.split}",
+                             "pass --cache with a writable folder that has room") from None
+        return labels
+
+    def _open(self, folder: Path, dataset: SegDataset, repair: bool = False) -> LabelStore | None:
+        """The entry checked (sizes always, CRCs once per file version), or None when absent or, with
+        ``repair``, damaged (its files are then removed, with a warning, to be decoded again)."""
+        meta, data = folder / "labels.json", folder / "labels.npy"
+        try:
+            info = read_checked_json(meta)
+            shapes = np.array(info["shapes"], dtype=np.int64).reshape(-1, 2)
+            offsets = np.array(info["offsets"], dtype=np.int64)
+            if info["ids"] != dataset.ids or not _layout_is_consistent(shapes, offsets) \
+                    or len(info["crc32"]) != len(shapes):
+                raise Damaged(f"{meta} describes other images")
+            flat = open_npy(data, np.int16, (int(offsets[-1]),))
+            signature = (str(data), _stat_signature(data), _stat_signature(meta))
+            if signature not in self._verified:
+                bad = next((i for i in range(len(shapes))
+                            if crc32(flat[offsets[i]:offsets[i + 1]]) != info["crc32"][i]), None)
+                if bad is not None:
+                    raise Damaged(f"the labels of image {bad} do not match their checksum")
+                self._verified.add(signature)
+            return LabelStore(flat, offsets, shapes)
+        except FileNotFoundError:
+            return None
+        except (Damaged, TypeError, KeyError, ValueError) as err:
+            problem = err if isinstance(err, Damaged) else f"{meta} is not as written"
+            if not repair:
+                return None
+            FeatureCache._damaged(folder, str(problem), "decoding the labels again")
+            meta.unlink(missing_ok=True)
+            data.unlink(missing_ok=True)
+            return None
 
     @staticmethod
     def _decode(folder: Path, key: CacheKey, dataset: SegDataset, protocol: Protocol, multiple: int,
                 progress: Callable) -> None:
         shapes, offsets = _layout(dataset, protocol, multiple, cell=1)
         tmp = folder / f"labels.{os.getpid()}.tmp.npy"
-        flat = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(int(offsets[-1]),))
-        for i in progress(range(len(dataset)), desc=f"decode labels of {dataset.name}/{dataset.split}",
-                          total=len(dataset)):
-            raw = dataset.load_label(i)
-            width, height = dataset.image_size(i)
-            if raw.shape[:2] != (height, width):  # resizing both apart would pair the wrong pixels, silently
-                raise UserError(f"{dataset.name}/{dataset.split} {dataset.ids[i]}: the label is {raw.shape[1]}x"
-                                f"{raw.shape[0]} but its image is {width}x{height} -- fix or remove that pair")
-            label = protocol.apply_label(raw, multiple)
-            if label.shape != tuple(shapes[i]):
-                raise UserError(f"{dataset.name}/{dataset.split} {dataset.ids[i]}: the label is not the size of "
-                                f"its image (gives {label.shape} at protocol resolution, not {tuple(shapes[i])}) "
-                                f"-- fix or remove that pair")
-            if label.size and (label.min() < -1 or label.max() > np.iinfo(np.int16).max):
-                raise UserError(f"{dataset.name}/{dataset.split} {dataset.ids[i]}: class ids outside -1..32767 "
-                                f"-- the reader must map raw values to class ids")
-            flat[offsets[i]:offsets[i + 1]] = label.ravel()
-        flat.flush()
-        del flat
-        os.replace(tmp, folder / "labels.npy")
-        _write_json_atomic(folder / "labels.json", {"key": key.__dict__, "ids": dataset.ids,
+        crcs = []
+        try:
+            flat = NpyWriter(tmp, np.int16, (int(offsets[-1]),), fresh=True)
+            try:
+                for i in progress(range(len(dataset)), desc=f"decode labels of {dataset.name}/{dataset.split}",
+                                  total=len(dataset)):
+                    label = _checked_label(dataset, protocol, multiple, i, tuple(shapes[i])).astype(np.int16).ravel()
+                    flat.write(int(offsets[i]), label)
+                    crcs.append(crc32(label))
+                flat.sync()
+            finally:
+                flat.close()
+            os.replace(tmp, folder / "labels.npy")
+        finally:
+            tmp.unlink(missing_ok=True)
+        write_checked_json(folder / "labels.json", {"key": key.__dict__, "ids": dataset.ids, "crc32": crcs,
                                                     "shapes": shapes.tolist(), "offsets": offsets.tolist()})
+
+
+def _checked_label(dataset: SegDataset, protocol: Protocol, multiple: int, i: int, shape: tuple) -> np.ndarray:
+    """Label ``i`` at protocol resolution, refused in one line when it cannot be paired with its image."""
+    raw = dataset.load_label(i)
+    width, height = dataset.image_size(i)
+    if raw.shape[:2] != (height, width):  # resizing both apart would pair the wrong pixels, silently
+        raise UserError(f"{dataset.name}/{dataset.split} {dataset.ids[i]}: the label is {raw.shape[1]}x"
+                        f"{raw.shape[0]} but its image is {width}x{height} -- fix or remove that pair")
+    label = protocol.apply_label(raw, multiple)
+    if label.shape != shape:
+        raise UserError(f"{dataset.name}/{dataset.split} {dataset.ids[i]}: the label is not the size of "
+                        f"its image (gives {label.shape} at protocol resolution, not {shape}) "
+                        f"-- fix or remove that pair")
+    if label.size and (label.min() < -1 or label.max() > np.iinfo(np.int16).max):
+        raise UserError(f"{dataset.name}/{dataset.split} {dataset.ids[i]}: class ids outside -1..32767 "
+                        f"-- the reader must map raw values to class ids")
+    return label
 
 
 def features_of(backbone: Backbone, dataset: SegDataset, protocol: Protocol, kinds: Iterable[str],

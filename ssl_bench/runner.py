@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import pickle
 import platform
 import subprocess
 import time
@@ -29,9 +28,10 @@ from .data.base import SegDataset
 from .data.protocol import SCORING_FIELDS, Protocol
 from .errors import UserError
 from .features import FeatureCache, FeatureStore, LabelStore
+from .integrity import Damaged, load_value, save_value
 from .metrics import StreamingConfusion
 from .models import Backbone, WeightsSource, build_backbone, resolve
-from .store import ResultStore, RunRecord, config_hash, file_lock, write_atomically
+from .store import ResultStore, RunRecord, config_hash, file_lock
 
 FINAL = "final"
 
@@ -157,7 +157,10 @@ class TaskContext:
         computed once per (cached features of ``split``, seed, device, ``identity``, the method's source and version)
         and kept beside those features, so the cells of a sweep that differ only in K share it (a cell that
         finds another computing it waits for it). ``identity`` names every parameter and model it depends on
-        beyond the features. ``--force`` computes it again; an unreadable copy is computed again."""
+        beyond the features. ``--force`` computes it again; a damaged copy is computed again, with a warning.
+
+        The value is kept with ``integrity.save_value`` (never pickled: nothing read back from a cache can run
+        code): nested dicts, lists and tuples of numbers, text, None and numeric numpy arrays or tensors."""
         dataset = self.dataset_for(split)
         entry = self._runner.cache.entry_dir(self._runner.cache.key(
             self._run.spec.name, self._run.weights.identity, dataset, self.protocol))
@@ -166,23 +169,25 @@ class TaskContext:
         digest = config_hash({"task": task.entrypoint, "code": _module_digest(*entrypoints), "version": task.version,
                               "stage_versions": self._run.config.get("stage_versions", {}),
                               "name": name, "seed": self.seed, "device": str(self.device), "identity": identity})
-        path = entry / "reuse" / f"{name}-{digest}.pkl"
+        path = entry / "reuse" / f"{name}-{digest}.npz"
         with contextlib.ExitStack() as guard:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 guard.enter_context(file_lock(path.with_suffix(".lock")))  # Ray starts a split's K cells at once
             except OSError as err:  # e.g. a shared read-only cache: this cell computes it for itself
+                if not self.fresh and path.exists():  # ... or reads what another machine kept there
+                    with contextlib.suppress(Damaged):
+                        return load_value(path)
                 warnings.warn(f"cannot keep {name} in {path.parent} ({err}); computing it for this cell", stacklevel=2)
                 return compute()
             if path.exists() and not self.fresh:
                 try:
-                    with open(path, "rb") as f:
-                        return pickle.load(f)
-                except Exception as err:  # noqa: BLE001 -- a damaged copy costs a recomputation, nothing more
-                    warnings.warn(f"{path} is unreadable ({err}); computing it again", stacklevel=2)
+                    return load_value(path)
+                except Damaged as err:  # a damaged copy costs a recomputation, nothing more
+                    warnings.warn(f"{err}: computing {name} again", stacklevel=2)
             value = compute()
             try:
-                write_atomically(path, lambda f: pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL))
+                save_value(path, value)
             except OSError as err:  # a full or read-only cache costs the reuse, not the computed cell
                 warnings.warn(f"could not keep {name} for other cells in {path.parent} ({err})", stacklevel=2)
         return value

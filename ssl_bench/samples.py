@@ -5,12 +5,14 @@ images of a video dataset such as CamVid are near-identical frames), maps their 
 with the run's own matching (``metrics[...]["cluster_to_class"]``, so colours match the ground truth)
 and writes them next to the store::
 
-    <store folder>/samples/<config_hash>.npz      indices (int32), prediction (int16, -1 = unlabelled)
-    <store folder>/samples/view-<key>.npz         indices, image (uint8 RGB), label (int16, -1 = ignore),
+    <store folder>/samples/<config_hash>.npz      indices, view (its key), predictions (int16, -1 = unlabelled)
+    <store folder>/samples/view-<key>.npz         indices, images (uint8 RGB), labels (int16, -1 = ignore),
                                                   palette (uint8 C x 3), class_names (the dataset's, as opened)
 
 Images and ground truth depend only on the data, the protocol and the patch multiple of its crop, so
-every run on the same images shares one ``view-`` file. Files are written atomically (temporary file + rename).
+every run on the same images shares one ``view-`` file. Each file is an ``integrity.save_value`` value (plain
+arrays and a JSON skeleton with a checksum, written atomically): a report never unpickles anything from a
+store folder someone sent, and a damaged file costs its panel, with a warning.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from .data.protocol import SCORING_FIELDS
-from .store import config_hash, write_atomically
+from .integrity import Damaged, load_value, save_value
+from .store import config_hash
 
 SAMPLES_PER_RUN = 4
 
@@ -53,10 +56,6 @@ def map_clusters(prediction: np.ndarray, cluster_to_class: list[int]) -> np.ndar
     return mapping[ids].astype(np.int16)
 
 
-def _write_npz(path: Path, **arrays) -> None:
-    write_atomically(path, lambda f: np.savez_compressed(f, **arrays))
-
-
 def save(store_path: str | Path, config_hash: str, config: dict, multiple: int, indices: list[int],
          images: list[np.ndarray], labels: list[np.ndarray], predictions: list[np.ndarray],
          cluster_to_class: list[int], palette: np.ndarray | None, class_names: list[str]) -> Path:
@@ -64,22 +63,16 @@ def save(store_path: str | Path, config_hash: str, config: dict, multiple: int, 
     folder = samples_dir(store_path)
     key = view_key(config, indices, multiple)
     view = folder / f"view-{key}.npz"
+    indices = [int(i) for i in indices]
     if not view.exists():
-        _write_npz(view, indices=np.asarray(indices, np.int32), image=_stack(images, np.uint8),
-                   label=_stack(labels, np.int16), class_names=np.asarray(list(class_names), dtype=str),
-                 palette=np.asarray(palette if palette is not None else np.zeros((0, 3)), dtype=np.uint8))
+        save_value(view, {"indices": indices, "images": [np.asarray(a, np.uint8) for a in images],
+                          "labels": [np.asarray(a).astype(np.int16) for a in labels],
+                          "class_names": [str(n) for n in class_names],
+                          "palette": np.asarray(palette if palette is not None else np.zeros((0, 3)), dtype=np.uint8)})
     path = folder / f"{config_hash}.npz"
-    _write_npz(path, indices=np.asarray(indices, np.int32), view=np.asarray(key),
-               prediction=_stack([map_clusters(p, cluster_to_class) for p in predictions], np.int16))
+    save_value(path, {"indices": indices, "view": key,
+                      "predictions": [map_clusters(p, cluster_to_class) for p in predictions]})
     return path
-
-
-def _stack(arrays: list[np.ndarray], dtype) -> np.ndarray:
-    """One object array of per-image arrays (images of a split may differ in size)."""
-    out = np.empty(len(arrays), dtype=object)
-    for i, a in enumerate(arrays):
-        out[i] = np.asarray(a).astype(dtype)
-    return out
 
 
 @dataclass
@@ -105,20 +98,39 @@ def load(store_path: str | Path, config_hash: str) -> RunSamples | None:
         return None
     try:
         return _read(folder, path)
-    except Exception as err:  # noqa: BLE001 -- a damaged file (any decoding error) costs its panel only
+    except (Damaged, OSError) as err:  # a damaged or foreign file costs its panel only
         warnings.warn(f"samples of run {config_hash} in {path} are unreadable ({err}); rerun with --force")
         return None
 
 
 def _read(folder: Path, path: Path) -> RunSamples | None:
-    with np.load(path, allow_pickle=True) as run:
-        view_path = folder / f"view-{run['view'].item()}.npz"
-        if not view_path.exists():
-            return None
-        with np.load(view_path, allow_pickle=True) as view:
-            kept = RunSamples([int(i) for i in run["indices"]], list(view["image"]), list(view["label"]),
-                              list(run["prediction"]), view["palette"], [str(n) for n in view["class_names"]])
-    if any(p.shape != label.shape for p, label in zip(kept.predictions, kept.labels)):
-        raise ValueError("its images are another crop (kept before views were told apart by patch size)")
+    run = load_value(path)
+    if not (isinstance(run, dict) and isinstance(run.get("view"), str) and run["view"].isalnum()):
+        raise Damaged(f"{path} is not a run's samples")
+    view_path = folder / f"view-{run['view']}.npz"
+    if not view_path.exists():
+        return None
+    view = load_value(view_path)
+    try:
+        kept = RunSamples([int(i) for i in run["indices"]], list(view["images"]), list(view["labels"]),
+                          list(run["predictions"]), view["palette"], [str(n) for n in view["class_names"]])
+    except (KeyError, TypeError, ValueError):
+        raise Damaged(f"{path} or {view_path} is not a run's samples") from None
+    _check_shapes(kept, path)
     return kept
 
+
+def _check_shapes(kept: RunSamples, path: Path) -> None:
+    """What the panels draw: one (H, W, 3) uint8 image, (H, W) int16 label and prediction per index."""
+    n = len(kept.indices)
+    if not (len(kept.images) == len(kept.labels) == len(kept.predictions) == n and isinstance(kept.palette, np.ndarray)
+            and kept.palette.dtype == np.uint8 and kept.palette.ndim == 2 and kept.palette.shape[1] == 3):
+        raise Damaged(f"{path}: its samples do not fit together")
+    for image, label, pred in zip(kept.images, kept.labels, kept.predictions):
+        if not all(isinstance(a, np.ndarray) for a in (image, label, pred)) or image.dtype != np.uint8 \
+                or image.ndim != 3 or image.shape[2] != 3 or label.dtype != np.int16 or pred.dtype != np.int16:
+            raise Damaged(f"{path}: its samples are not images and label maps")
+        if label.shape != image.shape[:2]:
+            raise Damaged(f"{path}: a label is not the size of its image")
+        if pred.shape != label.shape:
+            raise Damaged("its images are another crop (kept before views were told apart by patch size)")

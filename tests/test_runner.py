@@ -139,9 +139,9 @@ def test_datus2_cells_that_differ_in_k_share_their_segments(runner, monkeypatch)
     assert len(discovered) == 9 and other["config_hash"] != first["config_hash"]
     again = runner.run(cfg, force=True).record  # --force recomputes the kept segments too, to the same numbers
     assert again["metrics"] == first["metrics"] and len(discovered) == 12
-    for kept in next(runner.cache.root.rglob("reuse")).glob("*.pkl"):
+    for kept in next(runner.cache.root.rglob("reuse")).glob("*.npz"):
         kept.write_bytes(b"damaged")  # an unreadable copy is computed again
-    with pytest.warns(UserWarning, match="unreadable"):
+    with pytest.warns(UserWarning, match="is not a kept value .*: computing datus2-segments-val again"):
         runner.run(dataclasses.replace(cfg, k=7))
     assert len(discovered) == 15
     with pytest.raises(UserError, match="K=10 clusters need at least 10 valid segments, split 'val' has 9"):
@@ -171,7 +171,7 @@ def test_reuse_computes_once_for_cells_running_at_once_and_survives_a_full_disk(
     def full(path, dump):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(runner_module, "write_atomically", full)
+    monkeypatch.setattr(runner_module, "save_value", full)
     with pytest.warns(UserWarning, match="could not keep probe"):
         assert contexts[0].reuse("probe", {"a": 2}, slow)["x"].tolist() == [0, 1, 2]  # the value, all the same
     monkeypatch.setattr(runner_module, "file_lock", lambda path: open("/proc/no-such-lock", "a"))  # read-only cache
