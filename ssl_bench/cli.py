@@ -525,7 +525,7 @@ def report(
     if not path.exists():  # opening would create an empty store and report "no runs" for a mistyped path
         raise UserError(f"no results store at {path} -- run ssl-bench run or ssl-bench sweep first, "
                         f"or pass --store with the file they wrote")
-    results = ResultStore(path)
+    results = ResultStore(path, read_only=True)  # a report writes nothing beside the store
     records = results.query()
     if task and task not in {r["task"] for r in records}:
         raise UserError(f"no stored run of task '{task}' -- stored tasks: "

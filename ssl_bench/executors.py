@@ -38,7 +38,11 @@ def _store_record(runner: Runner, cell: Cell, computed: Computed, summary: Sweep
                   on_cell: CellCallback) -> None:
     if _stored_meanwhile(runner, cell, summary, on_cell):
         return
-    runner.persist(computed)  # INSERT OR IGNORE on a UNIQUE hash: a racing duplicate is dropped
+    try:
+        runner.persist(computed)  # INSERT OR IGNORE on a UNIQUE hash: a racing duplicate is dropped
+    except UserError as err:  # a full disk or a read-only store: this cell fails, the sweep goes on
+        _fail(cell, err, summary, on_cell)
+        return
     summary.computed += 1
     on_cell(cell, "computed")
 

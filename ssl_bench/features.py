@@ -227,9 +227,10 @@ class FeatureCache:
         except FileNotFoundError:
             pass
         except (Damaged, TypeError, KeyError, ValueError) as err:
+            problem = str(err) if isinstance(err, Damaged) else f"{meta_path} is not as written"
+            _refuse_if_read_only(folder, problem)
             with file_lock(folder / ".lock"):
-                self._damaged(folder, f"{err if isinstance(err, Damaged) else f'{meta_path} is not as written'}",
-                              "extracting the whole entry again")
+                _warn_damaged(folder, problem, "extracting the whole entry again")
                 for name in folder.iterdir():  # every kind was laid out by that metadata
                     if name.suffix in (".npy", ".crc32") or name.name.endswith(".progress.json"):
                         name.unlink()
@@ -238,24 +239,17 @@ class FeatureCache:
                                        "grids": grids.tolist(), "offsets": offsets.tolist()})
         return grids, offsets
 
-    @staticmethod
-    def _damaged(folder: Path, problem: str, action: str) -> None:
-        """Before repairing ``folder``: one warning, or, where it cannot be written, one line naming it."""
-        if not os.access(folder, os.W_OK):
-            raise UserError(f"the feature cache entry {folder} is damaged ({problem}) and cannot be rewritten "
-                            f"here -- delete that folder, or pass --cache with a writable folder")
-        warnings.warn(f"feature cache entry {folder} is damaged ({problem}); {action}", stacklevel=4)
-
     def _check_kind(self, folder: Path, kind: str, grids: np.ndarray, offsets: np.ndarray) -> None:
         """Check a kind's committed images; from the first that fails, they are extracted again."""
         good, problem = self._verify(folder, kind, grids, offsets)
         if problem is None:
             return
+        _refuse_if_read_only(folder, problem)
         with file_lock(folder / ".lock"):  # another process may be repairing it too
             good, problem = self._verify(folder, kind, grids, offsets)
             if problem is None:
                 return
-            self._damaged(folder, problem, f"extracting {kind} again from image {good}")
+            _warn_damaged(folder, problem, f"extracting {kind} again from image {good}")
             if good == 0:
                 for pattern in KIND_FILES:
                     (folder / pattern.format(kind=kind)).unlink(missing_ok=True)
@@ -325,6 +319,17 @@ class FeatureCache:
         if _per_image(kind):
             offsets = np.arange(len(grids) + 1)
         return FeatureStore(kind, flat, offsets, grids)
+
+
+def _refuse_if_read_only(folder: Path, problem: str) -> None:
+    """A damaged entry that cannot be rewritten here (a read-only cache) is one line naming the folder to delete."""
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"the cache entry {folder} is damaged ({problem}) and cannot be rewritten here -- delete "
+                        f"that folder, or pass --cache with a writable folder")
+
+
+def _warn_damaged(folder: Path, problem: str, action: str) -> None:
+    warnings.warn(f"cache entry {folder} is damaged ({problem}); {action}", stacklevel=5)
 
 
 def _rows_shape(kind: str, grids: np.ndarray, offsets: np.ndarray) -> tuple[int, None]:
@@ -418,22 +423,28 @@ class LabelCache:
                                 {**dataset.options, **dataset.identity, "label_files": _label_file_stamp(dataset)})
         folder = self.root / f"{dataset.name}-{dataset.split}" / key.digest()
         try:
-            labels = self._open(folder, dataset)
+            labels, problem = self._open(folder, dataset)
             if labels is None:
+                if problem:
+                    _refuse_if_read_only(folder, problem)
                 folder.mkdir(parents=True, exist_ok=True)
                 with file_lock(folder / ".lock"):  # another process may have written (or repaired) it meanwhile
-                    labels = self._open(folder, dataset, repair=True)
+                    labels, problem = self._open(folder, dataset)
                     if labels is None:
+                        if problem:
+                            _warn_damaged(folder, problem, "decoding the labels again")
+                            for name in ("labels.json", "labels.npy"):
+                                (folder / name).unlink(missing_ok=True)
                         self._decode(folder, key, dataset, protocol, multiple, progress)
-                        labels = self._open(folder, dataset)
+                        labels, _ = self._open(folder, dataset)
         except OSError as err:
             raise disk_error(err, folder, f"the labels of {dataset.name}/{dataset.split}",
                              "pass --cache with a writable folder that has room") from None
         return labels
 
-    def _open(self, folder: Path, dataset: SegDataset, repair: bool = False) -> LabelStore | None:
-        """The entry checked (sizes always, CRCs once per file version), or None when absent or, with
-        ``repair``, damaged (its files are then removed, with a warning, to be decoded again)."""
+    def _open(self, folder: Path, dataset: SegDataset) -> tuple[LabelStore | None, str | None]:
+        """(the entry, checked: sizes always, CRCs once per file version; None when absent or damaged, and
+        then what is wrong with it)."""
         meta, data = folder / "labels.json", folder / "labels.npy"
         try:
             info = read_checked_json(meta)
@@ -450,17 +461,11 @@ class LabelCache:
                 if bad is not None:
                     raise Damaged(f"the labels of image {bad} do not match their checksum")
                 self._verified.add(signature)
-            return LabelStore(flat, offsets, shapes)
+            return LabelStore(flat, offsets, shapes), None
         except FileNotFoundError:
-            return None
+            return None, None
         except (Damaged, TypeError, KeyError, ValueError) as err:
-            problem = err if isinstance(err, Damaged) else f"{meta} is not as written"
-            if not repair:
-                return None
-            FeatureCache._damaged(folder, str(problem), "decoding the labels again")
-            meta.unlink(missing_ok=True)
-            data.unlink(missing_ok=True)
-            return None
+            return None, str(err) if isinstance(err, Damaged) else f"{meta} is not as written"
 
     @staticmethod
     def _decode(folder: Path, key: CacheKey, dataset: SegDataset, protocol: Protocol, multiple: int,

@@ -279,9 +279,11 @@ def open_reserved(path: Path, size: int, fresh: bool) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         reserve(fd, size)
-    except BaseException:
+    except BaseException as err:
         os.close(fd)
         path.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in NO_SPACE:
+            raise OSError(err.errno, f"{err.strerror}; {size / 2**20:.1f} MiB needed for {path.name}") from None
         raise
     return fd
 
@@ -298,11 +300,10 @@ def reserve(fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
 
-def disk_error(err: OSError, where: Path, what: str, fix: str, needed: int | None = None) -> Exception:
+def disk_error(err: OSError, where: Path, what: str, fix: str) -> Exception:
     """One line for a write that failed for lack of space or permission; other errors are returned as they are."""
     if err.errno in NO_SPACE:
-        need = f"; {needed / 2**20:.1f} MiB needed" if needed else ""
-        return UserError(f"no space left on the disk of {where} for {what} ({err.strerror}{need}) -- free space "
+        return UserError(f"no space left on the disk of {where} for {what} ({err.strerror}) -- free space "
                          f"there, or {fix}")
     if err.errno in NOT_WRITABLE:
         return UserError(f"{where} is not writable ({err.strerror}) and {what} must be written there -- {fix}")

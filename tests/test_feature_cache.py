@@ -184,3 +184,43 @@ def test_a_corrected_label_file_is_decoded_again(tmp_path):
     Image.fromarray(np.ones((32, 32), np.uint8)).save(root / "masks" / "x.png")  # the annotation is fixed
     os.utime(root / "masks" / "x.png", ns=(1, 1))  # even a file with an older time stamp
     assert (cache.labels.ensure(open_dataset("folder", root, "val"), protocol, 16)[0] == 1).all()
+
+
+def _damage(path, how: str) -> None:
+    """Damage a cache file as a full disk, a killed copy or a bad sector would: cut it in half, empty it, or
+    replace bytes in the middle of its data with finite garbage of the same type."""
+    raw = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(raw[:len(raw) // 2])
+    elif how == "emptied":
+        path.write_bytes(b"")
+    elif path.suffix == ".json":  # a digit changed: still valid JSON, other numbers
+        digit = next(i for i in range(len(raw) // 2, len(raw)) if raw[i:i + 1].isdigit())
+        path.write_bytes(raw[:digit] + bytes([ord("0") + (raw[digit] - ord("0") + 3) % 10]) + raw[digit + 1:])
+    else:  # finite values in the middle of the data: a float16 0.5 ... or class 1 (int16)
+        middle = len(raw) * 3 // 4 // 2 * 2
+        path.write_bytes(raw[:middle] + b"\x00\x38\x01\x00" * 4 + raw[middle + 16:])
+
+
+@pytest.mark.parametrize("name", ["meta.json", "patch.npy", "patch.crc32", "patch.progress.json", "labels.npy",
+                                  "labels.json"])
+def test_a_damaged_cache_file_is_recomputed_with_one_warning_never_used(runner, name):
+    import warnings
+
+    from ssl_bench.runner import RunConfig
+
+    cfg = RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=(("n", 4),),
+                    protocol=Protocol(resize=64))
+    first = runner.run(cfg).record
+    path = next(runner.cache.root.rglob(name))
+    for how in ("truncated", "emptied", "garbage"):
+        _damage(path, how)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            again = runner.run(cfg, force=True).record  # the same configuration hash: it must get the same numbers
+        assert again["metrics"] == first["metrics"], (name, how)
+        said = [str(w.message) for w in caught]
+        assert len(said) == 1 and f"cache entry {path.parent} is damaged" in said[0], (how, said)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # repaired: no more warnings
+            assert runner.run(cfg, force=True).record["metrics"] == first["metrics"]
