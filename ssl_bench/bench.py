@@ -22,7 +22,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 
 from . import registry
 from .data import open_dataset
@@ -279,7 +278,7 @@ def _as_declared(function: Callable, kwargs: dict) -> dict:
     for key, value in kwargs.items():
         if isinstance(params[key].default, tuple):  # "25,50" (a string to YAML), [25, 50] or 101
             if isinstance(value, str):
-                value = tuple(yaml.safe_load(v) for v in value.split(","))
+                value = tuple(registry.parse_yaml_value(v) for v in value.split(","))
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         default = params[key].default
         numbers = default if isinstance(default, tuple) else (default,)

@@ -38,9 +38,9 @@ def parse_pairs(pairs: Iterable[str], what: str) -> tuple:
         if not sep or not key:
             raise UserError(f"{what} '{pair}' is not key=value -- e.g. {what} {EXAMPLE_PAIRS.get(what, 'key=1')}")
         try:
-            parsed[key.replace("-", "_")] = yaml.safe_load(value)
+            parsed[key.replace("-", "_")] = registry.parse_yaml_value(value)
         except yaml.YAMLError as err:
-            raise UserError(f"{what} {pair!r}: the value is not valid YAML ({str(err).splitlines()[0]}) -- e.g. "
+            raise UserError(f"{what} {registry.brief(pair)}: the value is not valid YAML ({str(err).splitlines()[0]}) -- e.g. "
                             f"{what} {key}=5, {key}=true, {key}=[1, 2] or {key}='{{a: 1}}'") from None
     return tuple(sorted(parsed.items()))
 
@@ -594,6 +594,12 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def _out_of_memory(err: RuntimeError) -> bool:
+    """torch's allocators raise RuntimeError (CUDA: its subclass OutOfMemoryError), not MemoryError."""
+    text = str(err).lower()
+    return "out of memory" in text or "not enough memory" in text
+
+
 def main() -> None:
     interrupted = []
 
@@ -607,6 +613,13 @@ def main() -> None:
         app()
     except UserError as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line, never wrapped
+        raise SystemExit(2)
+    except (MemoryError, RuntimeError) as err:  # past the checks of resources.py: still one line, and what to change
+        if isinstance(err, RuntimeError) and not _out_of_memory(err):
+            raise
+        console.print("[bold red]error:[/] out of memory -- a size (--resize, K, an image count, a batch or size "
+                      "parameter of the task) needs more memory than this machine has; use a smaller one",
+                      highlight=False, soft_wrap=True)
         raise SystemExit(2)
     except (KeyboardInterrupt, SystemExit) as stop:
         if not interrupted and not isinstance(stop, KeyboardInterrupt):

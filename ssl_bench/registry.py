@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import reprlib
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -214,6 +215,20 @@ def _dotted_hint(key: str, spec: TaskSpec) -> str:
     return ""
 
 
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother = 3, 6, 6, 6, 60, 60
+
+
+def brief(value) -> str:
+    """``repr(value)`` cut to a line: an error message quotes what the user gave, never all of a huge value."""
+    return _BRIEF.repr(value)
+
+
+def is_scalar(value) -> bool:
+    """A value one setting can take: text, a number, true/false or null (not a list or a mapping)."""
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
 def is_number(value) -> bool:
     """An int or float (YAML's true/false are bools, which Python counts as ints)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -238,11 +253,47 @@ def check_like_default(what: str, key: str, value, default, flag: str, counts_fr
         return
     if not ok:
         example = f"{flag} {key}={str(default).lower() if isinstance(default, bool) else default}".strip()
-        raise UserError(f"{what} {key}={value!r} must be {wanted} -- e.g. {example}")
+        raise UserError(f"{what} {key}={brief(value)} must be {wanted} -- e.g. {example}")
+
+
+MAX_YAML_VALUES = 100_000  # values a document may expand to (aliases counted as what they repeat)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice in one mapping is an error (YAML keeps the last)."""
+    """yaml.safe_load, except that a key given twice in one mapping is an error (YAML keeps the last), and a
+    document whose aliases expand to more than ``MAX_YAML_VALUES`` values (an "alias bomb": a few lines that
+    stand for billions of entries, which any message quoting them would spell out) is refused."""
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return self.construct_document(node)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Count the values ``root`` expands to, each node once (aliases share their node), without recursion."""
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = [] if isinstance(node, yaml.ScalarNode) else \
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else list(node.value)
+        if children_done:
+            size[id(node)] = 1 + sum(size.get(id(c), MAX_YAML_VALUES + 1) for c in children)  # absent: a cycle
+            if size[id(node)] > MAX_YAML_VALUES:
+                raise yaml.YAMLError(f"the document expands to more than {MAX_YAML_VALUES:,} values (aliases "
+                                     f"repeating aliases, line {node.start_mark.line + 1}) -- write the values out")
+        elif id(node) not in size:
+            size[id(node)] = MAX_YAML_VALUES + 1  # until counted: a node met again inside itself is a cycle
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in size)
+
+
+def parse_yaml_value(text: str):
+    """One value of a command-line ``key=value`` (YAML: numbers, booleans, lists ...), safely and boundedly."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def _mapping_without_repeats(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:

@@ -23,15 +23,16 @@ import numpy as np
 import torch
 
 from . import __version__, registry, samples
-from .data import open_dataset
+from .data import check_option_values, open_dataset
 from .data.base import SegDataset
 from .data.protocol import SCORING_FIELDS, Protocol
 from .errors import UserError
 from .features import FeatureCache, FeatureStore, LabelStore
 from .integrity import Damaged, load_value, save_value
 from .metrics import StreamingConfusion
+from .resources import check_clusters, check_extraction
 from .models import Backbone, WeightsSource, build_backbone, resolve
-from .store import ResultStore, RunRecord, config_hash, file_lock
+from .store import MAX_INTEGER, ResultStore, RunRecord, config_hash, file_lock
 
 FINAL = "final"
 
@@ -319,6 +320,7 @@ class Runner:
     def open_dataset(self, name: str, root: str | None, split: str | None, options: dict) -> SegDataset:
         """``data.open_dataset``, once per (name, root, split, options): a sweep resolves many cells of one
         dataset, and opening one indexes its folders."""
+        check_option_values(name, options)  # a list as a value would be a TypeError in the key below
         key = (name, root, split, tuple(sorted(options.items())))
         if key not in self._datasets:  # split None: the default split, kept under its name as well
             dataset = open_dataset(name, root, split, **options)
@@ -344,8 +346,8 @@ class Runner:
         split = probe.split
         weights_seed = cfg.weights_seed
         for name, value, example in (("seed", cfg.seed, "--seed 0"), ("weights seed", weights_seed, "weights_seed: 0")):
-            if value < 0:  # numpy's generators take no negative seed: fail here, not mid-task
-                raise UserError(f"the {name} must be 0 or more, got {value} -- e.g. {example}")
+            if not 0 <= value <= MAX_INTEGER:  # numpy takes no negative seed, the store no integer past 64 bits:
+                raise UserError(f"the {name} must be 0 to 2^63-1, got {value} -- e.g. {example}")  # fail here
         source = resolve(spec, cfg.weights, weights_seed)
         if not source.is_random:  # the seed shapes random weights only: elsewhere it must not split a run in two
             weights_seed = 0
@@ -353,6 +355,8 @@ class Runner:
         k = probe.num_classes if cfg.k is None else cfg.k
         if k < 1:
             raise UserError(f"--k must be at least 1, got {k}")
+        check_clusters(k, spec.embed_dim)  # sizes that cannot fit are refused now, saying what they would need
+        check_extraction(protocol.resize, spec.patch_size, spec.embed_dim)
         config = {
             "backbone": spec.name, "weights": source.identity, "random_weights": source.is_random,
             "weights_seed": weights_seed,  # random initialisation only (0 otherwise)

@@ -88,6 +88,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_cell ON runs (backbone, task, dataset, split, k, seed);
 """
 
+MAX_INTEGER = 2**63 - 1  # SQLite's INTEGER: seeds and K beyond it could not be stored
 JSON_COLUMNS = ("config", "metrics", "stats", "timings", "environment")
 COLUMNS = ("config_hash", "backbone", "weights", "random_weights", "task", "dataset", "split", "k", "seed", "miou",
            "acc", "f1", *JSON_COLUMNS)

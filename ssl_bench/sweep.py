@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import registry
+from .registry import brief
 from .data.protocol import Protocol
 from .errors import UserError
 from .features import CacheKey
 from .models.weights import is_non_learned
 from .runner import ResolvedRun, RunConfig, Runner, before_scoring_rules_hashes, earlier_version_hashes
+from .store import MAX_INTEGER
 
 GRID_KEYS = ("backbones", "tasks", "datasets", "k", "seeds", "weights", "weights_seed", "protocol")
 BACKBONE_KEYS = ("name", "weights", "weights_seed", "weights_match")
@@ -86,7 +88,7 @@ class Grid:
 def resolve_k(k: int | str, num_classes: int) -> int:
     """A K value of the grid: a number, or ``C``, ``2C``, ``3*C`` ... relative to the class count."""
     if isinstance(k, bool):
-        raise UserError(f"K value {k!r} is not a number or a multiple of C -- use C, 2C, 3C ... or a number (--k 2C)")
+        raise UserError(f"K value {brief(k)} is not a number or a multiple of C -- use C, 2C, 3C ... or a number (--k 2C)")
     if isinstance(k, int):
         if k < 1:
             raise UserError(f"K must be at least 1, got {k} -- use C, 2C, 3C ... or a number of 1 or more (--k C)")
@@ -95,10 +97,10 @@ def resolve_k(k: int | str, num_classes: int) -> int:
     if match is None:
         if str(k).strip().isdigit():
             return resolve_k(int(k), num_classes)
-        raise UserError(f"K value {k!r} is not a number or a multiple of C -- use C, 2C, 3C ... or a number (--k 2C)")
+        raise UserError(f"K value {brief(k)} is not a number or a multiple of C -- use C, 2C, 3C ... or a number (--k 2C)")
     multiple = int(match.group(1) or 1)
     if multiple < 1:
-        raise UserError(f"K value {k!r} gives K = 0 -- use C, 2C, 3C ...")
+        raise UserError(f"K value {brief(k)} gives K = 0 -- use C, 2C, 3C ...")
     return multiple * num_classes
 
 
@@ -106,7 +108,7 @@ def _pairs(mapping: Any, what: str) -> tuple:
     if mapping is None:
         return ()
     if not isinstance(mapping, dict):
-        raise UserError(f"{what} must be a mapping of key: value, got {mapping!r}")
+        raise UserError(f"{what} must be a mapping of key: value, got {brief(mapping)}")
     return tuple(sorted((str(k).replace("-", "_"), v) for k, v in mapping.items()))
 
 
@@ -147,7 +149,7 @@ def _entries(data: dict, key: str, source: str) -> list[dict]:
             out.append(item)
         else:
             raise UserError(f"{source}: each entry of '{key}' is a name or a mapping with a 'name' text, "
-                            f"got {item!r}")
+                            f"got {brief(item)}")
     return out
 
 
@@ -177,13 +179,13 @@ def _check_keys(entry: dict, allowed: tuple, where: str) -> None:
 
 def _weights(value, where: str) -> str | None:
     if value is not None and not isinstance(value, str):
-        raise UserError(f"{where}: weights must be 'random', a file or a hub name, got {value!r}")
+        raise UserError(f"{where}: weights must be 'random', a file or a hub name, got {brief(value)}")
     return value
 
 
 def _seed(value, where: str) -> int:
-    if not registry.is_whole(value) or value < 0:
-        raise UserError(f"{where} must be a whole number >= 0, got {value!r}")
+    if not registry.is_whole(value) or not 0 <= value <= MAX_INTEGER:
+        raise UserError(f"{where} must be a whole number from 0 to 2^63-1, got {brief(value)}")
     return value
 
 
@@ -204,7 +206,7 @@ def grid_from_mapping(data: dict, source: str = "grid", env: Mapping[str, str] |
         match = e.get("weights_match", "path")
         if match not in WEIGHTS_MATCH:
             raise UserError(f"{where}: weights_match must be path (whatever the file now holds) or exact (exactly "
-                            f"the file the baselines were measured on), got {match!r}")
+                            f"the file the baselines were measured on), got {brief(match)}")
         backbones.append(BackboneChoice(e["name"], _weights(e.get("weights", default), where),
                                         _seed(e.get("weights_seed", default_wseed), f"{where}: weights_seed"), match))
     tasks = []
@@ -217,7 +219,7 @@ def grid_from_mapping(data: dict, source: str = "grid", env: Mapping[str, str] |
         _check_keys(e, ("name", "data_root", "split", "options"), f"{source}: dataset {e['name']}")
         root = e.get("data_root")
         if root is not None and not isinstance(root, str):
-            raise UserError(f"{source}: dataset {e['name']}: data_root must be one folder, got {root!r}")
+            raise UserError(f"{source}: dataset {e['name']}: data_root must be one folder, got {brief(root)}")
         root = _data_root(root, env, f"{source}: dataset {e['name']}") if root else None
         datasets.append(DatasetChoice(e["name"], root, e.get("split"),
                                       _pairs(e.get("options"), f"{source}: options of dataset {e['name']}")))
@@ -233,8 +235,8 @@ def grid_from_mapping(data: dict, source: str = "grid", env: Mapping[str, str] |
         raise UserError(f"{source}: unknown protocol key(s) {', '.join(sorted(set(protocol) - set(known)))} -- "
                         f"keys: {', '.join(known)}") from None
     seeds = seeds if isinstance(seeds, list) else [seeds]
-    if not all(registry.is_whole(s) and s >= 0 for s in seeds):
-        raise UserError(f"{source}: seeds must be integers >= 0, got {seeds!r}")
+    if not all(registry.is_whole(s) and 0 <= s <= MAX_INTEGER for s in seeds):
+        raise UserError(f"{source}: seeds must be whole numbers from 0 to 2^63-1, got {brief(seeds)}")
     return Grid(backbones, tasks, datasets, ks if isinstance(ks, list) else [ks], seeds, protocol)
 
 
@@ -274,7 +276,7 @@ def grids_from_mapping(data: dict, source: str = "grid",
             raise UserError(f"{where} must be a mapping with keys {', '.join(GRID_KEYS)}, optional")
         optional = entry.get("optional", False)
         if not isinstance(optional, bool):
-            raise UserError(f"{where}: optional must be true or false, got {optional!r}")
+            raise UserError(f"{where}: optional must be true or false, got {brief(optional)}")
         body = {key: value for key, value in entry.items() if key != "optional"}
         absent = _absent_data(body, where, env) if optional else None
         if absent:  # checked all the same: a typo must not hide behind data that is absent on this machine
@@ -490,6 +492,8 @@ class SweepSummary:
 
 def one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
+    if isinstance(err, MemoryError) and not text:  # numpy and Python say nothing more
+        text = ["out of memory (a size, K or batch parameter too large for this machine)"]
     return f"{type(err).__name__}: {text[-1] if text else ''}"
 
 

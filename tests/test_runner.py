@@ -225,8 +225,9 @@ def test_dinov2_uses_322_protocol(runner):
     (dict(dataset="camvid", dataset_options=()), "needs a data root"),
     (dict(params=(("nope", 1),)), "task 'kmeans' has no parameter"),
     (dict(k=0), "--k must be at least 1, got 0"),
-    (dict(seed=-1), "the seed must be 0 or more, got -1"),  # numpy's generators would raise mid-task
-    (dict(weights_seed=-2), "the weights seed must be 0 or more, got -2"),
+    (dict(seed=-1), r"the seed must be 0 to 2\^63-1, got -1"),  # numpy's generators would raise mid-task
+    (dict(weights_seed=-2), r"the weights seed must be 0 to 2\^63-1, got -2"),
+    (dict(seed=2**63), r"the seed must be 0 to 2\^63-1, got 9223372036854775808"),  # the store keeps 64 bits
     (dict(dataset_options=(("n", 2.5),)), "option n=2.5 must be a whole number >= 0"),  # not a column "n=2.5"
     (dict(params=(("crf", "maybe"),)), "parameter crf='maybe' must be true or false"),  # not "truthy"
     (dict(params=(("iterations", 0),)), "iterations=0 -- k-means needs at least 1"),

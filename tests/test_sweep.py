@@ -51,7 +51,8 @@ def test_k_values_are_numbers_or_multiples_of_classes(k, classes, expected):
     ({"kseeds": [1]}, "unknown key\\(s\\) kseeds"),
     ({"seeds": []}, "the sweep grid has an empty 'seeds' list"),
     ({"k": []}, "the sweep grid has an empty 'k' list"),
-    ({"seeds": [0, -1]}, "seeds must be integers >= 0"),
+    ({"seeds": [0, -1]}, "seeds must be whole numbers from 0 to 2^63-1"),
+    ({"seeds": [0, 2**63]}, r"seeds must be whole numbers from 0 to 2\^63-1, got \[0, 9223372036854775808\]"),
     ({"protocol": {"crop": "corner"}}, "unknown protocol crop"),
 ])
 def test_bad_grids_fail_before_running_with_one_clear_error(data, message):
@@ -308,7 +309,7 @@ def test_command_line_values_and_prefixes_are_checked():
     ({"backbones": [{"name": 5}]}, "a mapping with a 'name' text"),
     ({"backbones": [{"name": "dino-vits16", "weights": 5}]}, "weights must be 'random', a file or a hub name"),
     ({"weights": ["random"]}, "weights must be 'random'"),
-    ({"backbones": [{"name": "reference", "weights_seed": "abc"}]}, "weights_seed must be a whole number >= 0"),
+    ({"backbones": [{"name": "reference", "weights_seed": "abc"}]}, "weights_seed must be a whole number from 0 to 2\\^63-1"),
     ({"protocol": {"foo": 1}}, "unknown protocol key\\(s\\) foo -- keys: resize"),
     ({"datasets": [{"name": "camvid", "data_root": ["a", "b"]}]}, "data_root must be one folder"),
 ])

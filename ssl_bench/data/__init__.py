@@ -21,7 +21,7 @@ from ssl_bench.data.suim import SUIM, SUIM8
 from ssl_bench.data.synthetic import SyntheticDataset
 from ssl_bench.data.voc2012 import VOC2012
 from ssl_bench.errors import UserError
-from ssl_bench.registry import check_like_default
+from ssl_bench.registry import brief, check_like_default, is_scalar
 
 DATASETS: dict[str, type[SegDataset]] = {
     "camvid": CamVid,
@@ -46,11 +46,12 @@ def open_dataset(name: str, root: str | Path | None, split: str | None, **option
     """Open split ``split`` (None: the dataset's evaluation split) of dataset ``name`` at ``root``;
     every failure is one clear UserError. The option ``limit=N`` (any reader) keeps the first N
     images, for small sweeps and regression suites (the image list is hashed, so it is a different run)."""
-    cls = DATASETS.get(name)
+    cls = DATASETS.get(name) if isinstance(name, str) else None
     if cls is None:
         close = difflib.get_close_matches(str(name), list(DATASETS), n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose one of: {', '.join(DATASETS)}"
-        raise UserError(f"unknown dataset {name!r} -- {hint}")
+        raise UserError(f"unknown dataset {brief(name)} -- {hint}")
+    check_option_values(name, options)
     limit = options.pop("limit", None)
     known = dataset_options(cls)
     unknown = sorted(set(options) - set(known))
@@ -65,9 +66,17 @@ def open_dataset(name: str, root: str | Path | None, split: str | None, **option
     return dataset if limit is None else _first(dataset, limit)
 
 
+def check_option_values(name: str, options: dict) -> None:
+    """Every dataset option is one value (text, number, true/false): a list or a mapping is one clear line."""
+    for key, value in options.items():
+        if not is_scalar(value):
+            raise UserError(f"dataset {name!r} option {key}={brief(value)} must be a single value, not a "
+                            f"{'list' if isinstance(value, (list, tuple)) else type(value).__name__} -- e.g. -o {key}=25")
+
+
 def _first(dataset: SegDataset, limit) -> SegDataset:
     if not isinstance(limit, int) or limit < 1:
-        raise UserError(f"dataset option limit must be a positive integer, got {limit!r} -- e.g. -o limit=25")
+        raise UserError(f"dataset option limit must be a positive integer, got {brief(limit)} -- e.g. -o limit=25")
     size = len(dataset)
     if hasattr(dataset, "samples"):  # file-backed readers
         dataset.samples = dataset.samples[:limit]
@@ -77,4 +86,4 @@ def _first(dataset: SegDataset, limit) -> SegDataset:
     return dataset
 
 
-__all__ = ["DATASETS", "IGNORE", "Protocol", "SegDataset", "dataset_options", "open_dataset"]
+__all__ = ["DATASETS", "IGNORE", "Protocol", "SegDataset", "check_option_values", "dataset_options", "open_dataset"]

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ssl_bench.errors import UserError
+from ssl_bench.integrity import regular_file
 
 IGNORE = -1
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -109,6 +110,16 @@ def pair_by_stem(image_dir: Path, mask_dir: Path, what: str, mask_exts: Iterable
             f"{hint} -- give every image a {kinds} mask with the same file stem"
         )
     return [Sample(p.stem, p, masks[p.stem]) for p in images]
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """The non-empty lines of a text file of a dataset (split lists, class names), stripped; a file that is not
+    UTF-8 text, or not a regular file, is one clear line."""
+    try:
+        text = regular_file(path, what).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a UTF-8 text file -- restore it from the dataset's release") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def require_dir(path: Path, what: str, hint: str) -> Path:
@@ -205,7 +216,7 @@ class SegDataset:
         """``use(image)`` on the opened file: PIL decodes lazily, so a truncated file fails inside ``use``,
         and that too must name the file."""
         try:
-            with Image.open(path) as im:
+            with Image.open(regular_file(path, f"{self.title}:")) as im:  # a FIFO would block the run forever
                 return use(im)
         except FileNotFoundError:
             raise UserError(

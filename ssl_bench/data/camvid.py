@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_bench.data.base import Sample, SegDataset, apply_lut, label_lut
+from ssl_bench.data.base import Sample, SegDataset, apply_lut, label_lut, read_lines
 from ssl_bench.errors import UserError
 
 # The lists name files under the SegNet authors' machine path; users have the folder elsewhere.
@@ -37,10 +37,12 @@ class CamVid(SegDataset):
             raise UserError(f"CamVid not found at {self.root}: expected {listing} -- "
                             f"pass --data-root pointing at the SegNet CamVid folder")
         samples = []
-        for line in listing.read_text().splitlines():
-            if not line.strip():
-                continue
-            image, label = (self._map(p) for p in line.split())
+        for line in read_lines(listing, "CamVid split list"):
+            parts = line.split()
+            if len(parts) != 2:
+                raise UserError(f"CamVid split list {listing}: line {line[:80]!r} is not 'IMAGE LABEL' -- restore the "
+                                f"SegNet list")
+            image, label = (self._map(p) for p in parts)
             samples.append(Sample(image.stem, image, label))
         return samples
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_bench.data.base import Sample, SegDataset, apply_lut, bitwise_palette, label_lut
+from ssl_bench.data.base import Sample, SegDataset, apply_lut, bitwise_palette, label_lut, read_lines
 from ssl_bench.errors import UserError
 
 CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
@@ -63,7 +63,7 @@ def read_curated_list(root: str | Path, split: str, image_list: str = CURATED_LI
     if not path.is_file():
         raise UserError(f"COCO-Stuff image list not found at {path} -- put the IIC/PiCIE curated lists in "
                         f"{Path(root) / 'curated'} (github.com/janghyuncho/PiCIE curated/)")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return read_lines(path, "COCO-Stuff image list")
 
 
 class CocoStuff27(SegDataset):

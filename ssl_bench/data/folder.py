@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ssl_bench.data.base import Sample, SegDataset, bitwise_palette, pair_by_stem, require_dir
+from ssl_bench.data.base import Sample, SegDataset, bitwise_palette, pair_by_stem, read_lines, require_dir
 from ssl_bench.errors import UserError
 
 
@@ -40,7 +40,7 @@ class FolderDataset(SegDataset):
         if not classes.is_file():
             raise UserError(f"folder dataset at {self.root} has no classes.txt -- write one class name per line "
                             f"(line k names mask id k)")
-        self.class_names = [line.strip() for line in classes.read_text().splitlines() if line.strip()]
+        self.class_names = read_lines(classes, "folder dataset class list")
         if not self.class_names:
             raise UserError(f"{classes} is empty -- write one class name per line")
         self.num_classes = len(self.class_names)

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ssl_bench.data.base import Sample, SegDataset, apply_lut, label_lut, pair_by_stem
+from ssl_bench.data.base import Sample, SegDataset, apply_lut, label_lut, pair_by_stem, read_lines
 from ssl_bench.errors import UserError
+from ssl_bench.integrity import regular_file
 
 ROADS, BUILDINGS, VEGETATION = 0, 1, 2
 # IIC fine order: impervious, building, low vegetation, tree, car, clutter.
@@ -66,19 +67,27 @@ class Potsdam3(SegDataset):
         listing = self.root / MAT_SPLIT_LISTS[self.split]
         if not listing.is_file():
             raise UserError(f"Potsdam split list not found at {listing} -- use the IIC/STEGO potsdam folder")
-        ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        ids = read_lines(listing, "Potsdam split list")
         return [Sample(i, self.root / "imgs" / f"{i}.mat", self.root / "gt" / f"{i}.mat") for i in ids]
 
     def _load_mat(self, path: Path, key: str) -> np.ndarray:
         from scipy.io import loadmat  # only this layout needs scipy
 
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"Potsdam: missing file {path} -- the data root {self.root} is incomplete")
+        regular_file(path, "Potsdam:")  # a FIFO would block loadmat forever
         try:
-            return loadmat(path)[key]
+            array = loadmat(path)[key]
         except Exception as err:  # noqa: BLE001 -- scipy raises ValueError, MatReadError, KeyError ...
             raise UserError(f"Potsdam: cannot read '{key}' from {path} ({type(err).__name__}) -- the file is damaged "
                             f"or not of the IIC/STEGO layout; replace or remove it") from None
+        wanted = 3 if key == "img" else 2  # RGB+IR image, or a label map
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf" or array.ndim != wanted \
+                or min(array.shape[:2], default=0) < 1 or (key == "img" and array.shape[2] < 3):
+            raise UserError(f"Potsdam: '{key}' in {path} is not {'an RGB(+IR) image' if key == 'img' else 'a label map'}"
+                            f" (got {getattr(array, 'dtype', '?')} {getattr(array, 'shape', '?')}) -- the file is "
+                            f"damaged or not of the IIC/STEGO layout; replace or remove it")
+        return array
 
     def load_image(self, i: int) -> Image.Image:
         if not self._mat:

@@ -18,12 +18,15 @@ from PIL import Image
 
 from ssl_bench.data.base import SegDataset
 from ssl_bench.errors import UserError
+from ssl_bench.resources import require_memory
 
 CLASS_NAMES = ["calm water", "waves", "grass", "sand", "brick"]
 MEAN_COLOURS = np.array([[60, 100, 170], [60, 100, 170], [70, 140, 60], [190, 170, 120], [190, 170, 120]], dtype=np.float32)
 TEXTURE_AMPLITUDE = 45.0  # stripes / checker / grain strength, well above the pixel noise
 PIXEL_NOISE = 10.0
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+RENDER_BYTES_PER_PIXEL = 180  # peak of ``render`` (measured: 160-170 bytes per pixel with 9 cells)
+ID_BYTES = 64  # an image id string and its place in the list
 
 
 class SyntheticDataset(SegDataset):
@@ -41,6 +44,9 @@ class SyntheticDataset(SegDataset):
         self._check_split(split)
         if n < 1 or size < 16:
             raise UserError(f"synthetic dataset needs n >= 1 and size >= 16, got n={n}, size={size} -- e.g. n=24 size=192")
+        require_memory(RENDER_BYTES_PER_PIXEL * size * size, f"synthetic size={size} (one {size}x{size} image)",
+                       "use a smaller size, e.g. size=192")
+        require_memory(ID_BYTES * n, f"synthetic n={n} (its list of image ids)", "use fewer images, e.g. n=24")
         self.root, self.split = None, split
         self.n, self.size, self.seed = int(n), int(size), int(seed)
         self._last: tuple[int, np.ndarray, np.ndarray] | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ssl_bench.data.base import Sample, SegDataset, apply_lut, bitwise_palette, label_lut, pair_by_stem
+from ssl_bench.data.base import Sample, SegDataset, apply_lut, bitwise_palette, label_lut, pair_by_stem, read_lines
 from ssl_bench.errors import UserError
 
 
@@ -33,7 +33,7 @@ class VOC2012(SegDataset):
         root = self.root / "VOC2012" if (self.root / "VOC2012").is_dir() else self.root
         listing = root / "ImageSets" / "Segmentation" / f"{self.split}.txt"
         if listing.is_file():
-            ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+            ids = read_lines(listing, "VOC split list")
             return [Sample(i, root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
         if (root / "images").is_dir() and (root / "masks").is_dir():
             if self.split != self.default_split:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from ..registry import BackboneSpec, load_entrypoint
 from .base import Backbone
 from .weights import WeightsSource, read_checkpoint, resolve, unwrap_state_dict
@@ -18,7 +19,12 @@ def build_backbone(spec: BackboneSpec, source: WeightsSource, seed: int = 0) -> 
             model = builder(spec, None)
     else:
         state = unwrap_state_dict(read_checkpoint(source.path), spec.checkpoint)
-        model = builder(spec, state)
+        try:
+            model = builder(spec, state)
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as err:  # e.g. timm's converters on
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]  # another model's weights
+            raise UserError(f"checkpoint {source.path} does not fit {spec.name} ({reason}) -- is it the right file "
+                            f"for this backbone?") from None
     return model.eval().requires_grad_(False)
 
 

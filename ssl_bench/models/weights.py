@@ -167,7 +167,14 @@ def unwrap_state_dict(checkpoint: dict, layout: dict | None = None) -> dict[str,
 
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, ignore=()) -> None:
-    """Strict load that tells the user which keys do not fit, in one line."""
+    """Strict load that tells the user which keys do not fit, in one line (weights of another shape: e.g. a
+    ViT-B file given for a ViT-S entry)."""
+    own = model.state_dict()
+    other = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if other:
+        key, theirs, ours = other[0]
+        raise UserError(f"checkpoint does not fit {name}: {len(other)} weights have another shape (e.g. {key}: "
+                        f"{theirs} in the file, {ours} in {name}) -- is it the file of another model size?")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(tuple(ignore))]
     if missing:

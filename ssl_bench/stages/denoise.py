@@ -16,6 +16,7 @@ import numpy as np
 from .. import ops
 from ..errors import UserError
 from ..registry import check_like_default
+from ..resources import require_memory
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,6 +68,13 @@ class DenoiserConfig:
             raise UserError(f"denoiser optimizer {config.optimizer!r} -- use adam or sgd")
         if config.batch_size < 2:  # BatchNorm in the ASPP pooling branch needs two samples
             raise UserError(f"denoiser batch_size {config.batch_size} -- use 2 or more")
+        if config.input_size < 16 or config.predict_batch_size < 1:
+            raise UserError(f"denoiser input_size {config.input_size} / predict_batch_size {config.predict_batch_size} "
+                            f"-- use a side of 16 or more and a batch of 1 or more")
+        batch = max(config.batch_size, config.predict_batch_size)  # the stem's 64 channels at half size, float32
+        require_memory(batch * config.input_size ** 2 * (3 * 4 + 64 * 4 // 4),
+                       f"denoiser input_size={config.input_size} with batches of {batch}",
+                       "use a smaller input_size or batch_size (preset cpu: 128 and 8)")
         return config
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..registry import is_whole
+from ..resources import PIXEL_BYTES, require_memory
 from .regions import upsample_nearest
 
 CROP_FITS = ("stretch", "authors")
@@ -222,6 +223,9 @@ def check_crop_params(p: dict) -> None:
         raise UserError(f"fill={p['fill']!r} -- use a pixel value 0-255 (-p embed.fill=0)")
     if p["batch_size"] < 1:
         raise UserError(f"batch_size={p['batch_size']!r} -- use 1 or more (-p embed.batch_size=64)")
+    side = p["size"] or 224
+    require_memory(p["batch_size"] * side * side * PIXEL_BYTES, f"embed.size={side} with embed.batch_size={p['batch_size']}",
+                   "use a smaller embed.size or embed.batch_size (-p embed.batch_size=64)")
 
 
 class MeanPatchEmbedding:

@@ -1,0 +1,159 @@
+"""Bad input that once escaped as a traceback, a hang or an exhausted memory: each is one ``error:`` line now."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ssl_bench
+
+ROOT = Path(ssl_bench.__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, tmp_path):
+    """``cli(*args)``: ``ssl-bench ARGS`` in this process (store and cache under tmp_path) -> (exit code, output)."""
+    from ssl_bench.cli import main
+
+    def run(*args) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["ssl-bench", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # main() installs its own
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    monkeypatch.setenv("SSL_BENCH_STORE", str(tmp_path / "results.sqlite"))
+    monkeypatch.setenv("SSL_BENCH_CACHE", str(tmp_path / "cache"))
+    return run
+
+
+def one_error_line(out: str) -> str:
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    return errors[0]
+
+
+def test_a_checkpoint_of_another_model_size_is_one_line(cli, tmp_path):
+    from ssl_bench import registry
+    from ssl_bench.models.vit import create
+
+    torch.save(create(registry.backbone("dino-vitb16")).state_dict(), tmp_path / "vitb16.pth")  # a ViT-B file ...
+    code, out = cli("run", "--backbone", "dino-vits16", "--weights", tmp_path / "vitb16.pth", "-o", "n=2")  # for ViT-S
+    assert code == 2
+    assert "does not fit dino-vits16: 150 weights have another shape (e.g. cls_token: (1, 1, 768) in the file, " \
+           "(1, 1, 384) in dino-vits16)" in one_error_line(out)
+
+
+def folder_dataset(root: Path, names=("a", "b")) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("x\ny\n")
+    for name in names:
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "images" / f"{name}.png")
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "masks" / f"{name}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_a_fifo_in_a_dataset_is_one_line_not_a_hang(tmp_path):
+    root = folder_dataset(tmp_path / "data")
+    (root / "images" / "b.png").unlink()
+    os.mkfifo(root / "images" / "b.png")  # nothing ever writes to it: opening it for reading blocks forever
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SSL_BENCH_STORE": str(tmp_path / "s.sqlite"),
+           "SSL_BENCH_CACHE": str(tmp_path / "cache")}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ssl_bench", "run", "--dataset", "folder", "--data-root", root],
+                              capture_output=True, text=True, env=env, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run hung on a FIFO in the dataset")
+    assert proc.returncode == 2
+    assert "b.png is a FIFO, not a regular file" in one_error_line(proc.stderr)
+
+
+def test_a_device_or_a_text_file_that_is_not_text_is_one_line(tmp_path):
+    from ssl_bench.data import open_dataset
+    from ssl_bench.errors import UserError
+
+    root = folder_dataset(tmp_path / "data")
+    (root / "masks" / "a.png").unlink()
+    (root / "masks" / "a.png").symlink_to("/dev/zero")
+    dataset = open_dataset("folder", root, "val")
+    with pytest.raises(UserError, match="a.png is a device, not a regular file"):
+        dataset.load_label(0)
+    (root / "classes.txt").write_bytes(b"x\n\xff\xfe\n")
+    with pytest.raises(UserError, match="classes.txt is not a UTF-8 text file"):
+        open_dataset("folder", root, "val")
+
+
+def test_a_seed_the_store_cannot_hold_is_refused_before_anything_runs(cli, tmp_path):
+    code, out = cli("run", "--seed", 2**63, "-o", "n=2")
+    assert code == 2 and "the seed must be 0 to 2^63-1, got 9223372036854775808" in one_error_line(out)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"backbones: [reference]\ntasks: [kmeans]\ndatasets: [{{name: synthetic, options: {{n: 2}}}}]\n"
+                     f"seeds: [0, {2**64}]\n")
+    code, out = cli("sweep", sweep)
+    assert code == 2 and "seeds must be whole numbers from 0 to 2^63-1" in one_error_line(out)
+    assert "computed" not in out and not (tmp_path / "cache").exists()  # refused before any work
+
+
+def alias_bomb(levels: int) -> str:
+    """A YAML flow list of a few lines whose aliases stand for more than 10**levels values."""
+    items = ["&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    items += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return "[" + ",\n  ".join(items) + "]"
+
+
+def test_yaml_alias_bombs_and_lists_as_options_are_one_short_line(cli, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("backbones: [reference]\ntasks: [kmeans]\ndatasets: [synthetic]\nseeds: " + alias_bomb(6) + "\n")
+    code, out = cli("sweep", sweep)  # over a million seeds, which the error message once spelled out
+    line = one_error_line(out)
+    assert code == 2 and "expands to more than 100,000 values" in line and len(line) < 400, line[:400]
+    code, out = cli("run", "-p", "iterations=" + alias_bomb(6))
+    line = one_error_line(out)
+    assert code == 2 and "expands to more than 100,000 values" in line and len(line) < 400, line[:400]
+    sweep.write_text("backbones: [reference]\ntasks: [kmeans]\ndatasets: [{name: synthetic, options: {n: [1, 2]}}]\n")
+    code, out = cli("sweep", sweep)
+    assert code == 2 and "option n=[1, 2] must be a single value, not a list" in one_error_line(out)
+    code, out = cli("run", "-o", "seed={a: 1}")
+    assert code == 2 and "option seed={'a': 1} must be a single value, not a dict" in one_error_line(out)
+
+
+@pytest.fixture
+def machine_of_24_gib(monkeypatch):
+    """The checks read this machine's memory: the same refusals on a laptop and on a big GPU node."""
+    try:
+        from ssl_bench import resources
+    except ImportError:  # an ssl-bench without bounds (the test must fail there, not here)
+        return
+    monkeypatch.setattr(resources, "memory_limit", lambda: 24 * 2**30)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resize", 100_000], r"--resize 100000 \(a batch of 8 images of at least 100000x100000 pixels, 156,250,000 "
+                            r"patches each\) would need at least [\d,.]+ GiB of memory; this machine has"),
+    (["-o", "size=200000"], r"synthetic size=200000 \(one 200000x200000 image\) would need at least [\d,.]+ GiB"),
+    (["-o", "n=10000000000000"], r"synthetic n=10000000000000 \(its list of image ids\) would need at least"),
+    (["-o", "n=125", "--k", 200_000], r"K=200000 clusters would need at least 298.0 GiB of memory; this machine has "
+                                      r"24.0 GiB"),  # 200,000 patches: enough for k-means to take them
+    (["--task", "datus2", "--backbone", "dino-vits16", "--weights", "random", "-p", "embed.size=1000000"],
+     r"embed.size=1000000 with embed.batch_size=64 would need at least"),
+    (["--task", "datus2", "--backbone", "dino-vits16", "--weights", "random", "-p", "denoiser={input_size: 99999}"],
+     r"denoiser input_size=99999 with batches of 16 would need at least"),
+])
+def test_sizes_that_cannot_fit_are_refused_with_the_memory_they_need(cli, machine_of_24_gib, args, message):
+    import re
+
+    code, out = cli("run", *(["-o", "n=2"] if "-o" not in args else []), *args)
+    assert code == 2 and re.search(message, one_error_line(out)), out[-2000:]
