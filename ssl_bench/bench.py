@@ -237,8 +237,47 @@ def backbone_throughput(backbones: tuple[str, ...] | str = THROUGHPUT_BACKBONES,
             "rows": rows}
 
 
+def cache_check(backbone: str = "dino-vits16", dataset: str = "camvid", data_root: str | None = None,
+                split: str = "val", images: int = 101, repeats: int = 3) -> dict:
+    """Checking a feature-cache entry when it is opened (sizes against its metadata, a CRC-32 per image)
+    against extracting it: what a cell pays when it is the first of its process to open the entry
+    (``checked_s``), and what a later cell of the same process pays (``memoised_s``)."""
+    from .integrity import crc32
+
+    spec = registry.backbone(backbone)
+    source = resolve(spec, "random")
+    model = build_backbone(spec, source, 0)
+    ds = open_dataset(dataset, _data_root(dataset, data_root), split, limit=images)
+    protocol = Protocol().for_patch_size(spec.patch_size)
+    kinds = sorted({"patch", "key", "cls"} & model.supported_kinds())
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        FeatureCache(tmp).ensure(model, source.identity, ds, protocol, kinds, workers=0)
+        extraction_s = time.perf_counter() - t0
+        checked, memoised = [], []
+        for _ in range(repeats):
+            cache = FeatureCache(tmp)  # a new process: nothing checked yet
+            t0 = time.perf_counter()
+            stores = cache.ensure(model, source.identity, ds, protocol, kinds, workers=0)
+            checked.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            cache.ensure(model, source.identity, ds, protocol, kinds, workers=0)
+            memoised.append(time.perf_counter() - t0)
+        nbytes = sum(s.flat.nbytes for s in stores.values())
+        buffer = np.asarray(stores["patch"].flat)
+        t0 = time.perf_counter()
+        crc32(buffer)
+        crc_gb_s = buffer.nbytes / (time.perf_counter() - t0) / 1e9
+    return {"backbone": f"{backbone} (random weights)", "dataset": f"{dataset}/{split}", "images": len(ds),
+            "kinds": kinds, "cached_bytes": nbytes, "extraction_s": extraction_s, "checked_s": min(checked),
+            "memoised_s": min(memoised), "checked_fraction_of_extraction": min(checked) / extraction_s,
+            "checked_gb_per_s": nbytes / min(checked) / 1e9, "crc32_gb_per_s": crc_gb_s,
+            "load_average_1min": os.getloadavg()[0]}
+
+
 BENCHMARKS: dict[str, Callable[..., dict] | str] = {
     "extraction": extraction, "eval-memory": eval_memory, "k-sweep": k_sweep, "backbone-throughput": backbone_throughput,
+    "cache-check": cache_check,
     # a stage of a task, measured apart from the task's own benchmark (named in its registry file)
     "primaps-proposals": "ssl_bench.methods.primaps_proposals:benchmark"}
 

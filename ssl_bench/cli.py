@@ -583,6 +583,34 @@ def bench(
         console.print(f"wrote {output_dir / benches.result_file(name, tag)}")
 
 
+@app.command()
+def fuzz(
+    seconds: float = typer.Option(60.0, help="time per target (the test suite runs each for a few seconds)"),
+    target: list[str] = typer.Option([], "--target", help="only these targets (repeatable; default: all)"),
+    seed: int = typer.Option(0, help="seed of the damage: the same seed and case give the same input"),
+    case: Optional[int] = typer.Option(None, help="run this one case only (to reproduce a finding)"),
+):
+    """Feed random bytes, truncations and bit flips to every reader; list what is not one UserError line."""
+    from .fuzz import fuzz as run_fuzz
+    from .fuzz.targets import TARGETS
+
+    unknown = sorted(set(target) - set(TARGETS))
+    if unknown:
+        raise UserError(f"unknown fuzz target(s) {', '.join(unknown)} -- choose from: {', '.join(TARGETS)}")
+    if seconds <= 0:
+        raise UserError(f"--seconds must be more than 0, got {seconds}")
+
+    def report(tally) -> None:
+        out.print(f"{tally.target:<22} {tally.cases:>6} cases in {tally.seconds:6.1f} s: {tally.correct} correct, "
+                  f"{tally.refused} refused in one line, {len(tally.findings)} finding(s)", highlight=False)
+        for finding in tally.findings:
+            out.print(f"  FINDING {finding.line()}", highlight=False)
+
+    tallies = run_fuzz([TARGETS[t] for t in target or TARGETS], seconds, seed, only_case=case, progress=report)
+    if any(t.findings for t in tallies):
+        raise SystemExit(1)
+
+
 def _first_sentence(doc: str) -> str:
     """The first sentence of a docstring's first paragraph, however its lines wrap."""
     paragraph = " ".join(doc.strip().split("\n\n")[0].split()).replace("``", "")  # no reST quoting on screen

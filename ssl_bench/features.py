@@ -126,9 +126,18 @@ def _same_size_batches(grids: np.ndarray, start: int, batch_size: int) -> list[l
 def _layout(dataset: SegDataset, protocol: Protocol, multiple: int, cell: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-image (h, w) at protocol resolution in units of ``cell`` pixels (the patch for features, 1 for
     labels), and the offsets of each image's rows in a flat array; read from headers, nothing decoded."""
-    sizes = [protocol.output_size(*dataset.image_size(i), multiple) for i in range(len(dataset))]
+    sizes = [_output_size(dataset, protocol, multiple, i) for i in range(len(dataset))]
     shapes = np.array([(h // cell, w // cell) for h, w in sizes], dtype=np.int64).reshape(-1, 2)
     return shapes, np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1])]).astype(np.int64)
+
+
+def _output_size(dataset: SegDataset, protocol: Protocol, multiple: int, i: int) -> tuple[int, int]:
+    try:
+        return protocol.output_size(*dataset.image_size(i), multiple)
+    except UserError as err:  # the protocol refuses a size: say which image has it
+        if dataset.ids[i] in str(err):
+            raise
+        raise UserError(f"{dataset.name}/{dataset.split} {dataset.ids[i]}: {err}") from None
 
 
 KIND_FILES = ("{kind}.npy", "{kind}.crc32", "{kind}.progress.json")  # what one feature kind keeps in an entry
@@ -401,7 +410,11 @@ def _label_file_stamp(dataset: SegDataset) -> str:
     stamps = []
     for sample in getattr(dataset, "samples", []):
         if sample.label is not None:
-            stat = sample.label.stat()
+            try:
+                stat = sample.label.stat()
+            except FileNotFoundError:
+                raise UserError(f"{dataset.title}: missing label file {sample.label} -- the data root is incomplete, "
+                                f"or its split list names a file that is not there") from None
             stamps.append(f"{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:16] if stamps else ""
 

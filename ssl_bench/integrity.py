@@ -157,6 +157,25 @@ def _decode(node, arrays: dict, where: str):
     raise Damaged(f"{where}: unknown node in its skeleton")
 
 
+def same_value(kept, back) -> bool:
+    """Whether ``back`` is ``kept`` as ``load_value`` gives it back: arrays of the same dtype and values (NaN equal
+    to NaN), tuples as tuples, numpy scalars as the Python numbers they hold."""
+    if isinstance(kept, np.ndarray):
+        return isinstance(back, np.ndarray) and kept.dtype == back.dtype and \
+            np.array_equal(kept, back, equal_nan=kept.dtype.kind in "fc")
+    if type(kept).__module__ == "torch" and type(kept).__name__ == "Tensor":
+        return type(back) is type(kept) and same_value(kept.numpy(), back.numpy())
+    if isinstance(kept, dict):
+        return isinstance(back, dict) and list(kept) == list(back) and all(same_value(kept[k], back[k]) for k in kept)
+    if isinstance(kept, (list, tuple)):
+        return type(kept) is type(back) and len(kept) == len(back) and all(map(same_value, kept, back))
+    if isinstance(kept, float) and np.isnan(kept):
+        return isinstance(back, float) and np.isnan(back)
+    if isinstance(kept, np.generic):
+        return kept.item() == back and type(kept.item()) is type(back)
+    return type(kept) is type(back) and kept == back
+
+
 def _value_checksum(skeleton: bytes, arrays: list[np.ndarray]) -> int:
     """CRC-32 over the skeleton and every array's dtype, shape and bytes, in order."""
     crc = zlib.crc32(skeleton)
@@ -254,7 +273,8 @@ def open_npy(path: Path, dtype, shape: tuple[int | None, ...], mode: str = "r") 
         raise Damaged(str(err)) from None
     try:
         array = np.load(path, mmap_mode=mode, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:  # a bad header, or a file shorter than its header says
+    except Exception as err:  # noqa: BLE001 -- a bad header (numpy's parser raises ValueError, SyntaxError,
+        # tokenize.TokenError ...) or a file shorter than its header says
         raise Damaged(f"{path} is not a complete array file ({type(err).__name__})") from None
     fits = len(array.shape) == len(shape) and all(n is None or n == m for n, m in zip(shape, array.shape))
     if not isinstance(array, np.memmap) or array.dtype != np.dtype(dtype) or not fits:

@@ -336,8 +336,13 @@ def _check_version(path: Path, version) -> None:
 @cache
 def backbones() -> dict[str, BackboneSpec]:
     """All registered backbones; a family file gives defaults shared by its ``models``."""
+    return backbones_in(registry_dir("backbones"))
+
+
+def backbones_in(folder: Path) -> dict[str, BackboneSpec]:
+    """The backbones of the family files in ``folder``."""
     specs: dict[str, BackboneSpec] = {}
-    for path in sorted(registry_dir("backbones").glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         data = _read_yaml(path)
         shared = {k: v for k, v in data.items() if k != "models"}
         for model in data.get("models", []):
@@ -356,8 +361,13 @@ def backbones() -> dict[str, BackboneSpec]:
 @cache
 def tasks() -> dict[str, TaskSpec]:
     """All registered tasks; ``variants`` in a task file register more names with other params."""
+    return tasks_in(registry_dir("tasks"))
+
+
+def tasks_in(folder: Path) -> dict[str, TaskSpec]:
+    """The tasks of the task files in ``folder``."""
     specs: dict[str, TaskSpec] = {}
-    for path in sorted(registry_dir("tasks").glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         data = _read_yaml(path)
         variants = data.pop("variants", []) or []
         data["features"] = tuple(data.get("features", ()))

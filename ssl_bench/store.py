@@ -176,7 +176,7 @@ class ResultStore:
                     _check_is_store(db, self.path)
                 with closing(self._connect()) as db, db:
                     db.executescript(SCHEMA)
-        except (sqlite3.DatabaseError, OSError) as err:  # sqlite3.OperationalError is a DatabaseError
+        except (sqlite3.DatabaseError, OSError, UnicodeDecodeError) as err:  # OperationalError is a DatabaseError
             if isinstance(err, sqlite3.DatabaseError) and _disk_full(err, self.path):
                 err = OSError(errno.ENOSPC, str(err))
             if isinstance(err, OSError) and err.errno in NOT_WRITABLE + NO_SPACE:
@@ -200,7 +200,7 @@ class ResultStore:
         try:
             with closing(self._connect()) as db:
                 yield db
-        except sqlite3.DatabaseError as err:  # "database disk image is malformed", "file is not a database", ...
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as err:  # "database disk image is malformed", ...
             raise UserError(f"the results store {self.path} is damaged ({err}) -- restore it from a copy, or pass "
                             f"--store with another file") from None
 
@@ -264,5 +264,9 @@ def _record(row: dict) -> dict:
         row[col] = json.loads(row[col]) if isinstance(row[col], str) else None
         if not isinstance(row[col], dict):
             raise ValueError(f"{col} is not a JSON mapping")
+    if any(row["config"].get(c) != row[c] for c in ("backbone", "task", "dataset", "split", "k", "seed")):
+        raise ValueError("its configuration says another cell")  # the columns are copies of it
+    if not all(isinstance(m, dict) for m in row["metrics"].values()):
+        raise ValueError("metrics of another shape")
     row["random_weights"] = bool(row["random_weights"])
     return row

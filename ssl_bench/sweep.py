@@ -232,7 +232,7 @@ def grid_from_mapping(data: dict, source: str = "grid", env: Mapping[str, str] |
         protocol = Protocol(**protocol)
     except TypeError:
         known = [f.name for f in dataclasses.fields(Protocol)]
-        raise UserError(f"{source}: unknown protocol key(s) {', '.join(sorted(set(protocol) - set(known)))} -- "
+        raise UserError(f"{source}: unknown protocol key(s) {', '.join(sorted(map(str, set(protocol) - set(known))))} -- "
                         f"keys: {', '.join(known)}") from None
     seeds = seeds if isinstance(seeds, list) else [seeds]
     if not all(registry.is_whole(s) and 0 <= s <= MAX_INTEGER for s in seeds):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssl_bench import integrity
-from ssl_bench.integrity import Damaged, load_value, save_value
+from ssl_bench.integrity import Damaged, load_value, same_value as same, save_value
 
 
 # ---- the codec the cache keeps values in ------------------------------------------------------------------
@@ -25,20 +25,6 @@ def engine_value():
         "tensor": torch.arange(6, dtype=torch.float16).reshape(2, 3),
         "edge": [None, True, float("nan"), -float("inf"), 2**70, "", {7: "int key"}, (), np.zeros((0, 3))],
     }
-
-
-def same(a, b) -> bool:
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and np.isnan(a):
-        return isinstance(b, float) and np.isnan(b)
-    return type(a) is type(b) and a == b or isinstance(a, np.generic) and a.item() == b
 
 
 def test_kept_values_come_back_exactly(tmp_path):

@@ -119,6 +119,8 @@ def read_lines(path: Path, what: str) -> list[str]:
         text = regular_file(path, what).read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{what} {path} is not a UTF-8 text file -- restore it from the dataset's release") from None
+    if "\x00" in text:  # no file name holds one (pathlib would raise ValueError on it)
+        raise UserError(f"{what} {path} holds NUL bytes: it is damaged -- restore it from the dataset's release")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -223,6 +225,9 @@ class SegDataset:
                 f"{self.title}: missing file {path} -- the data root {self.root} is incomplete; "
                 f"re-download or point --data-root at {self.default_root}"
             ) from None
-        except (OSError, Image.DecompressionBombError) as err:  # PIL.UnidentifiedImageError is an OSError
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- PIL raises OSError, but also SyntaxError, ValueError, struct.error
+            # ... on damaged files (found by ssl-bench fuzz): every one means the same to the user
             raise UserError(f"{self.title}: cannot read {path} ({type(err).__name__}) -- the file is damaged or not "
                             f"an image; replace or remove it") from None

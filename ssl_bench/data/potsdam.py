@@ -10,7 +10,7 @@ Two layouts under ``root``:
   vegetation, 4 tree, 5 car, 6 clutter; a flat ``img_dir/`` + ``ann_dir/`` is served as ``val``;
 - IIC / STEGO: ``imgs/<id>.mat`` (key ``img``, RGB+IR; IR dropped) and ``gt/<id>.mat`` (key ``gt``,
   0 impervious, 1 building, 2 low vegetation, 3 tree, 4 car, 5 clutter, 255 ignore) with split
-  lists ``labelled_train.txt`` (train) and ``labelled_test.txt`` (val). Reading it needs scipy.
+  lists ``labelled_train.txt`` (train) and ``labelled_test.txt`` (val), read by ``matfile.py`` (MATLAB v5).
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ import numpy as np
 from PIL import Image
 
 from ssl_bench.data.base import Sample, SegDataset, apply_lut, label_lut, pair_by_stem, read_lines
+from ssl_bench.data.matfile import MatError, load_numeric
 from ssl_bench.errors import UserError
 from ssl_bench.integrity import regular_file
+from ssl_bench.resources import memory_limit
 
 ROADS, BUILDINGS, VEGETATION = 0, 1, 2
 # IIC fine order: impervious, building, low vegetation, tree, car, clutter.
@@ -71,16 +73,14 @@ class Potsdam3(SegDataset):
         return [Sample(i, self.root / "imgs" / f"{i}.mat", self.root / "gt" / f"{i}.mat") for i in ids]
 
     def _load_mat(self, path: Path, key: str) -> np.ndarray:
-        from scipy.io import loadmat  # only this layout needs scipy
-
         if not path.exists():
             raise UserError(f"Potsdam: missing file {path} -- the data root {self.root} is incomplete")
-        regular_file(path, "Potsdam:")  # a FIFO would block loadmat forever
-        try:
-            array = loadmat(path)[key]
-        except Exception as err:  # noqa: BLE001 -- scipy raises ValueError, MatReadError, KeyError ...
-            raise UserError(f"Potsdam: cannot read '{key}' from {path} ({type(err).__name__}) -- the file is damaged "
-                            f"or not of the IIC/STEGO layout; replace or remove it") from None
+        regular_file(path, "Potsdam:")  # a FIFO would block the read forever
+        try:  # not scipy.io.loadmat: it crashes the process on some damaged files
+            array = load_numeric(path, max_bytes=memory_limit() // 4)[key]
+        except (MatError, KeyError, OSError) as err:
+            raise UserError(f"Potsdam: cannot read '{key}' from {path} ({type(err).__name__}: {str(err)[:120]}) -- the "
+                            f"file is damaged or not of the IIC/STEGO layout; replace or remove it") from None
         wanted = 3 if key == "img" else 2  # RGB+IR image, or a label map
         if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf" or array.ndim != wanted \
                 or min(array.shape[:2], default=0) < 1 or (key == "img" and array.shape[2] < 3):

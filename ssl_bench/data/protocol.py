@@ -31,8 +31,10 @@ from PIL import Image
 
 from ssl_bench.errors import UserError
 from ssl_bench.metrics import ABSENT_CLASSES, OVERCLUSTERING
+from ssl_bench.resources import require_memory
 
 DEFAULT_RESIZE = 320
+LARGE_RESIZE_PIXELS = 50_000_000  # resized images past this many pixels are checked against the memory
 CROPS = ("center", "none")
 _PIL_INTERP = {
     "nearest": Image.Resampling.NEAREST,
@@ -96,6 +98,9 @@ class Protocol:
             rw, rh = self.resize, int(self.resize * h / w)
         else:
             rw, rh = int(self.resize * w / h), self.resize
+        if rw * rh > LARGE_RESIZE_PIXELS:  # e.g. a damaged header saying 1 x 60000: 320 x 19,200,000 pixels
+            require_memory(2 * 3 * rw * rh, f"an image of {w}x{h} pixels, resized to {rw}x{rh} for the protocol",
+                           "the file is damaged or not an image of this dataset; replace or remove it")
         ow, oh = (min(rw, self.resize), min(rh, self.resize)) if self.crop == "center" else (rw, rh)
         ow, oh = ow - ow % multiple, oh - oh % multiple
         if ow == 0 or oh == 0:
