@@ -15,7 +15,10 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import dataclasses
 import reprlib
+import types
+import typing
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -328,6 +331,53 @@ def _read_yaml(path: Path) -> dict:
     return read_yaml_mapping(path, "registry file", f"the other files in {path.parent}")
 
 
+def _as_tuple(value, path: Path, key: str) -> tuple:
+    return tuple(_as_list(value, path, key))
+
+
+def _as_list(value, path: Path, key: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{path}: {key} must be a list, got {brief(value)} -- see the other files in {path.parent}")
+    return list(value)
+
+
+def _spec(cls, entry: dict, path: Path, what: str):
+    """A registry dataclass from a file's mapping, every field of its declared type (str, int, float, bool,
+    tuple, dict, or None where optional): a mistyped value is one line naming it, not an error at run time."""
+    try:
+        spec = cls(**{str(k): v for k, v in entry.items()})
+    except TypeError as err:
+        raise UserError(f"{path}: bad {what} ({err})") from None
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        value, hint = getattr(spec, f.name), hints[f.name]
+        if not _has_type(value, hint):
+            raise UserError(f"{path}: {what}: {f.name}={brief(value)} is not {_type_name(hint)} -- fix the registry file")
+    return spec
+
+
+def _has_type(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return is_number(value)
+    if hint is int:
+        return is_whole(value)
+    if origin is tuple:
+        item = args[0] if args else object
+        return isinstance(value, tuple) and all(_has_type(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return hint is object or isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in (typing.get_args(hint) or (hint,)))
+
+
 def _check_version(path: Path, version) -> None:
     if type(version) is not int or version < 1:
         raise UserError(f"{path}: version must be a whole number, 1 or more, got {version!r} -- e.g. version: 2")
@@ -345,15 +395,21 @@ def backbones_in(folder: Path) -> dict[str, BackboneSpec]:
     for path in sorted(folder.glob("*.yaml")):
         data = _read_yaml(path)
         shared = {k: v for k, v in data.items() if k != "models"}
-        for model in data.get("models", []):
+        models = data.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+            raise UserError(f"{path}: models must be a list of mappings -- see the other files in {path.parent}")
+        for model in models:
             entry = {**shared, **model}
             for key in ("mean", "std"):
                 if key in entry:
-                    entry[key] = tuple(entry[key])
-            try:
-                spec = BackboneSpec(**entry)
-            except TypeError as err:
-                raise UserError(f"{path}: bad backbone entry {model.get('name')!r} ({err})") from err
+                    entry[key] = _as_tuple(entry[key], path, key)
+            spec = _spec(BackboneSpec, entry, path, f"backbone entry {brief(model.get('name'))}")
+            if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
+                raise UserError(f"{path}: {spec.name}: mean and std need 3 numbers (R, G, B; std above 0), got "
+                                f"{brief(spec.mean)} and {brief(spec.std)}")
+            if min(spec.patch_size, spec.embed_dim, spec.input_size) < 1 or spec.heads < 0:
+                raise UserError(f"{path}: {spec.name}: patch_size, embed_dim and input_size must be 1 or more, heads 0 "
+                                f"or more")
             _register(specs, spec, path)
     return specs
 
@@ -369,13 +425,10 @@ def tasks_in(folder: Path) -> dict[str, TaskSpec]:
     specs: dict[str, TaskSpec] = {}
     for path in sorted(folder.glob("*.yaml")):
         data = _read_yaml(path)
-        variants = data.pop("variants", []) or []
-        data["features"] = tuple(data.get("features", ()))
+        variants = _as_list(data.pop("variants", []) or [], path, "variants")
+        data["features"] = _as_tuple(data.get("features", ()), path, "features")
         data.setdefault("params", {})
-        try:
-            base = TaskSpec(**data)
-        except TypeError as err:
-            raise UserError(f"{path}: bad task entry ({err})") from err
+        base = _spec(TaskSpec, data, path, "task entry")
         _check_version(path, base.version)
         _check_slots(base, path)
         _register(specs, base, path)
@@ -407,21 +460,22 @@ def _check_slots(spec: TaskSpec, path: Path) -> None:
 def stages(kind: str) -> dict[str, StageSpec]:
     """The registered stages of one kind (``stages/<kind folder>/*.yaml``, one per stage; ``variants`` register
     more names with other parameters)."""
-    folder = registry_dir("stages") / STAGE_KINDS[kind]
+    return stages_in(registry_dir("stages") / STAGE_KINDS[kind], kind)
+
+
+def stages_in(folder: Path, kind: str) -> dict[str, StageSpec]:
+    """The stages of one kind in the stage files in ``folder``."""
     specs: dict[str, StageSpec] = {}
     for path in sorted(folder.glob("*.yaml")):
         data = _read_yaml(path)
-        variants = data.pop("variants", []) or []
-        data["features"] = tuple(data.get("features", ()))
+        variants = _as_list(data.pop("variants", []) or [], path, "variants")
+        data["features"] = _as_tuple(data.get("features", ()), path, "features")
         data.setdefault("params", {})
         data.setdefault("kind", kind)
         if data["kind"] != kind:
-            raise UserError(f"{path}: kind '{data['kind']}' in the {STAGE_KINDS[kind]} folder -- move the file "
+            raise UserError(f"{path}: kind {brief(data['kind'])} in the {STAGE_KINDS[kind]} folder -- move the file "
                             f"or fix its kind")
-        try:
-            base = StageSpec(**data)
-        except TypeError as err:
-            raise UserError(f"{path}: bad stage entry ({err})") from err
+        base = _spec(StageSpec, data, path, "stage entry")
         _check_version(path, base.version)
         _register(specs, base, path)
         for variant in variants:

@@ -141,7 +141,7 @@ def test_datus2_cells_that_differ_in_k_share_their_segments(runner, monkeypatch)
     assert again["metrics"] == first["metrics"] and len(discovered) == 12
     for kept in next(runner.cache.root.rglob("reuse")).glob("*.npz"):
         kept.write_bytes(b"damaged")  # an unreadable copy is computed again
-    with pytest.warns(UserWarning, match="is not a kept value .*: computing datus2-segments-val again"):
+    with pytest.warns(UserWarning, match="is not a kept value .*: computing regions-val again"):
         runner.run(dataclasses.replace(cfg, k=7))
     assert len(discovered) == 15
     with pytest.raises(UserError, match="K=10 clusters need at least 10 valid segments, split 'val' has 9"):

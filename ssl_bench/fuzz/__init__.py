@@ -167,8 +167,10 @@ def run_case(target: Target, template: Path, work: Path, seed: int, index: int |
 
 
 def fuzz(targets: list[Target], seconds: float, seed: int = 0, max_cases: int | None = None,
-         only_case: int | None = None, progress: Callable[[Tally], None] = lambda tally: None) -> list[Tally]:
-    """Each target for ``seconds`` (or ``max_cases``, or just case ``only_case``) from ``seed``."""
+         only_case: int | None = None, min_cases: int = 1,
+         progress: Callable[[Tally], None] = lambda tally: None) -> list[Tally]:
+    """Each target for ``seconds`` but at least ``min_cases`` cases (or ``max_cases``, or just case ``only_case``)
+    from ``seed``."""
     from ..ops import set_threads
 
     set_threads(1)  # small inputs: threads only cost time
@@ -192,7 +194,7 @@ def fuzz(targets: list[Target], seconds: float, seed: int = 0, max_cases: int | 
             tally, start = Tally(target.name), time.perf_counter()
             cases = [only_case] if only_case is not None else range(max_cases or 2**62)
             for index in cases:
-                if only_case is None and time.perf_counter() - start > seconds:
+                if only_case is None and time.perf_counter() - start > seconds and tally.cases >= min_cases:
                     break
                 outcome, found = run_case(target, template, Path(tmp) / target.name, seed, index)
                 tally.cases += 1

@@ -223,6 +223,8 @@ def _read_cache(root: Path):
 
 
 def _build_run(root: Path) -> None:
+    from .. import samples
+    from ..integrity import save_value
     from ..runner import TaskContext
 
     runner = _runner(root)
@@ -231,6 +233,8 @@ def _build_run(root: Path) -> None:
     np.savez(root / "expected.npz", **_read_cache(root))  # what the cache holds, to compare damaged reads with
     ctx = TaskContext(runner, runner.resolve(_run_config()), lambda it, **_: it)
     ctx.reuse("fuzz", {}, lambda: KEPT)
+    kept = [samples.load(runner.store.path, r["config_hash"]) for r in runner.store.query()]
+    save_value(root / "expected-samples.npz", [list(dataclasses.astuple(k)) for k in kept])
 
 
 def _expected(root: Path) -> dict:
@@ -259,16 +263,15 @@ def _kept_case(root: Path) -> Case:
 
 def _samples_case(root: Path) -> Case:
     from .. import samples
-    from ..integrity import same_value
+    from ..integrity import load_value, same_value
     from ..store import ResultStore
 
     store = root / "store" / "results.sqlite"
     hashes = [r["config_hash"] for r in ResultStore(store, read_only=True).query()]
-    template = root.parent / "template"
-    expected = [samples.load(template / "store" / "results.sqlite", h) for h in hashes]
+    expected = load_value(root / "expected-samples.npz")  # written by the build, never damaged
 
     def correct(got) -> bool:
-        return all(g is None or same_value(dataclasses.astuple(g), dataclasses.astuple(e)) for g, e in zip(got, expected))
+        return all(g is None or same_value(list(dataclasses.astuple(g)), e) for g, e in zip(got, expected))
 
     return Case(sorted((root / "store" / "samples").glob("*.npz")), lambda: [samples.load(store, h) for h in hashes],
                 correct)
@@ -295,8 +298,12 @@ def _build_yaml(root: Path) -> None:
     shutil.copy(checkout / "examples" / "sweep.yaml", root / "sweep.yaml") if (checkout / "examples").is_dir() else \
         _write(root / "sweep.yaml", "backbones: [reference, {name: dino-vits16, weights: random}]\ntasks: [kmeans]\n"
                                     "datasets: [{name: synthetic, options: {n: 16}}]\nk: [C, 2C]\nseeds: [0, 1]\n")
-    for kind in ("backbones", "tasks"):
+    for kind in ("backbones", "tasks", "stages"):
         shutil.copytree(registry_dir(kind), root / kind)
+    if (checkout / "recipes").is_dir():
+        shutil.copytree(checkout / "recipes", root / "recipes")
+    if (checkout / "results" / "regress" / "baselines.json").is_file():
+        shutil.copy(checkout / "results" / "regress" / "baselines.json", root / "baselines.json")
 
 
 def _sweep_case(root: Path) -> Case:
@@ -310,16 +317,38 @@ def _registry_case(root: Path) -> Case:
     from .. import registry
 
     def read():
-        return list(registry.backbones_in(root / "backbones").values()) + list(registry.tasks_in(root / "tasks").values())
+        stages = [s for kind, folder in registry.STAGE_KINDS.items()
+                  for s in registry.stages_in(root / "stages" / folder, kind).values()]
+        return [*registry.backbones_in(root / "backbones").values(), *registry.tasks_in(root / "tasks").values(),
+                *stages]
 
-    return Case(sorted((root / "backbones").glob("*.yaml")) + sorted((root / "tasks").glob("*.yaml")), read,
-                lambda specs: all(_typed(spec) for spec in specs), text=True)
+    return Case(sorted((root / "backbones").glob("*.yaml")) + sorted((root / "tasks").glob("*.yaml"))
+                + sorted((root / "stages").rglob("*.yaml")), read, lambda specs: all(_typed(spec) for spec in specs),
+                text=True)
+
+
+def _recipe_case(root: Path) -> Case:
+    from ..reproduce.recipe import Recipe, load
+
+    files = sorted((root / "recipes").glob("*.yaml"))[:6]
+    return Case(files, lambda: [load(path) for path in files], lambda recipes: all(isinstance(r, Recipe)
+                                                                                    for r in recipes), text=True)
+
+
+def _baselines_case(root: Path) -> Case:
+    from ..regress.baselines import Baselines, read_baselines
+
+    return Case([root / "baselines.json"], lambda: read_baselines(root / "baselines.json"),
+                lambda baselines: isinstance(baselines, Baselines), text=True)
 
 
 def _typed(spec) -> bool:
     """The fields the harness computes with hold values of their declared kinds."""
-    from ..registry import BackboneSpec, is_number, is_whole
+    from ..registry import BackboneSpec, StageSpec, is_number, is_whole
 
+    if isinstance(spec, StageSpec):
+        return all(isinstance(getattr(spec, k), str) for k in ("name", "kind", "entrypoint")) \
+            and isinstance(spec.params, dict) and all(isinstance(f, str) for f in spec.features)
     if isinstance(spec, BackboneSpec):
         return (all(isinstance(getattr(spec, k), str) for k in ("name", "family", "builder", "arch"))
                 and all(is_whole(getattr(spec, k)) and getattr(spec, k) >= (0 if k == "heads" else 1)
@@ -346,5 +375,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("samples", "panel samples beside the store (exactly as kept, or no panel)", _build_run, _samples_case),
     Target("store", "the SQLite results store, reported on", _build_run, _store_case),
     Target("sweep-yaml", "a sweep file", _build_yaml, _sweep_case),
-    Target("registry-yaml", "backbone and task registry files", _build_yaml, _registry_case),
+    Target("registry-yaml", "backbone, task and stage registry files", _build_yaml, _registry_case),
+    Target("recipe-yaml", "reproduce recipes (paper tables)", _build_yaml, _recipe_case),
+    Target("baselines-json", "regression baselines", _build_yaml, _baselines_case),
 ]}
