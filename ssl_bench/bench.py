@@ -277,7 +277,7 @@ def cache_check(backbone: str = "dino-vits16", dataset: str = "camvid", data_roo
 
 BENCHMARKS: dict[str, Callable[..., dict] | str] = {
     "extraction": extraction, "eval-memory": eval_memory, "k-sweep": k_sweep, "backbone-throughput": backbone_throughput,
-    "cache-check": cache_check,
+    "cache-check": cache_check, "crf": "ssl_bench.crf:benchmark",
     # a stage of a task, measured apart from the task's own benchmark (named in its registry file)
     "primaps-proposals": "ssl_bench.methods.primaps_proposals:benchmark"}
 

@@ -1,6 +1,17 @@
-"""Dense CRF refinement with the parameters shared by STEGO, HP and PriMaPs."""
+"""Dense CRF refinement with the parameters shared by STEGO, HP and PriMaPs, and a pool that runs it over a
+stream of images in worker processes.
+
+pydensecrf refines one image at a time on one core (1-3 s at 320 px). ``CRFPool.map`` keeps a few images in
+flight in as many worker processes as this process has threads: the caller goes on producing the next
+images' probabilities meanwhile, and the labels come back in order, identical to the in-process call (the
+CRF is deterministic and sees the same arrays).
+"""
 
 from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -45,3 +56,86 @@ def label_crf(image: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarra
     probs[labels[labelled], rows, cols] = 1.0
     refined = dense_crf(image, np.clip(probs, 0.01, 0.99), **LABEL_CRF)
     return refined.argmax(0).astype(np.int64)
+
+
+def crf_argmax(image: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Labels (H, W) int64 of ``dense_crf`` with the STEGO / HP / PriMaPs parameters."""
+    return dense_crf(image, probs).argmax(0).astype(np.int64)
+
+
+def default_workers() -> int:
+    """CRF worker processes: ``$SSL_BENCH_CRF_WORKERS``, else this process's torch threads (its share of the
+    machine: a Ray task's --cpus-per-task, all cores on a workstation). 1 runs in this process."""
+    import torch
+
+    value = os.environ.get("SSL_BENCH_CRF_WORKERS")
+    if value is not None:
+        if not value.isdigit():
+            raise UserError(f"SSL_BENCH_CRF_WORKERS={value!r} must be a whole number (1: no worker processes)")
+        return max(1, int(value))
+    return max(1, torch.get_num_threads())
+
+
+class CRFPool:
+    """``function(*job)`` for a stream of jobs (e.g. ``(image, probs)``), in order, in worker processes.
+
+    Streaming: at most ``2 x workers`` jobs are in flight, so memory stays bounded whatever the number of
+    images. Workers are started once per pool (spawned: a forked copy of a process running torch or numba
+    threads can deadlock) and stopped when the stream ends; with one worker everything runs in this process.
+    """
+
+    def __init__(self, workers: int | None = None):
+        self.workers = default_workers() if workers is None else max(1, workers)
+
+    def map(self, function: Callable, jobs: Iterable[tuple]) -> Iterator:
+        if self.workers == 1:
+            for job in jobs:
+                yield function(*job)
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pending: deque = deque()
+            for job in jobs:
+                pending.append(pool.submit(function, *job))
+                if len(pending) >= 2 * self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+
+def benchmark(images: int = 8, labels: tuple[int, ...] = (6, 27), workers: tuple[int, ...] = (2,), size: int = 320) -> dict:
+    """Dense CRF over a stream of images: in this process against ``CRFPool`` with each count of worker
+    processes, on CamVid val at size x size (synthetic images when ../shared/data is absent), with smooth
+    random class probabilities (6 and 27 labels: PriMaPs' proposals and COCO-Stuff); labels compared."""
+    import time
+
+    from .data import open_dataset
+    from .data.protocol import Protocol
+    from .data.shared import shared_data_dir
+    from .ops import softmax, upsample_scores
+
+    camvid = shared_data_dir() / "camvid" if shared_data_dir() else None
+    dataset = open_dataset("camvid", camvid, "val") if camvid and camvid.is_dir() else open_dataset("synthetic", None, "val")
+    protocol = Protocol(resize=size)
+    frames = [protocol.apply_image(dataset.load_image(i), 8) for i in range(images)]
+    rng = np.random.default_rng(0)
+    rows = []
+    for n_labels in labels:
+        jobs = [(frame, softmax(upsample_scores(rng.normal(size=(n_labels, 20, 20)).astype(np.float32) * 3,
+                                                frame.shape[:2]), 0)) for frame in frames]
+        t0 = time.perf_counter()
+        reference = [crf_argmax(*job) for job in jobs]
+        serial = time.perf_counter() - t0
+        for count in workers:
+            t0 = time.perf_counter()
+            parallel = list(CRFPool(count).map(crf_argmax, jobs))
+            seconds = time.perf_counter() - t0
+            rows.append({"labels": n_labels, "workers": count, "images": images,
+                         "size": list(frames[0].shape[:2]), "serial_s_per_image": serial / images,
+                         "parallel_s_per_image": seconds / images, "speedup": serial / seconds,
+                         "identical_labels": all((a == b).all() for a, b in zip(reference, parallel))})
+    return {"dataset": f"{dataset.name}/{dataset.split}", "cores": os.cpu_count(), "rows": rows,
+            "note": "parallel times include starting the worker processes (once per stream)",
+            "load_average_1min": os.getloadavg()[0]}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..crf import dense_crf
+from ..crf import CRFPool, crf_argmax
 from ..errors import UserError
 from ..ops import (as_float32, l2_normalize, sample_rows, softmax, spherical_kmeans, upsample_argmax,
                    upsample_scores)
@@ -33,8 +33,12 @@ def predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None 
     (probabilities are softmax(alpha * cosine), as STEGO's cluster probabilities)."""
     if image is None or crf_alpha <= 0:
         return upsample_argmax(scores, size)
-    up = upsample_scores(scores, size)
-    return dense_crf(image, softmax(crf_alpha * up, axis=0)).argmax(0).astype(np.int64)
+    return crf_argmax(image, crf_probabilities(scores, size, crf_alpha))
+
+
+def crf_probabilities(scores: np.ndarray, size: tuple[int, int], crf_alpha: float) -> np.ndarray:
+    """The CRF's input: softmax(alpha * cosine) of the bilinearly upsampled scores, (k, H, W)."""
+    return softmax(crf_alpha * upsample_scores(scores, size), axis=0)
 
 
 def check_params(p: dict) -> None:
@@ -59,9 +63,13 @@ def run(ctx):
     feats = ctx.features("patch")
 
     def predictions():
-        for i in range(len(feats)):
-            image = ctx.image(i) if p["crf"] else None
-            labels = predict(cluster_scores(feats[i], centroids), ctx.label_size(i), image, p["crf_alpha"])
+        if not p["crf"]:
+            for i in range(len(feats)):
+                yield Prediction(i, predict(cluster_scores(feats[i], centroids), ctx.label_size(i)))
+            return
+        jobs = ((ctx.image(i), crf_probabilities(cluster_scores(feats[i], centroids), ctx.label_size(i),
+                                                 p["crf_alpha"])) for i in range(len(feats)))
+        for i, labels in enumerate(CRFPool().map(crf_argmax, jobs)):  # images refined in parallel, in order
             yield Prediction(i, labels)
 
     return TaskResult(predictions(), stats={"fit_patches": int(len(rows))})

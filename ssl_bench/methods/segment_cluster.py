@@ -127,12 +127,12 @@ def run(ctx):
 
     stats = _stats(data, ctx.split, fit_split, clusters, background)
     if p["crf"]:
-        from ..crf import label_crf
+        from ..crf import CRFPool, label_crf
 
-        for d in data.values():  # at label resolution: the CRF sees the image's edges
-            d["crf"] = [label_crf(d["images"][i], upsample_nearest(m, size), ctx.k).astype(np.int16)
-                        for i, (m, size) in enumerate(ctx.progress(list(zip(d["masks"], d["sizes"])),
-                                                                   desc="crf", total=len(d["masks"])))]
+        for d in data.values():  # at label resolution: the CRF sees the image's edges; images in parallel
+            jobs = ((d["images"][i], upsample_nearest(m, size), ctx.k) for i, (m, size) in enumerate(
+                ctx.progress(list(zip(d["masks"], d["sizes"])), desc="crf", total=len(d["masks"]))))
+            d["crf"] = [labels.astype(np.int16) for labels in CRFPool().map(label_crf, jobs)]
     model = None
     if p["denoise"]:
         fit = data[fit_split]

@@ -1,0 +1,36 @@
+"""The CRF pool: the same labels as in this process, in order, with a bounded number of images in flight."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ssl_bench.crf import CRFPool, crf_argmax, label_crf
+from ssl_bench.ops import softmax
+
+
+def jobs(n: int, seen: list | None = None):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        if seen is not None:
+            seen.append(i)
+        image = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        yield image, softmax(rng.normal(size=(4, 24, 32)).astype(np.float32), 0)
+
+
+def test_the_pool_gives_the_in_process_labels_in_order_and_streams():
+    reference = [crf_argmax(*job) for job in jobs(6)]
+    seen = []
+    stream = CRFPool(2).map(crf_argmax, jobs(6, seen))
+    first = next(stream)
+    assert len(seen) == 4  # two jobs per worker in flight, not the whole stream
+    results = [first, *stream]
+    assert len(results) == 6 and all((a == b).all() for a, b in zip(results, reference))
+
+
+def test_one_worker_runs_in_this_process_and_hard_labels_go_through_too():
+    labels = np.zeros((24, 32), dtype=np.int64)
+    labels[:, 16:] = 1
+    image = np.zeros((24, 32, 3), dtype=np.uint8)
+    image[:, 16:] = 255
+    [refined] = CRFPool(1).map(label_crf, [(image, labels, 2)])
+    np.testing.assert_array_equal(refined, labels)  # edges and labels agree: nothing to move
