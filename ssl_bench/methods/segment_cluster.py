@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict
 
 import numpy as np
@@ -187,12 +186,9 @@ def _stats(data: dict, split: str, fit_split: str, clusters: int, background: bo
 # benchmark (`ssl-bench bench datus2`)
 
 
-def benchmark(
-    grids: Sequence[int] = (28, 40), discovery_images: int = 2, key_dim: int = 768,
-    pipeline_images: int = 16, k: int = 11, seed: int = 0,
-) -> dict:
-    """Segment discovery s/image (28x28 and 40x40 grids, python-louvain vs igraph) and the whole
-    pipeline's s/image on CamVid val with a random dino-vits16 (de-noising timed separately)."""
+def benchmark(pipeline_images: int = 16, k: int = 11, seed: int = 0) -> dict:
+    """The whole DatUS^2 pipeline's s/image on CamVid val with a random dino-vits16 (segment discovery,
+    crops, their CLS, k-means; de-noising timed separately); discovery alone is `ssl-bench bench louvain`."""
     import time
 
     from ..features import benchmark_inputs
@@ -201,33 +197,9 @@ def benchmark(
     from ..stages.clusterers.kmeans import KMeans
     from ..stages.denoise import DENOISER_PRESETS
     from ..stages.embeddings import CropEmbedding, segment_crop
-    from ..stages.segmenters.louvain import (BACKENDS, detect_communities, discover_segments, key_adjacency,
-                                             modularity, split_into_segments, synthetic_keys)
+    from ..stages.segmenters.louvain import discover_segments
 
-    out: dict = {"discovery": []}
-    for backend in BACKENDS:  # warm-up: imports and first-call set-up are not per-image costs
-        discover_segments(synthetic_keys(7, 7, seed=seed)[0], seed=seed, backend=backend)
-    # Discovery on synthetic keys: ViT-B-sized keys whose dot products are mostly positive, as
-    # real keys' are, so the graph is as dense as the method meets (28x28: ViT/8 at 224 px).
-    for side in grids:
-        keys = [synthetic_keys(side, side, dim=key_dim, seed=seed + i)[0] for i in range(discovery_images)]
-        for backend in BACKENDS:
-            seconds, q, n_segments, density = 0.0, [], [], []
-            for kk in keys:  # discover_segments, step by step, to keep the communities for scoring
-                t0 = time.perf_counter()
-                adjacency = key_adjacency(kk.reshape(side * side, -1))
-                communities = detect_communities(adjacency, seed=seed, backend=backend)
-                _, info = split_into_segments(communities.reshape(side, side))
-                seconds += time.perf_counter() - t0
-                q.append(modularity(adjacency, communities))
-                n_segments.append(info["n_valid"])
-                density.append(adjacency.mean())
-            out["discovery"].append({
-                "grid": f"{side}x{side}", "backend": backend, "s_per_image": seconds / len(keys),
-                "modularity": float(np.mean(q)), "valid_segments_per_image": float(np.mean(n_segments)),
-                "edge_density": float(np.mean(density)),
-            })
-
+    out: dict = {"discovery": "see `ssl-bench bench louvain` (results/bench/louvain.json)"}
     # The pipeline on real images: keys of a random-weight ViT (same cost as pretrained ones).
     images, feats, source = benchmark_inputs("dino-vits16", pipeline_images, kinds=("key",))
     spec = backbone_spec("dino-vits16")
