@@ -19,7 +19,7 @@ import dataclasses
 import reprlib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, Callable
@@ -115,6 +115,8 @@ class TaskSpec:
     validate: str | None = None  # "module:function(params)" raising UserError, called before any work
     version: int = 1  # raised when the method's numbers change: stored cells of other versions are not reused
     stages: dict = field(default_factory=dict)  # stage slots: parameter name -> stage kind (composed tasks)
+    gpu: bool = True  # runs a model (backbone passes, training): on a Ray cluster with GPUs its cells hold one;
+    # false: it computes on cached features with the CPU, and its cells run on the CPU and never hold a GPU
 
     def resolve_params(self, overrides: dict | None) -> dict:
         if self.stages:
@@ -431,6 +433,7 @@ def tasks_in(folder: Path) -> dict[str, TaskSpec]:
         base = _spec(TaskSpec, data, path, "task entry")
         _check_version(path, base.version)
         _check_slots(base, path)
+        _check_gpu(base.gpu, path, base.name)
         _register(specs, base, path)
         for variant in variants:
             _register(specs, _variant(base, variant, path), path)
@@ -496,10 +499,11 @@ def _variant(base, variant, path: Path):
     example = "{name: kmeans-crf, title: ..., params: {crf: true}}"
     if not isinstance(variant, dict) or not isinstance(variant.get("name"), str):
         raise UserError(f"{path}: each variant needs a name -- e.g. {example}")
-    unknown = set(variant) - {"name", "title", "params"}
+    keys = ("name", "title", "params", "gpu") if isinstance(base, TaskSpec) else ("name", "title", "params")
+    unknown = set(variant) - set(keys)
     if unknown:
         raise UserError(f"{path}: variant '{variant['name']}' has unknown key(s) {sorted(unknown)} -- "
-                        f"a variant has name, title and params, e.g. {example}")
+                        f"a variant has {', '.join(keys[:-1])} and {keys[-1]}, e.g. {example}")
     changes = variant.get("params") or {}
     slots = getattr(base, "stages", {})
     own = {key for key in changes if "." in key and key.split(".", 1)[0] in slots}  # checked by _check_slots
@@ -515,9 +519,17 @@ def _variant(base, variant, path: Path):
             params = {k: v for k, v in params.items() if not k.startswith(slot + ".") or k in changes}
     spec = type(base)(**{**base.__dict__, "name": variant["name"], "title": variant.get("title", base.title),
                          "params": params})
+    if isinstance(spec, TaskSpec):
+        spec = replace(spec, gpu=variant.get("gpu", base.gpu))
+        _check_gpu(spec.gpu, path, spec.name)
     if slots:
         _check_slots(spec, path)
     return spec
+
+
+def _check_gpu(value, path: Path, name: str) -> None:
+    if not isinstance(value, bool):  # "no" would be a true string: a CPU-only task holding a GPU
+        raise UserError(f"{path}: task '{name}': gpu must be true or false, got {value!r} -- e.g. gpu: false")
 
 
 def _register(specs: dict, spec, path: Path) -> None:

@@ -248,7 +248,7 @@ class Computed:
     samples: dict | None  # keyword arguments of ``samples.save``; None when none could be kept
 
 
-def _environment() -> dict:
+def _environment(device: torch.device) -> dict:
     import faiss
     import sklearn
     import timm
@@ -258,7 +258,8 @@ def _environment() -> dict:
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    # the device computed on: a CPU cell on a GPU node (a Ray cluster's k-means cells) says cpu
+    device = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"ssl_bench": __version__, "git_commit": commit, "python": platform.python_version(),
             "torch": torch.__version__, "timm": timm.__version__, "numpy": np.__version__,
             "faiss": getattr(faiss, "__version__", "?"), "sklearn": sklearn.__version__,
@@ -298,7 +299,7 @@ class Runner:
     @cached_property
     def environment(self) -> dict:
         """Library versions, git commit, host: the same for every cell, so read once (not a subprocess per cell)."""
-        return _environment()
+        return _environment(self.device)
 
     @property
     def store(self) -> ResultStore:
