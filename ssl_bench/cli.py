@@ -156,6 +156,8 @@ def sweep(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local instance)"),
     cpus_per_task: Optional[int] = typer.Option(None, help="Ray: CPUs (= torch/OpenMP/BLAS/numba threads) per task "
                                                 "(default: this machine's torch threads)"),
+    max_in_flight: Optional[int] = typer.Option(None, help="Ray: most tasks submitted at once (default: twice the "
+                                                "task slots of the cluster's live nodes)"),
     plan_only: bool = typer.Option(False, "--plan", help="print the plan and stop"),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if present, else cpu)"),
     store: Optional[Path] = StoreOpt,
@@ -164,7 +166,7 @@ def sweep(
     """Run a grid of cells: shared feature extraction, resumable, local or on Ray."""
     from . import sweep as sweeps
 
-    _check_executor(executor, address, cpus_per_task)
+    _check_executor(executor, address, cpus_per_task, max_in_flight)
     data = sweeps.read_grid_file(file) if file else {}
     flags = backbone or weights or task or param or dataset or data_root or option or split or k or seed
     protocol_flags = {"resize": resize, "crop": crop, "overclustering": overclustering, "absent_classes": absent_classes}
@@ -204,28 +206,31 @@ def sweep(
     if plan_only or not plan.todo:
         return
 
-    summary = _execute(plan, runner, executor, address, device, cpus_per_task)
+    summary = _execute(plan, runner, executor, address, device, cpus_per_task, max_in_flight)
     out.print(f"results in {runner.store.path} (ssl-bench report --store {runner.store.path})", highlight=False)
     if summary.failed:
         raise SystemExit(1)
 
 
-def _check_executor(executor: str, address: Optional[str], cpus_per_task: Optional[int]) -> None:
+def _check_executor(executor: str, address: Optional[str], cpus_per_task: Optional[int],
+                    max_in_flight: Optional[int] = None) -> None:
     from .executors import EXECUTORS
 
     if executor not in EXECUTORS:
         raise UserError(f"unknown executor '{executor}' -- choose {' or '.join(EXECUTORS)}")
-    if executor != "ray" and (address or cpus_per_task is not None):
-        flag = "--address" if address else "--cpus-per-task"
-        raise UserError(f"{flag} is for Ray -- add --executor ray (or drop {flag} to run here)")
-    if cpus_per_task is not None and cpus_per_task < 1:
-        raise UserError(f"--cpus-per-task must be at least 1, got {cpus_per_task} -- e.g. --cpus-per-task 4")
+    ray_flags = {"--address": address, "--cpus-per-task": cpus_per_task, "--max-in-flight": max_in_flight}
+    for flag, value in ray_flags.items():
+        if executor != "ray" and value is not None:
+            raise UserError(f"{flag} is for Ray -- add --executor ray (or drop {flag} to run here)")
+    for flag, value in (("--cpus-per-task", cpus_per_task), ("--max-in-flight", max_in_flight)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value} -- e.g. {flag} 4")
 
 
 def _execute(plan, runner, executor: str, address: Optional[str], device: Optional[str],
-             cpus_per_task: Optional[int]):
+             cpus_per_task: Optional[int], max_in_flight: Optional[int] = None):
     """Run a sweep plan (``sweep`` and ``reproduce``): a line per cell, the summary at the end."""
-    from .executors import run_local, run_ray
+    from .executors import run_local
 
     def report_cell(cell, status: str) -> None:
         rec = f"{status}  {cell.label}"
@@ -235,7 +240,11 @@ def _execute(plan, runner, executor: str, address: Optional[str], device: Option
         out.print(rec, highlight=False)
 
     if executor == "ray":
-        summary = run_ray(plan, runner, address, device, on_cell=report_cell, cpus_per_task=cpus_per_task)
+        from .ray_executor import run_ray
+
+        with progress_bars() as progress:  # one bar: cells finished of the cells to compute, on every node
+            summary = run_ray(plan, runner, address, device, on_cell=report_cell, cpus_per_task=cpus_per_task,
+                              max_in_flight=max_in_flight, progress=progress)
     else:
         with progress_bars() as progress:
             summary = run_local(plan, runner, progress, on_cell=report_cell)

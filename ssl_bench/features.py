@@ -448,6 +448,8 @@ class LabelCache:
                             _warn_damaged(folder, problem, "decoding the labels again")
                             for name in ("labels.json", "labels.npy"):
                                 (folder / name).unlink(missing_ok=True)
+                        for stale in folder.glob("labels.*.tmp.npy"):  # a decoder killed mid-way (we hold the lock)
+                            stale.unlink(missing_ok=True)
                         self._decode(folder, key, dataset, protocol, multiple, progress)
                         labels, _ = self._open(folder, dataset)
         except OSError as err:

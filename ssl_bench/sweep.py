@@ -482,6 +482,7 @@ class SweepSummary:
     already_stored: int = 0  # stored by another sweep after the plan was made
     extractions: int = 0  # extraction passes this sweep performed
     failed: list[tuple[str, str]] = field(default_factory=list)  # (cell label, one-line reason)
+    task_seconds: float = 0.0  # Ray: seconds spent inside the tasks, as the workers timed them
 
     def lines(self) -> list[str]:
         out = [f"computed {self.computed} cells, {self.extractions} feature extractions"

@@ -235,7 +235,7 @@ def test_two_concurrent_sweeps_on_one_store_corrupt_nothing(tmp_path):
 @pytest.mark.slow
 def test_ray_executor_gives_the_local_numbers(tmp_path):
     ray = pytest.importorskip("ray")
-    from ssl_bench.executors import local_runtime_env, run_ray
+    from ssl_bench.ray_executor import local_runtime_env, run_ray
     from ssl_bench.features import FeatureCache
     from ssl_bench.runner import Runner
     from ssl_bench.store import ResultStore
@@ -330,7 +330,7 @@ def test_a_folder_with_two_images_of_one_stem_is_refused(tmp_path):
 
 
 def test_an_unreachable_ray_address_fails_in_seconds():
-    from ssl_bench.executors import _check_reachable
+    from ssl_bench.ray_executor import _check_reachable
 
     with pytest.raises(UserError, match="cannot reach the Ray cluster at ray://127.0.0.1:1"):
         _check_reachable("ray://127.0.0.1:1")  # port 1: refused at once (Ray would retry for minutes)
@@ -343,7 +343,7 @@ def test_ray_task_sizes_are_checked_before_anything_waits(tmp_path):
     from typer.testing import CliRunner
 
     from ssl_bench.cli import app
-    from ssl_bench.executors import _threads_per_task
+    from ssl_bench.ray_executor import _threads_per_task
 
     two_cpus = types.SimpleNamespace(nodes=lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     assert _threads_per_task(two_cpus, 2) == 2 and 1 <= _threads_per_task(two_cpus, None) <= 2
@@ -359,12 +359,58 @@ def test_ray_task_sizes_are_checked_before_anything_waits(tmp_path):
         assert result.exit_code != 0 and message in str(result.exception or result.output), extra
 
 
-def test_ray_tasks_reserve_a_gpu_only_where_they_use_one():
-    from ssl_bench.executors import _gpus_per_task
+def test_ray_tasks_reserve_a_gpu_only_where_they_use_one(runner):
+    import types
+
+    from ssl_bench.ray_executor import _gpus_per_task, _Tasks
 
     assert _gpus_per_task(None, {"CPU": 16, "GPU": 8}) == 1 and _gpus_per_task("cuda", {"GPU": 1}) == 1
     assert _gpus_per_task("cpu", {"CPU": 16, "GPU": 8}) == 0  # --device cpu: no GPU held idle per task
     assert _gpus_per_task(None, {"CPU": 2}) == 0
+
+    class FakeRay:  # records what each task would ask Ray for, and the device it would compute on
+        submitted = []
+
+        @staticmethod
+        def remote(**resources):
+            def wrap(function):
+                class Remote:
+                    @staticmethod
+                    def options(name):
+                        return types.SimpleNamespace(remote=lambda *args: FakeRay.submitted.append(
+                            (function.__name__, resources["num_gpus"], args[-2], name)))
+                return Remote
+            return wrap
+
+    plan = make_plan(grid(tasks=["kmeans", "primaps-em", "primaps-em-fast"], seeds=[0]), runner)
+    tasks = _Tasks(FakeRay, "/cache", "id", None, 1, gpus=1)
+    tasks.extract(plan.extractions_needed[0])
+    for cell in plan.todo:
+        tasks.cell(cell)
+    asked = {(name, gpus, device) for name, gpus, device, _ in FakeRay.submitted}
+    assert asked == {("_extract_task", 1, None), ("_cell_task", 1, None), ("_cell_task", 0, "cpu")}
+    on_cpu = {label.split(" / ")[1] for name, gpus, device, label in FakeRay.submitted if gpus == 0}
+    assert on_cpu == {"kmeans", "primaps-em-fast"}  # gpu: false in their task files; named after their cells
+
+
+def test_a_task_on_a_node_that_does_not_see_the_cache_fails_in_one_line(tmp_path):
+    from ssl_bench.ray_executor import CACHE_ID_FILE, cache_identity, check_sees_cache
+
+    cache = tmp_path / "cache"
+    identity = cache_identity(cache)
+    assert identity and cache_identity(cache) == identity  # made once, then read
+    check_sees_cache(str(cache), identity, "node-1 (10.0.0.1, Ray node 12345678)")
+    with pytest.raises(UserError, match=r"^node node-2 \(10.0.0.2, Ray node 9\) does not see the feature cache /no/such "
+                                        r"-- mount the shared cache at that path on every node"):
+        check_sees_cache("/no/such", identity, "node-2 (10.0.0.2, Ray node 9)")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / CACHE_ID_FILE).write_text("another cache")  # a local folder at the shared path, say
+    with pytest.raises(UserError, match="node n sees another folder than the driver at"):
+        check_sees_cache(str(other), identity, "n")
+    (tmp_path / "a-file").write_text("")
+    with pytest.warns(UserWarning, match="nodes that do not see it are not detected"):
+        assert cache_identity(tmp_path / "a-file" / "cache") is None  # cannot be made: the sweep goes on unchecked
 
 
 def test_run_takes_k_as_a_multiple_of_the_classes(tmp_path):
@@ -395,6 +441,7 @@ def test_a_mask_of_another_format_is_named_in_the_error(tmp_path):
     ("{name: kmeans-x, params: {iterations: '50'}}", "iterations='50' must be a whole number"),
     ("{title: no name}", "each variant needs a name"),
     ("{name: kmeans, params: {crf: true}}", "the name 'kmeans' is registered twice"),
+    ("{name: kmeans-x, gpu: 1}", "task 'kmeans-x': gpu must be true or false, got 1"),  # 1 is no switch
 ])
 def test_task_file_mistakes_are_one_line(tmp_path, monkeypatch, variant, message):
     (tmp_path / "tasks").mkdir()
