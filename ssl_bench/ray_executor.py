@@ -217,7 +217,7 @@ class _Tasks:
     """Submits extractions and cells with the resources they need (see the module docstring)."""
 
     def __init__(self, ray, cache_root: str, identity: str | None, device: str | None, threads: int, gpus: int):
-        self.cache_root, self.identity, self.device, self.threads, self.gpus = cache_root, identity, device, threads, gpus
+        self.cache_root, self.identity, self.device, self.threads = cache_root, identity, device, threads
         options = {"num_cpus": threads, "max_retries": NODE_LOSS_RETRIES}
         self._extract = ray.remote(**options, num_gpus=gpus)(_extract_task)
         self._model_cell = ray.remote(**options, num_gpus=gpus)(_cell_task)
@@ -281,6 +281,8 @@ def _sweep(ray, plan: Plan, runner: Runner, tasks: _Tasks, bound: Callable[[], i
                 yield
                 continue
             running[tasks.cell(cell)] = cell
+        if not running:
+            continue  # the cells taken were all stored meanwhile by another sweep
         done, _ = ray.wait(list(running), num_returns=1, timeout=RECHECK_S)
         if not done:
             continue  # nothing finished yet: re-read the live nodes
