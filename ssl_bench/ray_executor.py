@@ -223,16 +223,18 @@ class _Tasks:
         self._model_cell = ray.remote(**options, num_gpus=gpus)(_cell_task)
         self._cpu_cell = ray.remote(**options, num_gpus=0)(_cell_task)
 
+    # Tasks are named by kind ("extract", "cell kmeans"), not by cell: the driver keeps a record per
+    # distinct task name (about 12 KiB each, measured), which would grow with the grid.
     def extract(self, entry: Extraction):
-        return self._extract.options(name=f"extract {entry.label}").remote(
+        return self._extract.options(name="extract").remote(
             entry.config, entry.kinds, self.cache_root, self.identity, self.device, self.threads)
 
     def cell(self, cell: Cell):
+        name = f"cell {cell.run.task.name}"
         if cell.run.task.gpu:  # as asked; None: the GPU Ray gives it, if any
-            return self._model_cell.options(name=cell.label).remote(
+            return self._model_cell.options(name=name).remote(
                 cell.config, self.cache_root, self.identity, self.device, self.threads)
-        return self._cpu_cell.options(name=cell.label).remote(cell.config, self.cache_root, self.identity, "cpu",
-                                                              self.threads)
+        return self._cpu_cell.options(name=name).remote(cell.config, self.cache_root, self.identity, "cpu", self.threads)
 
 
 def _cause(err: BaseException) -> BaseException:

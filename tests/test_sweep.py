@@ -389,8 +389,8 @@ def test_ray_tasks_reserve_a_gpu_only_where_they_use_one(runner):
         tasks.cell(cell)
     asked = {(name, gpus, device) for name, gpus, device, _ in FakeRay.submitted}
     assert asked == {("_extract_task", 1, None), ("_cell_task", 1, None), ("_cell_task", 0, "cpu")}
-    on_cpu = {label.split(" / ")[1] for name, gpus, device, label in FakeRay.submitted if gpus == 0}
-    assert on_cpu == {"kmeans", "primaps-em-fast"}  # gpu: false in their task files; named after their cells
+    on_cpu = {label for name, gpus, device, label in FakeRay.submitted if gpus == 0}
+    assert on_cpu == {"cell kmeans", "cell primaps-em-fast"}  # gpu: false in their task files; named by task
 
 
 def test_a_task_on_a_node_that_does_not_see_the_cache_fails_in_one_line(tmp_path):
