@@ -2,28 +2,52 @@
 
 from __future__ import annotations
 
+import functools
 import shlex
 import signal
 import sys
+import traceback
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Optional
 
 import typer
 import yaml
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import registry
+from . import __version__, registry
 from .errors import UserError
+from .terminal import NORMAL, QUIET, VERBOSE, Display
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+def _as_typed(params: list, ctx) -> list:
+    """Help that shows a switch as a switch: ``--force``, not ``--force <bool>`` (it takes no value), and a
+    repeatable option as ``<str> ...``, not ``<list[str]>``."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        elif getattr(param, "multiple", False) and param.metavar is None:
+            shown = param.display_type(ctx)  # <list[str]>
+            param.metavar = f"<{shown[6:-2]}> ..." if shown.startswith("<list[") else shown
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx):
+        return _as_typed(super().get_params(ctx), ctx)
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return _as_typed(super().get_params(ctx), ctx)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
                   help="Benchmark self-supervised backbones by unsupervised semantic segmentation.")
-console = Console(stderr=True)
-out = Console(soft_wrap=True, markup=False)  # our text has brackets ([missing: key]), never markup
+command = functools.partial(app.command, cls=_Command)
+display = Display()  # this process's outputs: -q / -v / --log-file set them
+console, out = display.err, display.out
 
 
 EXAMPLE_PAIRS = {"--param": "tau=5", "--option": "limit=25", "--arg": "image_counts=25,50"}
@@ -45,17 +69,28 @@ def parse_pairs(pairs: Iterable[str], what: str) -> tuple:
     return tuple(sorted(parsed.items()))
 
 
-@contextmanager
-def progress_bars():
-    """A ``progress(iterable, desc, total)`` function drawing rich progress bars on stderr."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console, transient=False) as bars:
-        def progress(iterable, desc: str = "", total: int | None = None):
-            task = bars.add_task(desc, total=total)
-            for item in iterable:
-                yield item
-                bars.advance(task)
-        yield progress
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"ssl-bench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="results, warnings and errors only: no progress bars, "
+                               "plan or per-cell lines"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also details, e.g. the traceback of a failed cell"),
+    log_file: Optional[Path] = typer.Option(None, "--log-file", help="also append everything printed (no progress "
+                                            "bars, no colours) and the details of -v to this file"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the version and exit"),
+):
+    """Benchmark self-supervised backbones by unsupervised semantic segmentation."""
+    if quiet and verbose:
+        raise UserError("-q and -v contradict each other -- give one of them")
+    if log_file is not None and log_file.is_dir():
+        raise UserError(f"--log-file {log_file} is a folder -- give a file, e.g. {log_file / 'ssl-bench.log'}")
+    display.configure(QUIET if quiet else VERBOSE if verbose else NORMAL, log_file)
 
 
 def _runner(store: Optional[Path], cache: Optional[Path], device: Optional[str] = None):
@@ -70,7 +105,7 @@ StoreOpt = typer.Option(None, "--store", help="results database (default .ssl-be
 CacheOpt = typer.Option(None, "--cache", help="feature cache folder (default .ssl-bench/cache or $SSL_BENCH_CACHE)")
 
 
-@app.command()
+@command()
 def run(
     backbone: str = typer.Option("reference", "--backbone", "-b", help="registered backbone (ssl-bench list backbones)"),
     task: str = typer.Option("kmeans", "--task", "-t", help="registered task (ssl-bench list tasks)"),
@@ -98,6 +133,7 @@ def run(
 ):
     """Run one backbone x task x dataset cell and store the result."""
     from .data.protocol import Protocol
+    from .report.tables import model_label
     from .runner import RunConfig, before_scoring_rules_hashes, earlier_version_hashes
     from .sweep import resolve_k
 
@@ -113,19 +149,24 @@ def run(
     cfg = RunConfig(backbone=backbone, task=task, dataset=dataset, split=split, k=k, seed=seed, weights=weights,
                     data_root=data_root, dataset_options=options, params=tuple(sorted(params.items())),
                     protocol=protocol)
-    with progress_bars() as progress:
-        outcome = runner.run(cfg, force=force, progress=progress)
+    with display.bars() as bars:
+        outcome = runner.run(cfg, force=force, progress=bars.progress)
     rec = outcome.record
     tag = "computed" if outcome.computed else "already stored; --force recomputes"
     random_note = "  (RANDOM WEIGHTS: smoke run, not a result)" if rec["random_weights"] else ""
-    out.print(f"{rec['backbone']} / {rec['task']} / {rec['dataset']}:{rec['split']} K={rec['k']} seed={rec['seed']}: "
+    out.print(f"{model_label(rec)} / {rec['task']} / {rec['dataset']}:{rec['split']} K={rec['k']} seed={rec['seed']}: "
               f"mIoU {rec['miou']:.2f}  Acc {rec['acc']:.2f}  F1 {rec['f1']:.2f}  ({tag}){random_note}")
     for key, m in rec["metrics"].items():
         if m.get("labelled_fraction", 1.0) < 1.0:
             lab = m["labelled"]
             out.print(f"  {key}: labelled {m['labelled_fraction'] * 100:.1f}% of pixels; on labelled pixels only: "
                       f"mIoU {lab['miou']:.2f} Acc {lab['acc']:.2f} F1 {lab['f1']:.2f}")
-    out.print(f"  run {rec['config_hash']} in {runner.store.path}")
+    out.print(f"  run {rec['config_hash']} in {runner.store.path} (ssl-bench show {rec['config_hash'][:12]}: its whole "
+              f"configuration)")
+    if outcome.computed:
+        order = ["features", "labels", "task", "evaluate"]  # the pipeline's order (the store keeps them sorted)
+        stages = sorted(rec["timings"].items(), key=lambda item: order.index(item[0]) if item[0] in order else 9)
+        display.info("  seconds per stage: " + ", ".join(f"{stage} {t:.1f}" for stage, t in stages))
     if outcome.computed and any(runner.store.has(h) for h in earlier_version_hashes(rec["config"])):
         out.print(f"  note: an earlier version of {rec['task']} stored this cell too; its row is kept, and reports "
                   f"label it [vN, not current]")
@@ -134,7 +175,7 @@ def run(
                   "reports show it under absent_classes=ignore")
 
 
-@app.command()
+@command()
 def sweep(
     file: Optional[Path] = typer.Argument(None, help="grid file (YAML, see examples/sweep.yaml); flags below replace its axes"),
     backbone: list[str] = typer.Option([], "--backbone", "-b", help="backbone (repeatable)"),
@@ -167,7 +208,8 @@ def sweep(
     from . import sweep as sweeps
 
     _check_executor(executor, address, cpus_per_task, max_in_flight)
-    data = sweeps.read_grid_file(file) if file else {}
+    resolved: list[tuple[str, str]] = []
+    data = sweeps.read_grid_file(file, resolved=resolved) if file else {}
     flags = backbone or weights or task or param or dataset or data_root or option or split or k or seed
     protocol_flags = {"resize": resize, "crop": crop, "overclustering": overclustering, "absent_classes": absent_classes}
     protocol_flags = {key: value for key, value in protocol_flags.items() if value is not None}
@@ -198,11 +240,14 @@ def sweep(
     if not file and not backbone:
         raise UserError("give a sweep file or grid flags -- e.g. ssl-bench sweep --backbone reference --task kmeans "
                         "--dataset synthetic --k C --k 2C --seed 0 --seed 1")
+    for written, path in resolved:
+        display.info(f"{file}: {written} is read from the file's folder: {path}")
     grids, skipped = sweeps.grids_from_mapping(data, str(file) if file else "command line")
     runner = _runner(store, cache, device)
     plan = sweeps.make_plan(grids, runner)
-    for line in [grid.reason for grid in skipped] + sweeps.describe(plan):
-        out.print(line, highlight=False)
+    for grid in skipped:
+        display.info(grid.reason)
+    _describe(plan, runner)
     if plan_only or not plan.todo:
         return
 
@@ -210,6 +255,20 @@ def sweep(
     out.print(f"results in {runner.store.path} (ssl-bench report --store {runner.store.path})", highlight=False)
     if summary.failed:
         raise SystemExit(1)
+
+
+def _describe(plan, runner) -> None:
+    """The plan's lines and, where something was measured before, how long it will take here."""
+    from .estimate import estimate
+    from .sweep import describe
+
+    for line in describe(plan):
+        if line.startswith("warning:"):  # shown with -q too: it is about the hours ahead
+            console.print(escape(line))
+        else:
+            display.info(line)
+    if plan.todo:
+        display.info(estimate(plan, runner.store.query(), runner.cache.root).text())
 
 
 def _check_executor(executor: str, address: Optional[str], cpus_per_task: Optional[int],
@@ -232,22 +291,24 @@ def _execute(plan, runner, executor: str, address: Optional[str], device: Option
     """Run a sweep plan (``sweep`` and ``reproduce``): a line per cell, the summary at the end."""
     from .executors import run_local
 
-    def report_cell(cell, status: str) -> None:
-        rec = f"{status}  {cell.label}"
-        if status == "computed":
-            stored = runner.store.get(cell.run.config_hash)
-            rec += f": mIoU {stored['miou']:.2f} Acc {stored['acc']:.2f} F1 {stored['f1']:.2f}"
-        out.print(rec, highlight=False)
+    with display.bars() as bars:
+        advance = bars.overall(len(plan.todo), "sweep")  # one bar for the whole plan: cells done of all, time left
 
-    if executor == "ray":
-        from .ray_executor import run_ray
+        def report_cell(cell, status: str) -> None:
+            rec = f"{status}  {cell.label}"
+            if status == "computed":
+                stored = runner.store.get(cell.run.config_hash)
+                rec += f": mIoU {stored['miou']:.2f} Acc {stored['acc']:.2f} F1 {stored['f1']:.2f}"
+            display.info(rec)  # failures are listed again at the end, -q or not
+            advance()
 
-        with progress_bars() as progress:  # one bar: cells finished of the cells to compute, on every node
+        if executor == "ray":
+            from .ray_executor import run_ray
+
             summary = run_ray(plan, runner, address, device, on_cell=report_cell, cpus_per_task=cpus_per_task,
-                              max_in_flight=max_in_flight, progress=progress)
-    else:
-        with progress_bars() as progress:
-            summary = run_local(plan, runner, progress, on_cell=report_cell)
+                              max_in_flight=max_in_flight)
+        else:
+            summary = run_local(plan, runner, bars.progress, on_cell=report_cell)
     for line in summary.lines():
         out.print(line, highlight=False)
     return summary
@@ -284,7 +345,7 @@ def _dataset_entry(name: str, roots: list[str], split: Optional[str], options: l
     return {"name": name, "data_root": root, "split": split, "options": dict(parse_pairs(mine, "--option"))}
 
 
-@app.command()
+@command()
 def reproduce(
     name: Optional[str] = typer.Argument(None, help="recipe (omit to list them; see recipes/) or a recipe file"),
     plan_only: bool = typer.Option(False, "--plan", help="print what the recipe needs and runs, and stop"),
@@ -305,7 +366,6 @@ def reproduce(
 ):
     """Reproduce a published table: the paper's value beside ours (exit 1 when a cell is out of tolerance)."""
     from . import reproduce as rep
-    from . import sweep as sweeps
     from .report import FORMATS
 
     roots = {}
@@ -336,8 +396,7 @@ def reproduce(
     rep.check_can_run(setup)  # one line naming the missing weight files and folders
     runner = _runner(store, cache, device)
     plan = rep.plan(setup, runner)
-    for line in sweeps.describe(plan):
-        out.print(line, highlight=False)
+    _describe(plan, runner)
     if plan_only:
         return
     failed = _execute(plan, runner, executor, address, device, cpus_per_task).failed if plan.todo else []
@@ -367,7 +426,7 @@ def _recipe_listing(rows: list[dict]) -> None:
     out.print(table)
 
 
-@app.command()
+@command()
 def regress(
     suite: Optional[Path] = typer.Option(None, "--suite", help="suite file: any sweep file (default: ssl-bench's own "
                                          "suite, results/regress/suite.yaml of the checkout whose code runs)"),
@@ -435,6 +494,137 @@ def regress(
     raise SystemExit(report.exit_status)
 
 
+def _existing_store(store: Optional[Path], read_only: bool = True):
+    """The results store at ``store`` (or the default); a path where none is is one line, not a new empty store.
+    Read-only unless asked: reading writes nothing beside the store."""
+    from .store import ResultStore, default_store_path
+
+    path = store or default_store_path()
+    if not path.exists():  # opening would create an empty store and report "no runs" for a mistyped path
+        raise UserError(f"no results store at {path} -- run ssl-bench run or ssl-bench sweep first, "
+                        f"or pass --store with the file they wrote")
+    return ResultStore(path, read_only=read_only)
+
+
+def _print_wide(table: Table) -> None:
+    """A listing at its natural width, also into a file or pipe (rich would squeeze it to 80 columns)."""
+    from rich.measure import Measurement
+
+    natural = Measurement.get(out, out.options.update(max_width=10_000), table).maximum
+    width = out.width
+    out.width = max(width, natural)  # print(width=...) cannot exceed the console's own
+    try:
+        out.print(table)
+    finally:
+        out.width = width
+
+
+@command()
+def show(
+    run_hash: str = typer.Argument(..., help="a stored run's hash, or its first characters (see ssl-bench runs)"),
+    store: Optional[Path] = StoreOpt,
+):
+    """Print one stored run: its whole configuration (weights file included), scores, timings, environment."""
+    from .housekeeping import find_run, run_text
+
+    out.print(run_text(find_run(_existing_store(store), run_hash)), end="")
+
+
+@command()
+def runs(
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="only runs of this backbone"),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="only runs of this task"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="only runs on this dataset"),
+    k: Optional[str] = typer.Option(None, "--k", help="only runs with this K: a number, or C, 2C ..."),
+    seed: Optional[int] = typer.Option(None, help="only runs with this method seed"),
+    random: Optional[bool] = typer.Option(None, "--random/--no-random", help="only / no random-weight runs"),
+    superseded: bool = typer.Option(False, "--superseded", help="only runs of an earlier version of their task"),
+    hash_prefix: list[str] = typer.Option([], "--hash", help="only runs whose hash starts with this (repeatable)"),
+    delete: bool = typer.Option(False, "--delete", help="delete the runs listed (rows and panel samples)"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="with --delete: do not ask"),
+    store: Optional[Path] = StoreOpt,
+):
+    """List stored runs (filtered by the options), or delete them with --delete."""
+    from .housekeeping import RunFilter, delete_runs, select_runs
+    from .report.tables import model_label, task_label
+
+    results = _existing_store(store, read_only=not delete)
+    wanted = RunFilter(backbone, task, dataset, k, seed, random, superseded, list(hash_prefix))
+    found = select_runs(results, wanted)
+    table = Table("run", "stored", "backbone", "task", "dataset", "K", "seed", "mIoU", "Acc", "F1", "seconds",
+                  box=None, pad_edge=False, header_style="bold underline")
+    table.columns[0].no_wrap = True
+    for r in found:
+        table.add_row(r["config_hash"][:12], str(r.get("created_at", ""))[:16], model_label(r)
+                      + (" (random)" if r["random_weights"] else ""), task_label(r["config"]),
+                      f"{r['dataset']}:{r['split']}", str(r["k"]), str(r["seed"]), f"{r['miou']:.2f}",
+                      f"{r['acc']:.2f}", f"{r['f1']:.2f}", f"{sum(r['timings'].values()):.1f}")
+    if found:
+        _print_wide(table)
+    filtered = wanted != RunFilter()
+    console.print(f"{len(found)} run(s){' matching' if filtered else ''} in {results.path}"
+                  + ("" if delete else "; ssl-bench show HASH prints one, --delete removes those listed"))
+    if not delete or not found:
+        return
+    if not filtered:
+        raise UserError("--delete without a filter would delete every run -- name what to delete (e.g. --task, "
+                        "--backbone, --hash), or delete the store file itself")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"--delete would remove {len(found)} run(s) and nobody is here to confirm -- add --yes")
+        typer.confirm(f"delete these {len(found)} run(s) from {results.path}?", abort=True)
+    console.print(f"deleted {delete_runs(results, found)} run(s) from {results.path}")
+
+
+@command()
+def cache(
+    prune: bool = typer.Option(False, "--prune", help="delete the entries no run in the store needs, and temporary "
+                               "files a killed process left"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache", help="feature cache folder (default .ssl-bench/cache "
+                                             "or $SSL_BENCH_CACHE)"),
+    store: Optional[Path] = StoreOpt,
+):
+    """Sizes of the feature cache's entries and whether a stored run needs each; --prune deletes the others."""
+    from .features import default_cache_dir
+    from .housekeeping import cache_entries, count_needs, human_size, stale_temporaries
+    from .housekeeping import prune as prune_entries
+    from .store import ResultStore, default_store_path
+
+    root = cache_dir or default_cache_dir()
+    if not root.is_dir():
+        raise UserError(f"no feature cache at {root} -- it is made by ssl-bench run / sweep; pass --cache with "
+                        f"the folder they used")
+    store_path = store or default_store_path()
+    records = ResultStore(store_path).query() if store_path.exists() else []
+    entries = cache_entries(root)
+    count_needs(entries, records)
+    table = Table("size", "backbone", "dataset", "images", "kinds", "weights", "needed by", "entry",
+                  box=None, pad_edge=False, header_style="bold underline")
+    for e in sorted(entries, key=lambda e: -e.size):
+        key = e.key
+        table.add_row(human_size(e.size), key.get("backbone", "?") if e.kind == "features" else "(labels)",
+                      f"{key.get('dataset', '?')}:{key.get('split', '?')}", str(e.images), ", ".join(e.kinds),
+                      str(key.get("weights", ""))[:14] if e.kind == "features" else "",
+                      f"{e.needed_by} run(s)" if e.needed_by else "-", str(e.path.relative_to(root)))
+    if entries:
+        _print_wide(table)
+    temporaries = stale_temporaries(root)
+    unneeded = [e for e in entries if not e.needed_by]
+    total = sum(e.size for e in entries)
+    console.print(f"{len(entries)} entries, {human_size(total)} in {root}; {len(unneeded)} needed by no run in "
+                  f"{store_path} ({human_size(sum(e.size for e in unneeded))})"
+                  + (f"; {len(temporaries)} stale temporary file(s)" if temporaries else "")
+                  + ("" if prune else "; --prune deletes those"))
+    if not prune:
+        return
+    removed, busy = prune_entries(entries)
+    for path in temporaries:
+        path.unlink(missing_ok=True)
+    console.print(f"deleted {len(removed)} entries ({human_size(sum(e.size for e in removed))})"
+                  + (f" and {len(temporaries)} temporary file(s)" if temporaries else "")
+                  + (f"; kept {len(busy)} being extracted right now" if busy else ""))
+
+
 NORMALISATIONS = {(0.485, 0.456, 0.406): "ImageNet", (0.48145466, 0.4578275, 0.40821073): "CLIP",
                   (0.0, 0.0, 0.0): "none"}
 
@@ -476,7 +666,7 @@ def _backbone_table(wide: bool) -> Table:
     return table
 
 
-@app.command("list")
+@command("list")
 def list_(what: str = typer.Argument(..., help="backbones | tasks | stages | datasets"),
           wide: bool = typer.Option(False, "--wide", help="backbones: all details (needs a wide terminal)")):
     """List registered backbones, tasks or datasets."""
@@ -507,15 +697,17 @@ def list_(what: str = typer.Argument(..., help="backbones | tasks | stages | dat
                           cls.default_root)
     else:
         raise UserError(f"cannot list '{what}' -- choose backbones, tasks, stages or datasets")
+    for column in table.columns[1:]:
+        column.overflow = "fold"  # wrapped whole, never cut to "No…" (parameters are what users copy)
     out.print(table)
 
 
-@app.command()
+@command()
 def report(
     format: Optional[str] = typer.Option(None, "--format", "-f", help="markdown | latex | csv | html (tables only; "
                                          "default markdown)"),
-    table: Optional[str] = typer.Option(None, "--table", help="leaderboard | segments | streams | all "
-                                        "(default: all; leaderboard for csv)"),
+    table: Optional[str] = typer.Option(None, "--table", help="leaderboard | segments | streams | classes (per-class "
+                                        "IoU) | timings | all (default: all; leaderboard for csv)"),
     task: Optional[str] = typer.Option(None, help="only this task"),
     k: str = typer.Option("classes", "--k", help="leaderboard K: 'classes' (K = number of classes), 2C, 3C ... "
                           "or a number"),
@@ -524,17 +716,16 @@ def report(
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="also write every table (md, tex, csv, html), "
                                            "the over-clustering curves (PNG, PDF) and the panels (PNG) here"),
     max_panels: int = typer.Option(24, help="at most this many qualitative panels in the HTML page"),
+    subsets: str = typer.Option("largest", help="largest: per dataset the column of the most images (the full "
+                                "split where it ran); all: also every limit=/n= subset as its own column"),
+    layout: str = typer.Option("auto", help="leaderboard: wide (datasets as column groups), long (a row per "
+                               "dataset) or auto (long beyond 4 datasets)"),
     store: Optional[Path] = StoreOpt,
 ):
     """Tables, figures and an HTML page from the stored runs (random-weight runs are marked)."""
     from . import report as reports
-    from .store import ResultStore, default_store_path
 
-    path = store or default_store_path()
-    if not path.exists():  # opening would create an empty store and report "no runs" for a mistyped path
-        raise UserError(f"no results store at {path} -- run ssl-bench run or ssl-bench sweep first, "
-                        f"or pass --store with the file they wrote")
-    results = ResultStore(path, read_only=True)  # a report writes nothing beside the store
+    results = _existing_store(store)
     records = results.query()
     if task and task not in {r["task"] for r in records}:
         raise UserError(f"no stored run of task '{task}' -- stored tasks: "
@@ -547,25 +738,26 @@ def report(
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out-dir {out_dir} is a file -- give a folder")
     fmt = format or "markdown"
-    text = reports.text_report(records, fmt, table or ("leaderboard" if fmt == "csv" else "all"), k, task)
+    text = reports.text_report(records, fmt, table or ("leaderboard" if fmt == "csv" else "all"), k, task, subsets,
+                               layout)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
         console.print(f"wrote {output}")
     elif not (html or out_dir) or format or table:  # with --html/--out-dir only on request
-        sys.stdout.write(text)
+        out.file.write(text)  # as rendered: no console markup or wrapping (and into the log file)
         if not text:  # an empty CSV table: say so rather than print nothing
             console.print(f"no stored run has rows for the {table or 'leaderboard'} table")
     if out_dir:
-        written = reports.write_all(records, results.path, out_dir, k, task)
+        written = reports.write_all(records, results.path, out_dir, k, task, subsets, layout)
         console.print(f"wrote {len(written)} files to {out_dir}")
     if html:
         html.parent.mkdir(parents=True, exist_ok=True)
-        html.write_text(reports.html_report(records, results.path, k, task, max_panels))
+        html.write_text(reports.html_report(records, results.path, k, task, max_panels, subsets, layout))
         console.print(f"wrote {html}")
 
 
-@app.command()
+@command()
 def bench(
     name: Optional[str] = typer.Argument(None, help="benchmark to run (omit to list them)"),
     arg: list[str] = typer.Option([], "--arg", "-a", help="benchmark argument key=value (repeatable)"),
@@ -626,9 +818,9 @@ def _first_sentence(doc: str) -> str:
     return paragraph.split(". ")[0].rstrip(".") + "."
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """A warning as users read it: the message, not the source file and line that raised it."""
-    return f"warning: {message}\n"
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as users read it: the message, not the source file and line that raised it (and in the log)."""
+    console.print(f"warning: {escape(str(message))}", soft_wrap=True)
 
 
 def _out_of_memory(err: RuntimeError) -> bool:
@@ -645,7 +837,7 @@ def main() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_interrupt)
-    warnings.formatwarning = _one_line_warning
+    warnings.showwarning = _one_line_warning
     try:
         app()
     except UserError as err:
@@ -663,3 +855,7 @@ def main() -> None:
             raise
         console.print("interrupted: stored results and cached features are kept; run again to resume")
         raise SystemExit(130)
+    except Exception:  # a bug: its traceback goes to the log file too, where a user will look for it
+        if display.log_file is not None:
+            display.log_file.write(traceback.format_exc())
+        raise

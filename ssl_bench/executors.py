@@ -9,16 +9,20 @@ feature cache must be on storage every worker sees (a shared file system on a re
 
 from __future__ import annotations
 
+import logging
+import traceback
 from collections import deque
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .errors import UserError
 from .runner import Computed, Runner
 from .store import file_lock
 from .sweep import Cell, CellCallback, Plan, SweepSummary, one_line
 
 EXECUTORS = ("local", "ray")
+log = logging.getLogger("ssl_bench")
 
 
 def _stored_meanwhile(runner: Runner, cell: Cell, summary: SweepSummary, on_cell: CellCallback) -> bool:
@@ -44,6 +48,7 @@ def _store_record(runner: Runner, cell: Cell, computed: Computed, summary: Sweep
 
 
 def _fail(cell: Cell, err: BaseException, summary: SweepSummary, on_cell: CellCallback) -> None:
+    log.debug("%s failed:\n%s", cell.label, "".join(traceback.format_exception(err)).rstrip())  # -v, --log-file
     summary.failed.append((cell.label, one_line(err)))
     on_cell(cell, f"failed: {one_line(err)}")
 

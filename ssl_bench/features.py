@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,9 @@ from .integrity import (Damaged, NpyWriter, crc32, disk_error, open_npy, open_re
                         write_checked_json)
 from .store import file_lock
 from .models.base import Backbone
+
+
+TIMING_FILE = "timing.json"  # seconds and images of an entry's last extraction pass
 
 
 def default_cache_dir() -> Path:
@@ -292,6 +296,7 @@ class FeatureCache:
         return done, None
 
     def _extract(self, folder, backbone, dataset, protocol, kinds, grids, offsets, progress, batch_size, workers):
+        started = time.perf_counter()
         start = min(self._done(folder, k) for k in kinds)
         batches = _same_size_batches(grids, start, batch_size)
         images = _ProtocolImages(dataset, protocol, backbone.patch_size)
@@ -299,7 +304,7 @@ class FeatureCache:
         try:
             for indices, batch in progress(_prefetched(images.batch, batches, workers),
                                            desc=f"extract {backbone.spec.name} on {dataset.name}/{dataset.split}",
-                                           total=len(batches)):
+                                           total=len(grids) - start, unit="images", step=lambda item: len(item[0])):
                 feats = backbone.extract(backbone.normalize(batch), kinds)  # normalize moves the batch to the model
                 for kind in kinds:
                     rows = self._rows(kind, feats[kind]).astype(np.float16)
@@ -313,6 +318,9 @@ class FeatureCache:
         finally:
             for writer in writers.values():
                 writer.close()
+        # what this pass cost, for the time estimates of later plans (sweep --plan)
+        write_checked_json(folder / TIMING_FILE, {"seconds": time.perf_counter() - started,
+                                                  "images": len(grids) - start, "kinds": list(kinds)})
 
     @staticmethod
     def _rows(kind: str, t: torch.Tensor) -> np.ndarray:
@@ -492,7 +500,7 @@ class LabelCache:
             flat = NpyWriter(tmp, np.int16, (int(offsets[-1]),), fresh=True)
             try:
                 for i in progress(range(len(dataset)), desc=f"decode labels of {dataset.name}/{dataset.split}",
-                                  total=len(dataset)):
+                                  total=len(dataset), unit="images"):
                     label = _checked_label(dataset, protocol, multiple, i, tuple(shapes[i])).astype(np.int16).ravel()
                     flat.write(int(offsets[i]), label)
                     crcs.append(crc32(label))

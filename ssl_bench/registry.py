@@ -27,6 +27,7 @@ from typing import Any, Callable
 import yaml
 
 from .errors import UserError
+from .kbounds import KBound
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
 _PACKAGED = Path(__file__).resolve().parent / "_registry"
@@ -96,6 +97,7 @@ class StageSpec:
     validate: str | None = None  # "module:function(params)" raising UserError
     version: int = 1  # raised when the stage's numbers change (a run of another version is not reused)
     benchmark: str | None = None  # "module:function" measured by `ssl-bench bench` (see bench.available_benchmarks)
+    k_bound: KBound | None = None  # a segmenter's items (segments, proposals): what bounds K in a task using it
 
     def features_for(self, params: dict) -> tuple[str, ...]:
         return tuple(f.format(**params) if "{" in f else f for f in self.features)
@@ -117,6 +119,24 @@ class TaskSpec:
     stages: dict = field(default_factory=dict)  # stage slots: parameter name -> stage kind (composed tasks)
     gpu: bool = True  # runs a model (backbone passes, training): on a Ray cluster with GPUs its cells hold one;
     # false: it computes on cached features with the CPU, and its cells run on the CPU and never hold a GPU
+    k_bound: KBound = KBound()  # what its K clusters are made of (checked before any work, see kbounds.py)
+    slow_on_cpu: dict | None = None  # {when: {param: value}, why, instead}: said before such a run starts on a CPU
+
+    def cpu_note(self, params: dict) -> str | None:
+        """What to say before this task runs with ``params`` on a machine without a GPU (None: nothing)."""
+        slow = self.slow_on_cpu
+        if not slow or any(params.get(key) != value for key, value in slow["when"].items()):
+            return None
+        return f"{self.name} on a CPU: {slow['why']} -- {slow['instead']}"
+
+    def k_bound_for(self, params: dict) -> KBound:
+        """What bounds K for a run with these (resolved) parameters: the task's own ``k_bound`` or, in a
+        composed task, that of the stage in a slot that declares one (its parameters named by the slot)."""
+        for slot, kind in self.stages.items():
+            stage = stages(kind).get(params.get(slot))
+            if stage is not None and stage.k_bound is not None:
+                return stage.k_bound.in_slot(slot, self.k_bound.split)
+        return self.k_bound
 
     def resolve_params(self, overrides: dict | None) -> dict:
         if self.stages:
@@ -430,6 +450,7 @@ def tasks_in(folder: Path) -> dict[str, TaskSpec]:
         variants = _as_list(data.pop("variants", []) or [], path, "variants")
         data["features"] = _as_tuple(data.get("features", ()), path, "features")
         data.setdefault("params", {})
+        data["k_bound"] = KBound.parse(data.get("k_bound"), data["params"], str(path))
         base = _spec(TaskSpec, data, path, "task entry")
         _check_version(path, base.version)
         _check_slots(base, path)
@@ -475,6 +496,8 @@ def stages_in(folder: Path, kind: str) -> dict[str, StageSpec]:
         data["features"] = _as_tuple(data.get("features", ()), path, "features")
         data.setdefault("params", {})
         data.setdefault("kind", kind)
+        if "k_bound" in data:
+            data["k_bound"] = KBound.parse(data["k_bound"], data["params"], str(path))
         if data["kind"] != kind:
             raise UserError(f"{path}: kind {brief(data['kind'])} in the {STAGE_KINDS[kind]} folder -- move the file "
                             f"or fix its kind")
@@ -491,6 +514,16 @@ def stage_spec(kind: str, name, what: str = "stage") -> StageSpec:
     if not isinstance(name, str):
         raise UserError(f"{what}={name!r} must name a registered {kind} -- see `ssl-bench list stages`")
     return lookup(stages(kind), name, kind)
+
+
+def _check_slow_on_cpu(slow, params: dict, path: Path) -> None:
+    example = "slow_on_cpu: {when: {denoiser: gpu}, why: ..., instead: use --task NAME-cpu}"
+    if slow is None:
+        return
+    if (not isinstance(slow, dict) or set(slow) != {"when", "why", "instead"} or not isinstance(slow["when"], dict)
+            or set(slow["when"]) - set(params)):
+        raise UserError(f"{path}: slow_on_cpu needs when (parameter values of the task), why and instead -- "
+                        f"e.g. {example}")
 
 
 def _variant(base, variant, path: Path):

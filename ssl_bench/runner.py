@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__, registry, samples
-from .data import check_option_values, open_dataset
+from .data import SUBSET_OPTIONS, check_option_values, open_dataset
 from .data.base import SegDataset
 from .data.protocol import SCORING_FIELDS, Protocol
 from .errors import UserError
@@ -85,9 +85,13 @@ class ResolvedRun:
     features: tuple[str, ...] = ()  # the cached kinds it reads: the task's and its stages'
 
 
+WHERE_KEYS = ("data_root", "weights_file", "own_weights")  # where the data and weights were, not what they are
+
+
 def run_hash(config: dict) -> str:
-    """A run's key in the store: its config without the data root (the same data elsewhere: the same run)."""
-    return config_hash({key: v for key, v in config.items() if key != "data_root"})
+    """A run's key in the store: its config without the data root and weights file (the same data or weights
+    elsewhere, or under another name: the same run; the weights are identified by their sha256)."""
+    return config_hash({key: v for key, v in config.items() if key not in WHERE_KEYS})
 
 
 def with_task_version(config: dict, version: int) -> dict:
@@ -282,6 +286,8 @@ def _usable_device(name: str | None) -> torch.device:
                         f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {name}: ssl-bench computes on cpu, cuda or mps")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: no Apple GPU (MPS) on this machine -- use --device cpu")
     return device
 
 
@@ -295,6 +301,7 @@ class Runner:
         self.device = _usable_device(device)
         self._backbones: dict[tuple, Backbone] = {}
         self._datasets: dict[tuple, SegDataset] = {}
+        self._patch_counts: dict[tuple, list[int]] = {}
 
     @cached_property
     def environment(self) -> dict:
@@ -328,6 +335,14 @@ class Runner:
             self._datasets[key] = self._datasets.setdefault((name, root, dataset.split, key[3]), dataset)
         return self._datasets[key]
 
+    def patches_per_image(self, dataset: SegDataset, protocol: Protocol, patch: int) -> list[int]:
+        """Patches of each image's grid at protocol resolution (image headers only), once per runner."""
+        key = (id(dataset), protocol, patch)
+        if key not in self._patch_counts:
+            sizes = (protocol.output_size(*dataset.image_size(i), patch) for i in range(len(dataset)))
+            self._patch_counts[key] = [(h // patch) * (w // patch) for h, w in sizes]
+        return self._patch_counts[key]
+
     def features(self, run: ResolvedRun, dataset: SegDataset, kinds: list[str],
                  progress: Callable) -> dict[str, FeatureStore]:
         seed = run.config["weights_seed"]
@@ -343,13 +358,21 @@ class Runner:
         options = dict(cfg.dataset_options)
         probe = self.open_dataset(cfg.dataset, cfg.data_root, cfg.split, options)
         if "limit" in options and not getattr(probe, "limit_cuts", True):
-            del options["limit"]  # limit=5000 on 101 images: the whole split, stored and reported as such
+            for key in SUBSET_OPTIONS:  # limit=5000 on 101 images: the whole split, stored and reported as such
+                options.pop(key, None)
+        if options.get("subset") == "first":  # the default, given or not: one run
+            del options["subset"]
+        if options.get("subset") != "random" or options.get("subset_seed") == 0:
+            options.pop("subset_seed", None)  # only a random subset has a seed
         split = probe.split
         weights_seed = cfg.weights_seed
         for name, value, example in (("seed", cfg.seed, "--seed 0"), ("weights seed", weights_seed, "weights_seed: 0")):
             if not 0 <= value <= MAX_INTEGER:  # numpy takes no negative seed, the store no integer past 64 bits:
                 raise UserError(f"the {name} must be 0 to 2^63-1, got {value} -- e.g. {example}")  # fail here
         source = resolve(spec, cfg.weights, weights_seed)
+        if cfg.weights == "random" and not source.is_random:  # asked for a smoke run, gets a real run: say so
+            warnings.warn(f"{spec.name} is not learned (fixed statistics): --weights random does not apply to it; "
+                          f"this is a run of {spec.name} itself, not a random-weight smoke run", stacklevel=2)
         if not source.is_random:  # the seed shapes random weights only: elsewhere it must not split a run in two
             weights_seed = 0
         protocol = cfg.protocol.for_patch_size(spec.patch_size)
@@ -358,6 +381,9 @@ class Runner:
             raise UserError(f"--k must be at least 1, got {k}")
         check_clusters(k, spec.embed_dim)  # sizes that cannot fit are refused now, saying what they would need
         check_extraction(protocol.resize, spec.patch_size, spec.embed_dim)
+        task.k_bound_for(params).check(k, params, split, lambda name: self.open_dataset(cfg.dataset, cfg.data_root, name, options),
+                           lambda dataset: self.patches_per_image(dataset, protocol, spec.patch_size),
+                           least_per_image=(protocol.resize // spec.patch_size) ** 2)
         config = {
             "backbone": spec.name, "weights": source.identity, "random_weights": source.is_random,
             "weights_seed": weights_seed,  # random initialisation only (0 otherwise)
@@ -369,6 +395,10 @@ class Runner:
         config = with_task_version(config, task.version)
         if versions := registry.stage_versions(task, params):  # absent while every stage is at version 1
             config["stage_versions"] = versions
+        if source.path is not None:  # for `ssl-bench show`; a user's own file is labelled by its name in reports
+            config["weights_file"] = str(source.path.resolve())
+            if source.own:
+                config["own_weights"] = True
         if probe.identity:  # a generic folder is its location (absent otherwise: earlier hashes stay valid)
             config["dataset_identity"] = probe.identity
         return ResolvedRun(config, run_hash(config), spec, task, source, probe, protocol, task.features_for(params))
@@ -378,6 +408,8 @@ class Runner:
         run = self.resolve(cfg)
         if not force and (stored := self.store.get(run.config_hash)):
             return Outcome(run.config_hash, stored, computed=False)
+        if self.device.type == "cpu" and (note := run.task.cpu_note(run.config["params"])):
+            warnings.warn(note, stacklevel=2)  # before the hours it announces, not after
         self.persist(self.compute(run, progress, fresh=force), replace=force)
         return Outcome(run.config_hash, self.store.get(run.config_hash), computed=True)
 
@@ -430,7 +462,9 @@ class Runner:
         seconds = 0.0
         iterator: Iterator[Prediction] = iter(predictions)
         sample_indices = samples.spread_indices(len(ctx.dataset))  # headline predictions kept for report panels
-        for pred in progress(iterator, desc=f"{run.task.name} (K={ctx.k}) predictions", total=None):  # streams vary
+        headline = f"{FINAL}@{ctx.split}"
+        for pred in progress(iterator, desc=f"{run.task.name} (K={ctx.k}) predictions", total=len(ctx.dataset),
+                             unit="images", step=lambda p: int(p.stream == FINAL and p.split in (None, ctx.split))):
             t0 = time.perf_counter()
             split = pred.split or ctx.split
             label = ctx.label(pred.index, split)
@@ -441,7 +475,7 @@ class Runner:
             if key not in streams:
                 streams[key] = StreamingConfusion(run.config["num_classes"], ctx.k)
             streams[key].update(pred.labels, label)
-            if key == f"{FINAL}@{ctx.split}" and pred.index in sample_indices:
+            if key == headline and pred.index in sample_indices:
                 kept.append((pred.index, pred.labels.astype(np.int16), label.astype(np.int16)))
                 sample_indices.discard(pred.index)
             seconds += time.perf_counter() - t0

@@ -228,6 +228,11 @@ class ResultStore:
             raise UserError(f"cannot write run {record.config_hash} to the results store {self.path} ({err}) -- free "
                             f"space on its disk or make it writable, then run again (stored runs are kept)") from None
 
+    def delete(self, config_hashes: list[str]) -> int:
+        """Delete these runs in one transaction; returns how many rows went."""
+        with closing(self._connect()) as db, db:
+            return sum(db.execute("DELETE FROM runs WHERE config_hash=?", (h,)).rowcount for h in config_hashes)
+
     def get(self, config_hash: str) -> dict | None:
         rows = self.query("config_hash = ?", (config_hash,))
         return rows[0] if rows else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -199,7 +200,12 @@ def grid_from_mapping(data: dict, source: str = "grid", env: Mapping[str, str] |
     default_weights = _weights(data.get("weights"), source)
     default_wseed = _seed(data.get("weights_seed", 0), f"{source}: weights_seed")
     backbones = []
-    for e in _entries(data, "backbones", source):
+    entries = _entries(data, "backbones", source)
+    if default_weights and entries and all(is_non_learned(registry.backbone(e["name"])) for e in entries):
+        warnings.warn(f"{source}: weights {default_weights} apply to learned backbones only, and "
+                      f"{', '.join(e['name'] for e in entries)} {'is' if len(entries) == 1 else 'are'} not learned: "
+                      f"ignored", stacklevel=2)
+    for e in entries:
         where = f"{source}: backbone {e['name']}"
         _check_keys(e, BACKBONE_KEYS, where)
         default = None if is_non_learned(registry.backbone(e["name"])) else default_weights  # nothing to load
@@ -305,14 +311,47 @@ def _absent_data(grid: dict, where: str, env: Mapping[str, str]) -> str | None:
     return None
 
 
-def read_grid_file(path: str | Path, what: str = "sweep file") -> dict:
-    """The mapping in a sweep file (the command line may replace some of its axes before the grid is made)."""
+def read_grid_file(path: str | Path, what: str = "sweep file", resolved: list | None = None) -> dict:
+    """The mapping in a sweep file (the command line may replace some of its axes before the grid is made).
+    Its relative paths (data roots, weight files) are made absolute against the file's own folder, so a file
+    means the same wherever it is run from; ``resolved`` (when given) collects (as written, absolute) pairs."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a {what} -- give a YAML file such as examples/sweep.yaml")
     if not path.is_file():
         raise UserError(f"{what} {path} not found -- see examples/sweep.yaml for the format")
-    return registry.read_yaml_mapping(path, what, f"examples/sweep.yaml (keys: {', '.join(GRID_KEYS)})")
+    data = registry.read_yaml_mapping(path, what, f"examples/sweep.yaml (keys: {', '.join(GRID_KEYS)})")
+    done = _resolve_relative_paths(data, path.resolve().parent)
+    if resolved is not None:
+        resolved += done
+    return data
+
+
+def _resolve_relative_paths(data: dict, folder: Path) -> list[tuple[str, str]]:
+    """Data roots and weight files of a file's grid (or of each of its ``grids``) as absolute paths against
+    ``folder``; a path naming a variable ($DATA) is read later, from the environment, as it is."""
+    done: list[tuple[str, str]] = []
+
+    def absolute(value, weights: bool = False):
+        if (not isinstance(value, str) or "$" in value or (weights and value == "random")
+                or Path(value).expanduser().is_absolute() or value.startswith("~")):
+            return value
+        if weights and not (value.startswith(".") or "/" in value or (folder / value).exists()):
+            return value  # a bare word that names no file here (a hub name) is left to the weights lookup
+        path = str((folder / value).resolve())
+        done.append((value, path))
+        return path
+
+    grids = data.get("grids") if isinstance(data.get("grids"), list) else [data]
+    for grid in (g for g in grids if isinstance(g, dict)):
+        if "weights" in grid:
+            grid["weights"] = absolute(grid["weights"], weights=True)
+        for key, field_name, weights in (("backbones", "weights", True), ("datasets", "data_root", False)):
+            entries = grid.get(key)
+            for entry in entries if isinstance(entries, list) else [entries]:
+                if isinstance(entry, dict) and field_name in entry:
+                    entry[field_name] = absolute(entry[field_name], weights)
+    return done
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -368,6 +407,7 @@ class Plan:
     cells: list[Cell]  # every distinct cell of the grid that can run
     extractions: list[Extraction]  # one per cache entry that cells still to compute read
     skipped: dict[str, int] = field(default_factory=dict)  # why a backbone x task pair cannot run -> its cells
+    cpu_notes: dict[str, int] = field(default_factory=dict)  # a task's warning for this machine -> cells to compute
 
     @property
     def todo(self) -> list[Cell]:
@@ -438,7 +478,12 @@ def make_plan(grid: Grid | Sequence[Grid], runner: Runner, select: Callable[[Cel
     for entry in extractions.values():
         entry.missing = runner.cache.missing_kinds(entry.key, entry.kinds, len(entry.run.dataset))
         entry.done = runner.cache.images_done(entry.key, entry.missing) if entry.missing else 0
-    return Plan(list(cells.values()), list(extractions.values()), skipped)
+    cpu_notes: dict[str, int] = {}
+    if runner.device.type == "cpu":  # before the work starts: a method that takes hours here says so
+        for cell in cells.values():
+            if not cell.stored and (note := cell.run.task.cpu_note(cell.run.config["params"])):
+                cpu_notes[note] = cpu_notes.get(note, 0) + 1
+    return Plan(list(cells.values()), list(extractions.values()), skipped, cpu_notes)
 
 
 def _cannot_run(run: ResolvedRun) -> str | None:
@@ -469,6 +514,7 @@ def describe(plan: Plan) -> list[str]:
     lines += [f"  extract {e.label}" + (f" [missing: {', '.join(e.missing)}]" if e.missing != e.kinds else "")
               + (f" [resumes after {e.done} of {len(e.run.dataset)} images]" if e.done else "") for e in needed]
     lines += [f"skipped {n} cell(s): {why}" for why, n in plan.skipped.items()]
+    lines += [f"warning: {n} cell(s) run {note}" for note, n in plan.cpu_notes.items()]
     if any(c.run.config["random_weights"] for c in plan.cells):
         lines.append("note: cells marked (random weights) are smoke runs, not results")
     return lines

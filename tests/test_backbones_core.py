@@ -70,6 +70,7 @@ def _official_dino_layout(state, wrap):
     raise ValueError(wrap)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrap", ["plain", "teacher", "state_dict-module"])
 def test_dino_checkpoint_layouts_load_like_timm(tmp_path, wrap):
     spec = registry.backbone("dino-vits16")
@@ -82,6 +83,7 @@ def test_dino_checkpoint_layouts_load_like_timm(tmp_path, wrap):
         torch.testing.assert_close(loaded.extract(x, {kind})[kind], tensor)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dinov2-vits14", "dinov2-vits14-reg"])
 def test_dinov2_official_hub_layout(tmp_path, name):
     spec = registry.backbone(name)
@@ -161,6 +163,7 @@ def _hf_model(name):
     return spec, model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, size", [("dino-vits16", 224), ("dinov2-vits14", 518), ("dinov2-vits14-reg", 518)])
 def test_hugging_face_cache_layout_matches_transformers(tmp_path, monkeypatch, name, size):
     from safetensors.torch import save_file

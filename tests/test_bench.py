@@ -1,8 +1,11 @@
 """The committed benchmarks run end to end (their figures are read from results/bench, never asserted)."""
 
+import pytest
+
 from ssl_bench.bench import k_sweep
 
 
+@pytest.mark.slow
 def test_k_sweep_reports_each_k_against_one_extraction(one_thread):
     result = k_sweep(dataset="synthetic", image_counts=(2, 3), ks=("C", "2C"), repeats=1)
     assert [row["images"] for row in result["rows"]] == [2, 3]

@@ -179,12 +179,12 @@ def test_cocostuff_reader(tmp_path):
     Image.new("RGB", (4, 2)).save(tmp_path / "images" / "val2017" / "000000000001.jpg")
     Image.fromarray(np.array([[0, 168, 255, 200], [91, 181, 156, 1]], np.uint8)).save(
         tmp_path / "annotations" / "val2017" / "000000000001.png")
-    ds = open_dataset("cocostuff27", tmp_path, "val")
-    assert isinstance(ds, CocoStuff27) and ds.ids == ["000000000001", "000000000002"]
+    with pytest.raises(UserError, match=r"1 of 2 image files missing \(e\.g\. .*000000000002\.jpg\)"):
+        open_dataset("cocostuff27", tmp_path, "val")  # at open, not when the extraction reaches it
+    ds = open_dataset("cocostuff27", tmp_path, "val", limit=1)
+    assert isinstance(ds, CocoStuff27) and ds.ids == ["000000000001"]
     names = [[COARSE_NAMES[c] if c >= 0 else None for c in row] for row in ds.load_label(0).tolist()]
     assert names == [["person-things", "plant-stuff", None, None], ["textile-stuff", "solid-stuff", "sky-stuff", "vehicle-things"]]
-    with pytest.raises(UserError, match=r"missing file .*000000000002\.jpg"):
-        ds.load_image(1)
     with pytest.raises(UserError, match=r"curated"):
         open_dataset("cocostuff27", tmp_path, "train")
 
@@ -321,6 +321,46 @@ def test_protocol_rejects_bad_values():
 
 
 # --- errors ---------------------------------------------------------------------------------------
+def _listed_layout(root: Path, name: str) -> tuple[str, Path]:
+    """A two-image copy of a reader whose image list names its files (nothing pairs them by stem): the
+    dataset name and the label file of the second image."""
+    grey = lambda path: Image.fromarray(np.zeros((6, 8), np.uint8)).save(path)  # noqa: E731
+    rgb = lambda path: Image.new("RGB", (8, 6)).save(path)  # noqa: E731
+    if name == "camvid":
+        for sub in ("val", "valannot"):
+            (root / sub).mkdir()
+        (root / "val.txt").write_text("".join(f"/SegNet/CamVid/val/{i}.png /SegNet/CamVid/valannot/{i}.png\n"
+                                              for i in "ab"))
+        files = [(rgb, root / "val" / f"{i}.png") for i in "ab"] + [(grey, root / "valannot" / f"{i}.png") for i in "ab"]
+    elif name == "voc2012":
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+            (root / sub).mkdir(parents=True)
+        (root / "ImageSets/Segmentation/val.txt").write_text("a\nb\n")
+        files = [(rgb, root / "JPEGImages" / f"{i}.jpg") for i in "ab"]
+        files += [(grey, root / "SegmentationClass" / f"{i}.png") for i in "ab"]
+    else:  # cocostuff27
+        for sub in ("curated", "images", "annotations"):
+            (root / sub / "val2017").mkdir(parents=True)
+        (root / "curated/val2017/Coco164kFull_Stuff_Coarse_7.txt").write_text("a\nb\n")
+        files = [(rgb, root / "images/val2017" / f"{i}.jpg") for i in "ab"]
+        files += [(grey, root / "annotations/val2017" / f"{i}.png") for i in "ab"]
+    for write, path in files:
+        write(path)
+    return name, files[-1][1]
+
+
+@pytest.mark.parametrize("name", ["camvid", "voc2012", "cocostuff27"])
+def test_a_missing_label_is_found_when_the_dataset_opens(tmp_path, name):
+    """Deleting one label file used to surface as a FileNotFoundError traceback after the whole extraction."""
+    name, label = _listed_layout(tmp_path, name)
+    assert len(open_dataset(name, tmp_path, "val")) == 2
+    label.unlink()
+    with pytest.raises(UserError, match=rf"split 'val': 1 of 2 label files missing \(e\.g\. .*{label.name}\) -- "
+                                        rf"the data root .* is incomplete"):
+        open_dataset(name, tmp_path, "val")
+    assert len(open_dataset(name, tmp_path, "val", limit=1)) == 1  # the images used are what must be whole
+
+
 def test_user_errors_name_the_problem_and_the_fix(tmp_path):
     missing = tmp_path / "nowhere"
     for name in ("camvid", "suim", "voc2012", "cityscapes27", "cocostuff27", "potsdam3", "folder"):

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import matplotlib.colors
 import numpy as np
 import pandas as pd
 import pytest
@@ -29,26 +30,31 @@ NUM_CLASSES = {"synthetic": 5, "camvid": 11, "folder": 3}
 
 
 def fake_record(backbone="reference", task="kmeans", dataset="synthetic", k=None, seed=0, miou=50.0, acc=70.0,
-                f1=60.0, random=False, metrics=None, stats=None, params=None, root=None, version=None) -> dict:
+                f1=60.0, random=False, metrics=None, stats=None, params=None, root=None, version=None, options=None,
+                images=100, weights_file=None, timings=None) -> dict:
     """A FABRICATED store row (the fields reports read), for tests only; ``root``: a ``folder`` dataset there;
-    ``version``: of the task (default: the registered one)."""
+    ``version``: of the task (default: the registered one); ``weights_file``: a user's own checkpoint."""
     classes = NUM_CLASSES[dataset]
     k = k or classes
     split = "val"
+    weights = "random:0" if random else f"{abs(hash(weights_file)):064x}"[:64] if weights_file else "none"
     config = {"backbone": backbone, "task": task, "dataset": dataset, "split": split, "k": k, "seed": seed,
-              "num_classes": classes, "params": params or {}, "dataset_options": {}, "random_weights": random,
-              "weights": "random:0" if random else "none", "protocol": None}
+              "num_classes": classes, "params": params or {}, "dataset_options": options or {},
+              "random_weights": random, "weights": weights, "protocol": None, "images": images}
+    if weights_file:
+        config.update(weights_file=weights_file, own_weights=True)
     headline = {"miou": miou, "acc": acc, "f1": f1, "labelled_fraction": 1.0, "cluster_to_class": []}
     if root:
         config["dataset_identity"] = {"root": root}
     version = version or registry.tasks()[task].version
     if version != 1:  # as the runner stores it
         config["task_version"] = version
-    ident = f"{backbone}-{task}-{dataset}-{k}-{seed}-{random}-{sorted((params or {}).items())}-{root}-{version}"
+    ident = (f"{backbone}-{task}-{dataset}-{k}-{seed}-{random}-{sorted((params or {}).items())}-{root}-{version}-"
+             f"{sorted((options or {}).items())}-{weights}")
     return {"config_hash": ident, "backbone": backbone, "weights": config["weights"], "random_weights": random,
             "task": task, "dataset": dataset, "split": split, "k": k, "seed": seed, "miou": miou, "acc": acc,
             "f1": f1, "config": config, "metrics": metrics or {f"final@{split}": headline}, "stats": stats or {},
-            "timings": {}, "environment": {}}
+            "timings": timings or {}, "environment": {}}
 
 
 @pytest.fixture
@@ -95,6 +101,7 @@ def test_leaderboard_k_selection_and_method_column(records):
     assert "K = 2C (2 x number of classes)" in double and "**70.0**" in double
 
 
+@pytest.mark.slow
 def test_names_with_markup_characters_stay_literal(tmp_path):
     """Folder names are user text: a | must not split a Markdown cell, a $ must not become a formula."""
     rows = [fake_record(dataset="folder", root=f"/data/{name}", miou=m)
@@ -125,13 +132,90 @@ def test_folders_of_the_same_name_get_their_own_columns():
     assert "20.0" in text and "80.0" in text and "50.0" not in text  # not averaged into one column
 
 
-def test_seed_counts_line_up_with_dataset_columns(records):
+def test_seed_counts_are_short_and_numbers_in_csv(records):
+    """The Seeds cell read '- / 2 / - / 2 / 1 / ...' (five lines in HTML, a string in CSV)."""
     records.append(fake_record("dino-vitb16", dataset="camvid", seed=1, miou=32.0))
     records.append(fake_record("dino-vitb16", task="kmeans", dataset="folder", root="/x/f", seed=0))
-    row = markdown_row(report.to_markdown(report.leaderboard(records)), "dino-vitb16")
-    assert "| 2 / 1 / 1 |" in row  # camvid, folder:f, synthetic (column order)
-    ref = markdown_row(report.to_markdown(report.leaderboard(records)), "reference |")
-    assert "| 2 |" in ref  # ran on one dataset only: one number (its other cells read "–")
+    text = report.to_markdown(report.leaderboard(records))
+    assert "| 1–2 |" in markdown_row(text, "dino-vitb16")  # fewest-most over its datasets
+    assert "| 2 |" in markdown_row(text, "reference |")  # ran on one dataset only: one number
+    assert "Seeds a–b: the fewest and most seeds over the row's datasets" in text
+    frame = pd.read_csv(io.StringIO(report.to_csv(report.leaderboard(records))))
+    assert frame.Seeds.dtype.kind == "i" and frame.set_index("Backbone").Seeds.to_dict()["dino-vitb16"] == 2
+    assert frame.set_index("Backbone")["camvid mIoU n"].to_dict()["dino-vitb16"] == 2  # per dataset
+
+
+def test_a_users_own_checkpoint_is_labelled_by_its_file_never_as_the_registry_model():
+    rows = [fake_record("dino-vits16", miou=70.0, weights_file="/home/me/ckpt/my.pth"),
+            fake_record("dino-vits16", miou=60.0, weights_file="/home/me/ckpt/other.pth"),
+            fake_record("dino-vitb16", miou=50.0)]
+    text = report.to_markdown(report.leaderboard(rows))
+    mine = markdown_row(text, "dino-vits16 [my.pth ")
+    assert "own checkpoint" in mine and "ImageNet-1k" not in mine and "dino architecture" in mine
+    assert "own checkpoint" in markdown_row(text, "dino-vits16 [other.pth ")  # two files: two rows, by name
+    assert "ImageNet-1k" in markdown_row(text, "dino-vitb16")  # the registry's file keeps the registry's data
+    assert re.search(r"dino-vits16 \[my\.pth [0-9a-f]{8}\]", mine)  # and its hash, to tell copies apart
+    assert "my.pth" in report.panel_title(rows[0])
+
+
+def test_subset_columns_are_hidden_by_default_and_shown_on_request():
+    """Every limit= variant was its own column group (33 columns after an hour)."""
+    rows = [fake_record(dataset="camvid", images=101, miou=40.0),
+            fake_record(dataset="camvid", options={"limit": 12}, images=12, miou=45.0),
+            fake_record(dataset="camvid", options={"limit": 25}, images=25, miou=44.0),
+            fake_record(dataset="synthetic", options={"n": 6}, images=6, miou=41.0),  # no full synthetic run: largest
+            fake_record(dataset="synthetic", options={"n": 4}, images=4, miou=42.0)]
+    text = report.to_markdown(report.leaderboard(rows))
+    header = text.splitlines()[2]
+    assert "camvid mIoU" in header and "limit" not in header and "synthetic (n=6) mIoU" in header
+    assert "(n=4)" not in header and "| 40.0 |" in text or "**40.0**" in text
+    assert "Not shown: camvid (limit=12) (1 runs), camvid (limit=25) (1 runs), synthetic (n=4) (1 runs): runs of " \
+           "these rows on fewer images" in text
+    # a backbone that ran on a subset only keeps that column: a sweep's results never vanish from the report
+    smoke = report.to_markdown(report.leaderboard(rows + [fake_record("dino-vitb16", dataset="camvid",
+                                                                      options={"limit": 12}, images=12)]))
+    assert "camvid (limit=12) mIoU" in smoke.splitlines()[2] and "camvid (limit=25)" not in smoke.splitlines()[2]
+    everything = report.to_markdown(report.leaderboard(rows, subsets="all", layout="wide"))
+    assert "camvid (limit=12) mIoU" in everything and "synthetic (n=4) mIoU" in everything
+    assert "Not shown" not in everything
+    long = report.leaderboard(rows, subsets="all")  # 5 columns: one row per dataset instead
+    assert sorted(row[4].text() for row in long.rows) == ["camvid", "camvid (limit=12)", "camvid (limit=25)",
+                                                          "synthetic (n=4)", "synthetic (n=6)"]
+    with pytest.raises(UserError, match="unknown --subsets 'some'"):
+        report.leaderboard(rows, subsets="some")
+
+
+def test_many_datasets_make_a_long_leaderboard_with_best_per_dataset():
+    rows = [fake_record(b, dataset="folder", root=f"/d/set{i}", miou=m + i)
+            for i in range(5) for b, m in (("reference", 40.0), ("dino-vitb16", 50.0))]
+    table = report.leaderboard(rows)
+    assert [c.header for c in table.columns][:7] == ["Backbone", "Family", "Params (M)", "Pre-training data",
+                                                    "Dataset", "Seeds", "mIoU"]
+    assert len(table.rows) == 10 and len(table.columns) == 9  # not 5 x 3 metric columns
+    best = [row[4].text() for row in table.rows if row[6].best]
+    assert best == [f"folder:set{i}" for i in range(5)]  # one best per dataset, not one over all rows
+    assert all(row[0].text() == "dino-vitb16" for row in table.rows if row[6].best)
+    assert len(report.leaderboard(rows, layout="wide").columns) == 5 + 15
+    assert "of each dataset" in report.to_markdown(table)
+
+
+def test_per_class_iou_and_stage_timings_tables():
+    per_class = {"final@val": {"miou": 50.0, "acc": 70.0, "f1": 60.0, "per_class_iou": [10.0, 20.0, None, 40.0, 50.0],
+                               "cluster_to_class": []}}
+    rows = [fake_record(metrics=per_class, timings={"features": 2.0, "labels": 0.5, "task": 3.0, "evaluate": 0.5}),
+            fake_record(seed=1, metrics={"final@val": {**per_class["final@val"],
+                                                      "per_class_iou": [30.0, 20.0, None, 40.0, 50.0]}},
+                        timings={"features": 4.0, "labels": 0.5, "task": 1.0, "evaluate": 0.5})]
+    tables = report.build_tables(rows)
+    classes = tables["classes_synthetic"]
+    assert [c.header for c in classes.columns] == ["Backbone", "Seeds", "calm water", "waves", "grass", "sand",
+                                                  "brick", "mIoU"]
+    cells = [c.text() for c in classes.rows[0]]
+    assert cells[:4] == ["reference", "2", "20.0 ± 14.1", "20.0 ± 0.0"] and cells[4] == "–"  # absent class: a dash
+    timing = [c.text() for c in tables["timings"].rows[0]]
+    assert timing == ["reference", "kmeans", "synthetic", "5", "2", "100", "3.0", "0.5", "2.0", "0.5", "6.0", "0.060"]
+    csv = pd.read_csv(io.StringIO(report.text_report(rows, "csv", "timings")))
+    assert csv["Total (s)"].iloc[0] == pytest.approx(6.0) and csv["Runs"].dtype.kind == "i"
 
 
 def test_no_bold_when_every_row_is_random():
@@ -240,6 +324,18 @@ def test_curves_written_as_png_and_pdf(records, tmp_path):
     assert {label: style for label, style in styles.items() if "random" in label} == {
         "dino-vits16† (random weights)": "--"} and "-" in styles.values()  # random series dashed
     assert [ax.get_ylabel() for ax in fig.axes] == ["mIoU (%)", "Pixel accuracy (%)", "Mean F1 (%)"]
+    # one colour per backbone in every figure of a report (it changed from one curve file to the next)
+    everything = records + [fake_record("reference", dataset="camvid", miou=35.0),
+                            fake_record("reference", dataset="camvid", k=22, miou=35.0)]  # first of its figure
+    colours = figures.model_colours(everything)
+    curves = figures.curve_data(everything)
+    seen = {}
+    for column in ("synthetic", "camvid"):
+        drawn = figures.overclustering_figure(column, curves[column], colours)
+        for container in drawn.axes[0].containers:
+            model = container.get_label().split("†")[0].split(" ")[0]
+            seen.setdefault(model, set()).add(matplotlib.colors.to_hex(container.lines[0].get_color()))
+    assert all(len(c) == 1 for c in seen.values()) and len(seen) == 3
     assert "synthetic" in fig._suptitle.get_text()
     written = figures.save_figure(fig, tmp_path / "curve")
     assert [p.suffix for p in written] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in written)
@@ -323,6 +419,7 @@ def test_html_is_self_contained(real_run, records):
     assert "<link" not in page and "@import" not in page and "url(" not in page
     assert "Leaderboard" in page and "Over-clustering on synthetic" in page and record["config_hash"] in page
     assert "random weights: smoke run, not a result" in page
+    assert "<h2>Per-class IoU</h2>" in page and "calm water" in page and "<h2>Stage timings</h2>" in page
     few = report.html_report(runner.store.query(), runner.store.path, max_panels=1)
     assert "Showing the first" not in few  # one run, one panel: nothing left out
     assert "Showing the first 0 of 1 panels" in report.html_report(runner.store.query(), runner.store.path,
@@ -355,6 +452,25 @@ def test_cli_writes_html_and_every_output(real_run, tmp_path):
         report.text_report([fake_record(metrics={"final@val": {}, "initial@val": {}})], "csv", "all")
     with pytest.raises(UserError, match="unknown format"):
         report.text_report([], "docx")
+
+
+@pytest.mark.parametrize("classes", [6, 8])
+def test_a_panel_legend_of_long_class_names_stays_inside_the_figure(classes):
+    """SUIM's legend was clipped at both edges (one row of 6 long names, wider than the figure)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from ssl_bench.data.suim import SUIM6_NAMES, SUIM6_PALETTE, SUIM8_NAMES, SUIM8_PALETTE
+
+    names, palette = (SUIM6_NAMES, SUIM6_PALETTE) if classes == 6 else (SUIM8_NAMES, SUIM8_PALETTE)
+    label = np.arange(classes * 4, dtype=np.int16).reshape(4, classes) % classes
+    kept = samples.RunSamples([0], [np.zeros((4, classes, 3), np.uint8)], [label], [label], palette, names)
+    fig = figures.panel_figure(kept, "title")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box, frame = fig.legends[0].get_window_extent(canvas.get_renderer()), fig.bbox
+    assert box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0
+    shown = [t.get_text().replace("\n", " ") for t in fig.legends[0].get_texts()]
+    assert shown == list(names)  # every class, wrapped but whole
 
 
 def test_display_palette_keeps_dataset_colours_and_separates_repeats():

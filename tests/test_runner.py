@@ -118,6 +118,7 @@ def test_datus2_stores_metrics_and_segment_statistics(runner):
     assert rec["stats"]["crop_backbone"] == "reference" and set(rec["metrics"]) == {"initial@val", "final@val"}
 
 
+@pytest.mark.slow
 def test_datus2_cells_that_differ_in_k_share_their_segments(runner, monkeypatch):
     import dataclasses
 
@@ -197,6 +198,31 @@ def test_a_new_version_of_a_task_is_a_new_run(runner, monkeypatch):
     assert "task_version" not in first.config and first.config_hash != current.config_hash  # v1 hashes unchanged
 
 
+def test_a_users_checkpoint_is_recorded_by_file_and_the_registrys_file_is_not_called_own(runner, tmp_path):
+    from ssl_bench.models.weights import expected_file
+
+    spec = registry.backbone("dino-vits16")
+    mine, official = tmp_path / "mine" / "my.pth", tmp_path / "official" / expected_file(spec)
+    for path in (mine, official):
+        path.parent.mkdir()
+        path.write_bytes(b"the same bytes")  # resolve hashes the file; nothing is loaded yet
+    base = RunConfig(backbone="dino-vits16", task="kmeans", dataset="synthetic", dataset_options=SMALL)
+    own = runner.resolve(dataclasses.replace(base, weights=str(mine)))
+    assert own.config["own_weights"] is True and own.config["weights_file"] == str(mine.resolve())
+    theirs = runner.resolve(dataclasses.replace(base, weights=str(official)))
+    assert "own_weights" not in theirs.config and theirs.config["weights_file"].endswith(expected_file(spec))
+    assert own.config_hash == theirs.config_hash  # one file's content is one run, wherever it lies
+
+
+def test_weights_on_a_backbone_that_learns_nothing_are_not_silently_ignored(runner, tmp_path):
+    cfg = RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=SMALL)
+    with pytest.warns(UserWarning, match="reference is not learned .*: --weights random does not apply to it"):
+        runner.resolve(dataclasses.replace(cfg, weights="random"))
+    (tmp_path / "w.pth").write_bytes(b"x")
+    with pytest.raises(UserError, match="reference is not learned: it has no weights to load"):
+        runner.resolve(dataclasses.replace(cfg, weights=str(tmp_path / "w.pth")))
+
+
 def test_random_weights_are_recorded(runner):
     rec = runner.run(RunConfig(backbone="dino-vits16", task="kmeans", dataset="synthetic", weights="random",
                                dataset_options=(("n", 4),))).record
@@ -234,15 +260,67 @@ def test_dinov2_uses_322_protocol(runner):
     (dict(params=(("iterations", -5),)), "iterations=-5 -- k-means needs at least 1"),  # its range, not ">= 0"
     (dict(task="primaps-em", params=(("epochs", 1.0),)), "parameter epochs=1.0 must be a whole number"),
     (dict(task="primaps-em", params=(("max_steps", 2.0),)), "max_steps=2.0 is invalid"),  # null default: task checks
-    (dict(dataset_options=(("n", 1),), k=5000), "K=5000 clusters need at least 5000 patches"),
+    (dict(dataset_options=(("n", 1),), k=5000), "K=5000 clusters need at least 5000 patches, but split 'val' "
+                                                 r"\(1 images\) holds at most 1,600"),
     (dict(params=(("max_fit_patches", 3),)), "max_fit_patches=3 is fewer patches than K=5 clusters -- raise"),
     (dict(task="primaps-em", params=(("psi", 2),)), "psi=2 is invalid"),  # the task's validate hook
-    (dict(backbone="reference", task="datus2"), "cannot give 'key' features"),
+    (dict(backbone="reference", task="datus2-initial"), "cannot give 'key' features"),
 ])
 def test_bad_input_is_one_clear_error(runner, cfg, message):
     base = dict(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=SMALL)
     with pytest.raises(UserError, match=message):
         runner.run(RunConfig(**{**base, **cfg}))
+
+
+@pytest.mark.parametrize("task, params, k, message", [
+    ("kmeans", (), 3200, "K=3201 clusters need at least 3201 patches, but split 'val' \\(2 images\\) holds at most 3,200"),
+    ("primaps-em-fast", (), 3200, "3201 patches"),  # accepted 15 GB of K=5000 on 2 images before the shared check
+    ("datus2-initial", (), 532, "K=533 clusters need at least 533 segments of more than 5 patches "
+                                "\\(segmenter.tau=5\\), but"),  # the Louvain segmenter's bound, in a composed task
+    ("datus2-initial", (("segmenter.tau", 0),), 3200, "holds at most 3,200 -- lower --k, use more images .* or "
+                                                      "lower -p segmenter.tau"),
+    ("segment-cluster", (("segmenter", "primaps"), ("segmenter.max_masks", 3)), 6,
+     "K=7 clusters need at least 7 proposals, at most 3 per image \\(segmenter.max_masks=3\\)"),
+])
+def test_every_task_refuses_a_k_its_split_cannot_hold_before_any_work(runner, task, params, k, message):
+    """Synthetic images give 40 x 40 = 1,600 patches each at /8; the bound is exact: K passes, K + 1 fails."""
+    cfg = RunConfig(backbone="reference", task=task, dataset="synthetic", k=k, params=params,
+                    dataset_options=(("n", 2),))
+    assert runner.resolve(cfg).config["k"] == k
+    with pytest.raises(UserError, match=message):
+        runner.resolve(dataclasses.replace(cfg, k=k + 1))
+
+
+def test_the_fit_split_bounds_k(runner, tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 3), ("val", 1)):  # 64 x 64 images: 40 x 40 patches of /8 at 320 pixels
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "masks" / split).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (64, 64)).save(tmp_path / "images" / split / f"{i}.png")
+            Image.new("L", (64, 64)).save(tmp_path / "masks" / split / f"{i}.png")
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    cfg = RunConfig(backbone="reference", task="kmeans", dataset="folder", data_root=str(tmp_path), k=1601)
+    with pytest.raises(UserError, match="split 'val' \\(1 images\\) holds at most 1,600"):
+        runner.resolve(cfg)
+    fit_train = dataclasses.replace(cfg, params=(("fit_split", "train"),))
+    assert runner.resolve(dataclasses.replace(fit_train, k=4800)).config["k"] == 4800
+    with pytest.raises(UserError, match="split 'train' \\(3 images\\) holds at most 4,800"):
+        runner.resolve(dataclasses.replace(fit_train, k=4801))
+
+
+def test_a_task_file_says_what_bounds_k_or_clusters_patches():
+    from ssl_bench.kbounds import KBound
+
+    datus2 = registry.task("datus2")
+    assert datus2.k_bound_for(datus2.params) == KBound("segments", "segmenter.tau", "fit_split")  # its segmenter's
+    dsm = datus2.resolve_params({"segmenter": "dsm"})
+    assert datus2.k_bound_for(dsm) == KBound("segments", 0, "fit_split")  # another segmenter, another bound
+    assert registry.task("kmeans").k_bound == KBound("patches", 0, "fit_split")
+    assert KBound.parse(None, {}, "x.yaml") == KBound("patches", 0, None)
+    with pytest.raises(UserError, match="larger_than='size' must be a whole number >= 0 or one of the parameters"):
+        KBound.parse({"items": "segments", "larger_than": "size"}, {"tau": 5}, "x.yaml")
 
 
 def test_cli_prints_one_line_without_traceback(tmp_path):
@@ -274,6 +352,9 @@ def test_devices_this_machine_lacks_are_one_line():
         Runner(None, None, "nonsense")
     with pytest.raises(UserError, match="computes on cpu, cuda or mps"):
         Runner(None, None, "meta")
+    if not torch.backends.mps.is_available():  # torch accepts the name; the first tensor moved there failed
+        with pytest.raises(UserError, match="no Apple GPU \\(MPS\\) on this machine -- use --device cpu"):
+            Runner(None, None, "mps")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device on this machine"):
             Runner(None, None, "cuda")

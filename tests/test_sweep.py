@@ -162,6 +162,7 @@ def test_cell_labels_tell_parameter_sets_and_weight_seeds_apart(runner):
                       "dino-vits16 (random weights, seed 7) / kmeans (iterations=20) / synthetic:val K=5 seed=0"]
 
 
+@pytest.mark.slow
 def test_cli_grid_flags_print_the_plan(tmp_path):
     proc = subprocess.run(sweep_cli("--backbone", "reference", "--task", "kmeans", "--dataset", "synthetic",
                                     "-o", "n=4", "--k", "C", "--k", "2C", "--seed", "0", "--seed", "1", "--plan",
@@ -234,7 +235,7 @@ def test_two_concurrent_sweeps_on_one_store_corrupt_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_ray_executor_gives_the_local_numbers(tmp_path):
-    ray = pytest.importorskip("ray")
+    ray = pytest.importorskip("ray", reason="Ray is an extra: pip install -e '.[ray]'")
     from ssl_bench.ray_executor import local_runtime_env, run_ray
     from ssl_bench.features import FeatureCache
     from ssl_bench.runner import Runner
@@ -491,9 +492,11 @@ def test_a_task_version_is_a_whole_number(tmp_path, monkeypatch, version):
 
 
 def test_cli_warnings_and_listings_read_as_text():
-    from ssl_bench.cli import _first_sentence, _one_line_warning
+    from ssl_bench.cli import _first_sentence, _one_line_warning, console
 
-    assert _one_line_warning(UserWarning("no panel kept"), UserWarning, "/x/runner.py", 323) == "warning: no panel kept\n"
+    with console.capture() as captured:
+        _one_line_warning(UserWarning("no panel [kept]"), UserWarning, "/x/runner.py", 323)
+    assert captured.get() == "warning: no panel [kept]\n"  # the message, not the file and line; no markup
     doc = """Cost of one more K (k-means cells
     over cached features). Each figure is the best of runs.
 

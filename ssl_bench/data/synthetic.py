@@ -39,6 +39,7 @@ class SyntheticDataset(SegDataset):
     num_classes = len(CLASS_NAMES)
     palette = MEAN_COLOURS.astype(np.uint8)
     image_options = ("size", "seed")  # n is in the ids
+    count_options = ("n",)  # how many images: n=12 is a subset of n=24 (reports show the largest by default)
 
     def __init__(self, root=None, split: str = "val", n: int = 24, size: int = 192, seed: int = 0):
         self._check_split(split)

@@ -274,19 +274,34 @@ def kmeans_pretrain(head: PrototypeHead, features: Sequence, epochs: int, batch_
     """Cosine batch k-means (Eq. 9): maximise each feature's cosine to its closest prototype, with Adam."""
     opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=lr)
     losses = []
-    for epoch in range(epochs):
-        batches = _batches(len(features), batch_size, gen)
-        for idx in _wrap(progress, batches, f"PriMaPs k-means epoch {epoch + 1}/{epochs}"):
-            loss = -head(_flat(features, idx)).max(1).values.mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+    for _, idx in _epoch_batches(progress, epochs, len(features), batch_size, gen,
+                                 f"PriMaPs k-means ({epochs} epochs)"):
+        loss = -head(_flat(features, idx)).max(1).values.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
     return losses
 
 
-def _wrap(progress: Callable | None, items: list, desc: str):
-    return items if progress is None else progress(items, desc=desc, total=len(items))
+def _epoch_batches(progress: Callable | None, epochs: int, n: int, batch_size: int, gen: torch.Generator,
+                   desc: str, max_steps: int | None = None):
+    """(epoch, batch indices) of every epoch in turn, under one bar over the whole training, so its time left
+    is the stage's, not one epoch's. Each epoch's batches are drawn from ``gen`` as that epoch starts, exactly
+    as a loop per epoch draws them; ``max_steps`` stops after that many batches."""
+    per_epoch = len(_batches(n, batch_size, torch.Generator()))  # the count only (a throw-away generator)
+    total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+
+    def every_batch():
+        step = 0
+        for epoch in range(epochs):
+            for idx in _batches(n, batch_size, gen):
+                if max_steps is not None and step >= max_steps:
+                    return
+                step += 1
+                yield epoch, idx
+
+    return every_batch() if progress is None else progress(every_batch(), desc=desc, total=total, unit="batches")
 
 
 class PrototypeBaseline:
@@ -326,19 +341,18 @@ class LinearProbe:
         nn.init.zeros_(self.head.bias)
         opt = torch.optim.Adam(self.head.parameters(), lr=self.lr)
         self.losses = []
-        for epoch in range(self.epochs):
-            batches = _batches(len(features), self.batch_size, gen)
-            for idx in _wrap(self.progress, batches, f"linear probe epoch {epoch + 1}/{self.epochs}"):
-                labs = _as_tensors([labels[i] for i in idx], torch.int64)
-                logits = torch.cat([_grid_logits(self.head, _t(features[i]), lab.shape).flatten(1).T
-                                    for i, lab in zip(idx, labs)])
-                target = torch.cat([lab.flatten() for lab in labs])
-                target = torch.where(target < self.k, target, torch.full_like(target, -1))
-                loss = F.cross_entropy(logits, target, ignore_index=-1)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                self.losses.append(float(loss.detach()))
+        for _, idx in _epoch_batches(self.progress, self.epochs, len(features), self.batch_size, gen,
+                                     f"linear probe ({self.epochs} epochs)"):
+            labs = _as_tensors([labels[i] for i in idx], torch.int64)
+            logits = torch.cat([_grid_logits(self.head, _t(features[i]), lab.shape).flatten(1).T
+                                for i, lab in zip(idx, labs)])
+            target = torch.cat([lab.flatten() for lab in labs])
+            target = torch.where(target < self.k, target, torch.full_like(target, -1))
+            loss = F.cross_entropy(logits, target, ignore_index=-1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            self.losses.append(float(loss.detach()))
         return self
 
     def predict_scores(self, features: np.ndarray) -> np.ndarray:
@@ -378,23 +392,18 @@ class PrimapsEM:
         opt = torch.optim.Adam(self.theta_s.parameters(), lr=self.lr)
         self.history: dict[str, list[float]] = {"loss": [], "pseudo_fraction": []}
         step, updates = 0, 0
-        for epoch in range(self.epochs):
-            batches = _batches(len(features), self.batch_size, gen)
-            if self.max_steps is not None:
-                batches = batches[: max(0, self.max_steps - step)]
-            if not batches:
-                break
-            for idx in _wrap(self.progress, batches, f"PriMaPs-EM epoch {epoch + 1}/{self.epochs}"):
-                feats = [features[i] for i in idx]
-                student = self._student_views(idx, feats, gen, rng)
-                out = em_step(self.theta_s, self.theta_t, opt, feats, [proposals[i] for i in idx], student,
-                              self.focal_gamma)
-                step += 1
-                for key in self.history:
-                    self.history[key].append(out[key])
-                if self.ema and step % self.ema_every == 0:
-                    updates += 1
-                    ema_update(self.theta_t, self.theta_s, ema_decay_at(updates, self.ema_decay))
+        for _, idx in _epoch_batches(self.progress, self.epochs, len(features), self.batch_size, gen,
+                                     f"PriMaPs-EM ({self.epochs} epochs)", self.max_steps):
+            feats = [features[i] for i in idx]
+            student = self._student_views(idx, feats, gen, rng)
+            out = em_step(self.theta_s, self.theta_t, opt, feats, [proposals[i] for i in idx], student,
+                          self.focal_gamma)
+            step += 1
+            for key in self.history:
+                self.history[key].append(out[key])
+            if self.ema and step % self.ema_every == 0:
+                updates += 1
+                ema_update(self.theta_t, self.theta_s, ema_decay_at(updates, self.ema_decay))
         self.steps = step
         return self
 
@@ -543,7 +552,7 @@ def run(ctx):
         stats["final_loss"] = model.losses[-1] if model.losses else None
     elif mode == "linear-probe":  # supervised upper bound: ground truth of the fit split
         labels = []
-        for i in ctx.progress(range(n), desc="linear probe labels", total=n):
+        for i in ctx.progress(range(n), desc="linear probe labels", total=n, unit="images"):
             gt = ctx.label(i, fit_split)
             labels.append(resize_label_map(gt, _train_grid(p["train_resolution"], fit.grid(i), gt.shape)))
         epochs = p["probe_epochs"] if p["probe_epochs"] is not None else p["epochs"]
@@ -551,7 +560,7 @@ def run(ctx):
         stats["final_loss"] = model.losses[-1] if model.losses else None
     else:
         proposals, counts, covered = [], [], []
-        for i in ctx.progress(range(n), desc="PriMaPs proposals", total=n):
+        for i in ctx.progress(range(n), desc="PriMaPs proposals", total=n, unit="images"):
             size = tuple(ctx.label_size(i, fit_split))
             ids = image_proposals(fit[i], size, ctx.image(i, fit_split) if p["proposal_crf"] else None, p, ctx.seed)
             counts.append(int(ids.max()) + 1)

@@ -84,7 +84,7 @@ def _regions_of_split(ctx, split: str) -> dict:
         n = len(ctx.dataset_for(split))
         data = segment_and_embed(segmenter, embedder, LazyImages(ctx, split, n), features, n,
                                  lambda it: ctx.progress(it, desc=f"{ctx.params['segmenter']} segments [{split}]",
-                                                         total=n))
+                                                         total=n, unit="images"))
         data["sizes"] = [ctx.label_size(i, split) for i in range(n)]
         return data
 
@@ -130,7 +130,7 @@ def run(ctx):
 
         for d in data.values():  # at label resolution: the CRF sees the image's edges; images in parallel
             jobs = ((d["images"][i], upsample_nearest(m, size), ctx.k) for i, (m, size) in enumerate(
-                ctx.progress(list(zip(d["masks"], d["sizes"])), desc="crf", total=len(d["masks"]))))
+                ctx.progress(list(zip(d["masks"], d["sizes"])), desc="crf", total=len(d["masks"]), unit="images")))
             d["crf"] = [labels.astype(np.int16) for labels in CRFPool().map(label_crf, jobs)]
     model = None
     if p["denoise"]:
@@ -138,7 +138,8 @@ def run(ctx):
         masks = fit["crf"] if p["crf"] else fit["masks"]
         model, n_used = train_denoiser(  # K outputs: the clusters, and background when there is one
             fit["images"], masks, ctx.k, config, seed=ctx.seed, device=ctx.device,
-            progress=lambda it: ctx.progress(it, desc=f"{ctx.params['segmenter']} denoiser steps", total=len(it)),
+            progress=lambda it: ctx.progress(it, desc=f"{ctx.params['segmenter']} de-noiser training", total=len(it),
+                                             unit="batches"),
         )
         stats["denoiser"] = asdict(config)  # the resolved preset, for the record
         stats["denoiser_train_masks"] = n_used

@@ -25,6 +25,7 @@ class WeightsSource:
     path: Path | None  # None: nothing to load (random initialisation, or a non-learned backbone)
     identity: str  # sha256 of the file, "random:<seed>", or "none"
     origin: str  # "random", "non-learned", "--weights", "$SSL_BENCH_WEIGHTS", "timm cache", ...
+    own: bool = False  # a user's checkpoint (--weights PATH that is not the registry's file): not its pre-training
 
     @property
     def is_random(self) -> bool:
@@ -72,6 +73,9 @@ def is_non_learned(spec: BackboneSpec) -> bool:
 def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0) -> WeightsSource:
     """Find the weights for ``spec``; ``weights`` is a path, ``"random"``, or None (search)."""
     if is_non_learned(spec):
+        if weights and weights != RANDOM:  # "random" here: the runner warns (a real run, not the smoke run asked)
+            raise UserError(f"{spec.name} is not learned: it has no weights to load, --weights {weights} would be "
+                            f"ignored -- drop --weights, or choose a learned backbone (ssl-bench list backbones)")
         return WeightsSource(None, "none", "non-learned")
     if weights == RANDOM:
         return WeightsSource(None, f"random:{seed}", RANDOM)
@@ -79,7 +83,11 @@ def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0) -> WeightsSo
         path = Path(weights).expanduser()
         if not path.is_file():
             raise UserError(f"--weights {weights}: no such file -- give the checkpoint path, or --weights random")
-        return WeightsSource(path, _identity(spec, path), "--weights")
+        identity = _identity(spec, path)
+        # The registry's own file (its name, or its published sha256) keeps the registry's description;
+        # any other file is the user's checkpoint, whose training the registry knows nothing of.
+        official = path.name == expected_file(spec) or bool(spec.sha256 and identity.startswith(spec.sha256))
+        return WeightsSource(path, identity, "--weights", own=not official)
     found = locate(spec)
     if found:
         origin, path = found

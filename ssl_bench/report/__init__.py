@@ -1,6 +1,7 @@
 """``ssl-bench report``: tables, figures and one HTML page from the results store.
 
 tables.py   leaderboard (DatUS^2 Table I), segment statistics (Table II), prediction streams (Table IV)
+details.py  per-class IoU, seconds per stage
 figures.py  over-clustering curves (Fig. 9), qualitative panels
 html.py     the self-contained page
 
@@ -16,35 +17,48 @@ from pathlib import Path
 from .. import samples
 from ..errors import UserError
 from . import figures, html
-from .tables import (DAGGER, FORMATS, RANDOM_NOTE, Table, leaderboard, runs_frame, segment_table, streams_table,
-                     task_label, to_csv, to_html, to_latex, to_markdown)
+from .details import class_tables, timings_table
+from .tables import (DAGGER, FORMATS, RANDOM_NOTE, Table, leaderboard, model_label, runs_frame, segment_table,
+                     streams_table, task_label, to_csv, to_html, to_latex, to_markdown)
 
-TABLES = {"leaderboard": leaderboard, "segments": segment_table, "streams": streams_table}
+TABLES = {"leaderboard": leaderboard, "segments": segment_table, "streams": streams_table, "classes": class_tables,
+          "timings": timings_table}
 EXTENSIONS = {"markdown": "md", "latex": "tex", "csv": "csv", "html": "html"}
 
 __all__ = ["FORMATS", "TABLES", "Table", "leaderboard", "runs_frame", "segment_table", "streams_table", "to_csv",
            "to_html", "to_latex", "to_markdown", "text_report", "write_all", "html_report"]
 
 
-def build_tables(records: list[dict], which: str = "all", k: str | int = "classes",
-                 task: str | None = None) -> dict[str, Table]:
-    """The named table, or for ``"all"`` the leaderboard plus every other table that has rows."""
+def build_tables(records: list[dict], which: str = "all", k: str | int = "classes", task: str | None = None,
+                 subsets: str = "largest", layout: str = "auto") -> dict[str, Table]:
+    """The named table, or for ``"all"`` the leaderboard plus every other table that has rows (per-class IoU:
+    one table per dataset, named ``classes_DATASET``)."""
     if which != "all" and which not in TABLES:
         raise UserError(f"unknown table '{which}' -- choose {', '.join(TABLES)} or all")
-    names = list(TABLES) if which == "all" else [which]
-    built = {name: leaderboard(records, k=k, task=task) if name == "leaderboard"
-             else TABLES[name](_task_filter(records, task)) for name in names}
+    built: dict[str, Table] = {}
+    for name in list(TABLES) if which == "all" else [which]:
+        if name == "leaderboard":
+            built[name] = leaderboard(records, k, task, subsets, layout)
+        elif name == "classes":
+            taken: set[str] = set()
+            for column, table in class_tables(records, k, task, subsets).items():
+                built[_unique_name(f"classes_{_slug(column)}", column, taken)] = table
+        elif name == "timings":
+            built[name] = timings_table(records, task)
+        else:
+            built[name] = TABLES[name](_task_filter(records, task))
     return {n: t for n, t in built.items() if n == "leaderboard" or which != "all" or not t.empty}
 
 
 def text_report(records: list[dict], fmt: str, which: str = "all", k: str | int = "classes",
-                task: str | None = None) -> str:
+                task: str | None = None, subsets: str = "largest", layout: str = "auto") -> str:
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}' -- choose {', '.join(FORMATS)}")
-    tables = build_tables(records, which, k, task)
+    tables = build_tables(records, which, k, task, subsets, layout)
     if fmt == "csv" and len(tables) > 1:
-        raise UserError("a CSV file holds one table -- pass --table leaderboard (or segments, streams), "
-                        "or --out-dir DIR to write every table")
+        raise UserError(f"a CSV file holds one table, and this makes {len(tables)} ({', '.join(tables)}) -- pass "
+                        f"--table leaderboard (or {', '.join(t for t in TABLES if t != 'leaderboard')}), or "
+                        f"--out-dir DIR to write every table")
     return "\n".join(FORMATS[fmt](table) for table in tables.values())
 
 
@@ -61,7 +75,7 @@ def panel_title(record: dict, dataset: str | None = None) -> str:
     rand = f"{DAGGER} RANDOM WEIGHTS (smoke run, not a result) | " if record["random_weights"] else ""
     method = task_label(record["config"])
     dataset = dataset or f"{record['dataset']}:{record['split']}"
-    return (f"{rand}{record['backbone']} | {method} | {dataset} | "
+    return (f"{rand}{model_label(record)} | {method} | {dataset} | "
             f"K={record['k']} seed={record['seed']} | mIoU {record['miou']:.1f}  Acc {record['acc']:.1f}  "
             f"F1 {record['f1']:.1f}  (run {record['config_hash']})")
 
@@ -74,19 +88,20 @@ def _panel_order(records: list[dict]) -> list[dict]:
 
 
 def write_all(records: list[dict], store_path: Path, out_dir: Path, k: str | int = "classes",
-              task: str | None = None) -> list[Path]:
+              task: str | None = None, subsets: str = "largest", layout: str = "auto") -> list[Path]:
     """Every table in every format, the curves as PNG + PDF and a panel PNG per run with samples."""
     written = []
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, table in build_tables(records, "all", k, task).items():
+    for name, table in build_tables(records, "all", k, task, subsets, layout).items():
         for fmt, ext in EXTENSIONS.items():
             path = out_dir / f"{name}.{ext}"
             path.write_text(FORMATS[fmt](table))
             written.append(path)
     shown = _task_filter(records, task)
     names: set[str] = set()
+    colours = figures.model_colours(shown)  # one colour per backbone in every curve file
     for column, data in figures.curve_data(shown).items():
-        fig = figures.overclustering_figure(column, data)
+        fig = figures.overclustering_figure(column, data, colours)
         written += figures.save_figure(fig, out_dir / "curves" / _unique_name(f"overclustering_{_slug(column)}",
                                                                               column, names))
     for record, title in _panels(shown):
@@ -114,14 +129,15 @@ def _panels(records: list[dict]):
 
 
 def html_report(records: list[dict], store_path: Path, k: str | int = "classes", task: str | None = None,
-                max_panels: int = 24) -> str:
+                max_panels: int = 24, subsets: str = "largest", layout: str = "auto") -> str:
     """The whole report as one self-contained HTML page."""
     sections = []
     shown = _task_filter(records, task)
-    tables = build_tables(records, "all", k, task)
+    tables = build_tables(records, "all", k, task, subsets, layout)
     sections.append(("Leaderboard", f"<div class='scroll'>{to_html(tables['leaderboard'])}</div>"))
     curves = figures.curve_data(shown)
-    body = "".join(html.figure(figures.image_bytes(figures.overclustering_figure(column, data)),
+    colours = figures.model_colours(shown)  # one colour per backbone in every figure of the page
+    body = "".join(html.figure(figures.image_bytes(figures.overclustering_figure(column, data, colours)),
                                f"Over-clustering on {column}: each metric against K, per backbone and method.")
                    for column, data in curves.items())
     sections.append(("Over-clustering curves", body or "<p><em>No backbone and method ran with several K.</em></p>"))
@@ -131,6 +147,12 @@ def html_report(records: list[dict], store_path: Path, k: str | int = "classes",
     streams = tables.get("streams")
     sections.append(("Prediction streams", f"<div class='scroll'>{to_html(streams)}</div>" if streams else
                      "<p><em>No stored run reports streams besides its headline.</em></p>"))
+    per_class = [t for name, t in tables.items() if name.startswith("classes_")]
+    sections.append(("Per-class IoU", "".join(f"<div class='scroll'>{to_html(t)}</div>" for t in per_class) or
+                     "<p><em>No stored run at this K has per-class scores.</em></p>"))
+    timings = tables.get("timings")
+    sections.append(("Stage timings", f"<div class='scroll'>{to_html(timings)}</div>" if timings else
+                     "<p><em>No stored run has timings.</em></p>"))
     panels, missing, more = [], 0, 0
     for record, title in _panels(shown):
         if len(panels) >= max_panels:  # counted, not read or drawn

@@ -55,23 +55,36 @@ def curve_data(records: list[dict]) -> dict[str, dict]:
     return out
 
 
+MARKERS = "osD^vP*Xhp"
+
+
+def model_colours(records: list[dict]) -> dict[str, tuple]:
+    """One colour per backbone (as reports name it) for every figure of a report: the same backbone keeps
+    its colour from one curve file to the next, whatever else each one shows."""
+    models = sorted(set(runs_frame(records).model)) if records else []
+    cmap = matplotlib.colormaps["tab10" if len(models) <= 10 else "tab20"]
+    return {model: cmap(i % cmap.N) for i, model in enumerate(models)}
+
+
 @_styled
-def overclustering_figure(column: str, data: dict) -> Figure:
-    """One row of three panels (mIoU, accuracy, F1 against K) for one dataset."""
+def overclustering_figure(column: str, data: dict, colours: dict[str, tuple] | None = None) -> Figure:
+    """One row of three panels (mIoU, accuracy, F1 against K) for one dataset. ``colours``: per backbone
+    (``model_colours`` of the whole report); a method has its own marker, random weights are dashed."""
     fig = Figure(figsize=(15, 4.6), layout="constrained")
     axes = fig.subplots(1, 3)
     methods = sorted({method for _, method, _ in data["series"]})
     several_methods = len(methods) > 1
-    cmap = matplotlib.colormaps["tab10"]
+    if colours is None:
+        cmap = matplotlib.colormaps["tab10"]
+        colours = {m: cmap(i % 10) for i, m in enumerate(sorted({m for m, _, _ in data["series"]}))}
     handles = []
-    for i, ((model, method, random), stats) in enumerate(sorted(data["series"].items())):
+    for (model, method, random), stats in sorted(data["series"].items()):
         name = f"{model}{DAGGER}" if random else model
         label = f"{name} / {method}" if several_methods else name
         if random:
             label += " (random weights)"
-        # Random weights dashed; the marker tells apart series that share a colour (more than 10).
-        style = dict(color=cmap(i % 10), marker="osD^v"[i // 10 % 5], linestyle="--" if random else "-",
-                     linewidth=2, markersize=6, capsize=4)
+        style = dict(color=colours[model], marker=MARKERS[methods.index(method) % len(MARKERS)],
+                     linestyle="--" if random else "-", linewidth=2, markersize=6, capsize=4)
         ks = stats.index.to_numpy()
         for ax, metric in zip(axes, METRICS):
             std = stats[(metric, "std")].fillna(0.0).to_numpy()
@@ -126,13 +139,28 @@ def panel_figure(samples: RunSamples, title: str) -> Figure:
     shown = set()
     for arr in list(samples.labels) + list(samples.predictions):
         shown |= set(np.unique(arr).tolist())
-    key = [Patch(color=palette[c] / 255, label=samples.class_names[c]) for c in range(n_classes) if c in shown]
+    names = [(palette[c] / 255, samples.class_names[c]) for c in range(n_classes) if c in shown]
     if shown - set(range(n_classes)):
-        key.append(Patch(color=IGNORE_COLOUR / 255, label="ignore / unlabelled"))
-    # Wrapped here: matplotlib's own wrap=True measures the text as maths, whatever text.parse_math says.
-    fig.suptitle("\n".join(textwrap.wrap(title, 100)), fontsize=12)
-    fig.legend(handles=key, loc="outside lower center", ncol=min(len(key), 6), frameon=False, fontsize=10)
+        names.append((IGNORE_COLOUR / 255, "ignore / unlabelled"))
+    # Long class names (SUIM's "background (waterbody, plants, sea-floor)") are wrapped, and no more columns are
+    # used than the figure's width holds: a legend wider than the figure was clipped at both edges.
+    labels = ["\n".join(textwrap.wrap(name, LEGEND_WRAP)) for _, name in names]
+    key = [Patch(facecolor=colour, edgecolor="0.6", label=label) for (colour, _), label in zip(names, labels)]
+    fig.suptitle("\n".join(textwrap.wrap(title, 100)), fontsize=12)  # matplotlib's wrap=True parses maths
+    fig.legend(handles=key, loc="outside lower center", ncol=legend_columns(labels, fig.get_figwidth()),
+               frameon=False, fontsize=10)
     return fig
+
+
+LEGEND_WRAP = 26  # characters per line of a class name in a legend
+
+
+def legend_columns(labels: list[str], width_inches: float, font_points: float = 10) -> int:
+    """How many legend entries fit side by side: each is its handle plus its longest line, at a generous
+    0.62 em per character (DejaVu Sans averages about 0.55)."""
+    longest = max((len(line) for label in labels for line in label.splitlines()), default=1)
+    entry = longest * 0.62 * font_points / 72 + 0.75  # text + handle and gaps, inches
+    return max(1, min(len(labels), 6, int((width_inches - 0.4) // entry)))
 
 
 @_styled

@@ -24,7 +24,7 @@ import pandas as pd
 
 from .. import registry
 from ..registry import overrides_text, task_label
-from ..data import DATASETS, dataset_options
+from ..data import DATASETS, SUBSET_OPTIONS, dataset_options, subset_options
 from ..data.protocol import SCORING_FIELDS, Protocol, stored_protocol
 from ..errors import UserError
 
@@ -45,12 +45,17 @@ class Cell:
     n: int = 1
     best: bool = False
     digits: int = 1
+    shown: str | None = None  # the text drawn instead of the value (the CSV keeps the value)
 
     def text(self) -> str:
+        if self.shown is not None:
+            return self.shown
         if self.value is None or (isinstance(self.value, float) and math.isnan(self.value)):
             return "–"
         if isinstance(self.value, str):
             return self.value
+        if isinstance(self.value, (int, np.integer)):  # counts: seeds, runs, images
+            return str(int(self.value))
         text = f"{self.value:.{self.digits}f}"
         return text + (f" ± {self.std:.{self.digits}f}" if self.std is not None and not math.isnan(self.std) else "")
 
@@ -61,6 +66,7 @@ class Column:
     group: str = ""  # e.g. the dataset; drawn as a spanning header above its columns
     numeric: bool = True
     flat: str = ""  # header where groups cannot span (Markdown, CSV); default "group header"
+    count: bool = False  # a whole number (e.g. seeds): never bold, one integer column in CSV
 
     @property
     def key(self) -> str:
@@ -76,17 +82,21 @@ class Table:
     superseded: set[int] = field(default_factory=set)  # rows stored by another version of their task
     notes: list[str] = field(default_factory=list)
     scoring: list[dict] = field(default_factory=list)  # per row: its scoring rules (CSV columns), when they apply
+    groups: list = field(default_factory=list)  # per row: rows compared for "best" (one dataset); empty: all rows
 
     @property
     def empty(self) -> bool:
         return not self.rows
 
-    def add(self, cells: list[Cell], random: bool = False, superseded: bool = False, scoring: dict | None = None) -> None:
+    def add(self, cells: list[Cell], random: bool = False, superseded: bool = False, scoring: dict | None = None,
+            group=None) -> None:
         if superseded:
             self.superseded.add(len(self.rows))
         self.rows.append(cells)
         self.random.append(bool(random))
         self.scoring.append(scoring or {})
+        if group is not None:
+            self.groups.append(group)
 
     def finish(self, extra_notes: list[str] = ()) -> "Table":
         if any(self.random):
@@ -105,16 +115,19 @@ def mark_best(table: Table) -> None:
     """Bold the highest mean of each numeric column among the rows neither from random weights nor stored by
     another version of their task (none when there are no such rows: a smoke run is never "best")."""
     candidates = [i for i, r in enumerate(table.random) if not r and i not in table.superseded]
-    for c, column in enumerate(table.columns):
-        if not column.numeric:
-            continue
-        values = {i: table.rows[i][c].value for i in candidates}
-        values = {i: v for i, v in values.items() if isinstance(v, float) and not math.isnan(v)}
-        if not values:
-            continue
-        top = max(values.values())
-        for i, v in values.items():
-            table.rows[i][c].best = bool(np.isclose(v, top))
+    groups = table.groups or [None] * len(table.rows)
+    for group in dict.fromkeys(groups):
+        rows = [i for i in candidates if groups[i] == group]
+        for c, column in enumerate(table.columns):
+            if not column.numeric:
+                continue
+            values = {i: table.rows[i][c].value for i in rows}
+            values = {i: v for i, v in values.items() if isinstance(v, float) and not math.isnan(v)}
+            if not values:
+                continue
+            top = max(values.values())
+            for i, v in values.items():
+                table.rows[i][c].best = bool(np.isclose(v, top))
 
 
 def _groups(columns: list[Column]) -> list[tuple[str, int]]:
@@ -197,7 +210,9 @@ def to_csv(table: Table) -> str:
     for i, row in enumerate(table.rows):
         rec: dict = {}
         for column, cell in zip(table.columns, row):
-            if column.numeric:
+            if column.count:
+                rec[column.key] = int(cell.value) if isinstance(cell.value, (int, np.integer)) else None
+            elif column.numeric:
                 number = cell.value if isinstance(cell.value, float) and not math.isnan(cell.value) else None
                 rec[column.key] = number
                 rec[f"{column.key} std"] = cell.std
@@ -212,8 +227,9 @@ def to_csv(table: Table) -> str:
         rec["note"] = "; ".join(notes)
         records.append(rec)
     frame = pd.DataFrame(records)
+    counts = {c.key for c in table.columns if c.count}
     for column in frame.columns:
-        if column.endswith(" n"):
+        if column.endswith(" n") or column in counts:
             frame[column] = frame[column].astype("Int64")  # counts, not 2.0 (a gap stays empty)
     return frame.to_csv(index=False)
 
@@ -245,15 +261,19 @@ FORMATS = {"markdown": to_markdown, "latex": to_latex, "csv": to_csv, "html": to
 
 # ---- from stored runs to labelled rows ------------------------------------------------------------------
 
-def dataset_label(config: dict) -> str:
-    """Dataset name, plus the split, options and protocol where they differ from the defaults."""
+def dataset_label(config: dict, subsets: bool = True) -> str:
+    """Dataset name, plus the split, options and protocol where they differ from the defaults; ``subsets``
+    False: without the options that only choose how many / which images (``limit``, synthetic ``n``)."""
     name = config["dataset"]
     cls = DATASETS.get(name)
     root = (config.get("dataset_identity") or {}).get("root")
     parts = [f"{name}:{Path(root).name}" if root else name]  # a generic folder: columns apart per folder
     if cls is not None and config.get("split") != cls.default_split:
         parts[0] += f":{config.get('split')}"
-    extra = [overrides_text(config.get("dataset_options") or {}, dataset_options(cls) if cls else {})]
+    options = config.get("dataset_options") or {}
+    if not subsets:
+        options = {k: v for k, v in options.items() if k not in (subset_options(cls) if cls else SUBSET_OPTIONS)}
+    extra = [overrides_text(options, dataset_options(cls) if cls else {})]
     spec = registry.backbones().get(config["backbone"])
     if spec is not None and config.get("protocol"):
         extra.append(overrides_text(stored_protocol(config["protocol"]),
@@ -291,16 +311,17 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
                      "dataset": r["dataset"], "column": dataset_label(cfg), "split": r["split"], "k": r["k"],
                      "num_classes": cfg.get("num_classes"), "seed": r["seed"], "miou": r["miou"],
                      "acc": r["acc"], "f1": r["f1"], "config_hash": r["config_hash"],
+                     "images": cfg.get("images") or 0, "full_column": dataset_label(cfg, subsets=False),
                      **{key: stored_protocol(cfg.get("protocol"))[key] for key in SCORING_FIELDS}})
     columns = ["backbone", "weights", "random_weights", "task", "method", "current_version", "dataset", "column",
-               "split", "k", "num_classes", "seed", "miou", "acc", "f1", "config_hash", *SCORING_FIELDS]
+               "split", "k", "num_classes", "seed", "miou", "acc", "f1", "config_hash", "images", "full_column",
+               *SCORING_FIELDS]
     frame = pd.DataFrame(rows, columns=columns)
-    frame["column"] = _distinct_columns(frame.column, [(r["config"].get("dataset_identity") or {}).get("root")
-                                                       for r in records])
-    # A backbone stored with several checkpoints gets their identities in its name.
-    several = frame.groupby(["backbone", "random_weights"])["weights"].nunique()
-    frame["model"] = [f"{b} [{w[:12]}]" if several.get((b, r), 1) > 1 else b
-                      for b, r, w in zip(frame.backbone, frame.random_weights, frame.weights)]
+    roots = [(r["config"].get("dataset_identity") or {}).get("root") for r in records]
+    frame["column"] = _distinct_columns(frame.column, roots)
+    frame["full_column"] = _distinct_columns(frame.full_column, roots)
+    frame["own_weights"] = [bool(r["config"].get("own_weights")) for r in records]
+    frame["model"] = [model_label(r, several) for r, several in zip(records, _several_checkpoints(frame))]
     return frame
 
 
@@ -327,6 +348,20 @@ def row_scoring(runs: pd.DataFrame, columns: list[str]) -> dict:
     order = {column: i for i, column in enumerate(columns)}
     runs = runs.sort_values("column", key=lambda c: c.map(order))
     return {key: " / ".join(dict.fromkeys(runs[key])) for key in SCORING_FIELDS}
+def _several_checkpoints(frame: pd.DataFrame) -> list[bool]:
+    """Per run: whether its backbone is stored with several weight files (their hashes then tell rows apart)."""
+    several = frame.groupby(["backbone", "random_weights"])["weights"].nunique()
+    return [several.get((b, r), 1) > 1 for b, r in zip(frame.backbone, frame.random_weights)]
+
+
+def model_label(record: dict, several_checkpoints: bool = False) -> str:
+    """A run's backbone as reports name it: a user's own checkpoint by its file name and hash
+    (``dino-vits16 [my.pth 26ddf28b]``), never as the registry's model; a backbone stored with several
+    registry checkpoints by their hashes."""
+    config, weights = record["config"], record["weights"]
+    if config.get("own_weights"):
+        return f"{record['backbone']} [{Path(config['weights_file']).name} {weights[:8]}]"
+    return f"{record['backbone']} [{weights[:12]}]" if several_checkpoints else record["backbone"]
 
 
 def select_k(frame: pd.DataFrame, k: str | int) -> tuple[pd.DataFrame, str]:
@@ -350,11 +385,16 @@ def select_k(frame: pd.DataFrame, k: str | int) -> tuple[pd.DataFrame, str]:
     return frame[frame.k == wanted], f"K = {multiple}C ({multiple} x number of classes)"
 
 
-def backbone_info(name: str) -> dict:
+OWN_WEIGHTS = "own checkpoint"  # the pre-training data of a user's file: the registry cannot know it
+
+
+def backbone_info(name: str, own_weights: bool = False) -> dict:
     spec = registry.backbones().get(name)
     if spec is None:
         return {"family": "?", "params": "?", "data": "?"}
     params = None if spec.params_m == 0 else f"{spec.params_m:.1f}"  # not learned: drawn as a dash, empty in CSV
+    if own_weights:  # the registry's architecture, trained by someone else on data it cannot name
+        return {"family": f"{spec.family} architecture", "params": params, "data": OWN_WEIGHTS}
     return {"family": spec.family, "params": params, "data": spec.pretraining_data}
 
 
@@ -366,31 +406,73 @@ def _mean_std(values) -> tuple[float, float | None, int]:
     return float(np.mean(values)), std, len(values)
 
 
-def leaderboard(records: list[dict], k: str | int = "classes", task: str | None = None) -> Table:
-    """DatUS^2 Table I: one row per backbone (and method, when several), metrics per dataset."""
+SUBSETS = ("largest", "all")  # leaderboard columns: per dataset and row the most images run, or every subset
+LAYOUTS = ("auto", "wide", "long")
+WIDE_DATASETS = 4  # more dataset columns than this: one row per (backbone, method, dataset) instead
+
+
+def _largest_subsets(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Per dataset (split, options, protocol), the column of the most images (the full split where it ran),
+    and a column of fewer images (``limit=``, synthetic ``n=``) only for rows that have no larger one: a
+    subset run of a backbone and method shown on more images is a smoke run of it. Returns the runs kept and
+    the labels of the columns left out."""
+    keep, hidden = [], []
+    for _, runs in frame.groupby("full_column"):
+        sizes = runs.groupby("column").images.max()
+        covered: set = set()
+        for column in sorted(sizes.index, key=lambda c: (-sizes[c], c != runs.full_column.iloc[0], c)):
+            in_column = runs[runs.column == column]
+            rows = set(zip(in_column.model, in_column.method, in_column.random_weights))
+            if rows - covered:
+                keep.append(column)
+                covered |= rows
+            else:
+                hidden.append(f"{column} ({len(in_column)} runs)")
+    return frame[frame.column.isin(keep)], sorted(hidden)
+
+
+def leaderboard(records: list[dict], k: str | int = "classes", task: str | None = None, subsets: str = "largest",
+                layout: str = "auto") -> Table:
+    """DatUS^2 Table I: one row per backbone (and method, when several), metrics per dataset (``layout`` long:
+    one row per backbone, method and dataset, as ``auto`` does beyond ``WIDE_DATASETS`` datasets). ``subsets``
+    largest: per dataset and row only the column of the most images it ran on (``_largest_subsets``); all:
+    every column."""
+    if subsets not in SUBSETS:
+        raise UserError(f"unknown --subsets '{subsets}' -- choose {' or '.join(SUBSETS)}")
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown --layout '{layout}' -- choose {', '.join(LAYOUTS)}")
     frame = runs_frame(records)
     if task:
         frame = frame[frame.task == task]
     frame, k_text = select_k(frame, k)
+    hidden: list[str] = []
+    if subsets == "largest":
+        frame, hidden = _largest_subsets(frame)
     several_methods = frame.method.nunique() > 1
     datasets = sorted(frame.column.unique())
+    long = layout == "long" or (layout == "auto" and len(datasets) > WIDE_DATASETS)
     columns = [Column("Backbone", numeric=False)] + ([Column("Method", numeric=False)] if several_methods else [])
     columns += [Column("Family", numeric=False), Column("Params (M)", numeric=False),
-                Column("Pre-training data", numeric=False), Column("Seeds", numeric=False)]
-    columns += [Column(label, group=d) for d in datasets for label in METRICS.values()]
+                Column("Pre-training data", numeric=False)]
+    columns += [Column("Dataset", numeric=False)] if long else []
+    columns += [Column("Seeds", numeric=False, count=True)]
+    columns += ([Column(label) for label in METRICS.values()] if long else
+                [Column(label, group=d) for d in datasets for label in METRICS.values()])
     # One method: no Method column, so the title names it (with its non-default parameters).
     method_text = f", {frame.method.iloc[0]}" if len(frame) and not several_methods else ""
     table = Table(f"Leaderboard{method_text}, {k_text}" + (f"; {scoring_caption(frame)}" if len(frame) else ""),
                   columns)
-    multi_seed = multi_count = False
+    multi_seed = uneven_seeds = False
     # Random-weight rows last: they are smoke runs, listed for completeness.
-    for (random, model, backbone, method), runs in frame.groupby(["random_weights", "model", "backbone", "method"],
-                                                                  sort=True):
-        info = backbone_info(backbone)
+    keys = ["random_weights", "model", "backbone", "method"]
+    for key, runs in frame.groupby(["column", *keys] if long else keys, sort=True):
+        dataset, (random, model, backbone, method) = (key[0], key[1:]) if long else (None, key)
+        info = backbone_info(backbone, runs.own_weights.iloc[0])
         cells = [Cell(model)] + ([Cell(method)] if several_methods else [])
         cells += [Cell(info["family"]), Cell(info["params"]), Cell(info["data"])]
+        cells += [Cell(dataset)] if long else []
         seeds, numbers = [], []
-        for d in datasets:
+        for d in [dataset] if long else datasets:
             in_column = runs[runs.column == d]
             seeds.append(in_column.seed.nunique())  # 0: no run of this row on that dataset
             for metric in METRICS:
@@ -398,12 +480,12 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
                 numbers.append(Cell(mean, std, n))
         multi_seed |= any(s > 1 for s in seeds)
         ran = [s for s in seeds if s]
-        per_dataset = len(set(ran)) > 1  # one number when every dataset it ran on had the same seeds
-        multi_count |= per_dataset
-        cells.append(Cell(" / ".join(str(s or "–") for s in seeds) if per_dataset else str(ran[0])))
+        uneven = len(set(ran)) > 1  # datasets of one row with different seed counts: fewest-most
+        uneven_seeds |= uneven
+        cells.append(Cell(max(ran), shown=f"{min(ran)}–{max(ran)}" if uneven else str(max(ran))))
         # the method label carries the version, so a row's runs share it
         table.add(cells + numbers, random=bool(random), superseded=not runs.current_version.iloc[0],
-                  scoring=row_scoring(runs, datasets))
+                  scoring=row_scoring(runs, [dataset] if long else datasets), group=dataset)
     mark_best(table)
     if all(table.random):
         notes = ["No value is bold: every row is a random-weight smoke run."]
@@ -412,7 +494,8 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     else:
         rows = [what for what, present in (("not marked †", any(table.random)),
                                            ("of the current task versions", table.superseded)) if present]
-        notes = ["Bold: best per column" + (f" among rows {' and '.join(rows)}." if rows else ".")]
+        per = " of each dataset" if long else ""
+        notes = [f"Bold: best per column{per}" + (f" among rows {' and '.join(rows)}." if rows else ".")]
     if table.superseded:
         current = ", ".join(sorted(f"{t} v{registry.tasks()[t].version}" for t in frame.task.unique()
                                    if t in registry.tasks()))
@@ -420,7 +503,11 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
                      f"run or sweep again for the current one ({current}).")
     notes += scoring_notes(frame)
     notes += [SEEDS_NOTE] if multi_seed else []
-    notes += ["Seeds a / b: seeds per dataset, in column order."] if multi_count else []
+    notes += ["Seeds a–b: the fewest and most seeds over the row's datasets (per dataset: the n columns of the "
+              "CSV)."] if uneven_seeds else []
+    if hidden:
+        notes.append(f"Not shown: {', '.join(hidden)}: runs of these rows on fewer images than a column shown "
+                     f"(ssl-bench report --subsets all shows them).")
     return table.finish(notes)
 
 

@@ -1,0 +1,92 @@
+"""The report's detail tables: per-class IoU (the papers print them) and the seconds each stage took.
+
+- ``class_tables``: one table per dataset column of the leaderboard (same K, same columns shown), one
+  row per backbone and method, the IoU of each class of the headline stream (mean ± std over seeds).
+- ``timings_table``: seconds per stage (features, labels, task, evaluate) of the stored runs, one row per
+  backbone, method, dataset and K (mean over seeds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data import DATASETS
+from .tables import Cell, Column, Table, _largest_subsets, _mean_std, mark_best, runs_frame, select_k
+
+STAGES = {"features": "Features", "labels": "Labels", "task": "Task", "evaluate": "Evaluate"}
+
+
+def class_names(config: dict) -> list[str]:
+    """The class names of a run's dataset: the reader's, a folder's classes.txt, else class numbers."""
+    classes = int(config.get("num_classes") or 0)
+    names = list(getattr(DATASETS.get(config["dataset"]), "class_names", None) or [])
+    root = (config.get("dataset_identity") or {}).get("root")
+    if root and (Path(root) / "classes.txt").is_file():
+        names = [line.strip() for line in (Path(root) / "classes.txt").read_text().splitlines() if line.strip()]
+    return names if len(names) == classes else [f"class {i}" for i in range(classes)]
+
+
+def _headline(record: dict) -> dict:
+    return record["metrics"].get(f"final@{record['split']}", {})
+
+
+def class_tables(records: list[dict], k: str | int = "classes", task: str | None = None,
+                 subsets: str = "largest") -> dict[str, Table]:
+    """Per dataset column: IoU (%) of each class, rows as the leaderboard's."""
+    frame = runs_frame(records)
+    frame["per_class"] = [_headline(r).get("per_class_iou") for r in records]
+    frame["names"] = [class_names(r["config"]) for r in records]
+    if task:
+        frame = frame[frame.task == task]
+    frame, k_text = select_k(frame, k)
+    if subsets == "largest":
+        frame, _ = _largest_subsets(frame)
+    frame = frame[frame.per_class.notna()]
+    tables = {}
+    for column, runs in frame.groupby("column", sort=True):
+        names = runs.names.iloc[0]
+        several_methods = runs.method.nunique() > 1
+        columns = [Column("Backbone", numeric=False)] + ([Column("Method", numeric=False)] if several_methods else [])
+        columns += [Column("Seeds", numeric=False, count=True)] + [Column(name) for name in names]
+        columns += [Column("mIoU")]
+        table = Table(f"Per-class IoU (%), {column}, {k_text}", columns)
+        for (random, model, method), group in runs.groupby(["random_weights", "model", "method"], sort=True):
+            cells = [Cell(model)] + ([Cell(method)] if several_methods else [])
+            cells.append(Cell(int(group.seed.nunique())))
+            for c in range(len(names)):
+                cells.append(Cell(*_mean_std(ious[c] if c < len(ious) else None for ious in group.per_class)))
+            cells.append(Cell(*_mean_std(group.miou)))
+            table.add(cells, random=bool(random), superseded=not group.current_version.iloc[0])
+        mark_best(table)
+        tables[column] = table.finish(["Classes absent from the images (and never predicted) read –; "
+                                       "bold: best per class."])
+    return tables
+
+
+def timings_table(records: list[dict], task: str | None = None) -> Table:
+    """Seconds per stage, one row per backbone, method, dataset and K (mean over its runs)."""
+    columns = [Column("Backbone", numeric=False), Column("Method", numeric=False), Column("Dataset", numeric=False),
+               Column("K", numeric=False), Column("Runs", numeric=False, count=True), Column("Images", numeric=False,
+                                                                                          count=True)]
+    columns += [Column(name, group="seconds per stage", flat=f"{name} (s)") for name in STAGES.values()]
+    columns += [Column("Total", group="seconds per stage", flat="Total (s)"),
+                Column("Per image", group="seconds per stage", flat="Per image (s)")]
+    table = Table("Stage timings (seconds; mean over the runs of a row)", columns)
+    rows = [r for r in records if r.get("timings") and (not task or r["task"] == task)]
+    if not rows:
+        return table
+    frame = runs_frame(rows)
+    for stage in STAGES:
+        frame[stage] = [r["timings"].get(stage) for r in rows]
+    frame["total"] = [sum(r["timings"].values()) for r in rows]
+    for (random, model, method, column, k), runs in frame.groupby(["random_weights", "model", "method", "column",
+                                                                    "k"]):  # random-weight rows last
+        images = int(runs.images.max())
+        cells = [Cell(model), Cell(method), Cell(column), Cell(str(k)), Cell(len(runs)), Cell(images)]
+        cells += [Cell(_mean_std(runs[stage])[0], digits=1) for stage in STAGES]  # means: a std of timings is noise
+        total = _mean_std(runs.total)[0]
+        cells += [Cell(total, digits=1), Cell(total / images if images else float("nan"), digits=3)]
+        table.add(cells, random=bool(random))
+    return table.finish(["Features: the feature extraction where ssl-bench run made it, else opening the cache (a "
+                         "sweep extracts before its cells; sweep --plan prices extractions from the cache). The "
+                         "machine's load changes these figures."])
