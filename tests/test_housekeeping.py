@@ -6,7 +6,6 @@ import os
 import re
 import time
 
-import pytest
 from typer.testing import CliRunner
 
 from ssl_bench.cli import app

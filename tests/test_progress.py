@@ -4,15 +4,13 @@ hours of work, and sweep files that mean the same wherever they are run from."""
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
 import pytest
 
 from ssl_bench import registry
 from ssl_bench.errors import UserError
 from ssl_bench.executors import run_local
-from ssl_bench.sweep import describe, grid_from_mapping, load_grid, make_plan, read_grid_file, resolved_paths
+from ssl_bench.sweep import describe, grid_from_mapping, load_grid, make_plan, read_grid_file
 
 TINY = {"name": "synthetic", "options": {"n": 4, "size": 64}}
 
@@ -77,9 +75,9 @@ def test_the_plan_estimates_the_time_from_stored_runs_and_cached_extractions(run
     stored = runner.store.query()[0]
     per_image = sum(stored["timings"][s] for s in ("labels", "task", "evaluate")) / 4
     timing = next(runner.cache.root.glob("reference/*/*/timing.json"))
-    import json
+    from ssl_bench.integrity import read_checked_json
 
-    extraction = json.loads(timing.read_text())
+    extraction = read_checked_json(timing)
     expected = 2 * per_image * 6 + extraction["seconds"] / extraction["images"] * 6
     assert (found.cells_priced, found.extractions_priced) == (2, 1)
     assert found.seconds == pytest.approx(expected)
@@ -116,8 +114,9 @@ def test_sweep_file_paths_are_relative_to_the_file(tmp_path, monkeypatch):
     (folder / "grid.yaml").write_text("backbones: [reference]\ntasks: [kmeans]\n"
                                       "datasets: [{name: folder, data_root: ../data/site}]\n")
     monkeypatch.chdir(tmp_path)  # run from elsewhere: the file still means its own folder's ../data/site
-    mapping = read_grid_file(folder / "grid.yaml")
-    assert resolved_paths(mapping) == [("../data/site", str(data.resolve()))]
+    resolved: list = []
+    read_grid_file(folder / "grid.yaml", resolved=resolved)
+    assert resolved == [("../data/site", str(data.resolve()))]
     assert load_grid(folder / "grid.yaml").datasets[0].data_root == str(data.resolve())
     from typer.testing import CliRunner
 
