@@ -9,7 +9,6 @@ image list, protocol and image options), or another split's that one of its para
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -133,10 +132,14 @@ def _folder_size(path: Path) -> int:
 
 
 def _read_json(path: Path) -> dict:
+    """A cache entry's checked metadata ({} where absent or damaged: the entry is then listed as unknown)."""
+    from .integrity import Damaged, read_checked_json
+
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = read_checked_json(path)
+    except (OSError, ValueError, Damaged):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def cache_entries(root: Path) -> list[CacheEntry]:
@@ -167,7 +170,11 @@ def reads(config: dict, entry: CacheEntry) -> bool:
     key = entry.key
     if not key:
         return False
-    same_data = key.get("dataset") == config["dataset"] and dict(key.get("protocol", [])) == config["protocol"]
+    from .data.protocol import SCORING_FIELDS
+
+    inputs = {k: v for k, v in config["protocol"].items() if k not in SCORING_FIELDS}  # the scoring rules are
+    # not in cache keys: they apply after the cached features and labels
+    same_data = key.get("dataset") == config["dataset"] and dict(key.get("protocol", [])) == inputs
     options = _image_options(config)
     same_data &= all(options.get(name) == value for name, value in key.get("options", [])
                      if name != "label_files")  # the label files' stamp is checked when read

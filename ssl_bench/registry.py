@@ -451,8 +451,8 @@ def tasks_in(folder: Path) -> dict[str, TaskSpec]:
         data["features"] = _as_tuple(data.get("features", ()), path, "features")
         data.setdefault("params", {})
         data["k_bound"] = KBound.parse(data.get("k_bound"), data["params"], str(path))
+        _check_version(path, data.get("version", 1))  # before the type check: its own message
         base = _spec(TaskSpec, data, path, "task entry")
-        _check_version(path, base.version)
         _check_slots(base, path)
         _check_gpu(base.gpu, path, base.name)
         _register(specs, base, path)

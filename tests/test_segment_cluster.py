@@ -45,7 +45,10 @@ def test_bad_stage_choices_are_one_line(overrides, message):
 def test_a_label_names_only_what_differs_from_the_chosen_stages_defaults():
     def label(overrides):
         spec = registry.task("segment-cluster")
-        return registry.task_label({"task": "segment-cluster", "params": spec.resolve_params(overrides)})
+        params = spec.resolve_params(overrides)
+        versions = registry.stage_versions(spec, params)  # as the runner stores them (louvain is at v2)
+        return registry.task_label({"task": "segment-cluster", "params": params,
+                                    **({"stage_versions": versions} if versions else {})})
 
     assert label({}) == "segment-cluster"
     assert label({"clusterer": "sinkhorn"}) == "segment-cluster (clusterer=sinkhorn)"

@@ -51,7 +51,7 @@ def test_k_values_are_numbers_or_multiples_of_classes(k, classes, expected):
     ({"kseeds": [1]}, "unknown key\\(s\\) kseeds"),
     ({"seeds": []}, "the sweep grid has an empty 'seeds' list"),
     ({"k": []}, "the sweep grid has an empty 'k' list"),
-    ({"seeds": [0, -1]}, "seeds must be whole numbers from 0 to 2^63-1"),
+    ({"seeds": [0, -1]}, r"seeds must be whole numbers from 0 to 2\^63-1"),
     ({"seeds": [0, 2**63]}, r"seeds must be whole numbers from 0 to 2\^63-1, got \[0, 9223372036854775808\]"),
     ({"protocol": {"crop": "corner"}}, "unknown protocol crop"),
 ])
