@@ -279,6 +279,7 @@ BENCHMARKS: dict[str, Callable[..., dict] | str] = {
     "extraction": extraction, "eval-memory": eval_memory, "k-sweep": k_sweep, "backbone-throughput": backbone_throughput,
     "cache-check": cache_check, "crf": "ssl_bench.crf:benchmark",
     "ray-sweep": "ssl_bench.bench_ray:ray_sweep",  # imports Ray only when run
+    "gpu": "ssl_bench.bench_gpu:gpu",  # every stage on the CPU and on the device, compared
     # a stage of a task, measured apart from the task's own benchmark (named in its registry file)
     "primaps-proposals": "ssl_bench.methods.primaps_proposals:benchmark"}
 

@@ -126,6 +126,8 @@ def run(
                                        "clusters >= C)"),
     absent_classes: str = typer.Option("zero-if-predicted", help="protocol, a class absent from the ground truth: "
                                        "zero-if-predicted (IoU 0 when predicted) | ignore (always left out)"),
+    precision: str = typer.Option("fp32", help="protocol: the backbone's forward pass in fp32, or autocast to "
+                                  "bf16 / fp16 (features cached apart; recorded with the result)"),
     force: bool = typer.Option(False, "--force", help="recompute even if this configuration is stored"),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if present, else cpu)"),
     store: Optional[Path] = StoreOpt,
@@ -145,7 +147,8 @@ def run(
     if k is not None:  # 2C as in sweeps: the classes are the dataset's
         k = resolve_k(k, 1) if k.strip().isdigit() else \
             resolve_k(k, runner.open_dataset(dataset, data_root, split, dict(options)).num_classes)
-    protocol = Protocol(resize=resize, crop=crop, overclustering=overclustering, absent_classes=absent_classes)
+    protocol = Protocol(resize=resize, crop=crop, overclustering=overclustering, absent_classes=absent_classes,
+                        precision=precision)
     cfg = RunConfig(backbone=backbone, task=task, dataset=dataset, split=split, k=k, seed=seed, weights=weights,
                     data_root=data_root, dataset_options=options, params=tuple(sorted(params.items())),
                     protocol=protocol)
@@ -193,6 +196,7 @@ def sweep(
     overclustering: Optional[str] = typer.Option(None, help="protocol, K > C: majority (default) | hungarian | "
                                                  "hungarian-majority | stego-drop"),
     absent_classes: Optional[str] = typer.Option(None, help="protocol: zero-if-predicted (default) | ignore"),
+    precision: Optional[str] = typer.Option(None, help="protocol: fp32 (default) | bf16 | fp16 (autocast extraction)"),
     executor: str = typer.Option("local", help="local (in-process) | ray"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local instance)"),
     cpus_per_task: Optional[int] = typer.Option(None, help="Ray: CPUs (= torch/OpenMP/BLAS/numba threads) per task "
@@ -211,7 +215,8 @@ def sweep(
     resolved: list[tuple[str, str]] = []
     data = sweeps.read_grid_file(file, resolved=resolved) if file else {}
     flags = backbone or weights or task or param or dataset or data_root or option or split or k or seed
-    protocol_flags = {"resize": resize, "crop": crop, "overclustering": overclustering, "absent_classes": absent_classes}
+    protocol_flags = {"resize": resize, "crop": crop, "overclustering": overclustering, "absent_classes": absent_classes,
+                      "precision": precision}
     protocol_flags = {key: value for key, value in protocol_flags.items() if value is not None}
     if "grids" in data and (flags or protocol_flags):
         raise UserError(f"{file} holds several grids, and grid flags replace the axes of one grid -- edit the "

@@ -305,7 +305,9 @@ class FeatureCache:
             for indices, batch in progress(_prefetched(images.batch, batches, workers),
                                            desc=f"extract {backbone.spec.name} on {dataset.name}/{dataset.split}",
                                            total=len(grids) - start, unit="images", step=lambda item: len(item[0])):
-                feats = backbone.extract(backbone.normalize(batch), kinds)  # normalize moves the batch to the model
+                x = backbone.normalize(batch)  # on the model's device
+                with protocol.autocast(x.device):  # the protocol's precision (fp32: no autocast)
+                    feats = backbone.extract(x, kinds)
                 for kind in kinds:
                     rows = self._rows(kind, feats[kind]).astype(np.float16)
                     if kind not in writers:
@@ -440,7 +442,7 @@ class LabelCache:
 
     def ensure(self, dataset: SegDataset, protocol: Protocol, multiple: int,
                progress: Callable = lambda it, **_: it) -> LabelStore:
-        key = FeatureCache._key("labels", f"multiple={multiple}", dataset, protocol,
+        key = FeatureCache._key("labels", f"multiple={multiple}", dataset, protocol.for_labels(),
                                 {**dataset.options, **dataset.identity, "label_files": _label_file_stamp(dataset)})
         folder = self.root / f"{dataset.name}-{dataset.split}" / key.digest()
         try:
@@ -539,7 +541,9 @@ def features_of(backbone: Backbone, dataset: SegDataset, protocol: Protocol, kin
     images = [protocol.apply_image(dataset.load_image(i), backbone.patch_size) for i in range(min(n, len(dataset)))]
     feats = []
     for image in images:
-        out = backbone.extract(backbone.normalize(image[None]), set(kinds))
+        x = backbone.normalize(image[None])
+        with protocol.autocast(x.device):
+            out = backbone.extract(x, set(kinds))
         feats.append({k: v[0].float().cpu().numpy() for k, v in out.items()})
     return images, feats
 

@@ -341,6 +341,7 @@ class _Ctx:
         self.k, self.seed, self.split, self.params = k, 0, "val", {**DEFAULTS, **params}
         self.dataset = types.SimpleNamespace(num_classes=k)
         self.protocol = Protocol()  # the default scoring rules
+        self.device = torch.device("cpu")  # where the heads train
         palette = np.random.default_rng(0).integers(0, 255, (k, 3))
         self.images = [palette[np.kron(lab, np.ones((4, 4), np.int64))].astype(np.uint8) for lab in labels]
         for image in self.images:

@@ -23,6 +23,7 @@ with ``LEGACY_SCORING``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -36,6 +37,9 @@ from ssl_bench.resources import require_memory
 DEFAULT_RESIZE = 320
 LARGE_RESIZE_PIXELS = 50_000_000  # resized images past this many pixels are checked against the memory
 CROPS = ("center", "none")
+# Extraction precision: fp32, or a torch.autocast of the backbone's forward pass in bfloat16 / float16 (the
+# cache stores float16 rows either way). Recorded only when not fp32, so earlier runs keep their hashes.
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 _PIL_INTERP = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -53,6 +57,7 @@ class Protocol:
     label_interp: str = "nearest"  # the only choice: class ids cannot be interpolated
     overclustering: str = "majority"  # K > C: majority | hungarian (DatUS^2) | hungarian-majority | stego-drop
     absent_classes: str = "zero-if-predicted"  # a class absent from the ground truth: zero-if-predicted | ignore
+    precision: str = "fp32"  # the backbone's forward pass: fp32 | bf16 | fp16 (autocast)
 
     def __post_init__(self):
         if not isinstance(self.resize, int) or self.resize < 1:
@@ -63,16 +68,34 @@ class Protocol:
             raise UserError(f"unknown image interpolation {self.image_interp!r} -- choose one of: {', '.join(_PIL_INTERP)}")
         if self.label_interp != "nearest":
             raise UserError(f"label interpolation {self.label_interp!r} is not supported -- labels are resized with 'nearest'")
-        for name, allowed in (("overclustering", OVERCLUSTERING), ("absent_classes", ABSENT_CLASSES)):
+        for name, allowed in (("overclustering", OVERCLUSTERING), ("absent_classes", ABSENT_CLASSES),
+                              ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {name} rule {getattr(self, name)!r} -- choose one of: {', '.join(allowed)}")
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The protocol as runs record it (precision only where it is not fp32: earlier hashes stay valid)."""
+        fields = dataclasses.asdict(self)
+        if self.precision == "fp32":
+            del fields["precision"]
+        return fields
 
     def input_dict(self) -> dict:
-        """The fields that shape images and labels: what cached features and labels depend on."""
+        """The fields that shape images and features: what cached features depend on."""
         return {key: value for key, value in self.as_dict().items() if key not in SCORING_FIELDS}
+
+    def for_labels(self) -> "Protocol":
+        """The protocol as the label cache keys it: labels do not depend on the extraction's precision."""
+        return dataclasses.replace(self, precision="fp32")
+
+    def autocast(self, device) -> contextlib.AbstractContextManager:
+        """The context of a backbone's forward pass: autocast to the protocol's precision (none for fp32)."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
 
     @property
     def scoring(self) -> dict:

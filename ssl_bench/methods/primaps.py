@@ -103,7 +103,12 @@ class PrototypeHead(nn.Module):
         return (x @ w.T) * self.g
 
     def prototypes(self) -> np.ndarray:
-        return F.normalize(self.v.detach(), dim=1).numpy().copy()
+        return F.normalize(self.v.detach(), dim=1).cpu().numpy().copy()
+
+
+def _on(head: nn.Module, array, dtype=torch.float32) -> torch.Tensor:
+    """An array as a tensor on ``head``'s device (training runs on the run's device; arrays stay on the CPU)."""
+    return _t(array, dtype).to(next(head.parameters()).device)
 
 
 def _grid_logits(head: nn.Module, feats: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -127,7 +132,7 @@ def majority_per_proposal(votes: torch.Tensor, proposals: torch.Tensor) -> torch
     n_prop, n_cls = int(proposals.max()) + 1, int(votes.max()) + 1
     counts = torch.bincount(proposals[valid] * n_cls + votes[valid], minlength=n_prop * n_cls)
     counts = counts.reshape(n_prop, n_cls)
-    best = torch.where(counts.sum(1) > 0, counts.argmax(1), torch.full((n_prop,), -1))
+    best = torch.where(counts.sum(1) > 0, counts.argmax(1), torch.full((n_prop,), -1, device=counts.device))
     inside = proposals >= 0
     out[inside] = best[proposals[inside]]
     return out
@@ -144,10 +149,6 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
     return F.cross_entropy(logits, target, weight=weight, ignore_index=-1, reduction="none").mean()
 
 
-def _as_tensors(arrays: Sequence, dtype=torch.float32) -> list[torch.Tensor]:
-    return [_t(a, dtype) for a in arrays]
-
-
 def em_step(theta_s: nn.Module, theta_t: nn.Module, optimizer: torch.optim.Optimizer, features: Sequence,
             proposals: Sequence, student_features: Sequence | None = None, focal_gamma: float = 2.0) -> dict:
     """One stochastic EM step on a batch of images.
@@ -157,9 +158,9 @@ def em_step(theta_s: nn.Module, theta_t: nn.Module, optimizer: torch.optim.Optim
     ``student_features`` (augmented views; default: the same features). The EMA update is the caller's.
     features / student_features: (h, w, d) per image; proposals: (H, W) int64 per image, -1 = none.
     """
-    feats = _as_tensors(features)
-    props = _as_tensors(proposals, torch.int64)
-    s_feats = feats if student_features is None else _as_tensors(student_features)
+    feats = [_on(theta_s, f) for f in features]  # on the heads' device (the run's)
+    props = [_on(theta_s, p, torch.int64) for p in proposals]
+    s_feats = feats if student_features is None else [_on(theta_s, f) for f in student_features]
     with torch.no_grad():
         pseudo = [majority_per_proposal(_grid_logits(theta_t, f, p.shape).argmax(0), p)
                   for f, p in zip(feats, props)]
@@ -260,13 +261,13 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, cut, batch_size)]
 
 
-def _flat(features: Sequence, idx: Sequence[int]) -> torch.Tensor:
-    return torch.cat([_t(features[i]).flatten(0, -2) for i in idx])
+def _flat(head: nn.Module, features: Sequence, idx: Sequence[int]) -> torch.Tensor:
+    return torch.cat([_on(head, features[i]).flatten(0, -2) for i in idx])
 
 
 def _scores(head: nn.Module, features: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return _grid_logits(head, _t(features)).numpy()
+        return _grid_logits(head, _on(head, features)).cpu().numpy()
 
 
 def kmeans_pretrain(head: PrototypeHead, features: Sequence, epochs: int, batch_size: int, lr: float,
@@ -276,7 +277,7 @@ def kmeans_pretrain(head: PrototypeHead, features: Sequence, epochs: int, batch_
     losses = []
     for _, idx in _epoch_batches(progress, epochs, len(features), batch_size, gen,
                                  f"PriMaPs k-means ({epochs} epochs)"):
-        loss = -head(_flat(features, idx)).max(1).values.mean()
+        loss = -head(_flat(head, features, idx)).max(1).values.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -308,13 +309,13 @@ class PrototypeBaseline:
     """The paper's baseline: PCA-initialised cosine prototypes trained with Eq. 9 only."""
 
     def __init__(self, k: int, epochs: int = 2, batch_size: int = 32, lr: float = 5e-3, pca_images: int = 2975,
-                 progress: Callable | None = None):
+                 progress: Callable | None = None, device: str | torch.device = "cpu"):
         self.k, self.epochs, self.batch_size, self.lr = k, epochs, batch_size, lr
-        self.pca_images, self.progress = pca_images, progress
+        self.pca_images, self.progress, self.device = pca_images, progress, device
 
     def fit(self, features: Sequence, seed: int = 0) -> "PrototypeBaseline":
-        gen = torch.Generator().manual_seed(seed)
-        self.head = PrototypeHead(pca_prototypes(features, self.k, self.pca_images, seed), cosine=True)
+        gen = torch.Generator().manual_seed(seed)  # the batch order on the CPU: the same on every device
+        self.head = PrototypeHead(pca_prototypes(features, self.k, self.pca_images, seed), cosine=True).to(self.device)
         self.losses = kmeans_pretrain(self.head, features, self.epochs, self.batch_size, self.lr, gen,
                                       self.progress)
         return self
@@ -329,8 +330,9 @@ class LinearProbe:
     given on any grid (logits are upsampled bilinearly to it), Adam, as the reference linear probe."""
 
     def __init__(self, k: int, epochs: int = 2, batch_size: int = 32, lr: float = 5e-3,
-                 progress: Callable | None = None):
+                 progress: Callable | None = None, device: str | torch.device = "cpu"):
         self.k, self.epochs, self.batch_size, self.lr, self.progress = k, epochs, batch_size, lr, progress
+        self.device = device
 
     def fit(self, features: Sequence, labels: Sequence, seed: int = 0) -> "LinearProbe":
         gen = torch.Generator().manual_seed(seed)
@@ -339,12 +341,13 @@ class LinearProbe:
         self.head = torch.nn.utils.skip_init(nn.Linear, d, self.k)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.head.to(self.device)
         opt = torch.optim.Adam(self.head.parameters(), lr=self.lr)
         self.losses = []
         for _, idx in _epoch_batches(self.progress, self.epochs, len(features), self.batch_size, gen,
                                      f"linear probe ({self.epochs} epochs)"):
-            labs = _as_tensors([labels[i] for i in idx], torch.int64)
-            logits = torch.cat([_grid_logits(self.head, _t(features[i]), lab.shape).flatten(1).T
+            labs = [_on(self.head, labels[i], torch.int64) for i in idx]
+            logits = torch.cat([_grid_logits(self.head, _on(self.head, features[i]), lab.shape).flatten(1).T
                                 for i, lab in zip(idx, labs)])
             target = torch.cat([lab.flatten() for lab in labs])
             target = torch.where(target < self.k, target, torch.full_like(target, -1))
@@ -371,18 +374,19 @@ class PrimapsEM:
     def __init__(self, k: int, pretrain_epochs: int = 2, epochs: int = 50, max_steps: int | None = None,
                  batch_size: int = 32, lr: float = 5e-3, ema: bool = True, ema_every: int = 10,
                  ema_decay: float = 0.98, augment: bool = True, focal_gamma: float = 2.0, pca_images: int = 2975,
-                 augmented_features: Callable | None = None, progress: Callable | None = None):
+                 augmented_features: Callable | None = None, progress: Callable | None = None,
+                 device: str | torch.device = "cpu"):
         self.k, self.pretrain_epochs, self.epochs, self.max_steps = k, pretrain_epochs, epochs, max_steps
         self.batch_size, self.lr, self.ema, self.ema_every, self.ema_decay = batch_size, lr, ema, ema_every, ema_decay
         self.augment, self.focal_gamma, self.pca_images = augment, focal_gamma, pca_images
-        self.augmented_features, self.progress = augmented_features, progress
+        self.augmented_features, self.progress, self.device = augmented_features, progress, device
 
     def fit(self, features: Sequence, proposals: Sequence, seed: int = 0) -> "PrimapsEM":
         if len(features) != len(proposals):
             raise ValueError(f"{len(features)} feature maps but {len(proposals)} proposal maps")
-        gen = torch.Generator().manual_seed(seed)
-        rng = np.random.default_rng(seed)
-        init = PrototypeHead(pca_prototypes(features, self.k, self.pca_images, seed), cosine=True)
+        gen = torch.Generator().manual_seed(seed)  # batch order and feature augmentation on the CPU: the same
+        rng = np.random.default_rng(seed)  # draws on every device; the heads train on ``device``
+        init = PrototypeHead(pca_prototypes(features, self.k, self.pca_images, seed), cosine=True).to(self.device)
         self.pretrain_losses = kmeans_pretrain(init, features, self.pretrain_epochs, self.batch_size, self.lr,
                                                gen, self.progress)
         self.initial_prototypes = init.prototypes()
@@ -547,7 +551,7 @@ def run(ctx):
     n = len(fit)
     if mode == "baseline":
         epochs = p["baseline_epochs"] if p["baseline_epochs"] is not None else p["pretrain_epochs"]
-        model = PrototypeBaseline(ctx.k, epochs, p["batch_size"], p["lr"], p["pca_images"], ctx.progress)
+        model = PrototypeBaseline(ctx.k, epochs, p["batch_size"], p["lr"], p["pca_images"], ctx.progress, ctx.device)
         model.fit(fit, ctx.seed)
         stats["final_loss"] = model.losses[-1] if model.losses else None
     elif mode == "linear-probe":  # supervised upper bound: ground truth of the fit split
@@ -556,7 +560,8 @@ def run(ctx):
             gt = ctx.label(i, fit_split)
             labels.append(resize_label_map(gt, _train_grid(p["train_resolution"], fit.grid(i), gt.shape)))
         epochs = p["probe_epochs"] if p["probe_epochs"] is not None else p["epochs"]
-        model = LinearProbe(ctx.k, epochs, p["batch_size"], p["lr"], ctx.progress).fit(fit, labels, ctx.seed)
+        model = LinearProbe(ctx.k, epochs, p["batch_size"], p["lr"], ctx.progress, ctx.device).fit(fit, labels,
+                                                                                                   ctx.seed)
         stats["final_loss"] = model.losses[-1] if model.losses else None
     else:
         proposals, counts, covered = [], [], []
@@ -571,7 +576,7 @@ def run(ctx):
         augmented = _image_augmenter(ctx, fit, fit_split) if p["augment"] == "image" else None
         model = PrimapsEM(ctx.k, p["pretrain_epochs"], p["epochs"], p["max_steps"], p["batch_size"], p["lr"],
                           p["ema"], p["ema_every"], p["ema_decay"], p["augment"] != "none",
-                          p["focal_gamma"], p["pca_images"], augmented, ctx.progress)
+                          p["focal_gamma"], p["pca_images"], augmented, ctx.progress, ctx.device)
         model.fit(fit, proposals, ctx.seed)
         hist = model.history
         stats.update(steps=model.steps, final_loss=hist["loss"][-1] if hist["loss"] else None,
@@ -625,8 +630,9 @@ def _image_augmenter(ctx, fit, split, chunk: int = 8) -> Callable:
         for members in by_shape.values():
             for start in range(0, len(members), chunk):
                 part = members[start:start + chunk]
-                with torch.inference_mode():
-                    out = backbone.extract(backbone.normalize(np.stack([images[j] for j in part])), {"patch"})
+                x = backbone.normalize(np.stack([images[j] for j in part]))
+                with torch.inference_mode(), ctx.protocol.autocast(x.device):  # as the cached features were made
+                    out = backbone.extract(x, {"patch"})
                 for j, f in zip(part, out["patch"].float().cpu().numpy()):
                     feats[j] = f
         for f, i in zip(feats, idx):

@@ -1,0 +1,155 @@
+"""``ssl-bench bench gpu``: every GPU check of the harness in one short script (a few minutes).
+
+Each stage that may run on an accelerator is run twice from the same inputs and seed, on the CPU and on
+the device, and compared: the numbers must agree within the stated tolerance (float32 kernels differ in
+summation order between devices, so bit equality is not expected), and the throughput of each side is
+recorded. On a machine without a GPU the device is the CPU itself (``device="cpu"``) and the script still
+runs every check, which keeps it tested; its figures then say nothing about a GPU.
+
+Checks (tolerances are the pass criteria written into the result):
+- extraction (fp32): patch features on the device vs the CPU, max |difference| of float16 rows;
+- extraction (bf16 / fp16 autocast, the protocol's ``precision``): cosine of each patch to its fp32 row;
+- PriMaPs-EM: the same steps on both, final prototypes' max |difference| and seconds per step;
+- DatUS^2 de-noiser (and every head trained with ``stages.denoise``): one short training on both, loss
+  path and predictions' agreement, seconds per batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+# Pass criteria. Float32 sums in another order on another device: features agree to float16 resolution,
+# short trainings to a few 1e-3 of their scale; autocast features keep nearly every patch's direction.
+TOLERANCES = {"extraction_fp32_max_abs": 2e-2, "autocast_min_cosine": 0.98, "primaps_prototypes_max_abs": 1e-3,
+              "denoiser_prediction_agreement": 0.95}
+
+
+def _seconds(fn, repeats: int = 1):
+    """(result of the last call, the fastest call's seconds)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _extract(model, images: np.ndarray, precision: str, device) -> tuple[np.ndarray, float]:
+    from .data.protocol import Protocol
+
+    protocol = Protocol(precision=precision)
+    model = model.to(device)
+
+    def run():
+        x = model.normalize(images)
+        with protocol.autocast(x.device):
+            out = model.extract(x, {"patch"})["patch"].float()
+        _sync(device)
+        return out.cpu().numpy().astype(np.float16).astype(np.float32)  # as the cache keeps them
+
+    return _seconds(run, repeats=3)
+
+
+def extraction_checks(device, backbone: str = "dino-vits16", images: int = 8) -> list[dict]:
+    from . import registry
+    from .data import open_dataset
+    from .models import build_backbone, resolve
+
+    spec = registry.backbone(backbone)
+    model = build_backbone(spec, resolve(spec, "random"), 0)
+    data = open_dataset("synthetic", None, "val", n=images, size=224)
+    batch = np.stack([np.asarray(data.load_image(i).convert("RGB").resize((224, 224))) for i in range(images)])
+    cpu, cpu_s = _extract(model, batch, "fp32", "cpu")
+    rows = []
+    on_device, device_s = _extract(model, batch, "fp32", device)
+    diff = float(np.abs(on_device - cpu).max())
+    rows.append({"check": "extraction fp32", "device_vs_cpu_max_abs": diff,
+                 "passed": diff <= TOLERANCES["extraction_fp32_max_abs"],
+                 "cpu_images_per_s": images / cpu_s, "device_images_per_s": images / device_s})
+    for precision in ("bf16", "fp16"):
+        try:
+            low, low_s = _extract(model, batch, precision, device)
+        except RuntimeError as err:  # e.g. fp16 autocast on a CPU build without it
+            rows.append({"check": f"extraction {precision}", "skipped": str(err).splitlines()[0]})
+            continue
+        a = cpu.reshape(-1, cpu.shape[-1])
+        b = low.reshape(-1, low.shape[-1])
+        cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+        rows.append({"check": f"extraction {precision}", "min_cosine_to_fp32": float(cosine.min()),
+                     "mean_cosine_to_fp32": float(cosine.mean()),
+                     "passed": float(cosine.min()) >= TOLERANCES["autocast_min_cosine"],
+                     "device_images_per_s": images / low_s, "speedup_vs_device_fp32": device_s / low_s})
+    return rows
+
+
+def primaps_check(device, images: int = 16, k: int = 8, steps: int = 10) -> dict:
+    from .methods.primaps import PrimapsEM
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(k, 64)).astype(np.float32)
+    feats = [centres[rng.integers(0, k, (20, 20))] + 0.3 * rng.normal(size=(20, 20, 64)).astype(np.float32)
+             for _ in range(images)]
+    proposals = [np.repeat(np.repeat(rng.integers(0, 6, (5, 5)), 4, 0), 4, 1).astype(np.int64) for _ in feats]
+
+    def fit(where):
+        model = PrimapsEM(k, pretrain_epochs=1, epochs=steps, max_steps=steps, batch_size=4, ema_every=2,
+                          pca_images=images, device=where)
+        model.fit(feats, proposals, seed=0)
+        _sync(where)
+        return model
+
+    cpu, cpu_s = _seconds(lambda: fit("cpu"))
+    dev, dev_s = _seconds(lambda: fit(device))
+    theta = lambda m: m.theta_t.v.detach().cpu().numpy()  # noqa: E731
+    diff = float(np.abs(theta(cpu) - theta(dev)).max())
+    return {"check": "primaps-em", "steps": cpu.steps, "prototypes_max_abs": diff,
+            "passed": diff <= TOLERANCES["primaps_prototypes_max_abs"],
+            "cpu_s_per_step": cpu_s / cpu.steps, "device_s_per_step": dev_s / dev.steps}
+
+
+def denoiser_check(device, images: int = 8, k: int = 4) -> dict:
+    from .stages.denoise import DenoiserConfig, predict_denoiser, train_denoiser
+
+    rng = np.random.default_rng(0)
+    pics = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(images)]
+    masks = [np.repeat(np.repeat(rng.integers(0, k, (6, 6)), 16, 0), 16, 1) for _ in range(images)]
+    config = DenoiserConfig(input_size=96, epochs=2, batch_size=4)
+
+    def train(where):
+        model, _ = train_denoiser(pics, masks, k, config, seed=0, device=where)
+        _sync(where)
+        return np.stack(list(predict_denoiser(model, pics, config, device=where)))
+
+    cpu, cpu_s = _seconds(lambda: train("cpu"))
+    dev, dev_s = _seconds(lambda: train(device))
+    agreement = float((cpu == dev).mean())
+    batches = config.epochs * max(1, images // config.batch_size)
+    return {"check": "denoiser", "prediction_agreement": agreement,
+            "passed": agreement >= TOLERANCES["denoiser_prediction_agreement"],
+            "cpu_s_per_batch": cpu_s / batches, "device_s_per_batch": dev_s / batches}
+
+
+def gpu(device: str | None = None, backbone: str = "dino-vits16", images: int = 8) -> dict:
+    """Every GPU check (see the module docstring); ``device`` defaults to cuda when present, else the CPU."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    checks = [*extraction_checks(device, backbone, images), primaps_check(device), denoiser_check(device)]
+    name = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else "none"
+    return {"device": device, "gpu": name,
+            "note": None if name != "none" else "no GPU here: the device side is the CPU, so these figures only "
+                                                 "show that every check runs",
+            "tolerances": TOLERANCES, "checks": checks,
+            "all_passed": all(c.get("passed", True) for c in checks),
+            "seconds": time.perf_counter() - started, "load_average_1min": os.getloadavg()[0]}
