@@ -135,6 +135,17 @@ class TaskContext:
         self.progress = progress
         self.device = runner.device
         self.fresh = fresh  # --force: recompute what ``reuse`` kept too
+        self.stage_seconds: dict[str, float] = {}  # the method's own stages (``timed``), stored with the result
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        """Time one of the method's own stages (summed over calls): stored with the result as
+        ``stats["stage_seconds"]``, and drawn as parts of the task's bar in the report's timings figure."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - t0
 
     @property
     def backbone(self) -> Backbone:
@@ -451,7 +462,8 @@ class Runner:
             random_weights=run.weights.is_random, task=run.task.name, dataset=run.config["dataset"],
             split=run.dataset.split, k=run.config["k"], seed=run.config["seed"],
             miou=headline["miou"], acc=headline["acc"], f1=headline["f1"],
-            config=run.config, metrics=metrics, stats=result.stats or {}, timings=timings,
+            config=run.config, metrics=metrics, timings=timings,
+            stats={**(result.stats or {}), **({"stage_seconds": ctx.stage_seconds} if ctx.stage_seconds else {})},
             environment=self.environment,
         )
         return Computed(record, self._panel_samples(ctx, run, kept, headline["cluster_to_class"]))

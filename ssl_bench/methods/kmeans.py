@@ -59,7 +59,8 @@ def run(ctx):
                         f"-p max_fit_patches (default 200000)")
     fit = ctx.features("patch", p["fit_split"])
     rows = sample_rows(len(fit.flat), p["max_fit_patches"], ctx.seed)
-    centroids = fit_centroids(as_float32(fit.flat[rows]), ctx.k, ctx.seed, p["iterations"], copy=False)
+    with ctx.timed("fit"):
+        centroids = fit_centroids(as_float32(fit.flat[rows]), ctx.k, ctx.seed, p["iterations"], copy=False)
     feats = ctx.features("patch")
 
     def predictions():

@@ -552,7 +552,8 @@ def run(ctx):
     if mode == "baseline":
         epochs = p["baseline_epochs"] if p["baseline_epochs"] is not None else p["pretrain_epochs"]
         model = PrototypeBaseline(ctx.k, epochs, p["batch_size"], p["lr"], p["pca_images"], ctx.progress, ctx.device)
-        model.fit(fit, ctx.seed)
+        with ctx.timed("training"):
+            model.fit(fit, ctx.seed)
         stats["final_loss"] = model.losses[-1] if model.losses else None
     elif mode == "linear-probe":  # supervised upper bound: ground truth of the fit split
         labels = []
@@ -560,14 +561,17 @@ def run(ctx):
             gt = ctx.label(i, fit_split)
             labels.append(resize_label_map(gt, _train_grid(p["train_resolution"], fit.grid(i), gt.shape)))
         epochs = p["probe_epochs"] if p["probe_epochs"] is not None else p["epochs"]
-        model = LinearProbe(ctx.k, epochs, p["batch_size"], p["lr"], ctx.progress, ctx.device).fit(fit, labels,
-                                                                                                   ctx.seed)
+        with ctx.timed("training"):
+            model = LinearProbe(ctx.k, epochs, p["batch_size"], p["lr"], ctx.progress, ctx.device).fit(fit, labels,
+                                                                                                       ctx.seed)
         stats["final_loss"] = model.losses[-1] if model.losses else None
     else:
         proposals, counts, covered = [], [], []
         for i in ctx.progress(range(n), desc="PriMaPs proposals", total=n, unit="images"):
             size = tuple(ctx.label_size(i, fit_split))
-            ids = image_proposals(fit[i], size, ctx.image(i, fit_split) if p["proposal_crf"] else None, p, ctx.seed)
+            with ctx.timed("proposals"):
+                ids = image_proposals(fit[i], size, ctx.image(i, fit_split) if p["proposal_crf"] else None, p,
+                                      ctx.seed)
             counts.append(int(ids.max()) + 1)
             covered.append(float((ids >= 0).mean()))
             grid = _train_grid(p["train_resolution"], fit.grid(i), size)
@@ -577,7 +581,8 @@ def run(ctx):
         model = PrimapsEM(ctx.k, p["pretrain_epochs"], p["epochs"], p["max_steps"], p["batch_size"], p["lr"],
                           p["ema"], p["ema_every"], p["ema_decay"], p["augment"] != "none",
                           p["focal_gamma"], p["pca_images"], augmented, ctx.progress, ctx.device)
-        model.fit(fit, proposals, ctx.seed)
+        with ctx.timed("training"):
+            model.fit(fit, proposals, ctx.seed)
         hist = model.history
         stats.update(steps=model.steps, final_loss=hist["loss"][-1] if hist["loss"] else None,
                      pseudo_fraction=float(np.mean(hist["pseudo_fraction"])) if hist["loss"] else None,

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -41,27 +42,36 @@ class LazyImages:
         return (self[i] for i in range(self.n))
 
 
-def segment_and_embed(segmenter, embedder, images, features: dict, n: int, progress=lambda it: it) -> dict:
+def segment_and_embed(segmenter, embedder, images, features: dict, n: int, progress=lambda it: it,
+                      seconds: dict | None = None) -> dict:
     """Segment maps, per-image infos and region embeddings of ``n`` images.
 
     ``images[i]`` is image i at protocol resolution (only read when a stage uses images) and ``features`` maps
     each cached kind a stage reads to a sequence of (h, w, d) grids; ``segmenter.segment`` and
     ``embedder.embed`` are the stages (``ssl_bench.stages``). One pass: each image is segmented, then handed to
-    the embedding, which may batch regions across images."""
+    the embedding, which may batch regions across images. ``seconds`` (optional) gains each stage's time."""
     seg_kinds = getattr(segmenter, "reads", ())
     embed_kinds = getattr(embedder, "reads", ())
     needs_image = getattr(segmenter, "uses_image", False) or getattr(embedder, "uses_image", False)
     maps, infos = [], []
+    segmenting = 0.0
 
     def regions():
+        nonlocal segmenting
         for i in progress(range(n)):
             image = images[i] if needs_image else None
+            t0 = time.perf_counter()
             segments, info = segmenter.segment({kind: features[kind][i] for kind in seg_kinds}, image)
+            segmenting += time.perf_counter() - t0
             maps.append(segments.astype(np.int16))  # small grids, many images: keep them compact
             infos.append(info)
             yield RegionImage(segments, image, {kind: features[kind][i] for kind in embed_kinds})
 
+    t0 = time.perf_counter()
     vectors = embedder.embed(regions())
+    if seconds is not None:  # the embedding pulls the segments: its time less theirs
+        seconds["segment"] = seconds.get("segment", 0.0) + segmenting
+        seconds["embed"] = seconds.get("embed", 0.0) + time.perf_counter() - t0 - segmenting
     return {"segments": maps, "infos": infos, "features": vectors}
 
 
@@ -80,11 +90,12 @@ def _regions_of_split(ctx, split: str) -> dict:
         kinds = set(segmenter.reads) | set(embedder.reads)
         features = {kind: ctx.features(kind, split=split) for kind in kinds}
         if hasattr(segmenter, "fit"):  # a learned segmenter sees the split's features first
-            segmenter.fit({kind: features[kind] for kind in segmenter.reads})
+            with ctx.timed("segmenter training"):
+                segmenter.fit({kind: features[kind] for kind in segmenter.reads})
         n = len(ctx.dataset_for(split))
         data = segment_and_embed(segmenter, embedder, LazyImages(ctx, split, n), features, n,
                                  lambda it: ctx.progress(it, desc=f"{ctx.params['segmenter']} segments [{split}]",
-                                                         total=n, unit="images"))
+                                                         total=n, unit="images"), ctx.stage_seconds)
         data["sizes"] = [ctx.label_size(i, split) for i in range(n)]
         return data
 
@@ -119,9 +130,11 @@ def run(ctx):
                         f"{' besides background' if background else ''}, split {fit_split!r} has {regions} -- "
                         f"lower --k, use more images, or let the segmenter keep more segments")
     clusterer = build(ctx.stages["clusterer"], slot_params(p, "clusterer"), ctx, k=clusters, seed=ctx.seed)
-    clusterer.fit(data[fit_split]["features"])
+    with ctx.timed("cluster"):
+        clusterer.fit(data[fit_split]["features"])
     for s, d in data.items():
-        labels = clusterer.labels_ if s == fit_split else clusterer.predict(d["features"])
+        with ctx.timed("cluster"):
+            labels = clusterer.labels_ if s == fit_split else clusterer.predict(d["features"])
         d["masks"] = paint_split(d["segments"], d["infos"], labels, background=clusters if background else NOISE)
 
     stats = _stats(data, ctx.split, fit_split, clusters, background)
@@ -131,16 +144,18 @@ def run(ctx):
         for d in data.values():  # at label resolution: the CRF sees the image's edges; images in parallel
             jobs = ((d["images"][i], upsample_nearest(m, size), ctx.k) for i, (m, size) in enumerate(
                 ctx.progress(list(zip(d["masks"], d["sizes"])), desc="crf", total=len(d["masks"]), unit="images")))
-            d["crf"] = [labels.astype(np.int16) for labels in CRFPool().map(label_crf, jobs)]
+            with ctx.timed("crf"):
+                d["crf"] = [labels.astype(np.int16) for labels in CRFPool().map(label_crf, jobs)]
     model = None
     if p["denoise"]:
         fit = data[fit_split]
         masks = fit["crf"] if p["crf"] else fit["masks"]
-        model, n_used = train_denoiser(  # K outputs: the clusters, and background when there is one
-            fit["images"], masks, ctx.k, config, seed=ctx.seed, device=ctx.device,
-            progress=lambda it: ctx.progress(it, desc=f"{ctx.params['segmenter']} de-noiser training", total=len(it),
-                                             unit="batches"),
-        )
+        with ctx.timed("de-noiser training"):
+            model, n_used = train_denoiser(  # K outputs: the clusters, and background when there is one
+                fit["images"], masks, ctx.k, config, seed=ctx.seed, device=ctx.device,
+                progress=lambda it: ctx.progress(it, desc=f"{ctx.params['segmenter']} de-noiser training",
+                                                 total=len(it), unit="batches"),
+            )
         stats["denoiser"] = asdict(config)  # the resolved preset, for the record
         stats["denoiser_train_masks"] = n_used
         stats["denoiser_dropped_masks"] = len(masks) - n_used

@@ -104,6 +104,9 @@ def write_all(records: list[dict], store_path: Path, out_dir: Path, k: str | int
         fig = figures.overclustering_figure(column, data, colours)
         written += figures.save_figure(fig, out_dir / "curves" / _unique_name(f"overclustering_{_slug(column)}",
                                                                               column, names))
+    bars = figures.timing_bars(shown)
+    if bars:
+        written += figures.save_figure(figures.timings_figure(bars), out_dir / "timings")
     for record, title in _panels(shown):
         found = samples.load(store_path, record["config_hash"])
         if found is not None:
@@ -151,7 +154,11 @@ def html_report(records: list[dict], store_path: Path, k: str | int = "classes",
     sections.append(("Per-class IoU", "".join(f"<div class='scroll'>{to_html(t)}</div>" for t in per_class) or
                      "<p><em>No stored run at this K has per-class scores.</em></p>"))
     timings = tables.get("timings")
-    sections.append(("Stage timings", f"<div class='scroll'>{to_html(timings)}</div>" if timings else
+    bars = figures.timing_bars(shown)
+    chart = html.figure(figures.image_bytes(figures.timings_figure(bars)),
+                        "Where each run's time goes: the task split into its own stages where it times them.") \
+        if bars else ""
+    sections.append(("Stage timings", f"<div class='scroll'>{to_html(timings)}</div>{chart}" if timings else
                      "<p><em>No stored run has timings.</em></p>"))
     panels, missing, more = [], 0, 0
     for record, title in _panels(shown):

@@ -181,3 +181,52 @@ def image_bytes(fig: Figure, dpi: int = 110, fmt: str = "png") -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format=fmt, dpi=dpi, **({"pil_kwargs": {"quality": 85}} if fmt == "jpeg" else {}))
     return buffer.getvalue()
+
+
+# The order of the stages methods time (``ctx.timed``) in a pipeline; others follow by name.
+STAGE_ORDER = ["segmenter training", "proposals", "segment", "embed", "fit", "training", "cluster", "crf",
+               "de-noiser training"]
+
+
+def timing_bars(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Per run label (backbone / method / dataset / K; the mean over its runs): seconds per part of the run, in
+    pipeline order: features, labels, the task's own stages (``ctx.timed``; the rest of the task as
+    "task, other"), evaluate."""
+    rows = [r for r in records if r.get("timings")]
+    if not rows:
+        return {}
+    frame = runs_frame(rows)
+    parts: dict[str, list[dict[str, float]]] = {}
+    for r, (_, row) in zip(rows, frame.iterrows()):
+        label = f"{row.model}{DAGGER if r['random_weights'] else ''} / {row.method} / {row.column} / K={r['k']}"
+        t, own = r["timings"], (r.get("stats") or {}).get("stage_seconds") or {}
+        seconds = {"features": t.get("features", 0.0), "labels": t.get("labels", 0.0)}
+        rank = {name: i for i, name in enumerate(STAGE_ORDER)}  # the store keeps keys sorted: pipeline order
+        order = sorted(own, key=lambda name: (rank.get(name, len(rank)), name))
+        seconds.update({f"task: {name}": own[name] for name in order})
+        seconds["task, other" if own else "task"] = max(t.get("task", 0.0) - sum(own.values()), 0.0)
+        seconds["evaluate"] = t.get("evaluate", 0.0)
+        parts.setdefault(label, []).append(seconds)
+    return {label: {key: float(np.mean([s.get(key, 0.0) for s in runs])) for key in dict.fromkeys(
+        k for s in runs for k in s)} for label, runs in parts.items()}
+
+
+@_styled
+def timings_figure(bars: dict[str, dict[str, float]]) -> Figure:
+    """One horizontal stacked bar per run label (``timing_bars``): where its seconds went."""
+    names = list(dict.fromkeys(k for parts in bars.values() for k in parts))
+    cmap = matplotlib.colormaps["tab20"]
+    fig = Figure(figsize=(12, 1.2 + 0.45 * len(bars)), layout="constrained")
+    ax = fig.subplots()
+    labels = list(bars)
+    left = np.zeros(len(labels))
+    for i, name in enumerate(names):
+        widths = np.array([bars[label].get(name, 0.0) for label in labels])
+        ax.barh(labels, widths, left=left, color=cmap(i % cmap.N), label=name)
+        left += widths
+    ax.invert_yaxis()  # the first run on top, as in the tables
+    ax.set_xlabel("seconds (mean over the runs of a row; the machine's load changes them)")
+    ax.set_title("Where each run's time goes")
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(loc="outside lower center", ncol=min(len(names), 5), frameon=False)
+    return fig
