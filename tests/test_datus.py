@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -278,7 +279,7 @@ def fake_ctx(params, split="val", task="datus2"):
         backbone=backbone(), build_backbone=backbone, built=built,
         backbone_identity=lambda name=None: {"backbone": name or "fake-vit", "weights": "none"},
         reuse=lambda name, identity, compute, split=None: compute(),  # the runner's keeps it on disk
-        device="cpu", progress=lambda it, **_: it,
+        device="cpu", progress=lambda it, **_: it, stage_seconds={}, timed=lambda stage: contextlib.nullcontext(),
     )
 
 
