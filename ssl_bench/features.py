@@ -172,7 +172,9 @@ class FeatureCache:
                         tuple(sorted(protocol.input_dict().items())), tuple(sorted(options.items())))
 
     def entry_dir(self, key: CacheKey) -> Path:
-        return self.root / key.backbone / f"{key.dataset}-{key.split}" / key.digest()
+        # hub names (hf:org/model, open_clip:ARCH/TAG) hold ':' and '/': one folder each, named safely
+        folder = key.backbone.replace("/", "--").replace(":", "-")
+        return self.root / folder / f"{key.dataset}-{key.split}" / key.digest()
 
     def missing_kinds(self, key: CacheKey, kinds: Iterable[str], n_images: int) -> list[str]:
         folder = self.entry_dir(key)

@@ -1,6 +1,12 @@
 """Declarative registries: ``backbones/*.yaml`` (one file per family), ``tasks/*.yaml`` (one per method) and
 ``stages/{segmenters,embeddings,clusterers}/*.yaml`` (one per composable stage of a method).
 
+Entries come from three places, read in this order: the built-in folders, the user's registry folders (same
+layout; ``--registry DIR`` or ``$SSL_BENCH_REGISTRY``, several separated by ``:``) and the Python entry points of
+installed packages (groups ``ssl_bench.backbones``, ``ssl_bench.tasks``, ``ssl_bench.stages``; see
+``entry_point_entries``). A name registered twice, wherever, is one error naming both sources. Backbones may also
+be named without an entry: ``timm:NAME``, ``hf:REPO``, ``open_clip:ARCH/TAG`` (``HUB_SCHEMES``).
+
 The runner, store and reports only ever see the dataclasses below; the code behind an entry is
 named by its ``entrypoint`` ("module:function") and imported when first needed.
 
@@ -13,16 +19,18 @@ the task's under the slot's name (``segmenter.tau``, ``clusterer.metric``), so `
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import json
 import dataclasses
+import os
 import reprlib
 import types
 import typing
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 
@@ -74,6 +82,8 @@ class BackboneSpec:
     checkpoint: dict = field(default_factory=dict)  # layout: wrappers, prefixes, key renames
     options: dict = field(default_factory=dict)  # builder options (e.g. registers, dilation)
     paper: str = ""
+    files: tuple[str, ...] = ()  # file names to look for in a hub cache folder (default: see models/weights.py)
+    source: str = field(default="", compare=False)  # the registry file (or entry point) that registered it
 
     @property
     def has_attention(self) -> bool:
@@ -98,6 +108,7 @@ class StageSpec:
     version: int = 1  # raised when the stage's numbers change (a run of another version is not reused)
     benchmark: str | None = None  # "module:function" measured by `ssl-bench bench` (see bench.available_benchmarks)
     k_bound: KBound | None = None  # a segmenter's items (segments, proposals): what bounds K in a task using it
+    source: str = field(default="", compare=False)  # the registry file (or entry point) that registered it
 
     def features_for(self, params: dict) -> tuple[str, ...]:
         return tuple(f.format(**params) if "{" in f else f for f in self.features)
@@ -120,6 +131,7 @@ class TaskSpec:
     gpu: bool = True  # runs a model (backbone passes, training): on a Ray cluster with GPUs its cells hold one;
     # false: it computes on cached features with the CPU, and its cells run on the CPU and never hold a GPU
     k_bound: KBound = KBound()  # what its K clusters are made of (checked before any work, see kbounds.py)
+    source: str = field(default="", compare=False)  # the registry file (or entry point) that registered it
     slow_on_cpu: dict | None = None  # {when: {param: value}, why, instead}: said before such a run starts on a CPU
 
     def cpu_note(self, params: dict) -> str | None:
@@ -405,24 +417,160 @@ def _check_version(path: Path, version) -> None:
         raise UserError(f"{path}: version must be a whole number, 1 or more, got {version!r} -- e.g. version: 2")
 
 
+# ---- where registry documents come from -----------------------------------------------------------------
+
+REGISTRY_ENV = "SSL_BENCH_REGISTRY"
+ENTRY_POINT_GROUPS = {"backbones": "ssl_bench.backbones", "tasks": "ssl_bench.tasks", "stages": "ssl_bench.stages"}
+_FLAT_EXAMPLE = "backbones/NAME.yaml (a family with models:), tasks/NAME.yaml, stages/<kind>s/NAME.yaml"
+
+
+def user_registry_dirs() -> tuple[Path, ...]:
+    """The user's registry folders, from ``$SSL_BENCH_REGISTRY`` (``--registry DIR`` puts its folders there, so
+    subprocesses and Ray workers started from this process read the same entries)."""
+    dirs = []
+    for text in filter(None, os.environ.get(REGISTRY_ENV, "").split(os.pathsep)):
+        path = Path(text).expanduser().resolve()
+        if not path.is_dir():
+            raise UserError(f"registry folder {text} (--registry or ${REGISTRY_ENV}) is not a folder -- give a folder "
+                            f"of registry YAML files ({_FLAT_EXAMPLE})")
+        dirs.append(path)
+    return tuple(dict.fromkeys(dirs))
+
+
+def use_registries(folders) -> None:
+    """Read the registry entries of ``folders`` too (before those already in ``$SSL_BENCH_REGISTRY``), in this
+    process and in what it starts."""
+    given = [str(Path(f).expanduser().resolve()) for f in folders]
+    for folder, text in zip(given, folders):
+        if not Path(folder).is_dir():
+            raise UserError(f"--registry {text} is not a folder -- give a folder of registry YAML files ({_FLAT_EXAMPLE})")
+    old = [p for p in os.environ.get(REGISTRY_ENV, "").split(os.pathsep) if p]
+    if given:
+        os.environ[REGISTRY_ENV] = os.pathsep.join(dict.fromkeys(given + old))
+
+
+def _user_files(kind: str) -> list[Path]:
+    """A user folder's files of ``kind`` ("backbones", "tasks", "stages/<kind folder>"): those in the sub-folder
+    of that name, as in the built-in layout, and the YAML files at the folder's top whose content is of that kind
+    (a family with ``models:`` is backbones, a mapping with ``kind:`` a stage, anything else a task)."""
+    files: list[Path] = []
+    for folder in user_registry_dirs():
+        files += sorted((folder / kind).glob("*.yaml"))
+        for path in sorted(folder.glob("*.y*ml")):
+            if _kind_of(_read_yaml(path)) == kind:
+                files.append(path)
+    return files
+
+
+def _kind_of(data: dict) -> str:
+    if "models" in data:
+        return "backbones"
+    if "kind" in data:
+        return f"stages/{STAGE_KINDS.get(data['kind'], data['kind'])}"
+    return "tasks"
+
+
 @cache
+def _entry_point_documents(group: str) -> tuple[tuple[str, dict], ...]:
+    """(source, mapping) of every document an installed package's entry point of ``group`` gives. An entry point
+    names a mapping in the YAML files' format, a list of them, a path to a YAML file or folder, or a function
+    returning one of those (``[project.entry-points."ssl_bench.backbones"] mine = "my_pkg.bench:BACKBONES"``)."""
+    from importlib.metadata import entry_points
+
+    found = []
+    for point in sorted(entry_points(group=group), key=lambda p: p.name):
+        dist = getattr(point.dist, "name", None)
+        source = f"entry point '{point.name}' ({point.value}{f', package {dist}' if dist else ''})"
+        try:
+            obj = point.load()
+            obj = obj() if callable(obj) else obj
+        except Exception as err:  # noqa: BLE001 -- a broken plug-in is one line naming it, not a traceback
+            raise UserError(f"{source} of group {group} cannot be loaded ({type(err).__name__}: {err}) -- fix or "
+                            f"uninstall that package") from None
+        found += list(_documents_of(obj, source))
+    return tuple(found)
+
+
+def _documents_of(obj, source: str) -> Iterator[tuple[str, dict]]:
+    if isinstance(obj, dict):
+        yield source, obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _documents_of(item, source)
+    elif isinstance(obj, (str, Path)) and Path(obj).is_dir():
+        for path in sorted(Path(obj).rglob("*.y*ml")):
+            yield str(path), _read_yaml(path)
+    elif isinstance(obj, (str, Path)) and Path(obj).is_file():
+        yield str(obj), _read_yaml(Path(obj))
+    else:
+        raise UserError(f"{source} gives {type(obj).__name__} {str(obj)[:60]!r} -- an entry point names a mapping "
+                        f"in the registry YAML format, a list of them, or a path to YAML files")
+
+
+def folder_documents(folder: Path) -> Iterator[tuple[str, dict]]:
+    """(path, mapping) of the registry files in one folder."""
+    for path in sorted(Path(folder).glob("*.yaml")):
+        yield str(path), _read_yaml(path)
+
+
+def _documents(kind: str) -> Iterator[tuple[str, dict]]:
+    """(source, mapping) of every registry document of ``kind``, built-in first, then the user's folders, then
+    installed packages' entry points."""
+    top, _, sub = kind.partition("/")
+    builtin = registry_dir(top) / sub if sub else registry_dir(top)
+    for path in sorted(builtin.glob("*.yaml")) + _user_files(kind):
+        yield str(path), _read_yaml(path)
+    for source, data in _entry_point_documents(ENTRY_POINT_GROUPS[top]):
+        if top != "stages" or _kind_of(data) == kind:
+            yield source, dict(data)
+
+
+def _per_registry_set(load: Callable) -> Callable:
+    """``load`` memoised per set of user registry folders (which the environment may change between calls);
+    ``.cache_clear()`` forgets everything, entry points included (a package installed meanwhile)."""
+    memo: dict = {}
+
+    @functools.wraps(load)
+    def cached(*args):
+        key = (args, user_registry_dirs())
+        if key not in memo:
+            memo[key] = load(*args)
+        return memo[key]
+
+    def cache_clear() -> None:
+        memo.clear()
+        _entry_point_documents.cache_clear()
+
+    cached.cache_clear = cache_clear
+    return cached
+
+
+def refresh() -> None:
+    """Read every registry again (user folders edited, a package installed since the first read)."""
+    for loader in (backbones, tasks, stages):
+        loader.cache_clear()
+
+
+# ---- the registries ---------------------------------------------------------------------------------------
+
+@_per_registry_set
 def backbones() -> dict[str, BackboneSpec]:
     """All registered backbones; a family file gives defaults shared by its ``models``."""
-    return backbones_in(registry_dir("backbones"))
+    return backbones_in(_documents("backbones"))
 
 
-def backbones_in(folder: Path) -> dict[str, BackboneSpec]:
-    """The backbones of the family files in ``folder``."""
+def backbones_in(documents: Iterable[tuple[str, dict]]) -> dict[str, BackboneSpec]:
+    """The backbones of registry ``documents`` ((source, mapping) pairs; ``folder_documents`` reads a
+    folder's)."""
     specs: dict[str, BackboneSpec] = {}
-    for path in sorted(folder.glob("*.yaml")):
-        data = _read_yaml(path)
+    for path, data in documents:
         shared = {k: v for k, v in data.items() if k != "models"}
         models = data.get("models", [])
         if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
-            raise UserError(f"{path}: models must be a list of mappings -- see the other files in {path.parent}")
+            raise UserError(f"{path}: models must be a list of mappings -- see backbones/dino.yaml")
         for model in models:
-            entry = {**shared, **model}
-            for key in ("mean", "std"):
+            entry = {**shared, **model, "source": str(path)}
+            for key in ("mean", "std", "files"):
                 if key in entry:
                     entry[key] = _as_tuple(entry[key], path, key)
             spec = _spec(BackboneSpec, entry, path, f"backbone entry {brief(model.get('name'))}")
@@ -432,27 +580,29 @@ def backbones_in(folder: Path) -> dict[str, BackboneSpec]:
             if min(spec.patch_size, spec.embed_dim, spec.input_size) < 1 or spec.heads < 0:
                 raise UserError(f"{path}: {spec.name}: patch_size, embed_dim and input_size must be 1 or more, heads 0 "
                                 f"or more")
+            if str(spec.name).partition(":")[0] in HUB_SCHEMES:
+                raise UserError(f"{path}: backbone name '{spec.name}' starts with a hub prefix "
+                                f"({', '.join(s + ':' for s in HUB_SCHEMES)}) -- choose another name")
             _register(specs, spec, path)
     return specs
 
 
-@cache
+@_per_registry_set
 def tasks() -> dict[str, TaskSpec]:
     """All registered tasks; ``variants`` in a task file register more names with other params."""
-    return tasks_in(registry_dir("tasks"))
+    return tasks_in(_documents("tasks"))
 
 
-def tasks_in(folder: Path) -> dict[str, TaskSpec]:
-    """The tasks of the task files in ``folder``."""
+def tasks_in(documents: Iterable[tuple[str, dict]]) -> dict[str, TaskSpec]:
+    """The tasks of registry ``documents`` ((source, mapping) pairs; ``folder_documents`` reads a folder's)."""
     specs: dict[str, TaskSpec] = {}
-    for path in sorted(folder.glob("*.yaml")):
-        data = _read_yaml(path)
+    for path, data in documents:
         variants = _as_list(data.pop("variants", []) or [], path, "variants")
         data["features"] = _as_tuple(data.get("features", ()), path, "features")
         data.setdefault("params", {})
         data["k_bound"] = KBound.parse(data.get("k_bound"), data["params"], str(path))
         _check_version(path, data.get("version", 1))  # before the type check: its own message
-        base = _spec(TaskSpec, data, path, "task entry")
+        base = _spec(TaskSpec, {**data, "source": str(path)}, path, "task entry")
         _check_slots(base, path)
         _check_gpu(base.gpu, path, base.name)
         _register(specs, base, path)
@@ -480,18 +630,18 @@ def _check_slots(spec: TaskSpec, path: Path) -> None:
         raise UserError(f"{path}: parameter(s) {stray} name no stage slot -- slots: {sorted(spec.stages) or 'none'}")
 
 
-@cache
+@_per_registry_set
 def stages(kind: str) -> dict[str, StageSpec]:
     """The registered stages of one kind (``stages/<kind folder>/*.yaml``, one per stage; ``variants`` register
     more names with other parameters)."""
-    return stages_in(registry_dir("stages") / STAGE_KINDS[kind], kind)
+    return stages_in(_documents(f"stages/{STAGE_KINDS[kind]}"), kind)
 
 
-def stages_in(folder: Path, kind: str) -> dict[str, StageSpec]:
-    """The stages of one kind in the stage files in ``folder``."""
+def stages_in(documents: Iterable[tuple[str, dict]], kind: str) -> dict[str, StageSpec]:
+    """The stages of one kind in registry ``documents`` ((source, mapping) pairs; ``folder_documents``
+    reads a folder's)."""
     specs: dict[str, StageSpec] = {}
-    for path in sorted(folder.glob("*.yaml")):
-        data = _read_yaml(path)
+    for path, data in documents:
         variants = _as_list(data.pop("variants", []) or [], path, "variants")
         data["features"] = _as_tuple(data.get("features", ()), path, "features")
         data.setdefault("params", {})
@@ -501,7 +651,7 @@ def stages_in(folder: Path, kind: str) -> dict[str, StageSpec]:
         if data["kind"] != kind:
             raise UserError(f"{path}: kind {brief(data['kind'])} in the {STAGE_KINDS[kind]} folder -- move the file "
                             f"or fix its kind")
-        base = _spec(StageSpec, data, path, "stage entry")
+        base = _spec(StageSpec, {**data, "source": str(path)}, path, "stage entry")
         _check_version(path, base.version)
         _register(specs, base, path)
         for variant in variants:
@@ -565,9 +715,11 @@ def _check_gpu(value, path: Path, name: str) -> None:
         raise UserError(f"{path}: task '{name}': gpu must be true or false, got {value!r} -- e.g. gpu: false")
 
 
-def _register(specs: dict, spec, path: Path) -> None:
+def _register(specs: dict, spec, path) -> None:
     if spec.name in specs:  # the second would silently replace the first
-        raise UserError(f"{path}: the name '{spec.name}' is registered twice -- rename one of them")
+        first = specs[spec.name].source
+        where = f"in {path}" if str(first) == str(path) else f"by {first} and by {path}"
+        raise UserError(f"the name '{spec.name}' is registered twice, {where} -- rename one of them")
     specs[spec.name] = spec
 
 
@@ -616,8 +768,33 @@ def lookup(registry: dict[str, Any], name: str, what: str) -> Any:
     raise UserError(f"unknown {what} '{name}' -- {hint}")
 
 
+# Backbones named without a registry entry: "scheme:rest" -> the function that describes that model.
+HUB_SCHEMES = {"timm": "ssl_bench.models.hub:timm_spec", "hf": "ssl_bench.models.hub:hf_spec",
+               "open_clip": "ssl_bench.models.hub:open_clip_spec"}
+
+
+@functools.lru_cache(maxsize=64)
+def _hub_spec(name: str) -> BackboneSpec:
+    scheme, _, rest = name.partition(":")
+    return load_entrypoint(HUB_SCHEMES[scheme])(rest)
+
+
 def backbone(name: str) -> BackboneSpec:
+    """A registered backbone, or one named through a hub (``timm:NAME``, ``hf:REPO``, ``open_clip:ARCH/TAG``)."""
+    if not isinstance(name, str):
+        raise UserError(f"a backbone name must be text, got {name!r} -- see `ssl-bench list backbones`")
+    if name.partition(":")[0] in HUB_SCHEMES:
+        return _hub_spec(name)
     return lookup(backbones(), name, "backbone")
+
+
+def known_backbone(name: str) -> BackboneSpec | None:
+    """The backbone of a stored run's name, or None where it is no longer known here (reports describe it then
+    by its name only)."""
+    try:
+        return backbone(name)
+    except UserError:
+        return None
 
 
 def task(name: str) -> TaskSpec:

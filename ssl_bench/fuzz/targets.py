@@ -317,10 +317,11 @@ def _registry_case(root: Path) -> Case:
     from .. import registry
 
     def read():
+        files = registry.folder_documents
         stages = [s for kind, folder in registry.STAGE_KINDS.items()
-                  for s in registry.stages_in(root / "stages" / folder, kind).values()]
-        return [*registry.backbones_in(root / "backbones").values(), *registry.tasks_in(root / "tasks").values(),
-                *stages]
+                  for s in registry.stages_in(files(root / "stages" / folder), kind).values()]
+        return [*registry.backbones_in(files(root / "backbones")).values(),
+                *registry.tasks_in(files(root / "tasks")).values(), *stages]
 
     return Case(sorted((root / "backbones").glob("*.yaml")) + sorted((root / "tasks").glob("*.yaml"))
                 + sorted((root / "stages").rglob("*.yaml")), read, lambda specs: all(_typed(spec) for spec in specs),

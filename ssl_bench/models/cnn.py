@@ -118,3 +118,55 @@ def build(spec: BackboneSpec, state: dict | None) -> CNNBackbone:
             state = checkpoint_filter_fn(state, model)
         load_into(model, state, spec.name, ignore=[k for k in model.state_dict() if k.endswith(_NOT_LEARNED)])
     return CNNBackbone(spec, model, parts)
+
+
+class TimmFeatureMapBackbone(Backbone):
+    """Any other timm network whose ``forward_features`` is a feature map (``timm:NAME`` of a ResNet, ConvNeXt,
+    EfficientNet, Swin ...): ``patch`` is that map, ``cls`` the vector its head pools (without the classifier),
+    ``layerN`` the N-th map of ``forward_intermediates`` pooled onto the same grid, where timm offers it."""
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module):
+        super().__init__(spec)
+        self.model = model.eval()
+        info = getattr(model, "feature_info", None)
+        self._stages = len(info) if isinstance(info, list) and hasattr(model, "forward_intermediates") else 0
+
+    @property
+    def num_layers(self) -> int:
+        return self._stages
+
+    def _channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.shape[1] == self.spec.embed_dim or x.shape[-1] != self.spec.embed_dim else x.permute(0, 3, 1, 2)
+
+    def _extract(self, images: torch.Tensor, kinds: set[str]) -> dict[str, torch.Tensor]:
+        x = self.model.forward_features(images)
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        fmap = self._channels_first(x)  # (B, C, h, w) whatever timm's output format
+        out: dict[str, torch.Tensor] = {}
+        if "patch" in kinds:
+            out["patch"] = fmap.permute(0, 2, 3, 1)
+        if "cls" in kinds:
+            out["cls"] = self.model.forward_head(x, pre_logits=True)
+        layers = sorted(int(k[5:]) for k in kinds if is_layer_kind(k))
+        if layers:
+            maps = self.model.forward_intermediates(images, indices=self._stages, intermediates_only=True)
+            for n in layers:  # timm returns intermediates channels first (NCHW)
+                stage_map = maps[n]
+                if stage_map.shape[-2:] != (h, w):
+                    stage_map = F.adaptive_avg_pool2d(stage_map, (h, w))
+                out[f"layer{n}"] = stage_map.permute(0, 2, 3, 1)
+        if out.get("patch") is not None and out["patch"].shape[1:3] != (h, w):
+            raise UserError(f"{self.spec.name} gives a {tuple(out['patch'].shape[1:3])} map for a {h}x{w} grid of "
+                            f"stride {self.patch_size} -- its output stride is not what timm's feature_info says")
+        return out
+
+
+def build_timm(spec: BackboneSpec, state: dict | None) -> TimmFeatureMapBackbone:
+    """A timm network named ``timm:NAME`` that is not a ViT (see models/hub.py)."""
+    model = timm.create_model(spec.timm or spec.arch, pretrained=False, num_classes=0, **spec.options)
+    if state is not None:
+        module = __import__(type(model).__module__, fromlist=["checkpoint_filter_fn"])
+        if hasattr(module, "checkpoint_filter_fn"):  # the model's own converter of released layouts
+            state = module.checkpoint_filter_fn(state, model)
+        load_into(model, state, spec.name, ignore=[k for k in model.state_dict() if k.endswith(_NOT_LEARNED)])
+    return TimmFeatureMapBackbone(spec, model)

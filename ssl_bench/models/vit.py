@@ -1,10 +1,14 @@
-"""Vision Transformers through timm: DINO, DINOv2 (+ registers), iBOT, Mugs, MoCo v3, Unicom, DINOv3.
+"""Vision Transformers through timm: DINO, DINOv2 (+ registers), iBOT, Mugs, MoCo v3, Unicom, DINOv3, MAE,
+I-JEPA, CLIP, SigLIP, EVA-02, and any timm ViT named ``timm:NAME``.
 
 One forward pass gives every feature kind: forward hooks catch the last block's qkv projection
 (keys, queries, values, CLS attention) and any intermediate block, so nothing is computed twice.
-Two departures from the plain ViT are handled here: models without a CLS token (Unicom) give the
-mean patch token as ``cls`` and no CLS attention; models with rotary position embeddings (DINOv3)
-give keys/queries before the rotation (content, not position) and no CLS attention.
+Departures from the plain ViT handled here: models without a CLS token (Unicom, I-JEPA, SigLIP) give
+the model's own pooled vector as ``cls`` (the mean patch token for average pooling, SigLIP's attention
+pool) and no CLS attention; models with rotary position embeddings (DINOv3, EVA-02) give keys/queries
+before the rotation (content, not position) and no CLS attention; attentions with separate q/k/v
+projections (EVA-02) are read from those; a model whose final norm timm moved behind the pooling
+(``fc_norm``, e.g. EVA-02's MIM checkpoints) has it applied to every token, as in pre-training.
 """
 
 from __future__ import annotations
@@ -42,19 +46,37 @@ class ViTBackbone(Backbone):
             return {"attn": "its attention uses rotary position embeddings, which are not extracted"}
         return {}
 
+    def _final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens after the model's final norm: ``forward_features`` applies it, unless timm moved it behind the
+        pooling (``fc_norm`` with ``norm`` the identity), where it is applied here to every token."""
+        model = self.model
+        fc_norm = getattr(model, "fc_norm", None)
+        if isinstance(getattr(model, "norm", None), torch.nn.Identity) and isinstance(fc_norm, torch.nn.LayerNorm):
+            return fc_norm(tokens)
+        return tokens
+
+    def _pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's own image vector for a model without a CLS token: its pooling head without the classifier
+        (the mean patch token for average pooling; SigLIP's attention pool)."""
+        model = self.model
+        if getattr(model, "global_pool", None) in ("avg", "map") and hasattr(model, "forward_head"):
+            return model.forward_head(tokens, pre_logits=True)
+        return tokens[:, model.num_prefix_tokens:].mean(1)
+
     def _extract(self, images: torch.Tensor, kinds: set[str]) -> dict[str, torch.Tensor]:
         model = self.model
         captured: dict[str, torch.Tensor] = {}
         hooks = []
         attention = model.blocks[-1].attn
         if kinds & {"key", "query", "value", "attn"}:  # the fused projection's output, or the input to redo it
-            hooks.append(attention.qkv.register_forward_hook(lambda m, i, out: captured.__setitem__("qkv", out)))
+            if getattr(attention, "qkv", None) is not None:
+                hooks.append(attention.qkv.register_forward_hook(lambda m, i, out: captured.__setitem__("qkv", out)))
             hooks.append(attention.register_forward_pre_hook(lambda m, args: captured.__setitem__("attn_in", args[0])))
         for kind in filter(is_layer_kind, kinds):
             hooks.append(model.blocks[int(kind[5:])].register_forward_hook(
                 lambda m, i, out, kind=kind: captured.__setitem__(kind, out)))
         try:
-            tokens = model.forward_features(images)  # after the final norm
+            tokens = model.forward_features(images)  # after the final norm (see _final_norm)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -62,10 +84,13 @@ class ViTBackbone(Backbone):
         h, w = height // self.patch_size, width // self.patch_size
         prefix = model.num_prefix_tokens  # CLS + registers
         out: dict[str, torch.Tensor] = {}
+        if "cls" in kinds and not self.has_cls_token:  # its own pooling, before the norm fc_norm models pool after
+            out["cls"] = self._pooled(tokens)
+        tokens = self._final_norm(tokens)
         if "patch" in kinds:
             out["patch"] = tokens[:, prefix:].reshape(b, h, w, -1)
-        if "cls" in kinds:  # without a CLS token: the mean patch token (Unicom pools all patches too)
-            out["cls"] = tokens[:, 0] if self.has_cls_token else tokens[:, prefix:].mean(1)
+        if "cls" in kinds and self.has_cls_token:
+            out["cls"] = tokens[:, 0]
         for kind in filter(is_layer_kind, kinds):
             out[kind] = captured[kind][:, prefix:].reshape(b, h, w, -1)
         if "attn_in" in captured:
@@ -87,7 +112,10 @@ class ViTBackbone(Backbone):
 
 def _qkv_projection(attention: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The fused q, k, v projection of ``x``, (B, N, 3 * dim), for attentions that bypass their ``qkv``
-    module call (timm's EVA/DINOv3 with separate q/v biases), so no forward hook of it fires."""
+    module call (timm's EVA/DINOv3 with separate q/v biases), so no forward hook of it fires, or that
+    project q, k and v apart (EVA-02)."""
+    if getattr(attention, "qkv", None) is None:
+        return torch.cat([attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)], dim=-1)
     out = F.linear(x, attention.qkv.weight, attention.qkv.bias)
     if getattr(attention, "q_bias", None) is not None:
         out = out + torch.cat((attention.q_bias, attention.k_bias, attention.v_bias))

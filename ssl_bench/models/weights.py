@@ -44,17 +44,26 @@ def expected_file(spec: BackboneSpec) -> str:
     return spec.file or (spec.url.rsplit("/", 1)[-1] if spec.url else f"{spec.name}.pth")
 
 
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what a Hugging Face model folder holds
+
+
 def _hub_candidates(spec: BackboneSpec) -> list[tuple[str, Path]]:
-    """Files the usual hub caches would hold for this entry (checked in order, none downloaded)."""
+    """Files the usual hub caches would hold for this entry (checked in order, none downloaded): the timm and
+    Hugging Face caches (or, for ``hf:/a/folder``, that folder), torch.hub's, and open_clip's for URL downloads."""
     hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
     torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    names = tuple(spec.files) + HUB_FILES
     out = []
     for origin, repo in (("timm cache", f"timm/{spec.timm}" if spec.timm else None), ("Hugging Face cache", spec.hf)):
-        if repo:
+        if repo and Path(repo).is_absolute():  # a model folder of the user's (hf:/path)
+            out += [("model folder", Path(repo) / name) for name in names]
+        elif repo:
             snapshots = hf_home / f"models--{repo.replace('/', '--')}" / "snapshots"
-            for name in ("model.safetensors", "pytorch_model.bin"):
+            for name in names:
                 out += [(origin, p) for p in sorted(snapshots.glob(f"*/{name}"))]
     out.append(("torch.hub cache", torch_home / "hub" / "checkpoints" / expected_file(spec)))
+    if spec.url and spec.family == "open_clip":  # open_clip keeps URL downloads in ~/.cache/clip
+        out.append(("open_clip cache", Path.home() / ".cache" / "clip" / spec.url.rsplit("/", 1)[-1]))
     return out
 
 
@@ -96,7 +105,8 @@ def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0) -> WeightsSo
     where = f"$SSL_BENCH_WEIGHTS ({local})" if local else "a folder named by $SSL_BENCH_WEIGHTS"
     if local and not Path(local).is_dir():
         where += ", which does not exist yet"
-    source = f" (download: {spec.url})" if spec.url else (f" (Hugging Face: {spec.hf})" if spec.hf else "")
+    hub = spec.hf or (f"timm/{spec.timm}" if spec.timm else None)
+    source = f" (download: {spec.url})" if spec.url else (f" (Hugging Face: {hub})" if hub else "")
     raise UserError(f"no weights for {spec.name}: put {expected_file(spec)}{source} in {where}, "
                     "or pass --weights PATH, or --weights random for a smoke run")
 
