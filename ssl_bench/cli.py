@@ -93,15 +93,27 @@ def options(
     display.configure(QUIET if quiet else VERBOSE if verbose else NORMAL, log_file)
 
 
-def _runner(store: Optional[Path], cache: Optional[Path], device: Optional[str] = None):
+def _runner(store: Optional[Path], cache: Optional[Path], device: Optional[str] = None,
+            save_predictions: Optional[Path] = None):
     from .features import FeatureCache
     from .runner import Runner
     from .store import ResultStore
 
-    return Runner(ResultStore(store), FeatureCache(cache), device)
+    return Runner(ResultStore(store), FeatureCache(cache), device, save_predictions)
+
+
+def _scores(record: dict) -> str:
+    """mIoU / Acc / F1 of a stored run, or why it has none."""
+    if record["miou"] is None:
+        return "no ground truth, so no metrics (predictions and their statistics stored)"
+    return f"mIoU {record['miou']:.2f}  Acc {record['acc']:.2f}  F1 {record['f1']:.2f}"
 
 
 StoreOpt = typer.Option(None, "--store", help="results database (default .ssl-bench/results.sqlite or $SSL_BENCH_STORE)")
+SavePredictionsOpt = typer.Option(None, "--save-predictions", help="also write each image's prediction here: an "
+                                  "indexed PNG of class ids (cluster ids without ground truth) and a colour overlay")
+RegistryOpt = typer.Option([], "--registry", help="a folder of your own backbone / task / stage YAML files "
+                           "(repeatable; added to $SSL_BENCH_REGISTRY)")
 CacheOpt = typer.Option(None, "--cache", help="feature cache folder (default .ssl-bench/cache or $SSL_BENCH_CACHE)")
 
 
@@ -130,6 +142,8 @@ def run(
                                   "bf16 / fp16 (features cached apart; recorded with the result)"),
     force: bool = typer.Option(False, "--force", help="recompute even if this configuration is stored"),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if present, else cpu)"),
+    save_predictions: Optional[Path] = SavePredictionsOpt,
+    registries: list[Path] = RegistryOpt,
     store: Optional[Path] = StoreOpt,
     cache: Optional[Path] = CacheOpt,
 ):
@@ -139,11 +153,13 @@ def run(
     from .runner import RunConfig, before_scoring_rules_hashes, earlier_version_hashes
     from .sweep import resolve_k
 
+    registry.use_registries(registries)
+
     params = dict(parse_pairs(param, "--param"))
     if crf is not None:
         params["crf"] = crf
     options = parse_pairs(option, "--option")
-    runner = _runner(store, cache, device)
+    runner = _runner(store, cache, device, save_predictions)
     if k is not None:  # 2C as in sweeps: the classes are the dataset's
         k = resolve_k(k, 1) if k.strip().isdigit() else \
             resolve_k(k, runner.open_dataset(dataset, data_root, split, dict(options)).num_classes)
@@ -158,7 +174,7 @@ def run(
     tag = "computed" if outcome.computed else "already stored; --force recomputes"
     random_note = "  (RANDOM WEIGHTS: smoke run, not a result)" if rec["random_weights"] else ""
     out.print(f"{model_label(rec)} / {rec['task']} / {rec['dataset']}:{rec['split']} K={rec['k']} seed={rec['seed']}: "
-              f"mIoU {rec['miou']:.2f}  Acc {rec['acc']:.2f}  F1 {rec['f1']:.2f}  ({tag}){random_note}")
+              f"{_scores(rec)}  ({tag}){random_note}")
     for key, m in rec["metrics"].items():
         if m.get("labelled_fraction", 1.0) < 1.0:
             lab = m["labelled"]
@@ -166,6 +182,8 @@ def run(
                       f"mIoU {lab['miou']:.2f} Acc {lab['acc']:.2f} F1 {lab['f1']:.2f}")
     out.print(f"  run {rec['config_hash']} in {runner.store.path} (ssl-bench show {rec['config_hash'][:12]}: its whole "
               f"configuration)")
+    if runner.save_predictions is not None:
+        out.print(f"  predictions in {runner.predictions_folder(runner.resolve(cfg))}")
     if outcome.computed:
         order = ["features", "labels", "task", "evaluate"]  # the pipeline's order (the store keeps them sorted)
         stages = sorted(rec["timings"].items(), key=lambda item: order.index(item[0]) if item[0] in order else 9)
@@ -205,11 +223,15 @@ def sweep(
                                                 "task slots of the cluster's live nodes)"),
     plan_only: bool = typer.Option(False, "--plan", help="print the plan and stop"),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if present, else cpu)"),
+    save_predictions: Optional[Path] = SavePredictionsOpt,
+    registries: list[Path] = RegistryOpt,
     store: Optional[Path] = StoreOpt,
     cache: Optional[Path] = CacheOpt,
 ):
     """Run a grid of cells: shared feature extraction, resumable, local or on Ray."""
     from . import sweep as sweeps
+
+    registry.use_registries(registries)
 
     _check_executor(executor, address, cpus_per_task, max_in_flight)
     resolved: list[tuple[str, str]] = []
@@ -248,7 +270,7 @@ def sweep(
     for written, path in resolved:
         display.info(f"{file}: {written} is read from the file's folder: {path}")
     grids, skipped = sweeps.grids_from_mapping(data, str(file) if file else "command line")
-    runner = _runner(store, cache, device)
+    runner = _runner(store, cache, device, save_predictions)
     plan = sweeps.make_plan(grids, runner)
     for grid in skipped:
         display.info(grid.reason)
@@ -258,6 +280,8 @@ def sweep(
 
     summary = _execute(plan, runner, executor, address, device, cpus_per_task, max_in_flight)
     out.print(f"results in {runner.store.path} (ssl-bench report --store {runner.store.path})", highlight=False)
+    if runner.save_predictions is not None:
+        out.print(f"predictions in {runner.save_predictions} (one folder per cell)", highlight=False)
     if summary.failed:
         raise SystemExit(1)
 
@@ -302,8 +326,7 @@ def _execute(plan, runner, executor: str, address: Optional[str], device: Option
         def report_cell(cell, status: str) -> None:
             rec = f"{status}  {cell.label}"
             if status == "computed":
-                stored = runner.store.get(cell.run.config_hash)
-                rec += f": mIoU {stored['miou']:.2f} Acc {stored['acc']:.2f} F1 {stored['f1']:.2f}"
+                rec += f": {_scores(runner.store.get(cell.run.config_hash))}"
             display.info(rec)  # failures are listed again at the end, -q or not
             advance()
 
@@ -650,7 +673,10 @@ def _backbone_table(wide: bool) -> Table:
                   "params in millions; grid: /patch or sN (CNN output stride).\n"
                   "--wide adds architecture, pre-training data, input size, normalisation, source")
     table.columns[0].no_wrap = True  # names are what users type: never cut
-    for spec in registry.backbones().values():
+    specs = list(registry.backbones().values())
+    if any(_user_source(spec) for spec in specs):
+        table.add_column("source (your registries)", overflow="fold")
+    for spec in specs:
         if is_non_learned(spec):
             found = "non-learned"
         else:
@@ -667,32 +693,55 @@ def _backbone_table(wide: bool) -> Table:
             row[2:2] = [spec.arch + (f" {spec.options}" if spec.options else "")]
             row[-2:-1] = [spec.pretraining_data, spec.licence, str(spec.input_size), norm,
                           "\n".join(s for s in sources if s) or "-"]
-        table.add_row(*row)
+        table.add_row(*row, *([_user_source(spec) or "built-in"] if len(table.columns) > len(row) else []))
     return table
+
+
+def _user_source(spec) -> str:
+    """Where an entry of the user's own registries (a folder or an installed package) was made; "" if built in."""
+    source = str(getattr(spec, "source", ""))
+    builtin = {str(registry.registry_dir(kind)) for kind in ("backbones", "tasks", "stages")}
+    if not source or any(source.startswith(folder) for folder in builtin):
+        return ""
+    try:
+        return str(Path(source).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return source
 
 
 @command("list")
 def list_(what: str = typer.Argument(..., help="backbones | tasks | stages | datasets"),
-          wide: bool = typer.Option(False, "--wide", help="backbones: all details (needs a wide terminal)")):
-    """List registered backbones, tasks or datasets."""
+          wide: bool = typer.Option(False, "--wide", help="backbones: all details (needs a wide terminal)"),
+          registries: list[Path] = RegistryOpt):
+    """List registered backbones, tasks or datasets (entries of your own registries with the file that made them)."""
+    registry.use_registries(registries)
     if what == "backbones":
         table = _backbone_table(wide)
     elif what == "tasks":
         table = Table("name", "version", "title", "features", "parameters")
+        specs = list(registry.tasks().values())
+        own = any(_user_source(spec) for spec in specs)
+        if own:
+            table.add_column("source (your registries)", overflow="fold")
         bases: dict[str, registry.TaskSpec] = {}  # per entrypoint, the task its variants change
-        for spec in registry.tasks().values():
+        for spec in specs:
             base = bases.setdefault(spec.name if spec.stages else spec.entrypoint, spec)  # composed: each file apart
             changed = {k: v for k, v in spec.params.items() if base.params.get(k) != v}
             params = ", ".join(f"{k}={v}" for k, v in (spec.params if base is spec else changed).items())
             features = spec.features_for(spec.resolve_params({})) if spec.stages else spec.features
             table.add_row(spec.name, str(spec.version), spec.title, ", ".join(features),
-                          params if base is spec else f"as {base.name}, with {params or 'the same parameters'}")
+                          params if base is spec else f"as {base.name}, with {params or 'the same parameters'}",
+                          *([_user_source(spec) or "built-in"] if own else []))
     elif what == "stages":
         table = Table("kind", "name", "title", "features", "parameters (-p SLOT.NAME=VALUE)")
-        for kind in registry.STAGE_KINDS:
-            for spec in registry.stages(kind).values():
-                table.add_row(kind, spec.name, spec.title, ", ".join(spec.features_for(spec.params)) or "-",
-                              ", ".join(f"{k}={v}" for k, v in spec.params.items()))
+        specs = [spec for kind in registry.STAGE_KINDS for spec in registry.stages(kind).values()]
+        own = any(_user_source(spec) for spec in specs)
+        if own:
+            table.add_column("source (your registries)", overflow="fold")
+        for spec in specs:
+            table.add_row(spec.kind, spec.name, spec.title, ", ".join(spec.features_for(spec.params)) or "-",
+                          ", ".join(f"{k}={v}" for k, v in spec.params.items()),
+                          *([_user_source(spec) or "built-in"] if own else []))
     elif what == "datasets":
         from .data import DATASETS
 
@@ -732,6 +781,10 @@ def report(
 
     results = _existing_store(store)
     records = results.query()
+    unscored = sum(r["miou"] is None for r in records)
+    if unscored:
+        console.print(f"note: {unscored} run(s) on images without ground truth have no metrics: they are in the "
+                      f"segment statistics and panels, not in the leaderboard", highlight=False)
     if task and task not in {r["task"] for r in records}:
         raise UserError(f"no stored run of task '{task}' -- stored tasks: "
                         f"{', '.join(sorted({r['task'] for r in records})) or 'none (run ssl-bench run first)'}")
@@ -789,7 +842,7 @@ def bench(
         console.print(f"wrote {output_dir / benches.result_file(name, tag)}")
 
 
-@app.command()
+@command()
 def fuzz(
     seconds: float = typer.Option(60.0, help="time per target (the test suite runs each for a few seconds)"),
     target: list[str] = typer.Option([], "--target", help="only these targets (repeatable; default: all)"),

@@ -26,8 +26,9 @@ log = logging.getLogger("ssl_bench")
 
 
 def _stored_meanwhile(runner: Runner, cell: Cell, summary: SweepSummary, on_cell: CellCallback) -> bool:
-    """True (and counted) when another sweep on this store got there first."""
-    if not runner.store.has(cell.run.config_hash):
+    """True (and counted) when another sweep on this store got there first (and, with --save-predictions, wrote
+    the cell's prediction files)."""
+    if not runner.store.has(cell.run.config_hash) or runner.predictions_missing(cell.run):
         return False
     summary.already_stored += 1
     on_cell(cell, "stored meanwhile")
@@ -36,7 +37,7 @@ def _stored_meanwhile(runner: Runner, cell: Cell, summary: SweepSummary, on_cell
 
 def _store_record(runner: Runner, cell: Cell, computed: Computed, summary: SweepSummary,
                   on_cell: CellCallback) -> None:
-    if _stored_meanwhile(runner, cell, summary, on_cell):
+    if computed.predictions is None and _stored_meanwhile(runner, cell, summary, on_cell):
         return
     try:
         runner.persist(computed)  # INSERT OR IGNORE on a UNIQUE hash: a racing duplicate is dropped

@@ -100,13 +100,14 @@ def _extract_task(config: RunConfig, kinds: list[str], cache_root: str, identity
 
 
 def _cell_task(config: RunConfig, cache_root: str, identity: str | None, device: str | None,
-               threads: int) -> tuple[Computed, float]:
-    """Ray task: compute one cell from the cache and return it (the driver stores it), with its seconds."""
+               threads: int, predictions: str | None = None) -> tuple[Computed, float]:
+    """Ray task: compute one cell from the cache and return it (the driver stores it), with its seconds; with
+    ``predictions`` (a folder every node sees) the worker writes the cell's prediction files there."""
     started = time.perf_counter()
 
     def work():
         set_threads(threads)
-        runner = Runner(None, FeatureCache(cache_root), device)
+        runner = Runner(None, FeatureCache(cache_root), device, predictions)
         return runner.compute(runner.resolve(config))
 
     return _on_node(work, cache_root, identity), time.perf_counter() - started
@@ -169,9 +170,14 @@ def _gpus_per_task(device: str | None, cluster: dict) -> int:
 
 def local_runtime_env() -> dict:
     """Workers of a Ray instance started here import this very checkout (not another installed copy)."""
+    from .registry import REGISTRY_ENV
+
     package_parent = str(Path(__file__).resolve().parent.parent)
     paths = [package_parent, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    if os.environ.get(REGISTRY_ENV):  # the user's registry folders (--registry): the workers resolve names too
+        env[REGISTRY_ENV] = os.environ[REGISTRY_ENV]
+    return {"env_vars": env}
 
 
 def _check_reachable(address: str) -> None:
@@ -216,8 +222,10 @@ def _session(address: str | None) -> Iterator[tuple[object, bool]]:
 class _Tasks:
     """Submits extractions and cells with the resources they need (see the module docstring)."""
 
-    def __init__(self, ray, cache_root: str, identity: str | None, device: str | None, threads: int, gpus: int):
+    def __init__(self, ray, cache_root: str, identity: str | None, device: str | None, threads: int, gpus: int,
+                 predictions: str | None = None):
         self.cache_root, self.identity, self.device, self.threads = cache_root, identity, device, threads
+        self.predictions = predictions
         options = {"num_cpus": threads, "max_retries": NODE_LOSS_RETRIES}
         self._extract = ray.remote(**options, num_gpus=gpus)(_extract_task)
         self._model_cell = ray.remote(**options, num_gpus=gpus)(_cell_task)
@@ -233,8 +241,9 @@ class _Tasks:
         name = f"cell {cell.run.task.name}"
         if cell.run.task.gpu:  # as asked; None: the GPU Ray gives it, if any
             return self._model_cell.options(name=name).remote(
-                cell.config, self.cache_root, self.identity, self.device, self.threads)
-        return self._cpu_cell.options(name=name).remote(cell.config, self.cache_root, self.identity, "cpu", self.threads)
+                cell.config, self.cache_root, self.identity, self.device, self.threads, self.predictions)
+        return self._cpu_cell.options(name=name).remote(cell.config, self.cache_root, self.identity, "cpu", self.threads,
+                                                        self.predictions)
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -324,8 +333,9 @@ def run_ray(plan: Plan, runner: Runner, address: str | None = None, device: str 
     with _session(address) as (ray, started_here):
         threads = _threads_per_task(ray, cpus_per_task, local=started_here and not address)
         cache_root = runner.cache.root.resolve()  # workers may run elsewhere: no relative paths
+        predictions = str(runner.save_predictions) if runner.save_predictions is not None else None
         tasks = _Tasks(ray, str(cache_root), cache_identity(cache_root), device, threads,
-                       _gpus_per_task(device, ray.cluster_resources()))
+                       _gpus_per_task(device, ray.cluster_resources()), predictions)
         summary = SweepSummary()
         cells = _sweep(ray, plan, runner, tasks, _in_flight_bound(ray, threads, max_in_flight), summary, on_cell)
         for _ in progress(cells, desc="cells", total=len(plan.todo)):

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from . import __version__, registry, samples
+from . import __version__, predictions as saved, registry, samples
 from .data import SUBSET_OPTIONS, check_option_values, open_dataset
 from .data.base import SegDataset
 from .data.protocol import SCORING_FIELDS, Protocol
@@ -227,6 +227,9 @@ class TaskContext:
     def label(self, i: int, split: str | None = None) -> np.ndarray:
         """Ground truth (H, W) of image ``i`` at protocol resolution; the evaluated split's comes from the
         label cache (decoded once for the whole sweep), other splits' are decoded on demand."""
+        if not self.dataset.has_labels:  # a mode of a method that reads ground truth (an oracle, a probe)
+            raise UserError(f"task {self._run.task.name} reads ground truth with these parameters (an oracle or a "
+                            f"probe), and {self.dataset.title} has none -- use a dataset with masks")
         if split is None or split == self.split:
             return self.evaluated_labels[i]
         return self.protocol.apply_label(self.dataset_for(split).load_label(i), self.patch_size)
@@ -261,6 +264,7 @@ class Computed:
 
     record: RunRecord
     samples: dict | None  # keyword arguments of ``samples.save``; None when none could be kept
+    predictions: Path | None = None  # the folder --save-predictions filled for this cell
 
 
 def _environment(device: torch.device) -> dict:
@@ -306,13 +310,23 @@ class Runner:
     """Holds the store, the feature cache and what was already built (backbones, datasets)."""
 
     def __init__(self, store: ResultStore | None = None, cache: FeatureCache | None = None,
-                 device: str | None = None):
+                 device: str | None = None, save_predictions: str | Path | None = None):
         self._store = store  # opened on first use: a Ray worker computes records and never opens one
         self.cache = cache or FeatureCache()
         self.device = _usable_device(device)
+        self.save_predictions = Path(save_predictions).expanduser().resolve() if save_predictions else None
+        if self.save_predictions is not None and self.save_predictions.is_file():
+            raise UserError(f"--save-predictions {save_predictions} is a file -- give a folder")
         self._backbones: dict[tuple, Backbone] = {}
         self._datasets: dict[tuple, SegDataset] = {}
         self._patch_counts: dict[tuple, list[int]] = {}
+        self._live: dict[str, tuple[WeightsSource, dict]] = {}  # in-memory models by name: weights, config extras
+
+    def adopt(self, backbone: Backbone, source: WeightsSource, config: dict | None = None) -> None:
+        """Serve runs of ``backbone.spec.name`` with this in-memory model (``ssl_bench.evaluate``): its weights
+        identity keys the cache, ``config`` (e.g. the training step) joins each run's configuration."""
+        self._live[backbone.spec.name] = (source, dict(config or {}))
+        self._backbones[(backbone.spec.name, source.identity)] = backbone
 
     @cached_property
     def environment(self) -> dict:
@@ -363,11 +377,14 @@ class Runner:
 
     # -- configuration --
     def resolve(self, cfg: RunConfig) -> ResolvedRun:
-        spec = registry.backbone(cfg.backbone)
+        live_source, live_config = self._live.get(cfg.backbone, (None, {}))
+        spec = self._backbones[(cfg.backbone, live_source.identity)].spec if live_source else registry.backbone(cfg.backbone)
         task = registry.task(cfg.task)
         params = task.resolve_params(dict(cfg.params))
         options = dict(cfg.dataset_options)
         probe = self.open_dataset(cfg.dataset, cfg.data_root, cfg.split, options)
+        if cfg.k is None and not probe.has_labels:
+            raise UserError(f"{probe.title} has no ground truth, so no number of classes for K -- give K, e.g. --k 8")
         if "limit" in options and not getattr(probe, "limit_cuts", True):
             for key in SUBSET_OPTIONS:  # limit=5000 on 101 images: the whole split, stored and reported as such
                 options.pop(key, None)
@@ -380,7 +397,7 @@ class Runner:
         for name, value, example in (("seed", cfg.seed, "--seed 0"), ("weights seed", weights_seed, "weights_seed: 0")):
             if not 0 <= value <= MAX_INTEGER:  # numpy takes no negative seed, the store no integer past 64 bits:
                 raise UserError(f"the {name} must be 0 to 2^63-1, got {value} -- e.g. {example}")  # fail here
-        source = resolve(spec, cfg.weights, weights_seed)
+        source = live_source or resolve(spec, cfg.weights, weights_seed)
         if cfg.weights == "random" and not source.is_random:  # asked for a smoke run, gets a real run: say so
             warnings.warn(f"{spec.name} is not learned (fixed statistics): --weights random does not apply to it; "
                           f"this is a run of {spec.name} itself, not a random-weight smoke run", stacklevel=2)
@@ -403,7 +420,7 @@ class Runner:
             "num_classes": probe.num_classes, "k": k, "seed": cfg.seed, "protocol": protocol.as_dict(),
             "data_root": cfg.data_root,
         }
-        config = with_task_version(config, task.version)
+        config = with_task_version({**config, **live_config}, task.version)
         if versions := registry.stage_versions(task, params):  # absent while every stage is at version 1
             config["stage_versions"] = versions
         if source.path is not None:  # for `ssl-bench show`; a user's own file is labelled by its name in reports
@@ -415,9 +432,16 @@ class Runner:
         return ResolvedRun(config, run_hash(config), spec, task, source, probe, protocol, task.features_for(params))
 
     # -- one cell --
+    def predictions_missing(self, run: ResolvedRun) -> bool:
+        """Whether --save-predictions asks for this cell's prediction files and they are not all written."""
+        return self.save_predictions is not None and not saved.is_complete(self.predictions_folder(run))
+
+    def predictions_folder(self, run: ResolvedRun) -> Path:
+        return saved.run_folder(self.save_predictions, run.config, run.config_hash)
+
     def run(self, cfg: RunConfig, force: bool = False, progress: Callable = lambda it, **_: it) -> Outcome:
         run = self.resolve(cfg)
-        if not force and (stored := self.store.get(run.config_hash)):
+        if not force and (stored := self.store.get(run.config_hash)) and not self.predictions_missing(run):
             return Outcome(run.config_hash, stored, computed=False)
         if self.device.type == "cpu" and (note := run.task.cpu_note(run.config["params"])):
             warnings.warn(note, stacklevel=2)  # before the hours it announces, not after
@@ -444,68 +468,129 @@ class Runner:
         timings["features"] = time.perf_counter() - t0
 
         ctx = TaskContext(self, run, progress, fresh)
+        labelled = run.dataset.has_labels
         t0 = time.perf_counter()
-        ctx.evaluated_labels  # decoded into the cache before the task, whose predictions stream into evaluation
+        if labelled:
+            ctx.evaluated_labels  # decoded into the cache before the task, whose predictions stream into evaluation
         timings["labels"] = time.perf_counter() - t0
         entry = registry.load_entrypoint(run.task.entrypoint)
+        writer = saved.PredictionWriter(self.predictions_folder(run), run.dataset.ids, run.config["k"]) \
+            if self.save_predictions is not None else None
         t0 = time.perf_counter()
         result: TaskResult = entry(ctx)
         kept: list[tuple[int, np.ndarray, np.ndarray]] = []  # a few headline predictions, for report panels
-        metrics, eval_seconds = self._evaluate(ctx, run, result.predictions, progress, kept)
+        metrics, eval_seconds, counts = self._evaluate(ctx, run, result.predictions, progress, kept, writer)
         timings["task"] = time.perf_counter() - t0 - eval_seconds
         timings["evaluate"] = eval_seconds
         headline = metrics.get(f"{FINAL}@{run.dataset.split}")
-        if headline is None:
+        if headline is None and (labelled or counts is None):
             raise RuntimeError(f"task {run.task.name} produced no '{FINAL}' predictions on {run.dataset.split}")
+        stats = {**(result.stats or {}), **({"stage_seconds": ctx.stage_seconds} if ctx.stage_seconds else {})}
+        if not labelled:  # no metrics: what the predictions look like instead
+            stats["predictions"] = counts.summary()
+        # without ground truth the stored predictions (and files) keep the cluster ids
+        cluster_to_class = headline["cluster_to_class"] if labelled else list(range(run.config["k"]))
+        scores = {m: headline[m] if headline else None for m in ("miou", "acc", "f1")}
         record = RunRecord(
             config_hash=run.config_hash, backbone=run.spec.name, weights=run.weights.identity,
             random_weights=run.weights.is_random, task=run.task.name, dataset=run.config["dataset"],
-            split=run.dataset.split, k=run.config["k"], seed=run.config["seed"],
-            miou=headline["miou"], acc=headline["acc"], f1=headline["f1"],
-            config=run.config, metrics=metrics, timings=timings,
-            stats={**(result.stats or {}), **({"stage_seconds": ctx.stage_seconds} if ctx.stage_seconds else {})},
+            split=run.dataset.split, k=run.config["k"], seed=run.config["seed"], **scores,
+            config=run.config, metrics=metrics, stats=stats, timings=timings,
             environment=self.environment,
         )
-        return Computed(record, self._panel_samples(ctx, run, kept, headline["cluster_to_class"]))
+        if writer is not None:
+            self._finish_predictions(writer, ctx, run, cluster_to_class if labelled else None)
+        return Computed(record, self._panel_samples(ctx, run, kept, cluster_to_class),
+                        writer.folder if writer is not None else None)
 
-    def _evaluate(self, ctx: TaskContext, run: ResolvedRun, predictions: Iterable[Prediction],
-                  progress: Callable, kept: list) -> tuple[dict[str, Any], float]:
+    def _finish_predictions(self, writer: saved.PredictionWriter, ctx: TaskContext, run: ResolvedRun,
+                            cluster_to_class: list | None) -> None:
+        try:  # best effort, as the panel samples: the computed cell is the result
+            names = list(run.dataset.class_names) if cluster_to_class is not None else []
+            writer.finish(run.config, run.config_hash, ctx.image, cluster_to_class,
+                          getattr(run.dataset, "palette", None), names)
+        except Exception as err:  # noqa: BLE001 -- a full disk costs the files, not the run
+            warnings.warn(f"run {run.config_hash}: predictions not (all) written to {writer.folder} ({err}); "
+                          f"--save-predictions again writes them", stacklevel=2)
+
+    def _evaluate(self, ctx: TaskContext, run: ResolvedRun, predictions: Iterable[Prediction], progress: Callable,
+                  kept: list, writer: saved.PredictionWriter | None = None) -> tuple[dict[str, Any], float, Any]:
+        """Metrics per stream (none without ground truth: then the headline predictions are counted instead),
+        the seconds spent here, and those counts (None with ground truth)."""
         streams: dict[str, StreamingConfusion] = {}
+        labelled = run.dataset.has_labels
+        counts = None if labelled else PredictionCounts(ctx.k)
         seconds = 0.0
         iterator: Iterator[Prediction] = iter(predictions)
         sample_indices = samples.spread_indices(len(ctx.dataset))  # headline predictions kept for report panels
-        headline = f"{FINAL}@{ctx.split}"
         for pred in progress(iterator, desc=f"{run.task.name} (K={ctx.k}) predictions", total=len(ctx.dataset),
                              unit="images", step=lambda p: int(p.stream == FINAL and p.split in (None, ctx.split))):
             t0 = time.perf_counter()
             split = pred.split or ctx.split
-            label = ctx.label(pred.index, split)
-            if pred.labels.shape != label.shape:
+            headline = pred.stream == FINAL and split == ctx.split
+            label = ctx.label(pred.index, split) if labelled else None
+            shape = label.shape if labelled else ctx.label_size(pred.index, split)
+            if pred.labels.shape != tuple(shape):
                 raise RuntimeError(f"task {run.task.name} predicted {pred.labels.shape} for image {pred.index}, "
-                                   f"labels are {label.shape}")
-            key = f"{pred.stream}@{split}"
-            if key not in streams:
-                streams[key] = StreamingConfusion(run.config["num_classes"], ctx.k)
-            streams[key].update(pred.labels, label)
-            if key == headline and pred.index in sample_indices:
-                kept.append((pred.index, pred.labels.astype(np.int16), label.astype(np.int16)))
+                                   f"labels are {tuple(shape)}")
+            if labelled:
+                key = f"{pred.stream}@{split}"
+                if key not in streams:
+                    streams[key] = StreamingConfusion(run.config["num_classes"], ctx.k)
+                streams[key].update(pred.labels, label)
+            elif headline:
+                counts.update(pred.labels)
+            if headline and writer is not None:
+                writer.add(pred.index, pred.labels)
+            if headline and pred.index in sample_indices:
+                shown = label if labelled else np.full(pred.labels.shape, -1)
+                kept.append((pred.index, pred.labels.astype(np.int16), shown.astype(np.int16)))
                 sample_indices.discard(pred.index)
             seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         metrics = {key: conf.compute(ctx.k, **run.protocol.scoring) for key, conf in streams.items()}
-        return metrics, seconds + time.perf_counter() - t0
+        return metrics, seconds + time.perf_counter() - t0, counts
 
     def _panel_samples(self, ctx: TaskContext, run: ResolvedRun, kept: list, cluster_to_class: list) -> dict | None:
         """Arguments of ``samples.save`` for the kept predictions (plain arrays: they travel back from Ray)."""
         try:
             indices = [i for i, _, _ in kept]
+            labelled = run.dataset.has_labels  # else the panels draw cluster ids in their own colours
             return dict(config_hash=run.config_hash, config=run.config, multiple=run.spec.patch_size, indices=indices,
                         images=[ctx.image(i) for i in indices], labels=[label for *_, label in kept],
                         predictions=[pred for _, pred, _ in kept], cluster_to_class=cluster_to_class,
-                        palette=getattr(run.dataset, "palette", None), class_names=list(run.dataset.class_names))
+                        palette=getattr(run.dataset, "palette", None) if labelled else None,
+                        class_names=list(run.dataset.class_names) if labelled else
+                        [f"cluster {i}" for i in range(run.config["k"])])
         except Exception as err:  # noqa: BLE001 -- a panel is never worth losing the run
             warnings.warn(f"run {run.config_hash}: no sample predictions kept for panels ({err})", stacklevel=2)
             return None
+
+
+class PredictionCounts:
+    """What the headline predictions of a run without ground truth look like: per cluster its share of the
+    pixels and of the images it appears in, and how many clusters an image holds."""
+
+    def __init__(self, k: int):
+        self.pixels = np.zeros(k + 1, dtype=np.int64)  # last: unlabelled
+        self.images_with = np.zeros(k, dtype=np.int64)
+        self.per_image: list[int] = []
+
+    def update(self, labels: np.ndarray) -> None:
+        k = len(self.images_with)
+        ids = np.where((labels >= 0) & (labels < k), labels, k).ravel()
+        found = np.bincount(ids, minlength=k + 1)
+        self.pixels += found
+        self.images_with += found[:k] > 0
+        self.per_image.append(int((found[:k] > 0).sum()))
+
+    def summary(self) -> dict:
+        total, images = max(int(self.pixels.sum()), 1), max(len(self.per_image), 1)
+        return {"images": len(self.per_image), "clusters_used": int((self.images_with > 0).sum()),
+                "clusters_per_image": float(np.mean(self.per_image)) if self.per_image else 0.0,
+                "unlabelled_percent": 100.0 * self.pixels[-1] / total,
+                "pixel_percent": [round(100.0 * p / total, 3) for p in self.pixels[:-1]],
+                "image_percent": [round(100.0 * n / images, 3) for n in self.images_with]}
 
 
 class _LazyBackbone:

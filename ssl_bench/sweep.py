@@ -102,6 +102,9 @@ def resolve_k(k: int | str, num_classes: int) -> int:
     multiple = int(match.group(1) or 1)
     if multiple < 1:
         raise UserError(f"K value {brief(k)} gives K = 0 -- use C, 2C, 3C ...")
+    if num_classes < 1:
+        raise UserError(f"K value {brief(k)} counts classes, and a dataset without ground truth has none -- give K as "
+                        f"a number, e.g. --k 8")
     return multiple * num_classes
 
 
@@ -454,7 +457,7 @@ def make_plan(grid: Grid | Sequence[Grid], runner: Runner, select: Callable[[Cel
     grids = [grid] if isinstance(grid, Grid) else list(grid)
     for cfg in (cfg for g in grids for cfg in expand(g, runner)):
         run = runner.resolve(cfg)
-        cell = Cell(cfg, run, run.config_hash in stored)
+        cell = Cell(cfg, run, run.config_hash in stored and not runner.predictions_missing(run))
         cell.earlier_version_stored = not cell.stored and any(h in stored for h in earlier_version_hashes(run.config))
         cell.stored_before_scoring_rules = not cell.stored and any(
             h in stored for h in before_scoring_rules_hashes(run.config))

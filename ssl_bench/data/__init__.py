@@ -17,6 +17,7 @@ from ssl_bench.data.camvid import CamVid
 from ssl_bench.data.cityscapes import Cityscapes27
 from ssl_bench.data.cocostuff import CocoStuff27
 from ssl_bench.data.folder import FolderDataset
+from ssl_bench.data.images import ImageFolder
 from ssl_bench.data.potsdam import Potsdam3
 from ssl_bench.data.protocol import Protocol
 from ssl_bench.data.suim import SUIM, SUIM8
@@ -34,6 +35,7 @@ DATASETS: dict[str, type[SegDataset]] = {
     "cocostuff27": CocoStuff27,
     "potsdam3": Potsdam3,
     "folder": FolderDataset,
+    "images": ImageFolder,  # images without ground truth: predictions, no metrics
     "synthetic": SyntheticDataset,
 }
 

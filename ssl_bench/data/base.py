@@ -150,6 +150,7 @@ class SegDataset:
     # Reader options that change the images themselves, hence the features: part of the feature cache key
     # (every option is part of the label cache key).
     image_options: ClassVar[tuple[str, ...]] = ()
+    has_labels: ClassVar[bool] = True  # False: images only (methods run, predictions are kept, no metrics)
 
     def __init__(self, root: str | Path | None, split: str):
         self._check_split(split)

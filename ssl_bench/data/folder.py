@@ -47,7 +47,8 @@ class FolderDataset(SegDataset):
         self.palette = bitwise_palette(self.num_classes)
         hint = f"pass --data-root pointing at {self.default_root}"
         images = require_dir(self.root / "images", "folder dataset images", hint)
-        masks = require_dir(self.root / "masks", "folder dataset masks", hint)
+        masks = require_dir(self.root / "masks", "folder dataset masks", f"{hint} (images without masks: --dataset "
+                            f"images --data-root {images} segments them without metrics)")
         if (images / self.split).is_dir():
             images, masks = images / self.split, require_dir(masks / self.split, "folder dataset masks", hint)
         elif any((images / s).is_dir() for s in self.splits) or self.split != self.default_split:

@@ -35,18 +35,19 @@ def build_tables(records: list[dict], which: str = "all", k: str | int = "classe
     one table per dataset, named ``classes_DATASET``)."""
     if which != "all" and which not in TABLES:
         raise UserError(f"unknown table '{which}' -- choose {', '.join(TABLES)} or all")
+    scored = [r for r in records if r["miou"] is not None]  # runs on images without ground truth have no metrics
     built: dict[str, Table] = {}
     for name in list(TABLES) if which == "all" else [which]:
         if name == "leaderboard":
-            built[name] = leaderboard(records, k, task, subsets, layout)
+            built[name] = leaderboard(scored, k, task, subsets, layout)
         elif name == "classes":
             taken: set[str] = set()
-            for column, table in class_tables(records, k, task, subsets).items():
+            for column, table in class_tables(scored, k, task, subsets).items():
                 built[_unique_name(f"classes_{_slug(column)}", column, taken)] = table
         elif name == "timings":
             built[name] = timings_table(records, task)
         else:
-            built[name] = TABLES[name](_task_filter(records, task))
+            built[name] = TABLES[name](_task_filter(records if name == "segments" else scored, task))
     return {n: t for n, t in built.items() if n == "leaderboard" or which != "all" or not t.empty}
 
 
@@ -75,9 +76,10 @@ def panel_title(record: dict, dataset: str | None = None) -> str:
     rand = f"{DAGGER} RANDOM WEIGHTS (smoke run, not a result) | " if record["random_weights"] else ""
     method = task_label(record["config"])
     dataset = dataset or f"{record['dataset']}:{record['split']}"
+    scores = ("no ground truth" if record["miou"] is None else
+              f"mIoU {record['miou']:.1f}  Acc {record['acc']:.1f}  F1 {record['f1']:.1f}")
     return (f"{rand}{model_label(record)} | {method} | {dataset} | "
-            f"K={record['k']} seed={record['seed']} | mIoU {record['miou']:.1f}  Acc {record['acc']:.1f}  "
-            f"F1 {record['f1']:.1f}  (run {record['config_hash']})")
+            f"K={record['k']} seed={record['seed']} | {scores}  (run {record['config_hash']})")
 
 
 def _panel_order(records: list[dict]) -> list[dict]:
@@ -99,8 +101,9 @@ def write_all(records: list[dict], store_path: Path, out_dir: Path, k: str | int
             written.append(path)
     shown = _task_filter(records, task)
     names: set[str] = set()
-    colours = figures.model_colours(shown)  # one colour per backbone in every curve file
-    for column, data in figures.curve_data(shown).items():
+    scored = [r for r in shown if r["miou"] is not None]
+    colours = figures.model_colours(scored)  # one colour per backbone in every curve file
+    for column, data in figures.curve_data(scored).items():
         fig = figures.overclustering_figure(column, data, colours)
         written += figures.save_figure(fig, out_dir / "curves" / _unique_name(f"overclustering_{_slug(column)}",
                                                                               column, names))
@@ -138,8 +141,9 @@ def html_report(records: list[dict], store_path: Path, k: str | int = "classes",
     shown = _task_filter(records, task)
     tables = build_tables(records, "all", k, task, subsets, layout)
     sections.append(("Leaderboard", f"<div class='scroll'>{to_html(tables['leaderboard'])}</div>"))
-    curves = figures.curve_data(shown)
-    colours = figures.model_colours(shown)  # one colour per backbone in every figure of the page
+    scored = [r for r in shown if r["miou"] is not None]
+    curves = figures.curve_data(scored)
+    colours = figures.model_colours(scored)  # one colour per backbone in every figure of the page
     body = "".join(html.figure(figures.image_bytes(figures.overclustering_figure(column, data, colours)),
                                f"Over-clustering on {column}: each metric against K, per backbone and method.")
                    for column, data in curves.items())

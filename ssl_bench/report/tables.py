@@ -274,7 +274,7 @@ def dataset_label(config: dict, subsets: bool = True) -> str:
     if not subsets:
         options = {k: v for k, v in options.items() if k not in (subset_options(cls) if cls else SUBSET_OPTIONS)}
     extra = [overrides_text(options, dataset_options(cls) if cls else {})]
-    spec = registry.backbones().get(config["backbone"])
+    spec = registry.known_backbone(config["backbone"])
     if spec is not None and config.get("protocol"):
         extra.append(overrides_text(stored_protocol(config["protocol"]),
                                     Protocol().for_patch_size(spec.patch_size).as_dict()))
@@ -389,7 +389,7 @@ OWN_WEIGHTS = "own checkpoint"  # the pre-training data of a user's file: the re
 
 
 def backbone_info(name: str, own_weights: bool = False) -> dict:
-    spec = registry.backbones().get(name)
+    spec = registry.known_backbone(name)
     if spec is None:
         return {"family": "?", "params": "?", "data": "?"}
     params = None if spec.params_m == 0 else f"{spec.params_m:.1f}"  # not learned: drawn as a dash, empty in CSV
