@@ -25,7 +25,7 @@ class ImageFolder(SegDataset):
     default_split = "all"
     num_classes = 0
     class_names: list[str] = []
-    palette = None
+    palette = np.zeros((0, 3), dtype=np.uint8)
     has_labels = False
 
     @property

@@ -56,3 +56,53 @@ def hf_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for (block, leaf), parts in qkv.items():
         out[f"blocks.{block}.attn.qkv.{leaf}"] = torch.cat([parts[0], parts[1], parts[2]])
     return out
+
+
+# ---- SigLIP (google/siglip-*: transformers' SiglipModel / SiglipVisionModel) -> timm's SigLIP ViT ----------
+
+_SIGLIP_TOP = {"embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+               "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+               "post_layernorm.weight": "norm.weight", "post_layernorm.bias": "norm.bias",
+               "head.probe": "attn_pool.latent", "head.attention.out_proj.weight": "attn_pool.proj.weight",
+               "head.attention.out_proj.bias": "attn_pool.proj.bias", "head.layernorm.weight": "attn_pool.norm.weight",
+               "head.layernorm.bias": "attn_pool.norm.bias", "head.mlp.fc1.weight": "attn_pool.mlp.fc1.weight",
+               "head.mlp.fc1.bias": "attn_pool.mlp.fc1.bias", "head.mlp.fc2.weight": "attn_pool.mlp.fc2.weight",
+               "head.mlp.fc2.bias": "attn_pool.mlp.fc2.bias"}
+_SIGLIP_BLOCK = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj": "attn.proj",
+                 "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_SIGLIP_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def is_hf_siglip_layout(state: dict) -> bool:
+    return any(k.endswith("embeddings.patch_embedding.weight") for k in state) and \
+        any(k.endswith("head.probe") for k in state)
+
+
+def hf_siglip_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Hugging Face SigLIP vision tower (``vision_model.`` of a whole SigLIP file; the text tower is dropped) in
+    timm's layout: q, k, v fused, the pooling head's fused in-projection split into timm's q and kv."""
+    prefix = next(k for k in state if k.endswith("embeddings.patch_embedding.weight"))
+    prefix = prefix[: -len("embeddings.patch_embedding.weight")]  # "vision_model." or ""
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key in _SIGLIP_TOP:
+            out[_SIGLIP_TOP[key]] = value
+        elif key == "embeddings.position_embedding.weight":
+            out["pos_embed"] = value[None]
+        elif key.startswith("head.attention.in_proj_"):
+            leaf = key.rsplit("_", 1)[-1]  # weight | bias
+            dim = value.shape[0] // 3
+            out[f"attn_pool.q.{leaf}"], out[f"attn_pool.kv.{leaf}"] = value[:dim], value[dim:]
+        elif match := _SIGLIP_LAYER.match(key):
+            block, name, leaf = int(match[1]), match[2], match[3]
+            if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((block, leaf), {})[name[-6]] = value
+            elif name in _SIGLIP_BLOCK:
+                out[f"blocks.{block}.{_SIGLIP_BLOCK[name]}.{leaf}"] = value
+            else:
+                raise KeyError(f"unknown Hugging Face SigLIP weight {key}")
+    for (block, leaf), parts in qkv.items():
+        out[f"blocks.{block}.attn.qkv.{leaf}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..registry import BackboneSpec
 from .base import Backbone, is_layer_kind
-from .hf import hf_to_official, is_hf_layout
+from .hf import hf_siglip_to_timm, hf_to_official, is_hf_layout, is_hf_siglip_layout
 from .weights import load_into
 
 
@@ -139,6 +139,8 @@ def build(spec: BackboneSpec, state: dict | None) -> ViTBackbone:
     if state is not None:
         if is_hf_layout(state):  # Hugging Face cache: transformers names -> official names
             state = hf_to_official(state)
+        elif is_hf_siglip_layout(state):  # google/siglip-*: transformers' SigLIP -> timm's
+            state = hf_siglip_to_timm(state)
         # The filter of the model's own timm module converts the official layouts into timm's
         # (DINO/DINOv2: patchify, layer scale, registers, position-embedding size; DINOv3:
         # storage tokens, layer-scale names, the masked key bias).
