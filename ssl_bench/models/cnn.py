@@ -123,7 +123,8 @@ def build(spec: BackboneSpec, state: dict | None) -> CNNBackbone:
 class TimmFeatureMapBackbone(Backbone):
     """Any other timm network whose ``forward_features`` is a feature map (``timm:NAME`` of a ResNet, ConvNeXt,
     EfficientNet, Swin ...): ``patch`` is that map, ``cls`` the vector its head pools (without the classifier),
-    ``layerN`` the N-th map of ``forward_intermediates`` pooled onto the same grid, where timm offers it."""
+    ``layerN`` the N-th of timm's feature levels (``feature_info``: the stem first, then each stage) average-pooled
+    onto the same grid, where timm offers ``forward_intermediates``."""
 
     def __init__(self, spec: BackboneSpec, model: nn.Module):
         super().__init__(spec)
