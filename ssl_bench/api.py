@@ -19,7 +19,7 @@ import torch
 
 from .data.protocol import Protocol
 from .errors import UserError
-from .models.live import _device, live_backbone, model_digest
+from .models.live import ADAPTER_HINT, _device, live_backbone, model_digest
 from .models.weights import WeightsSource
 
 IN_MEMORY = "in-memory"
@@ -60,6 +60,8 @@ def evaluate(model: torch.nn.Module, task: str = "kmeans", dataset: str = "synth
     from .store import ResultStore
     from .sweep import resolve_k
 
+    if not isinstance(model, torch.nn.Module):  # checked first: everything below reads its parameters
+        raise UserError(f"ssl_bench.evaluate takes a torch.nn.Module, got {type(model).__name__} -- {ADAPTER_HINT}")
     if not isinstance(name, str) or not name or any(c in name for c in "/:@"):
         raise UserError(f"name={name!r}: give a short label without '/', ':' or '@' -- e.g. name='my-vit'")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
