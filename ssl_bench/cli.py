@@ -102,13 +102,6 @@ def _runner(store: Optional[Path], cache: Optional[Path], device: Optional[str] 
     return Runner(ResultStore(store), FeatureCache(cache), device, save_predictions)
 
 
-def _scores(record: dict) -> str:
-    """mIoU / Acc / F1 of a stored run, or why it has none."""
-    if record["miou"] is None:
-        return "no ground truth, so no metrics (predictions and their statistics stored)"
-    return f"mIoU {record['miou']:.2f}  Acc {record['acc']:.2f}  F1 {record['f1']:.2f}"
-
-
 StoreOpt = typer.Option(None, "--store", help="results database (default .ssl-bench/results.sqlite or $SSL_BENCH_STORE)")
 SavePredictionsOpt = typer.Option(None, "--save-predictions", help="also write each image's prediction here: an "
                                   "indexed PNG of class ids (cluster ids without ground truth) and a colour overlay")
@@ -149,6 +142,7 @@ def run(
 ):
     """Run one backbone x task x dataset cell and store the result."""
     from .data.protocol import Protocol
+    from .housekeeping import headline_text
     from .report.tables import model_label
     from .runner import RunConfig, before_scoring_rules_hashes, earlier_version_hashes
     from .sweep import resolve_k
@@ -174,7 +168,7 @@ def run(
     tag = "computed" if outcome.computed else "already stored; --force recomputes"
     random_note = "  (RANDOM WEIGHTS: smoke run, not a result)" if rec["random_weights"] else ""
     out.print(f"{model_label(rec)} / {rec['task']} / {rec['dataset']}:{rec['split']} K={rec['k']} seed={rec['seed']}: "
-              f"{_scores(rec)}  ({tag}){random_note}")
+              f"{headline_text(rec)}  ({tag}){random_note}")
     for key, m in rec["metrics"].items():
         if m.get("labelled_fraction", 1.0) < 1.0:
             lab = m["labelled"]
@@ -319,6 +313,7 @@ def _execute(plan, runner, executor: str, address: Optional[str], device: Option
              cpus_per_task: Optional[int], max_in_flight: Optional[int] = None):
     """Run a sweep plan (``sweep`` and ``reproduce``): a line per cell, the summary at the end."""
     from .executors import run_local
+    from .housekeeping import headline_text
 
     with display.bars() as bars:
         advance = bars.overall(len(plan.todo), "sweep")  # one bar for the whole plan: cells done of all, time left
@@ -326,7 +321,7 @@ def _execute(plan, runner, executor: str, address: Optional[str], device: Option
         def report_cell(cell, status: str) -> None:
             rec = f"{status}  {cell.label}"
             if status == "computed":
-                rec += f": {_scores(runner.store.get(cell.run.config_hash))}"
+                rec += f": {headline_text(runner.store.get(cell.run.config_hash))}"
             display.info(rec)  # failures are listed again at the end, -q or not
             advance()
 
@@ -585,8 +580,8 @@ def runs(
     for r in found:
         table.add_row(r["config_hash"][:12], str(r.get("created_at", ""))[:16], model_label(r)
                       + (" (random)" if r["random_weights"] else ""), task_label(r["config"]),
-                      f"{r['dataset']}:{r['split']}", str(r["k"]), str(r["seed"]), f"{r['miou']:.2f}",
-                      f"{r['acc']:.2f}", f"{r['f1']:.2f}", f"{sum(r['timings'].values()):.1f}")
+                      f"{r['dataset']}:{r['split']}", str(r["k"]), str(r["seed"]),
+                      *("-" if r[m] is None else f"{r[m]:.2f}" for m in ("miou", "acc", "f1")), f"{sum(r['timings'].values()):.1f}")
     if found:
         _print_wide(table)
     filtered = wanted != RunFilter()
@@ -784,7 +779,8 @@ def report(
     unscored = sum(r["miou"] is None for r in records)
     if unscored:
         console.print(f"note: {unscored} run(s) on images without ground truth have no metrics: they are in the "
-                      f"segment statistics and panels, not in the leaderboard", highlight=False)
+                      f"panels and timings (and segment statistics where their method has them), not in the "
+                      f"leaderboard; ssl-bench show HASH prints what their predictions look like", highlight=False)
     if task and task not in {r["task"] for r in records}:
         raise UserError(f"no stored run of task '{task}' -- stored tasks: "
                         f"{', '.join(sorted({r['task'] for r in records})) or 'none (run ssl-bench run first)'}")

@@ -52,6 +52,13 @@ _Dumper.add_representer(list, _short_list)
 _Dumper.add_representer(tuple, _short_list)
 
 
+def headline_text(record: dict) -> str:
+    """mIoU / Acc / F1 of a stored run, or why it has none (images without ground truth)."""
+    if record["miou"] is None:
+        return "no ground truth, so no metrics (predictions and their statistics stored)"
+    return f"mIoU {record['miou']:.2f}  Acc {record['acc']:.2f}  F1 {record['f1']:.2f}"
+
+
 def run_text(record: dict) -> str:
     """A stored run as YAML: the whole configuration (weights file included), scores of every stream,
     the method's statistics, the seconds per stage and the environment it ran in."""
@@ -61,8 +68,7 @@ def run_text(record: dict) -> str:
                "not learned" if record["weights"] == "none" else
                f"{file}, sha256 {record['weights']}"
                + (" -- the user's own checkpoint, not the registry's" if config.get("own_weights") else ""))
-    headline = f"mIoU {record['miou']:.2f}  Acc {record['acc']:.2f}  F1 {record['f1']:.2f}"
-    document = {"run": record["config_hash"], "stored": record.get("created_at"), "headline": headline,
+    document = {"run": record["config_hash"], "stored": record.get("created_at"), "headline": headline_text(record),
                 "weights": weights,
                 "config": config, "scores": record["metrics"], "stats": record["stats"],
                 "timings (s)": {k: round(v, 3) for k, v in record["timings"].items()},
