@@ -118,6 +118,27 @@ def before_scoring_rules_hashes(config: dict) -> list[str]:
 
 # ---- the context handed to a task ---------------------------------------------------------------------
 
+class MissingParameter(UserError, KeyError):
+    """A task's entrypoint read a parameter its task file does not give (a KeyError too, for code that asks)."""
+
+    __str__ = Exception.__str__  # KeyError's would quote the line
+
+
+class TaskParams(dict):
+    """A task's resolved parameters; reading one its task file lacks (a user's task file written for an
+    entrypoint that reads more) is one line naming the parameter and the file, not a KeyError traceback."""
+
+    def __init__(self, params: dict, task: registry.TaskSpec):
+        super().__init__(params)
+        self._task = task
+
+    def __missing__(self, key):
+        task = self._task
+        where = task.source or "its task file"
+        raise MissingParameter(f"task '{task.name}' has no parameter '{key}', which its entrypoint {task.entrypoint} "
+                               f"reads -- add {key}: VALUE under params: in {where}")
+
+
 class TaskContext:
     """Read-only view of one run for a task adapter (see tasks/*.yaml for what each task reads)."""
 
@@ -125,7 +146,7 @@ class TaskContext:
         self._runner, self._run = runner, run
         self.k: int = run.config["k"]
         self.seed: int = run.config["seed"]
-        self.params: dict = run.config["params"]
+        self.params: dict = TaskParams(run.config["params"], run.task)
         self.stages: dict[str, registry.StageSpec] = run.task.stage_specs(self.params)  # composed tasks: slot -> stage
         self.split: str = run.dataset.split
         self.dataset: SegDataset = run.dataset

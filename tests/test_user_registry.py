@@ -104,6 +104,18 @@ def test_a_missing_registry_folder_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code != 0 and "is not a folder" in str(result.exception)
 
 
+def test_a_task_file_lacking_a_parameter_its_entrypoint_reads_is_one_line(own, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    short = TASK.replace("NAME", "my-short-kmeans").replace(", max_fit_patches: 200000", "")
+    (own / "tasks" / "short.yaml").write_text(short)
+    result = CliRunner().invoke(app, ["run", "--task", "my-short-kmeans", "--registry", str(own), "-o", "n=2",
+                                      "--k", "2", "--store", str(tmp_path / "r.sqlite"), "--cache", str(tmp_path / "c")])
+    assert isinstance(result.exception, UserError), result.output  # not a KeyError traceback
+    assert str(result.exception) == (f"task 'my-short-kmeans' has no parameter 'max_fit_patches', which its entrypoint "
+                                     f"ssl_bench.methods.kmeans:run reads -- add max_fit_patches: VALUE under params: "
+                                     f"in {own / 'tasks' / 'short.yaml'}")
+
+
 def install_plugin(site, name="ssl_bench_plugin_demo"):
     """What ``pip install`` of a separate package leaves behind: its module and a dist-info with entry points."""
     package = site / name
