@@ -718,9 +718,9 @@ def list_(what: str = typer.Argument(..., help="backbones | tasks | stages | dat
         own = any(_user_source(spec) for spec in specs)
         if own:
             table.add_column("source (your registries)", overflow="fold")
-        bases: dict[str, registry.TaskSpec] = {}  # per entrypoint, the task its variants change
-        for spec in specs:
-            base = bases.setdefault(spec.name if spec.stages else spec.entrypoint, spec)  # composed: each file apart
+        bases: dict[tuple, registry.TaskSpec] = {}  # per entrypoint and file, the task its variants change
+        for spec in specs:  # (a user's file naming a built-in entrypoint is its own task, not a variant)
+            base = bases.setdefault((spec.name,) if spec.stages else (spec.entrypoint, spec.source), spec)
             changed = {k: v for k, v in spec.params.items() if base.params.get(k) != v}
             params = ", ".join(f"{k}={v}" for k, v in (spec.params if base is spec else changed).items())
             features = spec.features_for(spec.resolve_params({})) if spec.stages else spec.features
