@@ -1,7 +1,7 @@
 """``ssl_bench.evaluate``: benchmark the model a training loop holds, without writing it to disk first.
 
 The run is an ordinary cell: the same runner, protocol, metrics and store as ``ssl-bench run``, labelled
-``NAME@STEP`` (the configuration keeps ``model: {name, step}`` apart, for plots of a metric against the step),
+``NAME@STEP`` (the configuration keeps ``model: {name, step, class, params_m}`` apart, for plots of a metric against the step),
 with the model's digest (``models/live.py:model_digest``) as its weights identity. So reports, sweeps of other
 runs and ``ssl-bench report`` show it beside registry backbones, and a changed model is never served the
 features cached for another. The model is evaluated in eval mode under ``torch.inference_mode`` and handed back
@@ -76,8 +76,8 @@ def evaluate(model: torch.nn.Module, task: str = "kmeans", dataset: str = "synth
     with _evaluation_mode(model, device):
         backbone = live_backbone(model, label, patch_size, mean, std, input_size).to(device)
         identity = f"state:{model_digest(model)}"
-        runner.adopt(backbone, WeightsSource(None, identity, IN_MEMORY),
-                     {"model": {"name": name, "step": step}})
+        described = {"name": name, "step": step, "class": backbone.spec.arch, "params_m": backbone.spec.params_m}
+        runner.adopt(backbone, WeightsSource(None, identity, IN_MEMORY), {"model": described})
         cfg = RunConfig(backbone=label, task=task, dataset=dataset, split=split, k=k, seed=seed, data_root=root,
                         dataset_options=opts, params=tuple(sorted((params or {}).items())),
                         protocol=Protocol(resize=resize, crop=crop))

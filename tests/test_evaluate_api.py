@@ -66,13 +66,17 @@ def test_rows_are_labelled_with_the_callers_name_and_step(paths, one_thread):
     model = PatchEmbedder()
     row = ssl_bench.evaluate(model, "kmeans", "synthetic", k=3, name="my-net", step=1000, options=SMALL, **paths)
     assert row["backbone"] == "my-net@1000"
-    assert row["config"]["model"] == {"name": "my-net", "step": 1000}
+    assert row["config"]["model"] == {"name": "my-net", "step": 1000, "class": "PatchEmbedder", "params_m": 0.0}
     assert row["weights"].startswith("state:") and not row["random_weights"]
     assert row["miou"] is not None and 0 <= row["miou"] <= 100
     stored = ResultStore(paths["store"]).get(row["config_hash"])
     assert stored["backbone"] == "my-net@1000" and stored["miou"] == row["miou"]
     assert not list(paths["cache"].glob("my-net@1000/*/*/patch.npy"))  # keep_features off: a loop never fills the disk
     assert model.training  # handed back in the mode it came in
+    from ssl_bench.report import text_report
+
+    line = next(r for r in text_report([stored], "markdown", "leaderboard", k=3).splitlines() if "my-net@1000" in r)
+    assert "in memory (PatchEmbedder)" in line and "your training run" in line  # not '?': no registry entry to ask
 
 
 def test_a_timm_vit_is_evaluated_with_every_feature_kind(paths, one_thread):

@@ -321,6 +321,7 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
     frame["column"] = _distinct_columns(frame.column, roots)
     frame["full_column"] = _distinct_columns(frame.full_column, roots)
     frame["own_weights"] = [bool(r["config"].get("own_weights")) for r in records]
+    frame["in_memory"] = [r["config"].get("model") for r in records]  # ssl_bench.evaluate's {name, step, ...}
     frame["model"] = [model_label(r, several) for r, several in zip(records, _several_checkpoints(frame))]
     return frame
 
@@ -388,7 +389,11 @@ def select_k(frame: pd.DataFrame, k: str | int) -> tuple[pd.DataFrame, str]:
 OWN_WEIGHTS = "own checkpoint"  # the pre-training data of a user's file: the registry cannot know it
 
 
-def backbone_info(name: str, own_weights: bool = False) -> dict:
+def backbone_info(name: str, own_weights: bool = False, in_memory: dict | None = None) -> dict:
+    if isinstance(in_memory, dict):  # ssl_bench.evaluate: a model a training loop held, not a registry entry
+        params = in_memory.get("params_m")
+        return {"family": f"in memory ({in_memory.get('class', '?')})",
+                "params": f"{params:.1f}" if isinstance(params, (int, float)) else "?", "data": "your training run"}
     spec = registry.known_backbone(name)
     if spec is None:
         return {"family": "?", "params": "?", "data": "?"}
@@ -467,7 +472,7 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     keys = ["random_weights", "model", "backbone", "method"]
     for key, runs in frame.groupby(["column", *keys] if long else keys, sort=True):
         dataset, (random, model, backbone, method) = (key[0], key[1:]) if long else (None, key)
-        info = backbone_info(backbone, runs.own_weights.iloc[0])
+        info = backbone_info(backbone, runs.own_weights.iloc[0], runs.in_memory.iloc[0])
         cells = [Cell(model)] + ([Cell(method)] if several_methods else [])
         cells += [Cell(info["family"]), Cell(info["params"]), Cell(info["data"])]
         cells += [Cell(dataset)] if long else []
