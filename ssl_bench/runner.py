@@ -405,7 +405,8 @@ class Runner:
         options = dict(cfg.dataset_options)
         probe = self.open_dataset(cfg.dataset, cfg.data_root, cfg.split, options)
         if cfg.k is None and not probe.has_labels:
-            raise UserError(f"{probe.title} has no ground truth, so no number of classes for K -- give K, e.g. --k 8")
+            raise UserError(f"{probe.title} has no ground truth, so no number of classes for K -- give K, e.g. "
+                            f"--k 8 (ssl_bench.evaluate: k=8)")
         if "limit" in options and not getattr(probe, "limit_cuts", True):
             for key in SUBSET_OPTIONS:  # limit=5000 on 101 images: the whole split, stored and reported as such
                 options.pop(key, None)

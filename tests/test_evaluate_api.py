@@ -41,23 +41,23 @@ def _cached_patches(cache, name):
 def test_a_changed_weight_is_evaluated_again_never_served_cached_features(paths, one_thread):
     torch.manual_seed(0)
     model = PatchEmbedder()
-    first = ssl_bench.evaluate(model, "kmeans", "synthetic", k=3, name="tiny", options=SMALL, keep_features=True, **paths)
+    kept = dict(name="tiny", options=SMALL, keep_features=True, **paths)
+    first = ssl_bench.evaluate(model, "kmeans", "synthetic", k=3, **kept)
     calls = model.calls
     assert calls >= 1
 
-    again = ssl_bench.evaluate(model, "kmeans", "synthetic", k=3, name="tiny", options=SMALL, keep_features=True, **paths)
+    again = ssl_bench.evaluate(model, "kmeans", "synthetic", k=3, **kept)
     assert model.calls == calls and again["config_hash"] == first["config_hash"]  # same weights: cached, stored
 
     with torch.no_grad():
         model.embed.weight[0, 0, 0, 0] += 1.0  # one weight, one training step
-    changed = ssl_bench.evaluate(model, "kmeans", "synthetic", k=3, name="tiny", options=SMALL, keep_features=True,
-                                 **paths)
+    changed = ssl_bench.evaluate(model, "kmeans", "synthetic", k=3, **kept)
     assert model.calls > calls, "the changed model was not run: it was served the features of the old weights"
     assert changed["weights"] != first["weights"] and changed["config_hash"] != first["config_hash"]
     entries = _cached_patches(paths["cache"], "tiny")
     assert len(entries) == 2
-    old, new = entries.values()
-    assert old.shape == new.shape and not np.array_equal(old, new)
+    one, other = entries.values()  # the two weights' features, each its own entry
+    assert one.shape == other.shape and not np.array_equal(one, other)
     assert len(ResultStore(paths["store"]).query()) == 2  # both models' rows kept
 
 
