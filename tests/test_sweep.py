@@ -1,6 +1,7 @@
 """Sweeps: grid parsing, the plan, shared extraction, resuming after kill -9, concurrent sweeps, Ray."""
 
 import dataclasses
+import inspect
 import os
 import re
 import signal
@@ -379,7 +380,8 @@ def test_ray_tasks_reserve_a_gpu_only_where_they_use_one(runner):
                     @staticmethod
                     def options(name):
                         return types.SimpleNamespace(remote=lambda *args: FakeRay.submitted.append(
-                            (function.__name__, resources["num_gpus"], args[-2], name)))
+                            (function.__name__, resources["num_gpus"],
+                             inspect.signature(function).bind(*args).arguments["device"], name)))
                 return Remote
             return wrap
 

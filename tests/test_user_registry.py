@@ -71,15 +71,15 @@ def test_folder_entries_register_with_their_source(own, monkeypatch):
 def test_list_shows_user_entries_with_their_file(own, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(registry.REGISTRY_ENV, "")
-    result = CliRunner().invoke(app, ["list", "backbones", "--registry", str(own)], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, ["list", "backbones", "--registry", str(own)], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     line = next(row for row in result.output.splitlines() if row.startswith("my-vit"))
     assert "my-registry/backbones/my-vit.yaml" in line
     assert "built-in" in next(row for row in result.output.splitlines() if row.startswith("dino-vits16"))
-    tasks = CliRunner().invoke(app, ["list", "tasks", "--registry", str(own)], env={"COLUMNS": "250"})
+    tasks = CliRunner().invoke(app, ["list", "tasks", "--registry", str(own)], env={"COLUMNS": "300"})
     assert "my-registry/flat-task.yaml" in tasks.output
     monkeypatch.delenv(registry.REGISTRY_ENV)  # --registry put the folder there, for what the command starts
-    plain = CliRunner().invoke(app, ["list", "backbones"], env={"COLUMNS": "200"})
+    plain = CliRunner().invoke(app, ["list", "backbones"], env={"COLUMNS": "300"})
     assert "source" not in plain.output.splitlines()[0]  # no user entries: the usual columns
 
 
@@ -163,7 +163,7 @@ def test_an_installed_package_registers_models_tasks_and_stages(tmp_path, monkey
     outcome = runner.run(RunConfig(backbone="demo-vit", task="demo-kmeans", dataset="synthetic", weights="random",
                                    dataset_options=(("limit", 2),)))
     assert outcome.computed and outcome.record["backbone"] == "demo-vit" and outcome.record["random_weights"]
-    result = CliRunner().invoke(app, ["list", "backbones"], env={"COLUMNS": "250"})
+    result = CliRunner().invoke(app, ["list", "backbones"], env={"COLUMNS": "300"})
     assert f"{name}:BACKBONES" in next(row for row in result.output.splitlines() if row.startswith("demo-vit"))
 
 
