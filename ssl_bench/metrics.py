@@ -168,3 +168,24 @@ def evaluate_counts(counts: np.ndarray, unlabelled: np.ndarray, num_clusters: in
         "ignored_pixels": dropped,
         "pixels": int(n_total),
     }
+
+
+def with_class_id_scores(predictions, ctx, stats: dict):
+    """Pass a task's predictions through, scoring its "final" stream as class ids, without the runner's
+    cluster-to-class matching (which can only flatter labels that are classes already: an oracle, a labelled
+    probe, text-named classes). ``ctx`` gives the dataset, the evaluated split, its labels and the protocol.
+    stats["class_id_scores"]: "all" counts unassigned pixels wrong, "labelled" does not."""
+    c = ctx.dataset.num_classes
+    conf, scored = StreamingConfusion(c, c), False
+    for pred in predictions:
+        if pred.stream == "final" and pred.split in (None, ctx.split):
+            conf.update(pred.labels, ctx.label(pred.index))
+            scored = True
+        yield pred
+    if scored:  # the runner reads stats once it has consumed every prediction
+        wrong_class = conf.counts[c:].sum(0)  # predicted ids beyond the classes (K > C): wrong
+        absent = ctx.protocol.absent_classes  # the run's rule for a class without ground truth
+        stats["class_id_scores"] = {
+            "all": _scores(conf.counts[:c], conf.unlabelled + wrong_class, absent),
+            "labelled": _scores(conf.counts[:c], wrong_class, absent),
+        }

@@ -1,5 +1,5 @@
 """Declarative registries: ``backbones/*.yaml`` (one file per family), ``tasks/*.yaml`` (one per method) and
-``stages/{segmenters,embeddings,clusterers}/*.yaml`` (one per composable stage of a method).
+``stages/{segmenters,filters,embeddings,clusterers}/*.yaml`` (one per composable stage of a method).
 
 Entries come from three places, read in this order: the built-in folders, the user's registry folders (same
 layout; ``--registry DIR`` or ``$SSL_BENCH_REGISTRY``, several separated by ``:``) and the Python entry points of
@@ -90,7 +90,8 @@ class BackboneSpec:
         return self.heads > 0
 
 
-STAGE_KINDS = {"segmenter": "segmenters", "embedding": "embeddings", "clusterer": "clusterers"}  # kind -> folder
+STAGE_KINDS = {"segmenter": "segmenters", "filter": "filters", "embedding": "embeddings",
+               "clusterer": "clusterers"}  # kind -> folder
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -157,6 +157,9 @@ class TaskContext:
         self.device = runner.device
         self.fresh = fresh  # --force: recompute what ``reuse`` kept too
         self.stage_seconds: dict[str, float] = {}  # the method's own stages (``timed``), stored with the result
+        # a stage that builds a model of its own (a CLIP) follows the run: random weights when the run's are
+        self.random_weights: bool = run.weights.is_random
+        self.weights_seed: int = run.config["weights_seed"]
 
     @contextlib.contextmanager
     def timed(self, stage: str):
@@ -189,12 +192,15 @@ class TaskContext:
         wanted = "random" if self._run.weights.is_random else None
         return resolve(spec, wanted, self._run.config["weights_seed"])
 
-    def reuse(self, name: str, identity: dict, compute: Callable[[], Any], split: str | None = None) -> Any:
+    def reuse(self, name: str, identity: dict, compute: Callable[[], Any], split: str | None = None,
+              slots: Sequence[str] | None = None) -> Any:
         """An intermediate of this task that does not depend on K (e.g. DatUS^2's segments and crop embeddings),
         computed once per (cached features of ``split``, seed, device, ``identity``, the method's source and version)
         and kept beside those features, so the cells of a sweep that differ only in K share it (a cell that
         finds another computing it waits for it). ``identity`` names every parameter and model it depends on
-        beyond the features. ``--force`` computes it again; a damaged copy is computed again, with a warning.
+        beyond the features; ``slots`` (composed tasks) the stage slots whose code and version it depends on (None:
+        all), so a value the segmenter alone makes is shared by runs with other clusterers. ``--force`` computes it
+        again; a damaged copy is computed again, with a warning.
 
         The value is kept with ``integrity.save_value`` (never pickled: nothing read back from a cache can run
         code): nested dicts, lists and tuples of numbers, text, None and numeric numpy arrays or tensors."""
@@ -202,9 +208,11 @@ class TaskContext:
         entry = self._runner.cache.entry_dir(self._runner.cache.key(
             self._run.spec.name, self._run.weights.identity, dataset, self.protocol))
         task = self._run.task
-        entrypoints = [task.entrypoint, *(s.entrypoint for s in task.stage_specs(self.params).values())]
-        digest = config_hash({"task": task.entrypoint, "code": _module_digest(*entrypoints), "version": task.version,
-                              "stage_versions": self._run.config.get("stage_versions", {}),
+        stages = {slot: s for slot, s in task.stage_specs(self.params).items() if slots is None or slot in slots}
+        versions = {slot: v for slot, v in self._run.config.get("stage_versions", {}).items() if slot in stages}
+        digest = config_hash({"task": task.entrypoint, "code": _module_digest(task.entrypoint, *(
+                              s.entrypoint for s in stages.values())), "version": task.version,
+                              "stage_versions": versions,
                               "name": name, "seed": self.seed, "device": str(self.device), "identity": identity})
         path = entry / "reuse" / f"{name}-{digest}.npz"
         with contextlib.ExitStack() as guard:

@@ -278,7 +278,7 @@ def fake_ctx(params, split="val", task="datus2"):
         dataset_for=lambda split: [None] * n[split], label_size=lambda i, split=None: (32, 48),
         backbone=backbone(), build_backbone=backbone, built=built,
         backbone_identity=lambda name=None: {"backbone": name or "fake-vit", "weights": "none"},
-        reuse=lambda name, identity, compute, split=None: compute(),  # the runner's keeps it on disk
+        reuse=lambda name, identity, compute, split=None, slots=None: compute(),  # the runner's keeps it on disk
         device="cpu", progress=lambda it, **_: it, stage_seconds={}, timed=lambda stage: contextlib.nullcontext(),
     )
 

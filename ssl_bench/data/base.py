@@ -147,6 +147,10 @@ class SegDataset:
     num_classes: int
     class_names: list[str]
     palette: np.ndarray  # (num_classes, 3) uint8
+    # The class of pixels in no object class (VOC's "background"), or None: region filters that find background
+    # (ACSeg's foreground detection) act on datasets that have one, and paint it with this class.
+    background_class: ClassVar[int | None] = None
+    prompt_names: ClassVar[list[str] | None] = None  # class names as words for text prompts (None: class_names)
     # Reader options that change the images themselves, hence the features: part of the feature cache key
     # (every option is part of the label cache key).
     image_options: ClassVar[tuple[str, ...]] = ()

@@ -22,6 +22,8 @@ class CamVid(SegDataset):
     class_names = ["sky", "building", "pole", "road", "pavement", "tree",
                    "sign-symbol", "fence", "car", "pedestrian", "bicyclist"]
     num_classes = 11
+    prompt_names = ["sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car",
+                    "pedestrian", "bicyclist"]
     palette = np.array([[128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222],
                         [128, 128, 0], [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0],
                         [0, 128, 192]], dtype=np.uint8)

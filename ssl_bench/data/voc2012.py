@@ -26,6 +26,10 @@ class VOC2012(SegDataset):
                    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                    "sheep", "sofa", "train", "tvmonitor"]
     num_classes = 21
+    background_class = 0
+    prompt_names = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+                    "cow", "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa",
+                    "train", "tv monitor"]  # the spaced names CLIP reads as words
     palette = bitwise_palette(21)
     _lut = label_lut(range(21))  # 255 void (object borders) -> ignore
 

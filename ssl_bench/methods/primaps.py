@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..metrics import with_class_id_scores
 from ..ops import softmax, upsample_argmax, upsample_scores
 from ..registry import is_number, is_whole
 from .primaps_proposals import (ANCHORS, PRINCIPAL, _t, principal_mask_proposals, proposal_soft_masks,  # noqa: F401
@@ -543,7 +544,7 @@ def run(ctx):
                 coverage.append(float((ids >= 0).mean()))
                 stats["proposal_pixel_fraction"] = float(np.mean(coverage))  # filled while streaming
                 yield Prediction(index=i, labels=oracle_pseudo_labels(ids, gt))
-        return TaskResult(predictions=_with_class_id_scores(oracle(), ctx, stats), stats=stats)
+        return TaskResult(predictions=with_class_id_scores(oracle(), ctx, stats), stats=stats)
 
     fit_split = p["fit_split"] or ctx.split
     stats["fit_split"] = fit_split  # == the evaluated split: fitted transductively (the paper fits on train)
@@ -596,30 +597,8 @@ def run(ctx):
                 yield Prediction(index=i, labels=labels, stream=stream)
 
     if mode == "linear-probe":
-        return TaskResult(predictions=_with_class_id_scores(predictions(), ctx, stats), stats=stats)
+        return TaskResult(predictions=with_class_id_scores(predictions(), ctx, stats), stats=stats)
     return TaskResult(predictions=predictions(), stats=stats)
-
-
-def _with_class_id_scores(predictions, ctx, stats: dict):
-    """Pass predictions through, scoring the "final" stream as class ids, without the runner's
-    cluster-to-class matching (which can only flatter labels that are classes already: oracle, probe).
-    stats["class_id_scores"]: "all" counts unassigned pixels wrong, "labelled" (Table 5 "Pseudo") does not."""
-    from ..metrics import StreamingConfusion, _scores
-
-    c = ctx.dataset.num_classes
-    conf, scored = StreamingConfusion(c, c), False
-    for pred in predictions:
-        if pred.stream == "final" and pred.split in (None, ctx.split):
-            conf.update(pred.labels, ctx.label(pred.index))
-            scored = True
-        yield pred
-    if scored:  # the runner reads stats once it has consumed every prediction
-        wrong_class = conf.counts[c:].sum(0)  # predicted ids beyond the classes (K > C): wrong
-        absent = ctx.protocol.absent_classes  # the run's rule for a class without ground truth
-        stats["class_id_scores"] = {
-            "all": _scores(conf.counts[:c], conf.unlabelled + wrong_class, absent),
-            "labelled": _scores(conf.counts[:c], wrong_class, absent),
-        }
 
 
 def _image_augmenter(ctx, fit, split, chunk: int = 8) -> Callable:

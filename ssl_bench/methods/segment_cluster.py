@@ -1,11 +1,17 @@
-"""Segment, embed, cluster: the composed method behind ``segment-cluster``, ``datus2`` and ``dsm``.
+"""Segment, embed, cluster: the composed method behind ``segment-cluster``, ``datus2``, ``dsm`` and ``acseg``.
 
-1. Per image, the ``segmenter`` stage splits the patch grid into regions (``stages/regions.py``); the
-   ``embed`` stage gives each valid region a vector. Neither depends on K, so the cells of a sweep that differ
-   only in K compute them once (``ctx.reuse``, kept beside the cached features).
-2. The ``clusterer`` stage groups the regions of the fit split into K clusters (K - 1 when the segmenter marks
-   background: background is the K-th); a held-out split takes ``predict``. Painting the cluster ids back
-   gives the ``initial`` pseudo masks: adjacent regions of one cluster merge, noise stays unlabelled.
+1. Per image, the ``segmenter`` stage splits the image into regions (``stages/regions.py``), and an optional
+   ``filter`` stage calls some of them background (ACSeg's foreground detection); the ``embed`` stage gives
+   each remaining region a vector. None of this depends on K: the segments are kept (``ctx.reuse``, beside the
+   cached features) for every cell with the same segmenter and filter, the embeddings for every cell with the
+   same embedding too. A learned segmenter (one with ``fit``, ACSeg's concept generator) is trained once on the
+   fit split's features and its weights kept the same way.
+2. The ``clusterer`` stage groups the regions of the fit split into K clusters (K - 1 when background is
+   marked: background is the K-th); a held-out split takes ``predict``. A clusterer that names the dataset's
+   classes (``names_classes``: the labelled k-NN probe, the argmax of MaskCLIP votes) gives class ids, K = C,
+   and paints background with the dataset's background class; one that ``uses_labels`` is fitted on the fit
+   split's regions with their ground-truth classes (a LABELLED probe, said in the run's stats). Painting the
+   labels back gives the ``initial`` pseudo masks: adjacent regions of one cluster merge, noise stays unlabelled.
 3. Optionally Deep Spectral Methods' ``crf`` on the masks (stream ``crf``), then the de-noising network
    trained on the masks and run on every image (stream ``denoised``). ``final`` is the last of these.
 
@@ -14,17 +20,19 @@
 
 from __future__ import annotations
 
-import time
+import functools
 from dataclasses import asdict
 
 import numpy as np
 
 from ..errors import UserError
+from ..metrics import with_class_id_scores
 from ..registry import load_entrypoint
 from ..stages import build, slot_params
 from ..stages.denoise import DenoiserConfig, predict_denoiser, train_denoiser
 from ..stages.embeddings import RegionImage
-from ..stages.regions import BACKGROUND, NOISE, paint_split, summarize_segments, upsample_nearest
+from ..stages.regions import (BACKGROUND, NOISE, majority_labels, paint_split, summarize_segments,
+                              upsample_nearest)
 
 class LazyImages:
     """Sequence view of one split's protocol images (loaded on access)."""
@@ -42,65 +50,114 @@ class LazyImages:
         return (self[i] for i in range(self.n))
 
 
-def segment_and_embed(segmenter, embedder, images, features: dict, n: int, progress=lambda it: it,
-                      seconds: dict | None = None) -> dict:
-    """Segment maps, per-image infos and region embeddings of ``n`` images.
+SEGMENT_SLOTS = ("segmenter", "filter")  # the stages whose output is the segment maps (a filter is optional)
 
-    ``images[i]`` is image i at protocol resolution (only read when a stage uses images) and ``features`` maps
-    each cached kind a stage reads to a sequence of (h, w, d) grids; ``segmenter.segment`` and
-    ``embedder.embed`` are the stages (``ssl_bench.stages``). One pass: each image is segmented, then handed to
-    the embedding, which may batch regions across images. ``seconds`` (optional) gains each stage's time."""
-    seg_kinds = getattr(segmenter, "reads", ())
-    embed_kinds = getattr(embedder, "reads", ())
-    needs_image = getattr(segmenter, "uses_image", False) or getattr(embedder, "uses_image", False)
-    maps, infos = [], []
-    segmenting = 0.0
 
+def segment_split(segmenter, region_filter, images, features: dict, n: int, progress=lambda it: it) -> dict:
+    """Segment maps and per-image infos of ``n`` images: the segmenter's, then the region filter's (None: no
+    filter), which marks some regions background.
+
+    ``images[i]`` is image i at protocol resolution (read only when the segmenter uses images) and ``features``
+    maps each cached kind a stage reads to a sequence of (h, w, d) grids (``ssl_bench.stages``). With a filter,
+    ``segmenter_infos`` keeps the segmenter's own infos (its segment statistics)."""
+    maps, infos, own = [], [], []
+    for i in progress(range(n)):
+        image = images[i] if getattr(segmenter, "uses_image", False) else None
+        segments, info = segmenter.segment({kind: features[kind][i] for kind in segmenter.reads}, image)
+        if region_filter is not None:
+            own.append(info)
+            segments, info = region_filter.filter(segments, info, {k: features[k][i] for k in region_filter.reads})
+        maps.append(segments.astype(np.int16))  # small maps, many images: keep them compact
+        infos.append(info)
+    return {"segments": maps, "infos": infos, **({"segmenter_infos": own} if region_filter is not None else {})}
+
+
+def embed_split(embedder, segments, images, features: dict, progress=lambda it: it) -> np.ndarray:
+    """Region embeddings (N, d) of a split's segment maps (the valid segments of each image, in order); the
+    embedding stage may batch regions across images."""
     def regions():
-        nonlocal segmenting
-        for i in progress(range(n)):
-            image = images[i] if needs_image else None
-            t0 = time.perf_counter()
-            segments, info = segmenter.segment({kind: features[kind][i] for kind in seg_kinds}, image)
-            segmenting += time.perf_counter() - t0
-            maps.append(segments.astype(np.int16))  # small grids, many images: keep them compact
-            infos.append(info)
-            yield RegionImage(segments, image, {kind: features[kind][i] for kind in embed_kinds})
+        for i, segment_map in enumerate(progress(segments)):
+            yield RegionImage(segment_map, images[i] if embedder.uses_image else None,
+                              {kind: features[kind][i] for kind in embedder.reads})
 
-    t0 = time.perf_counter()
-    vectors = embedder.embed(regions())
-    if seconds is not None:  # the embedding pulls the segments: its time less theirs
-        seconds["segment"] = seconds.get("segment", 0.0) + segmenting
-        seconds["embed"] = seconds.get("embed", 0.0) + time.perf_counter() - t0 - segmenting
-    return {"segments": maps, "infos": infos, "features": vectors}
+    return embedder.embed(regions())
 
 
-def _regions_of_split(ctx, split: str) -> dict:
-    """``segment_and_embed`` of one split, kept for the cells that differ only in K."""
-    p, specs = ctx.params, ctx.stages
-    embed_class = load_entrypoint(specs["embed"].entrypoint)
-    identity = {slot: {"stage": p[slot], **slot_params(p, slot)} for slot in ("segmenter", "embed")}
-    identity["embed"].update(embed_class.identity(ctx, **slot_params(p, "embed")))
+def _stage(ctx, slot: str):
+    """The stage in ``slot`` built for this run, with the cached kinds it reads (``reads``)."""
+    spec, params = ctx.stages[slot], slot_params(ctx.params, slot)
+    stage = build(spec, params, ctx)
+    stage.reads = spec.features_for(params)
+    return stage
 
-    def compute():
-        segmenter = build(specs["segmenter"], slot_params(p, "segmenter"), ctx)
-        segmenter.reads = specs["segmenter"].features_for(slot_params(p, "segmenter"))
-        embedder = build(specs["embed"], slot_params(p, "embed"), ctx)
-        embedder.reads = specs["embed"].features_for(slot_params(p, "embed"))
-        kinds = set(segmenter.reads) | set(embedder.reads)
-        features = {kind: ctx.features(kind, split=split) for kind in kinds}
-        if hasattr(segmenter, "fit"):  # a learned segmenter sees the split's features first
+
+def _is_learned(spec) -> bool:
+    return hasattr(load_entrypoint(spec.entrypoint), "fit")
+
+
+def _fitted_segmenter(ctx, fit_split: str):
+    """The run's segmenter; a learned one (with ``fit``) is trained once on the fit split's features and its
+    weights (a dict of arrays) kept by ``reuse``, so every split it segments, and every cell that shares it (other
+    K, embeddings, clusterers), uses the same training."""
+    segmenter = _stage(ctx, "segmenter")
+    if hasattr(segmenter, "fit"):
+        identity = {"segmenter": {"stage": ctx.params["segmenter"], **slot_params(ctx.params, "segmenter")}}
+
+        def train():
             with ctx.timed("segmenter training"):
-                segmenter.fit({kind: features[kind] for kind in segmenter.reads})
-        n = len(ctx.dataset_for(split))
-        data = segment_and_embed(segmenter, embedder, LazyImages(ctx, split, n), features, n,
-                                 lambda it: ctx.progress(it, desc=f"{ctx.params['segmenter']} segments [{split}]",
-                                                         total=n, unit="images"), ctx.stage_seconds)
+                return segmenter.fit({kind: ctx.features(kind, split=fit_split) for kind in segmenter.reads})
+
+        fitted = ctx.reuse("segmenter-fit", identity, train, split=fit_split, slots=("segmenter",))
+        segmenter.load(fitted)
+        segmenter.fit_stats = fitted.get("stats")
+    return segmenter
+
+
+def _regions_of_split(ctx, split: str, fit_split: str, segmenter) -> dict:
+    """Segments (kept per segmenter and filter) and region embeddings (kept per segmenter, filter and embedding)
+    of one split: the cells that differ only in K or in the clusterer reuse both, those that differ in the
+    embedding reuse the segments. ``segmenter()`` builds the fitted segmenter when segments must be computed."""
+    p, specs = ctx.params, ctx.stages
+    n = len(ctx.dataset_for(split))
+    images = LazyImages(ctx, split, n)
+    progress = lambda desc: lambda it: ctx.progress(it, desc=f"{p['segmenter']} {desc} [{split}]", total=n,  # noqa: E731
+                                                    unit="images")
+    identity = {slot: {"stage": p[slot], **slot_params(p, slot)} for slot in SEGMENT_SLOTS if slot in specs}
+    if _is_learned(specs["segmenter"]):
+        identity["segmenter"]["fitted_on"] = fit_split
+
+    def segments():
+        region_filter = _stage(ctx, "filter") if "filter" in specs else None
+        seg = segmenter()
+        kinds = set(seg.reads) | set(region_filter.reads if region_filter else ())
+        features = {kind: ctx.features(kind, split=split) for kind in kinds}
+        with ctx.timed("segment"):  # the filter's time included
+            data = segment_split(seg, region_filter, images, features, n, progress("segments"))
         data["sizes"] = [ctx.label_size(i, split) for i in range(n)]
+        data["segmenter_fit"] = getattr(seg, "fit_stats", None)
         return data
 
-    data = ctx.reuse(f"regions-{split}", identity, compute, split=split)
-    return {**data, "identity": identity, "images": LazyImages(ctx, split, len(data["segments"]))}
+    data = ctx.reuse(f"segments-{split}", identity, segments, split=split, slots=SEGMENT_SLOTS)
+    embed_class = load_entrypoint(specs["embed"].entrypoint)
+    identity = {**identity, "embed": {"stage": p["embed"], **slot_params(p, "embed"),
+                                      **embed_class.identity(ctx, **slot_params(p, "embed"))}}
+
+    def embeddings():
+        embedder = _stage(ctx, "embed")
+        features = {kind: ctx.features(kind, split=split) for kind in embedder.reads}
+        with ctx.timed("embed"):
+            return {"features": embed_split(embedder, data["segments"], images, features, progress("regions"))}
+
+    vectors = ctx.reuse(f"regions-{split}", identity, embeddings, split=split, slots=(*SEGMENT_SLOTS, "embed"))
+    return {**data, **vectors, "identity": identity, "images": images}
+
+
+def region_classes(ctx, split: str, data: dict) -> np.ndarray:
+    """Ground-truth class of every valid region of a split (the class with most of its labelled pixels; -1 none):
+    what a labelled classifier learns from. Reads the split's ground truth."""
+    c = ctx.dataset.num_classes
+    return np.concatenate([majority_labels(seg, ctx.label(i, split), c) for i, seg in enumerate(data["segments"])]
+                          or [np.zeros(0, np.int64)])
 
 
 def check_params(p: dict) -> None:
@@ -120,22 +177,32 @@ def run(ctx):
     config = DenoiserConfig.from_params(p["denoiser"])
     fit_split = p["fit_split"] or ctx.split
     splits = [fit_split] + ([ctx.split] if ctx.split != fit_split else [])
-    data = {s: _regions_of_split(ctx, s) for s in splits}
+    segmenter = functools.cache(lambda: _fitted_segmenter(ctx, fit_split))
+    data = {s: _regions_of_split(ctx, s, fit_split, segmenter) for s in splits}
 
     background = any((seg == BACKGROUND).any() for d in data.values() for seg in d["segments"])
-    clusters = ctx.k - 1 if background else ctx.k  # the segmenter's background is the K-th cluster
-    regions = len(data[fit_split]["features"])
-    if clusters < 1 or regions < clusters:
-        raise UserError(f"K={ctx.k} clusters need at least {clusters} valid segments"
-                        f"{' besides background' if background else ''}, split {fit_split!r} has {regions} -- "
-                        f"lower --k, use more images, or let the segmenter keep more segments")
+    clusterer_class = load_entrypoint(ctx.stages["clusterer"].entrypoint)
+    names_classes = getattr(clusterer_class, "names_classes", False)
+    if names_classes:  # labels are the dataset's classes; background regions get its background class
+        clusters, painted_background = _named_classes(ctx)
+    else:
+        clusters = ctx.k - 1 if background else ctx.k  # the segmenter's background is the K-th cluster
+        painted_background = clusters if background else NOISE
+        regions = len(data[fit_split]["features"])
+        if clusters < 1 or regions < clusters:
+            raise UserError(f"K={ctx.k} clusters need at least {clusters} valid segments"
+                            f"{' besides background' if background else ''}, split {fit_split!r} has {regions} -- "
+                            f"lower --k, use more images, or let the segmenter keep more segments")
     clusterer = build(ctx.stages["clusterer"], slot_params(p, "clusterer"), ctx, k=clusters, seed=ctx.seed)
     with ctx.timed("cluster"):
-        clusterer.fit(data[fit_split]["features"])
+        if getattr(clusterer, "uses_labels", False):  # a labelled probe: the fit split's regions carry ground truth
+            clusterer.fit(data[fit_split]["features"], region_classes(ctx, fit_split, data[fit_split]))
+        else:
+            clusterer.fit(data[fit_split]["features"])
     for s, d in data.items():
         with ctx.timed("cluster"):
             labels = clusterer.labels_ if s == fit_split else clusterer.predict(d["features"])
-        d["masks"] = paint_split(d["segments"], d["infos"], labels, background=clusters if background else NOISE)
+        d["masks"] = paint_split(d["segments"], d["infos"], labels, background=painted_background)
 
     stats = _stats(data, ctx.split, fit_split, clusters, background)
     if p["crf"]:
@@ -177,13 +244,28 @@ def run(ctx):
                 if out_split is None:
                     yield Prediction(i, final, stream="final")
 
+    if getattr(clusterer, "uses_labels", False):
+        stats["labelled_probe"] = (f"LABELLED: regions classified from the ground-truth classes of split "
+                                   f"{fit_split!r}'s regions" + (" (leave-one-out)" if fit_split == ctx.split else ""))
+    if names_classes:  # scored as class ids too, without the runner's cluster-to-class matching
+        return TaskResult(predictions=with_class_id_scores(predictions(), ctx, stats), stats=stats)
     return TaskResult(predictions=predictions(), stats=stats)
+
+
+def _named_classes(ctx) -> tuple[int, int]:
+    """(classes, background label) of a clusterer that names the dataset's classes: K must be C."""
+    c = ctx.dataset.num_classes
+    if ctx.k != c:
+        raise UserError(f"clusterer={ctx.params['clusterer']} names the dataset's {c} classes: K must be {c}, got "
+                        f"{ctx.k} -- drop --k (K = C)")
+    background = getattr(ctx.dataset, "background_class", None)
+    return c, NOISE if background is None else background
 
 
 def _stats(data: dict, split: str, fit_split: str, clusters: int, background: bool) -> dict:
     infos = data[split]["infos"]
     stats = {
-        "segments": summarize_segments(infos),
+        "segments": summarize_segments(data[split].get("segmenter_infos", infos)),  # the segmenter's own regions
         "clustered_segments": int(len(data[fit_split]["features"])),
         "clusters": clusters,
         "background_cluster": background,
@@ -193,9 +275,14 @@ def _stats(data: dict, split: str, fit_split: str, clusters: int, background: bo
     model = data[split]["identity"]["embed"].get("crop_model")
     if model:
         stats["crop_backbone"] = model["backbone"]
+    if "segmenter_infos" in data[split]:  # a region filter ran: what it kept
+        stats["segments_after_filter"] = summarize_segments(infos)
+    if data[fit_split].get("segmenter_fit"):
+        stats["segmenter_fit"] = data[fit_split]["segmenter_fit"]
     if fit_split != split:
         stats["fit_split"] = fit_split
-        stats["segments@" + fit_split] = summarize_segments(data[fit_split]["infos"])
+        stats["segments@" + fit_split] = summarize_segments(data[fit_split].get("segmenter_infos",
+                                                                                data[fit_split]["infos"]))
     return stats
 
 

@@ -117,10 +117,15 @@ def _sha256_memo(path: Path, size: int, mtime_ns: int) -> str:
     return sha256_of(path)
 
 
-def _identity(spec: BackboneSpec, path: Path) -> str:
+def file_identity(path: Path) -> str:
+    """sha256 of a weights file, read once per file version (size, time stamp) in this process."""
     real = path.resolve()
     stat = real.stat()
-    digest = _sha256_memo(real, stat.st_size, stat.st_mtime_ns)
+    return _sha256_memo(real, stat.st_size, stat.st_mtime_ns)
+
+
+def _identity(spec: BackboneSpec, path: Path) -> str:
+    digest = file_identity(path)
     if spec.sha256 and path.name == expected_file(spec) and not digest.startswith(spec.sha256):
         raise UserError(f"{path} has sha256 {digest[:12]}..., the registry expects {spec.sha256[:12]}... "
                         "for that file -- download it again")

@@ -6,15 +6,20 @@ stage per slot. The classes are small estimators with plain arrays in and out:
 
 - **segmenter** (``segmenters/``): ``segment(features, image) -> (segment map, info)`` for one image, where
   ``features`` maps each kind the stage reads to its (h, w, d) grid and the map follows ``regions``
-  (ids 0..V-1, -1 noise, -2 background). ``fit(features)`` (optional) sees the whole split first (learned
-  segmenters: ``features`` maps each kind to the split's sequence of grids); ``uses_image`` says whether
+  (ids 0..V-1, -1 noise, -2 background); a map may be finer than the patch grid (ACSeg's is at the image's
+  resolution). A learned segmenter has ``fit(features) -> fitted`` (``features`` maps each kind to the fit
+  split's sequence of grids; ``fitted`` is a dict of arrays and JSON values, its ``stats`` entry reported with
+  the run) and ``load(fitted)``: the engine trains it once and keeps ``fitted``. ``uses_image`` says whether
   ``segment`` needs the image.
-- **embedding** (``embeddings.py``): ``embed(regions) -> (N, d)`` over an iterable of ``RegionImage`` (one per
+- **filter** (``filters.py``, optional slot): ``filter(segment map, info, features) -> (segment map, info)``
+  marks some regions background (``regions.mark_background``), e.g. ACSeg's attention foreground detection.
+- **embedding** (``embeddings.py``, ``maskclip.py``): ``embed(regions) -> (N, d)`` over an iterable of ``RegionImage`` (one per
   image, in order; N = their valid segments): crops through a backbone, mean patch features, ...
   ``identity(ctx, **params)`` names what the vectors depend on beyond the parameters (the crop model).
 - **clusterer** (``clusterers/``): ``fit(x) -> self`` on region embeddings (N, d) with ``labels_``, and
   ``predict(x)`` for regions of a held-out split; ``uncertainty_`` (optional) scores how far each region lies
-  from its cluster (COMUS's filtering).
+  from its cluster (COMUS's filtering). ``names_classes``: its labels are the dataset's class ids (K = C);
+  ``uses_labels``: ``fit(x, y)`` with each fit region's ground-truth class (a labelled probe).
 
 A class is built by ``build(spec, params, ctx)``: its ``from_context(ctx, **params)`` classmethod when it
 needs the run (a backbone to embed crops with, the seed), else ``cls(**params)``.

@@ -5,6 +5,8 @@
   backbone's input, embedded by its ``embed`` (CLS of a ViT, pooled feature of a CNN).
 - ``MaskedAttentionEmbedding`` (stage ``masked-attention-cls``): the unmasked box through a ViT whose last
   block lets CLS attend to the segment's patches only (the semester project's Table 1 variant).
+- ``NormalizedMaskCrop`` (stage ``masked-crop-cls``): ACSeg's crops: the box stretched to the input, then the
+  pixels outside the segment zeroed after normalisation.
 - ``MeanPatchEmbedding`` (stage ``mean-patch``): the mean of the segment's cached patch features; no second
   forward pass.
 
@@ -204,6 +206,38 @@ class MaskedAttentionEmbedding(CropEmbedding):
         return tokens[:, 0].float().cpu().numpy()
 
 
+class NormalizedMaskCrop(CropEmbedding):
+    """ACSeg's region embedding (shared paper 001, Sec. 4.1.2): the segment's box cropped from the image and
+    stretched to the backbone's input, normalised, and only then the pixels outside the segment set to 0 (the
+    dataset mean, after normalisation), so the masked area carries no colour of its own. The box's mask is
+    resized with nearest neighbours, like the crop's pixels are with bicubic."""
+
+    def __init__(self, model, size: int, batch_size: int = 64):
+        super().__init__(model, size, mask=False, batch_size=batch_size)
+
+    def crops(self, region: RegionImage) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(unmasked crop, its mask at the crop's size) of each valid segment."""
+        from PIL import Image
+
+        full = upsample_nearest(region.segments, region.image.shape[:2])
+        out = []
+        for s, crop in enumerate(super().crops(region)):
+            inside = full == s
+            rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+            box = Image.fromarray(inside[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].astype(np.uint8))
+            out.append((crop, np.asarray(box.resize((self.size, self.size), Image.NEAREST), dtype=bool)))
+        return out
+
+    def _forward(self, items: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        import torch
+
+        crops, masks = zip(*items)
+        with torch.inference_mode():
+            x = self.model.normalize(np.stack(crops))
+            x = x * torch.from_numpy(np.stack(masks)).to(x.device)[:, None]
+            return self.model.embed(x).float().cpu().numpy()
+
+
 def _area_fractions(mask: np.ndarray, grid: int) -> np.ndarray:
     """The fraction of each cell of a grid x grid split of ``mask`` (any size, stretched) that it covers."""
     import torch
@@ -229,7 +263,8 @@ def check_crop_params(p: dict) -> None:
 
 
 class MeanPatchEmbedding:
-    """The mean cached feature of each valid segment's patches: a region embedding without a second forward."""
+    """The mean cached feature of each valid segment's patches (weighted by the pixels of the segment in each
+    patch when the segment map is finer than the grid): a region embedding without a second forward."""
 
     uses_image = False
 
@@ -244,11 +279,14 @@ class MeanPatchEmbedding:
         out = []
         for region in regions:
             grid = region.features[self.reads[0]]
+            h, w = grid.shape[:2]
             flat = grid.reshape(-1, grid.shape[-1]).astype(np.float64)
-            ids = region.segments.ravel()
-            members = np.zeros((region.n_valid, ids.size))  # (segments, patches) one-hot: one product sums all
-            inside = np.flatnonzero(ids >= 0)
-            members[ids[inside], inside] = 1.0
+            # each entry of the segment map and the patch it lies in (the map may be finer than the patch grid)
+            cells = upsample_nearest(np.arange(h * w).reshape(h, w), region.segments.shape).ravel()
+            ids = region.segments.ravel().astype(np.int64)  # int16 maps: the products below need room
+            inside = ids >= 0
+            members = np.bincount(ids[inside] * (h * w) + cells[inside], minlength=region.n_valid * h * w)
+            members = members.reshape(region.n_valid, h * w).astype(np.float64)  # (segments, patches) weights
             sums = members @ flat
             out.append((sums / np.maximum(members.sum(1, keepdims=True), 1)).astype(np.float32))
         return np.concatenate(out) if out else np.zeros((0, 1), np.float32)

@@ -21,9 +21,7 @@ BACKGROUND = -2
 def upsample_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a label map (h, w) to (H, W), sampling at pixel centres."""
     h, w = labels.shape
-    rows = np.minimum(((np.arange(size[0]) + 0.5) * h / size[0]).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(size[1]) + 0.5) * w / size[1]).astype(np.int64), w - 1)
-    return labels[rows[:, None], cols[None, :]]
+    return labels[_nearest_index(h, size[0])[:, None], _nearest_index(w, size[1])[None, :]]
 
 
 def split_into_segments(groups: np.ndarray, tau: int = 5, connected: bool = True) -> tuple[np.ndarray, dict]:
@@ -113,3 +111,48 @@ def paint_split(segment_maps: Sequence[np.ndarray], infos: Sequence[dict], label
     """Pseudo masks of a split: ``labels`` holds every image's valid segments in order (``n_valid`` each)."""
     bounds = np.cumsum([0] + [i["n_valid"] for i in infos])
     return [paint_segments(seg, labels[a:b], background) for seg, a, b in zip(segment_maps, bounds[:-1], bounds[1:])]
+
+
+def region_sums(segment_map: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per valid segment, the sum of ``values`` (a patch-grid map (h, w)) over its pixels: a map at a finer
+    resolution than the grid (a segmenter that upsamples its soft assignment) counts each pixel with the value
+    of the patch it lies in. Returns (n_valid,) float64."""
+    n_valid = int(segment_map.max()) + 1 if segment_map.size and segment_map.max() >= 0 else 0
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != segment_map.shape:
+        values = upsample_nearest(values, segment_map.shape)
+    inside = segment_map >= 0
+    return np.bincount(segment_map[inside], weights=values[inside], minlength=n_valid)[:n_valid]
+
+
+def _nearest_index(size_in: int, size_out: int) -> np.ndarray:
+    """Source index of each output position of a nearest-neighbour resize (as ``upsample_nearest``)."""
+    return np.minimum(((np.arange(size_out) + 0.5) * size_in / size_out).astype(np.int64), size_in - 1)
+
+
+def mark_background(segment_map: np.ndarray, info: dict, background_ids) -> tuple[np.ndarray, dict]:
+    """The segments ``background_ids`` (valid ids) marked ``BACKGROUND``, the others renumbered 0..V'-1 in their
+    order (a region filter's output). The info keeps the segmenter's counts and gains ``n_background`` (regions
+    called background); ``n_valid`` and ``valid_sizes`` describe the segments left."""
+    drop = np.zeros(info["n_valid"], dtype=bool)
+    drop[np.asarray(list(background_ids), dtype=np.int64)] = True
+    lut = np.full(info["n_valid"] + 2, NOISE, dtype=np.int64)  # valid ids, then BACKGROUND (-2) and NOISE (-1)
+    lut[:info["n_valid"]][~drop] = np.arange((~drop).sum())
+    lut[:info["n_valid"]][drop] = BACKGROUND
+    lut[-2] = BACKGROUND
+    out = {**info, "n_valid": int((~drop).sum()), "n_background": int(drop.sum()),
+           "valid_sizes": [s for s, d in zip(info["valid_sizes"], drop) if not d]}
+    return lut[segment_map], out
+
+
+def majority_labels(segment_map: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
+    """The ground-truth class covering most of each valid segment's labelled pixels (the segment map is brought
+    to the label's resolution); -1 for a segment without labelled pixels. Returns (n_valid,) int64."""
+    segment_map = np.asarray(segment_map, dtype=np.int64)
+    if segment_map.shape != label.shape:
+        segment_map = upsample_nearest(segment_map, label.shape)
+    n_valid = int(segment_map.max()) + 1 if segment_map.size and segment_map.max() >= 0 else 0
+    both = (segment_map >= 0) & (label >= 0)
+    counts = np.bincount(segment_map[both] * num_classes + label[both],
+                         minlength=n_valid * num_classes)[:n_valid * num_classes].reshape(n_valid, num_classes)
+    return np.where(counts.sum(1) > 0, counts.argmax(1), -1)
