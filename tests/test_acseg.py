@@ -304,10 +304,10 @@ def test_maskclip_dense_embeddings_are_the_last_block_with_each_patch_attending_
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
 
 
-def test_maskclip_votes_count_each_regions_pixel_classes():
+def test_class_counts_count_each_regions_pixel_classes_at_their_resolution():
     segments = np.array([[0, 0], [1, -2]])
     pixel_classes = np.array([[2, 2, 0, 0], [2, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
-    votes = maskclip.region_votes(segments, pixel_classes, 3)
+    votes = regions.class_counts(segments, pixel_classes, 3)
     np.testing.assert_array_equal(votes, [[4, 1, 3], [0, 4, 0]])
 
 

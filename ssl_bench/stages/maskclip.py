@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..models.weights import RANDOM, WeightsSource, file_identity
 from ..ops import upsample_argmax
 from .embeddings import RegionImage
-from .regions import upsample_nearest
+from .regions import class_counts
 
 SCENE_TEMPLATES = ("there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
                    "this is the {} in the scene.", "this is one {} in the scene.")
@@ -206,18 +206,6 @@ class MaskClip:
         return [upsample_argmax(s, im.shape[:2]) for s, im in zip(self.scores(images), images)]
 
 
-def region_votes(segments: np.ndarray, pixel_classes: np.ndarray, num_classes: int) -> np.ndarray:
-    """(n_valid, num_classes): how many pixels of each valid segment have each class (the segment map is
-    brought to the pixels' resolution)."""
-    segments = np.asarray(segments, dtype=np.int64)
-    if segments.shape != pixel_classes.shape:
-        segments = upsample_nearest(segments, pixel_classes.shape)
-    n_valid = int(segments.max()) + 1 if segments.size and segments.max() >= 0 else 0
-    inside = segments >= 0
-    counts = np.bincount(segments[inside] * num_classes + pixel_classes[inside], minlength=n_valid * num_classes)
-    return counts[:n_valid * num_classes].reshape(n_valid, num_classes).astype(np.float32)
-
-
 class MaskClipVotes:
     """The region embedding ``maskclip``: per valid region, the pixel count of each dataset class in MaskCLIP's
     dense classification (classes that are not prompts, e.g. background, get no votes)."""
@@ -265,7 +253,7 @@ class MaskClipVotes:
 
         def flush():
             for region, classes in zip(pending, self.maskclip.classes([r.image for r in pending])):
-                out.append(region_votes(region.segments, self.class_ids[classes], self.num_classes))
+                out.append(class_counts(region.segments, self.class_ids[classes], self.num_classes).astype(np.float32))
             pending.clear()
 
         for region in regions:

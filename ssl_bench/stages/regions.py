@@ -145,14 +145,20 @@ def mark_background(segment_map: np.ndarray, info: dict, background_ids) -> tupl
     return lut[segment_map], out
 
 
-def majority_labels(segment_map: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
-    """The ground-truth class covering most of each valid segment's labelled pixels (the segment map is brought
-    to the label's resolution); -1 for a segment without labelled pixels. Returns (n_valid,) int64."""
+def class_counts(segment_map: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """(n_valid, num_classes): how many pixels of each valid segment have each class of ``classes`` (a map of
+    class ids, -1 or below: no class; the segment map is brought to its resolution)."""
     segment_map = np.asarray(segment_map, dtype=np.int64)
-    if segment_map.shape != label.shape:
-        segment_map = upsample_nearest(segment_map, label.shape)
+    if segment_map.shape != classes.shape:
+        segment_map = upsample_nearest(segment_map, classes.shape)
     n_valid = int(segment_map.max()) + 1 if segment_map.size and segment_map.max() >= 0 else 0
-    both = (segment_map >= 0) & (label >= 0)
-    counts = np.bincount(segment_map[both] * num_classes + label[both],
-                         minlength=n_valid * num_classes)[:n_valid * num_classes].reshape(n_valid, num_classes)
+    both = (segment_map >= 0) & (classes >= 0)
+    counts = np.bincount(segment_map[both] * num_classes + classes[both], minlength=n_valid * num_classes)
+    return counts[:n_valid * num_classes].reshape(n_valid, num_classes)
+
+
+def majority_labels(segment_map: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
+    """The ground-truth class covering most of each valid segment's labelled pixels; -1 for a segment without
+    labelled pixels. Returns (n_valid,) int64."""
+    counts = class_counts(segment_map, label, num_classes)
     return np.where(counts.sum(1) > 0, counts.argmax(1), -1)
