@@ -65,6 +65,21 @@ def test_the_loss_of_features_is_minus_networkx_modularity_of_their_affinity_gra
     assert acseg.modularity_loss(torch.from_numpy(x), concepts).shape == ()
 
 
+def test_the_fused_loss_has_the_value_and_gradient_of_the_written_out_one():
+    torch.manual_seed(0)
+    x = torch.randn(3, 30, 8, dtype=torch.float64)
+    valid = torch.ones(3, 30, dtype=torch.bool)
+    valid[1, 20:] = False
+    concepts = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    fused = acseg.modularity_loss(x, concepts, valid)
+    (fused_grad,) = torch.autograd.grad(fused, concepts)
+    written_out = -acseg.modularity(acseg.feature_affinity(x, valid),  # Eqs. 8-10 through autograd's amax
+                                    acseg.soft_co_assignment(acseg.assignment(x, concepts))).mean()
+    (grad,) = torch.autograd.grad(written_out, concepts)
+    torch.testing.assert_close(fused, written_out)
+    torch.testing.assert_close(fused_grad, grad)
+
+
 def test_the_gradient_is_finite_where_assignments_are_negative():
     x = torch.randn(2, 20, 8)
     concepts = torch.stack([x[0, 0], -x[0, 0], torch.zeros(8)])[None].repeat(2, 1, 1).requires_grad_(True)

@@ -140,16 +140,53 @@ def soft_co_assignment(s: torch.Tensor) -> torch.Tensor:
 def modularity(affinity: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Newman-Girvan modularity (Eq. 7) of a weighted graph (B, n, n) for co-assignments ``delta`` (B, n, n):
     (1 / 2m) sum_ij (A_ij - k_i k_j / 2m) delta_ij, with k_i the degree and 2m the sum of all weights."""
+    return (modularity_weights(affinity) * delta).sum((-2, -1))
+
+
+def modularity_weights(affinity: torch.Tensor) -> torch.Tensor:
+    """(A_ij - k_i k_j / 2m) / 2m (B, n, n): the modularity of Eq. 7 is the sum of these times delta_ij."""
     degree = affinity.sum(-1)
     two_m = degree.sum(-1).clamp_min(1e-12)[:, None, None]
-    expected = degree[:, :, None] * degree[:, None, :] / two_m
-    return ((affinity - expected) * delta / two_m).sum((-2, -1))
+    return (affinity - degree[:, :, None] * degree[:, None, :] / two_m) / two_m
+
+
+class _WeightedCoAssignment(torch.autograd.Function):
+    """sum_ij W_ij max_c P_ic P_jc (B,) for P (B, n, k) >= 0 and a constant symmetric W (B, n, n), without the
+    (B, n, n, k) products autograd would keep: the forward keeps the running maximum and the winning concept
+    (uint8) of each pair, the backward gives P_ic the gradient 2 sum_j W_ij [c wins (i, j)] P_jc, one product per
+    concept. The same value and gradient as ``soft_co_assignment`` through autograd (tested), except that a
+    tie between concepts (equal products, in practice two zeros) sends the gradient to the first, not split."""
+
+    @staticmethod
+    def forward(ctx, positive: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        delta = torch.zeros_like(weights)
+        winner = torch.zeros(weights.shape, dtype=torch.uint8, device=weights.device)
+        for c in range(positive.shape[-1]):
+            product = positive[:, :, c, None] * positive[:, None, :, c]
+            better = product > delta
+            delta = torch.where(better, product, delta)
+            winner.masked_fill_(better, c)
+        ctx.save_for_backward(positive, weights, winner)
+        return (weights * delta).sum((-2, -1))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        positive, weights, winner = ctx.saved_tensors
+        scaled = weights * (2 * grad)[:, None, None]
+        out = torch.empty_like(positive)
+        for c in range(positive.shape[-1]):
+            out[:, :, c] = ((scaled * (winner == c)) @ positive[:, :, c, None])[..., 0]
+        return out, None
 
 
 def modularity_loss(x: torch.Tensor, concepts: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 10 averaged over a batch: minus the modularity of the affinity graph of ``x`` (B, n, d) under the
-    soft co-assignment to ``concepts`` (B, k, d)."""
-    return -modularity(feature_affinity(x, valid), soft_co_assignment(assignment(x, concepts))).mean()
+    soft co-assignment to ``concepts`` (B, k, d); ``modularity(feature_affinity, soft_co_assignment)`` computed
+    in (B, n, n) memory (the features are fixed: only delta carries a gradient)."""
+    with torch.no_grad():
+        weights = modularity_weights(feature_affinity(x, valid))
+    positive = assignment(x, concepts).clamp_min(0)
+    return -_WeightedCoAssignment.apply(positive, weights).mean()
 
 
 # ---------------------------------------------------------------- training
