@@ -756,7 +756,7 @@ def report(
     format: Optional[str] = typer.Option(None, "--format", "-f", help="markdown | latex | csv | html (tables only; "
                                          "default markdown)"),
     table: Optional[str] = typer.Option(None, "--table", help="leaderboard | segments | streams | classes (per-class "
-                                        "IoU) | timings | all (default: all; leaderboard for csv)"),
+                                        "IoU) | timings | discovered (COMUS Table 3) | all (default: all; leaderboard for csv)"),
     task: Optional[str] = typer.Option(None, help="only this task"),
     k: str = typer.Option("classes", "--k", help="leaderboard K: 'classes' (K = number of classes), 2C, 3C ... "
                           "or a number"),

@@ -6,10 +6,12 @@ that makes the items does (``stages/segmenters/*.yaml``)::
     k_bound: patches                                  # K clusters of the fit split's patches
     k_bound: {items: segments, larger_than: tau}      # of segments of more than ``tau`` patches each
     k_bound: {items: proposals, per_image: max_masks} # at most ``max_masks`` per image (null: no cap)
+    k_bound: {items: proposals, per_image: 1, reserved: 1}  # one per image; one cluster (background) needs none
 
 ``items`` names the things clustered (shown in the error), ``larger_than`` a parameter (or a number) of
 patches an item must exceed, ``per_image`` a parameter (or a number) capping the items of one image,
-``split`` the parameter naming the split they come from (default ``fit_split`` where the task has one;
+``reserved`` the clusters that need no item (a background cluster), ``split`` the parameter naming the split
+they come from (default ``fit_split`` where the task has one;
 null there means the evaluated split). The patch grid of every
 image follows from the protocol and the image headers, so a K above the most items the split can hold
 is refused in one line at resolve time (a sweep's plan included), never after an extraction or an
@@ -30,6 +32,7 @@ class KBound:
     larger_than: str | int = 0  # an item has more than this many patches: a number or a parameter name
     split: str | None = None  # parameter naming the split the items come from (None: the evaluated split)
     per_image: str | int | None = None  # the most items one image gives: a number or a parameter name (None: no cap)
+    reserved: int = 0  # clusters that take no item (the background cluster of a segmenter that marks background)
 
     @classmethod
     def parse(cls, value, params: dict, where: str) -> "KBound":
@@ -37,8 +40,9 @@ class KBound:
         example = "k_bound: patches, or k_bound: {items: segments, larger_than: tau}"
         if value is None or isinstance(value, str):
             value = {"items": value or "patches"}
-        if not isinstance(value, dict) or set(value) - {"items", "larger_than", "split", "per_image"}:
-            raise UserError(f"{where}: k_bound must be a word or a mapping of items, larger_than, per_image, split "
+        if not isinstance(value, dict) or set(value) - {"items", "larger_than", "split", "per_image", "reserved"}:
+            raise UserError(f"{where}: k_bound must be a word or a mapping of items, larger_than, per_image, "
+                            f"reserved, split "
                             f"-- e.g. {example}")
         bound = cls(**{"split": "fit_split" if "fit_split" in params else None, **value})
         for key, value, lowest in (("larger_than", bound.larger_than, 0), ("per_image", bound.per_image, 1)):
@@ -46,6 +50,9 @@ class KBound:
             if not (number or value in params or (key == "per_image" and value is None)):
                 raise UserError(f"{where}: k_bound {key}={value!r} must be a whole number >= {lowest} or one of the "
                                 f"parameters -- e.g. {example}")
+        if not isinstance(bound.reserved, int) or isinstance(bound.reserved, bool) or bound.reserved < 0:
+            raise UserError(f"{where}: k_bound reserved={bound.reserved!r} must be a whole number >= 0 (clusters that "
+                            f"need no item, e.g. 1 for a background cluster)")
         if bound.split is not None and bound.split not in params:
             raise UserError(f"{where}: k_bound split={bound.split!r} is not a parameter of the task -- "
                             f"known: {sorted(params)}")
@@ -54,7 +61,7 @@ class KBound:
     def in_slot(self, slot: str, split: str | None) -> "KBound":
         """A stage's bound inside a composed task: its parameters are named ``slot.name`` there."""
         named = lambda value: f"{slot}.{value}" if isinstance(value, str) else value  # noqa: E731
-        return KBound(self.items, named(self.larger_than), split, named(self.per_image))
+        return KBound(self.items, named(self.larger_than), split, named(self.per_image), self.reserved)
 
     def minimum_size(self, params: dict) -> int:
         """Patches an item must exceed (the parameter's value when it names one)."""
@@ -75,10 +82,11 @@ class KBound:
         dataset = open_split(split)
         size, cap = self.minimum_size(params), self.cap(params)
         per_image = lambda patches: min(patches // (size + 1), cap or patches)  # noqa: E731
-        if k <= len(dataset) * per_image(least_per_image):
+        needed = k - self.reserved  # clusters that must each get an item
+        if needed <= len(dataset) * per_image(least_per_image):
             return
         most = sum(per_image(patches) for patches in grid_of(dataset))
-        if k <= most:
+        if needed <= most:
             return
         what = self.items + (f" of more than {size} patches ({self.larger_than}={size})"
                              if isinstance(self.larger_than, str) else f" of more than {size} patches" if size else "")
@@ -86,5 +94,6 @@ class KBound:
         fixes = ["lower --k", "use more images (a larger -o limit, or the whole split)"]
         fixes += [f"lower -p {self.larger_than}"] if isinstance(self.larger_than, str) else []
         fixes += [f"raise -p {self.per_image}"] if cap and isinstance(self.per_image, str) else []
-        raise UserError(f"K={k} clusters need at least {k} {what}, but split {split!r} ({len(dataset)} images) "
+        spare = f" (besides {self.reserved} that need{'s' if self.reserved == 1 else ''} none)" if self.reserved else ""
+        raise UserError(f"K={k} clusters need at least {needed} {what}{spare}, but split {split!r} ({len(dataset)} images) "
                         f"holds at most {most:,} -- {', '.join(fixes[:-1])} or {fixes[-1]}")

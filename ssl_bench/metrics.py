@@ -25,6 +25,8 @@ Absent classes (``absent_classes``): a class with no ground-truth pixel in the e
   was predicted as it (its union is not empty) and is left out of the means only when nothing was;
 - ``ignore``: is always left out (the rule of ssl-bench before these settings; it scores a subset of
   images higher than the common rule does).
+
+Every stream also gets the count of classes it discovers (COMUS Table 3: ``discovered_categories``).
 """
 
 from __future__ import annotations
@@ -134,6 +136,21 @@ def _scores(conf: np.ndarray, missed: np.ndarray, absent_classes: str = "zero-if
     }
 
 
+DISCOVERY_THRESHOLDS = (20, 2, 0)  # IoU (%) a class must exceed to count as discovered (COMUS Table 3 and Sec. 4.4)
+
+
+def discovered_categories(per_class_iou, thresholds=DISCOVERY_THRESHOLDS) -> dict:
+    """COMUS's discovered-categories count (Table 3): for each threshold t, how many classes reach an IoU above
+    t % (``iou>20``: discovered; ``iou>0``: has a cluster) and their mean IoU (None when there are none). Classes
+    absent from the ground truth (IoU None) are not counted."""
+    present = [v for v in per_class_iou if v is not None]
+    out = {}
+    for t in thresholds:
+        chosen = [v for v in present if v > t]
+        out[f"iou>{t:g}"] = {"classes": len(chosen), "miou": float(np.mean(chosen)) if chosen else None}
+    return out
+
+
 def evaluate_counts(counts: np.ndarray, unlabelled: np.ndarray, num_clusters: int | None = None,
                     overclustering: str = "majority", absent_classes: str = "zero-if-predicted") -> dict:
     """Match clusters to classes, then score. Two views when some pixels are unlabelled:
@@ -162,6 +179,7 @@ def evaluate_counts(counts: np.ndarray, unlabelled: np.ndarray, num_clusters: in
         **everything,
         "labelled": {k: labelled[k] for k in ("miou", "acc", "f1")},
         "labelled_fraction": float(n_labelled / n_total) if n_total else float("nan"),
+        "discovered": discovered_categories(everything["per_class_iou"]),
         "matching": policy,
         "absent_classes": absent_classes,
         "cluster_to_class": mapping.tolist(),

@@ -102,7 +102,7 @@ class StageSpec:
     kind: str  # a key of STAGE_KINDS
     title: str
     entrypoint: str  # "module:Class" (see ssl_bench/stages/__init__.py for what each kind implements)
-    features: tuple[str, ...] = ()  # cached kinds it reads; "{param}" = the kind its parameter ``param`` names
+    features: tuple[str, ...] = ()  # cached kinds it reads; "{param}" = the kind its parameter ``param`` names (none if null)
     params: dict = field(default_factory=dict)
     paper: str = ""
     validate: str | None = None  # "module:function(params)" raising UserError
@@ -112,7 +112,8 @@ class StageSpec:
     source: str = field(default="", compare=False)  # the registry file (or entry point) that registered it
 
     def features_for(self, params: dict) -> tuple[str, ...]:
-        return tuple(f.format(**params) if "{" in f else f for f in self.features)
+        return tuple(f.format(**params) if "{" in f else f for f in self.features
+                     if "{" not in f or params.get(f.strip("{}")) is not None)
 
 
 @dataclass(frozen=True)

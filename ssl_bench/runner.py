@@ -153,6 +153,8 @@ class TaskContext:
         self.protocol: Protocol = run.protocol
         self.patch_size: int = run.spec.patch_size
         self.input_size: int = run.spec.input_size  # the backbone's pre-training resolution (crops etc.)
+        self.random_weights: bool = run.weights.is_random  # models a task loads itself are random too then
+        self.weights_seed: int = run.config["weights_seed"]
         self.progress = progress
         self.device = runner.device
         self.fresh = fresh  # --force: recompute what ``reuse`` kept too

@@ -1,4 +1,5 @@
-"""Segment, embed, cluster: the composed method behind ``segment-cluster``, ``datus2``, ``dsm`` and ``acseg``.
+"""Segment, embed, cluster: the composed method behind ``segment-cluster``, ``datus2``, ``dsm``, ``acseg`` and
+``comus``.
 
 1. Per image, the ``segmenter`` stage splits the image into regions (``stages/regions.py``), and an optional
    ``filter`` stage calls some of them background (ACSeg's foreground detection); the ``embed`` stage gives
@@ -12,8 +13,13 @@
    and paints background with the dataset's background class; one that ``uses_labels`` is fitted on the fit
    split's regions with their ground-truth classes (a LABELLED probe, said in the run's stats). Painting the
    labels back gives the ``initial`` pseudo masks: adjacent regions of one cluster merge, noise stays unlabelled.
-3. Optionally Deep Spectral Methods' ``crf`` on the masks (stream ``crf``), then the de-noising network
-   trained on the masks and run on every image (stream ``denoised``). ``final`` is the last of these.
+3. Optionally (``filter_percent``) the regions of each cluster farthest from its centre (the clusterer's
+   ``uncertainty_``) are left unlabelled: stream ``filtered`` (COMUS's Step 4).
+4. Optionally Deep Spectral Methods' ``crf`` on the masks (stream ``crf``), then the de-noising network
+   trained on the masks of the images that kept a clustered region and run on every image (stream
+   ``denoised``), ``denoise_iterations`` - 1 times more on its own predictions (``denoised-2`` ...; COMUS's
+   iterative self-training). ``final`` is the last of these. ``streams`` renames them (COMUS: proposals,
+   pseudo, self-trained).
 
 ``run(ctx)`` is the thin adapter the task files name; the stages are plain estimators (``ssl_bench.stages``).
 """
@@ -29,7 +35,8 @@ from ..errors import UserError
 from ..metrics import with_class_id_scores
 from ..registry import load_entrypoint
 from ..stages import build, slot_params
-from ..stages.denoise import DenoiserConfig, predict_denoiser, train_denoiser
+from ..stages.clusterers import filter_uncertain
+from ..stages.denoise import DenoiserConfig, predict_denoiser, self_train, setting_of, train_denoiser
 from ..stages.embeddings import RegionImage
 from ..stages.regions import (BACKGROUND, NOISE, majority_labels, paint_split, summarize_segments,
                               upsample_nearest)
@@ -61,13 +68,16 @@ def segment_split(segmenter, region_filter, images, features: dict, n: int, prog
     maps each cached kind a stage reads to a sequence of (h, w, d) grids (``ssl_bench.stages``). With a filter,
     ``segmenter_infos`` keeps the segmenter's own infos (its segment statistics)."""
     maps, infos, own = [], [], []
+    by_index = getattr(segmenter, "uses_index", False)  # e.g. masks read from files named after the image
     for i in progress(range(n)):
         image = images[i] if getattr(segmenter, "uses_image", False) else None
-        segments, info = segmenter.segment({kind: features[kind][i] for kind in segmenter.reads}, image)
+        seg_features = {kind: features[kind][i] for kind in segmenter.reads}
+        segments, info = (segmenter.segment(seg_features, image, index=i) if by_index
+                          else segmenter.segment(seg_features, image))
         if region_filter is not None:
             own.append(info)
             segments, info = region_filter.filter(segments, info, {k: features[k][i] for k in region_filter.reads})
-        maps.append(segments.astype(np.int16))  # small maps, many images: keep them compact
+        maps.append(_compact(segments))  # many images: keep them small
         infos.append(info)
     return {"segments": maps, "infos": infos, **({"segmenter_infos": own} if region_filter is not None else {})}
 
@@ -81,6 +91,12 @@ def embed_split(embedder, segments, images, features: dict, progress=lambda it: 
                               {kind: features[kind][i] for kind in embedder.reads})
 
     return embedder.embed(regions())
+
+
+def _compact(segments: np.ndarray) -> np.ndarray:
+    """A segment map in int8 when its ids fit (maps at image resolution are large), else int16."""
+    small = segments.size == 0 or (segments.min() >= -128 and segments.max() < 128)
+    return segments.astype(np.int8 if small else np.int16)
 
 
 def _stage(ctx, slot: str):
@@ -123,12 +139,17 @@ def _regions_of_split(ctx, split: str, fit_split: str, segmenter) -> dict:
     progress = lambda desc: lambda it: ctx.progress(it, desc=f"{p['segmenter']} {desc} [{split}]", total=n,  # noqa: E731
                                                     unit="images")
     identity = {slot: {"stage": p[slot], **slot_params(p, slot)} for slot in SEGMENT_SLOTS if slot in specs}
+    segmenter_class = load_entrypoint(specs["segmenter"].entrypoint)
+    if hasattr(segmenter_class, "identity"):  # what its maps depend on beyond the parameters (files, weights)
+        identity["segmenter"].update(segmenter_class.identity(ctx, **slot_params(p, "segmenter")))
     if _is_learned(specs["segmenter"]):
         identity["segmenter"]["fitted_on"] = fit_split
 
     def segments():
         region_filter = _stage(ctx, "filter") if "filter" in specs else None
         seg = segmenter()
+        if hasattr(seg, "prepare"):  # a segmenter that reads per-image files learns the split's images
+            seg.prepare(ctx, split)
         kinds = set(seg.reads) | set(region_filter.reads if region_filter else ())
         features = {kind: ctx.features(kind, split=split) for kind in kinds}
         with ctx.timed("segment"):  # the filter's time included
@@ -160,21 +181,44 @@ def region_classes(ctx, split: str, data: dict) -> np.ndarray:
                           or [np.zeros(0, np.int64)])
 
 
+STREAMS = ("initial", "filtered", "crf", "denoised")  # the engine's streams, in order; ``streams`` renames them
+# Steps a task file turns on by declaring their parameter (absent: these values, so the configurations, hence the
+# stored results, of the task files that predate them stay as they were).
+OPTIONAL_PARAMS = {"filter_percent": 0.0, "denoise_iterations": 1, "streams": {}}
+
+
+def optional(p: dict, key: str):
+    return p.get(key, OPTIONAL_PARAMS[key])
+
+
 def check_params(p: dict) -> None:
     """One-line errors for the composed task's own parameters (stages check theirs)."""
     DenoiserConfig.from_params(p["denoiser"])
+    if not 0 <= optional(p, "filter_percent") < 100:
+        raise UserError(f"filter_percent={p['filter_percent']!r} -- drop 0 <= p < 100 % of each cluster "
+                        f"(-p filter_percent=20)")
+    if optional(p, "denoise_iterations") < 1:
+        raise UserError(f"denoise_iterations={p['denoise_iterations']!r} -- train the de-noiser 1 or more times "
+                        f"(-p denoise=false for none)")
+    names = optional(p, "streams")
+    ok = isinstance(names, dict) and set(names) <= set(STREAMS) and all(
+        isinstance(v, str) and v and "@" not in v and v != "final" and v not in STREAMS for v in names.values())
+    if not ok or len(set(names.values())) < len(names):
+        raise UserError(f"streams={names!r} -- rename some of {', '.join(STREAMS)} to distinct new names "
+                        f"(not final, no '@'), e.g. {{initial: proposals}}")
 
 
 def run(ctx):
     """The composed method on ctx.split (parameters: tasks/segment-cluster.yaml and the named instances).
 
-    Streams: ``initial`` (clustered regions), ``crf`` and ``denoised`` when enabled, on the run's split and on
-    ``fit_split`` when that is another split; ``final`` on the run's split is the last of them. Noise regions
-    stay unlabelled (-1)."""
+    Streams: ``initial`` (clustered regions), ``filtered``, ``crf`` and ``denoised`` (``denoised-2`` ...) when
+    enabled, on the run's split and on ``fit_split`` when that is another split (``filtered`` on the fit split
+    only); ``final`` on the run's split is the last of them. Noise regions stay unlabelled (-1)."""
     from ..runner import Prediction, TaskResult
 
     p = ctx.params
     config = DenoiserConfig.from_params(p["denoiser"])
+    name = {**{s: s for s in STREAMS}, **optional(p, "streams")}
     fit_split = p["fit_split"] or ctx.split
     splits = [fit_split] + ([ctx.split] if ctx.split != fit_split else [])
     segmenter = functools.cache(lambda: _fitted_segmenter(ctx, fit_split))
@@ -201,46 +245,46 @@ def run(ctx):
             clusterer.fit(data[fit_split]["features"])
     for s, d in data.items():
         with ctx.timed("cluster"):
-            labels = clusterer.labels_ if s == fit_split else clusterer.predict(d["features"])
-        d["masks"] = paint_split(d["segments"], d["infos"], labels, background=painted_background)
+            d["labels"] = clusterer.labels_ if s == fit_split else clusterer.predict(d["features"])
+        d["masks"] = paint_split(d["segments"], d["infos"], d["labels"], background=painted_background)
+    fit = data[fit_split]
+    kept = _filter(clusterer, p, fit)
+    if kept is not None:
+        fit["filtered"] = paint_split(fit["segments"], fit["infos"], np.where(kept, fit["labels"], NOISE),
+                                      background=painted_background)
 
     stats = _stats(data, ctx.split, fit_split, clusters, background)
+    if kept is not None:
+        stats.update(filter_percent=optional(p, "filter_percent"), filtered_regions=int((~kept).sum()))
     if p["crf"]:
         from ..crf import CRFPool, label_crf
 
         for d in data.values():  # at label resolution: the CRF sees the image's edges; images in parallel
+            masks = d.get("filtered", d["masks"])
             jobs = ((d["images"][i], upsample_nearest(m, size), ctx.k) for i, (m, size) in enumerate(
-                ctx.progress(list(zip(d["masks"], d["sizes"])), desc="crf", total=len(d["masks"]), unit="images")))
+                ctx.progress(list(zip(masks, d["sizes"])), desc="crf", total=len(masks), unit="images")))
             with ctx.timed("crf"):
                 d["crf"] = [labels.astype(np.int16) for labels in CRFPool().map(label_crf, jobs)]
-    model = None
-    if p["denoise"]:
-        fit = data[fit_split]
-        masks = fit["crf"] if p["crf"] else fit["masks"]
-        with ctx.timed("de-noiser training"):
-            model, n_used = train_denoiser(  # K outputs: the clusters, and background when there is one
-                fit["images"], masks, ctx.k, config, seed=ctx.seed, device=ctx.device,
-                progress=lambda it: ctx.progress(it, desc=f"{ctx.params['segmenter']} de-noiser training",
-                                                 total=len(it), unit="batches"),
-            )
-        stats["denoiser"] = asdict(config)  # the resolved preset, for the record
-        stats["denoiser_train_masks"] = n_used
-        stats["denoiser_dropped_masks"] = len(masks) - n_used
+    models = _self_train(ctx, config, fit, kept, stats) if p["denoise"] else []
 
     def predictions():
         for s in splits:
             d = data[s]
             out_split = None if s == ctx.split else s
-            denoised = predict_denoiser(model, d["images"], config, ctx.device) if model else None
+            denoised = [predict_denoiser(model, d["images"], config, ctx.device) for model in models]
             for i, (mask, size) in enumerate(zip(d["masks"], d["sizes"])):
                 final = upsample_nearest(mask, size)
-                yield Prediction(i, final, stream="initial", split=out_split)
+                yield Prediction(i, final, stream=name["initial"], split=out_split)
+                if "filtered" in d:
+                    final = upsample_nearest(d["filtered"][i], size)
+                    yield Prediction(i, final, stream=name["filtered"], split=out_split)
                 if "crf" in d:
                     final = d["crf"][i].astype(np.int64)
-                    yield Prediction(i, final, stream="crf", split=out_split)
-                if denoised is not None:
-                    final = next(denoised)
-                    yield Prediction(i, final, stream="denoised", split=out_split)
+                    yield Prediction(i, final, stream=name["crf"], split=out_split)
+                for iteration, stream in enumerate(denoised, 1):
+                    final = next(stream)
+                    yield Prediction(i, final, stream=name["denoised"] + (f"-{iteration}" if iteration > 1 else ""),
+                                     split=out_split)
                 if out_split is None:
                     yield Prediction(i, final, stream="final")
 
@@ -260,6 +304,46 @@ def _named_classes(ctx) -> tuple[int, int]:
                         f"{ctx.k} -- drop --k (K = C)")
     background = getattr(ctx.dataset, "background_class", None)
     return c, NOISE if background is None else background
+def _filter(clusterer, p: dict, fit: dict) -> np.ndarray | None:
+    """Which clustered regions of the fit split to keep, or None without filtering."""
+    if not optional(p, "filter_percent"):
+        return None
+    if getattr(clusterer, "uncertainty_", None) is None:
+        raise UserError(f"clusterer {p['clusterer']!r} gives no distance to its clusters to filter by -- use "
+                        f"-p filter_percent=0, or a clusterer that does (spectral, kmeans)")
+    return filter_uncertain(fit["labels"], clusterer.uncertainty_, optional(p, "filter_percent"))
+
+
+def _self_train(ctx, config: DenoiserConfig, fit: dict, kept: np.ndarray | None, stats: dict) -> list:
+    """The de-noiser's rounds on the fit split: the first trained on the pseudo masks of the images that kept a
+    clustered region (an image whose regions were all filtered, or that has none, teaches nothing of them)."""
+    p = ctx.params
+    masks = fit["crf"] if p["crf"] else fit.get("filtered", fit["masks"])
+    bounds = np.cumsum([0] + [info["n_valid"] for info in fit["infos"]])
+    kept = np.ones(bounds[-1], dtype=bool) if kept is None else kept
+    train_on = [i for i in range(len(masks)) if kept[bounds[i]:bounds[i + 1]].any()]
+    if not train_on:
+        raise UserError("no image kept a clustered region to train the de-noiser on -- lower filter_percent")
+    encoder = None
+    if config.encoder:  # the de-noiser's encoder starts from this backbone (random when the run's weights are)
+        encoder = ctx.build_backbone(config.encoder).model.state_dict()
+        stats["denoiser_encoder"] = ctx.backbone_identity(config.encoder)
+    iterations = optional(p, "denoise_iterations")
+    with ctx.timed("de-noiser training"):
+        rounds = self_train(  # K outputs: the clusters, and background when there is one
+            fit["images"], masks, train_on, ctx.k, config, iterations, seed=ctx.seed, device=ctx.device,
+            progress=lambda r: lambda it: ctx.progress(it, desc=f"{p['segmenter']} de-noiser training"
+                                                       + (f" (round {r}/{iterations})" if iterations > 1 else ""),
+                                                       total=len(it), unit="batches"),
+            encoder_state=encoder)
+    used = [n for _, n in rounds]
+    preset = config.describe()
+    stats.update(denoiser=asdict(config), denoiser_preset=preset, denoiser_setting=setting_of(preset),
+                 denoiser_iterations=iterations, denoiser_train_masks=used[0],
+                 denoiser_dropped_masks=len(masks) - used[0])
+    if iterations > 1:
+        stats["denoiser_train_masks_per_iteration"] = used
+    return [model for model, _ in rounds]
 
 
 def _stats(data: dict, split: str, fit_split: str, clusters: int, background: bool) -> dict:

@@ -1,6 +1,7 @@
 """``ssl-bench report``: tables, figures and one HTML page from the results store.
 
-tables.py   leaderboard (DatUS^2 Table I), segment statistics (Table II), prediction streams (Table IV)
+tables.py   leaderboard (DatUS^2 Table I), segment statistics (Table II), prediction streams (Table IV),
+            discovered categories (COMUS Table 3)
 details.py  per-class IoU, seconds per stage
 figures.py  over-clustering curves (Fig. 9), qualitative panels
 html.py     the self-contained page
@@ -18,15 +19,15 @@ from .. import samples
 from ..errors import UserError
 from . import figures, html
 from .details import class_tables, timings_table
-from .tables import (DAGGER, FORMATS, RANDOM_NOTE, Table, leaderboard, model_label, runs_frame, segment_table,
-                     streams_table, task_label, to_csv, to_html, to_latex, to_markdown)
+from .tables import (DAGGER, FORMATS, RANDOM_NOTE, Table, discovered_table, leaderboard, model_label, runs_frame,
+                     segment_table, streams_table, task_label, to_csv, to_html, to_latex, to_markdown)
 
 TABLES = {"leaderboard": leaderboard, "segments": segment_table, "streams": streams_table, "classes": class_tables,
-          "timings": timings_table}
+          "timings": timings_table, "discovered": discovered_table}
 EXTENSIONS = {"markdown": "md", "latex": "tex", "csv": "csv", "html": "html"}
 
-__all__ = ["FORMATS", "TABLES", "Table", "leaderboard", "runs_frame", "segment_table", "streams_table", "to_csv",
-           "to_html", "to_latex", "to_markdown", "text_report", "write_all", "html_report"]
+__all__ = ["FORMATS", "TABLES", "Table", "discovered_table", "leaderboard", "runs_frame", "segment_table",
+           "streams_table", "to_csv", "to_html", "to_latex", "to_markdown", "text_report", "write_all", "html_report"]
 
 
 def build_tables(records: list[dict], which: str = "all", k: str | int = "classes", task: str | None = None,
@@ -164,6 +165,10 @@ def html_report(records: list[dict], store_path: Path, k: str | int = "classes",
         if bars else ""
     sections.append(("Stage timings", f"<div class='scroll'>{to_html(timings)}</div>{chart}" if timings else
                      "<p><em>No stored run has timings.</em></p>"))
+    discovered = tables.get("discovered")
+    sections.append(("Discovered categories", f"<div class='scroll'>{to_html(discovered)}</div>" if discovered else
+                     "<p><em>No stored run counts its discovered categories (runs stored before the count "
+                     "have none).</em></p>"))
     panels, missing, more = [], 0, 0
     for record, title in _panels(shown):
         if len(panels) >= max_panels:  # counted, not read or drawn

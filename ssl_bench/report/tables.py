@@ -6,6 +6,8 @@
 - ``segment_table``: segment statistics of tasks that produce segments (DatUS^2 Table II).
 - ``streams_table``: every prediction stream / split of a run, with the labelled-pixels-only scores
   where a method leaves pixels unlabelled (DatUS^2 Table IV).
+- ``discovered_table``: how many classes each stream of the evaluated split discovers (IoU above 20%, 2%,
+  0%) and their mIoU (COMUS Table 3).
 
 Rows from random weights carry a dagger and a footnote in every format (a ``random_weights`` column
 in CSV). Best values are computed over the other rows: a smoke run is never "best".
@@ -584,3 +586,40 @@ def streams_table(records: list[dict]) -> Table:
     return table.finish(["All pixels: unlabelled pixels count as wrong (the headline). Labelled pixels only: "
                          "scores over the pixels the method labelled; – where it labels every pixel."]
                         + scoring_notes(frame))
+
+
+def discovered_table(records: list[dict]) -> Table:
+    """COMUS Table 3: per run and stream of its evaluated split, the classes whose IoU exceeds 20% (discovered),
+    2% and 0% (has a cluster), and the mIoU over those classes, from each stream's stored ``discovered``."""
+    from ..metrics import DISCOVERY_THRESHOLDS
+
+    columns = [Column("Backbone", numeric=False), Column("Method", numeric=False), Column("Dataset", numeric=False),
+               Column("K", numeric=False), Column("Stream", numeric=False), Column("mIoU all")]
+    for t in DISCOVERY_THRESHOLDS:
+        group = f"IoU > {t}%"
+        columns += [Column("classes", group=group, flat=f"classes with IoU > {t}%"),
+                    Column("mIoU", group=group, flat=f"mIoU of classes with IoU > {t}%")]
+    table = Table("Discovered categories", columns)
+    rows = [r for r in records if any("discovered" in m for m in (r.get("metrics") or {}).values())]
+    if not rows:
+        return table
+    frame = runs_frame(rows)
+    table.title += f"; {scoring_caption(frame)}"
+    frame["metrics"] = [r["metrics"] for r in rows]
+    for (model, method, column, k, random), runs in frame.groupby(["model", "method", "column", "k",
+                                                                    "random_weights"]):
+        split = runs.split.iloc[0]
+        keys = sorted({key for m in runs.metrics for key, v in m.items() if key.endswith("@" + split)
+                       and "discovered" in v}, key=lambda s: (s != f"final@{split}", s))
+        for key in keys:
+            present = [m[key] for m in runs.metrics if key in m and "discovered" in m[key]]
+            cells = [Cell(model), Cell(method), Cell(column), Cell(str(k)), Cell(key.split("@")[0]),
+                     Cell(*_mean_std(m.get("miou") for m in present))]
+            for t in DISCOVERY_THRESHOLDS:
+                found = [m["discovered"][f"iou>{t:g}"] for m in present]
+                cells += [Cell(*_mean_std(f["classes"] for f in found)), Cell(*_mean_std(f["miou"] for f in found))]
+            table.add(cells, random=bool(random), scoring=row_scoring(runs, [column]))
+    return table.finish(["A class counts when its IoU (after the run's matching, unlabelled pixels counted wrong) "
+                         "exceeds the threshold; its column's mIoU averages those classes only (COMUS Table 3: "
+                         "discovered = IoU > 20%, has a cluster = IoU > 0%). Classes absent from the ground truth "
+                         "are not counted."] + scoring_notes(frame))

@@ -7,10 +7,14 @@ stage per slot. The classes are small estimators with plain arrays in and out:
 - **segmenter** (``segmenters/``): ``segment(features, image) -> (segment map, info)`` for one image, where
   ``features`` maps each kind the stage reads to its (h, w, d) grid and the map follows ``regions``
   (ids 0..V-1, -1 noise, -2 background); a map may be finer than the patch grid (ACSeg's is at the image's
-  resolution). A learned segmenter has ``fit(features) -> fitted`` (``features`` maps each kind to the fit
-  split's sequence of grids; ``fitted`` is a dict of arrays and JSON values, its ``stats`` entry reported with
-  the run) and ``load(fitted)``: the engine trains it once and keeps ``fitted``. ``uses_image`` says whether
-  ``segment`` needs the image.
+  resolution, a saliency mask too). A learned segmenter has ``fit(features) -> fitted`` (``features`` maps each
+  kind to the fit split's sequence of grids; ``fitted`` is a dict of arrays and JSON values, its ``stats`` entry
+  reported with the run) and ``load(fitted)``: the engine trains it once and keeps ``fitted``. ``uses_image``
+  says whether ``segment`` needs the image. Optional, for segmenters that read per-image inputs of their own
+  (saliency masks in files): ``uses_index`` (``segment`` also gets ``index=i``, the image's position in the
+  split), ``prepare(ctx, split)`` (called once per split before segmenting) and ``identity(ctx, **params)`` (as
+  for embeddings: what the maps depend on beyond the parameters, e.g. the files' listing or the detector's
+  weights).
 - **filter** (``filters.py``, optional slot): ``filter(segment map, info, features) -> (segment map, info)``
   marks some regions background (``regions.mark_background``), e.g. ACSeg's attention foreground detection.
 - **embedding** (``embeddings.py``, ``maskclip.py``): ``embed(regions) -> (N, d)`` over an iterable of ``RegionImage`` (one per

@@ -57,3 +57,24 @@ def _fixed_signs(vectors: np.ndarray) -> np.ndarray:
 def check_enough_rows(n: int, k: int, what: str = "regions") -> None:
     if n < k:
         raise UserError(f"K={k} clusters need at least {k} {what}, got {n} -- lower --k or use more images")
+
+
+def filter_uncertain(labels: np.ndarray, uncertainty: np.ndarray, percent: float) -> np.ndarray:
+    """Which regions to keep (bool (N,)): per cluster, the ``percent`` % of its regions with the largest
+    ``uncertainty`` (a clusterer's ``uncertainty_``: distance to the cluster's centre) are dropped, that share of
+    the cluster's size rounded half up (ties: the later region goes first). COMUS's Step 4, for any clusterer.
+
+    COMUS's code keeps the regions strictly below the cluster's ``percent``-th percentile from the top
+    (``np.percentile``, interpolated): the same count for clusters of 10 or 100 at 20%, one more dropped for
+    some sizes, and a cluster of one region loses it; here a cluster of one keeps it."""
+    labels, uncertainty = np.asarray(labels), np.asarray(uncertainty, dtype=np.float64)
+    keep = np.ones(len(labels), dtype=bool)
+    if percent <= 0:
+        return keep
+    for cluster in np.unique(labels):
+        members = np.flatnonzero(labels == cluster)
+        drop = int(np.floor(len(members) * percent / 100 + 0.5))
+        if drop:
+            by_distance = members[np.argsort(uncertainty[members], kind="stable")]
+            keep[by_distance[len(members) - drop:]] = False
+    return keep

@@ -60,6 +60,8 @@ def spectral_maps(affinity, n_components: int, eigen_solver: str = "amg", seed: 
     """The spectral embedding (n, n_components) of an affinity graph, as scikit-learn computes it."""
     from sklearn.manifold import spectral_embedding
 
+    if n_components >= affinity.shape[0]:  # as many eigenvectors as nodes: only the dense solver takes them
+        affinity = affinity.toarray()
     with warnings.catch_warnings():
         # scikit-learn says when the graph is not connected and when it falls back from AMG to ARPACK on a
         # tiny graph; neither changes what is computed here, and both are expected on small splits
