@@ -395,7 +395,7 @@ def comus_ctx(params, n: int = 4):
         features=lambda kind, split=None: attention, image=lambda i, split=None: images[i].copy(),
         dataset_for=lambda split: [None] * n, label_size=lambda i, split=None: (32, 48), backbone=backbone,
         build_backbone=lambda name: backbone, backbone_identity=lambda name=None: {"backbone": "fake-vit"},
-        reuse=lambda name, identity, compute, split=None: compute(), device="cpu",
+        reuse=lambda name, identity, compute, split=None, slots=None: compute(), device="cpu",
         progress=lambda it, **_: it, timed=lambda stage: contextlib.nullcontext(), stage_seconds={})
 
 
