@@ -135,6 +135,9 @@ class TaskSpec:
     k_bound: KBound = KBound()  # what its K clusters are made of (checked before any work, see kbounds.py)
     source: str = field(default="", compare=False)  # the registry file (or entry point) that registered it
     slow_on_cpu: dict | None = None  # {when: {param: value}, why, instead}: said before such a run starts on a CPU
+    # "module:function(ctx, params)" -> a trained feature projection of this method (a segmentation head), which
+    # another task reads as its input features (a ``features_from`` parameter); see methods/feature_source.py
+    projection: str | None = None
 
     def cpu_note(self, params: dict) -> str | None:
         """What to say before this task runs with ``params`` on a machine without a GPU (None: nothing)."""

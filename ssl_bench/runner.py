@@ -14,7 +14,7 @@ import platform
 import subprocess
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -195,22 +195,25 @@ class TaskContext:
         return resolve(spec, wanted, self._run.config["weights_seed"])
 
     def reuse(self, name: str, identity: dict, compute: Callable[[], Any], split: str | None = None,
-              slots: Sequence[str] | None = None) -> Any:
+              slots: Sequence[str] | None = None, owner: registry.TaskSpec | None = None) -> Any:
         """An intermediate of this task that does not depend on K (e.g. DatUS^2's segments and crop embeddings),
         computed once per (cached features of ``split``, seed, device, ``identity``, the method's source and version)
         and kept beside those features, so the cells of a sweep that differ only in K share it (a cell that
         finds another computing it waits for it). ``identity`` names every parameter and model it depends on
         beyond the features; ``slots`` (composed tasks) the stage slots whose code and version it depends on (None:
         all), so a value the segmenter alone makes is shared by runs with other clusterers. ``--force`` computes it
-        again; a damaged copy is computed again, with a warning.
+        again; a damaged copy is computed again, with a warning. ``owner``: another (non-composed) registered task
+        whose intermediate this is (a model that task trains and this one reads as its input, see
+        ``TaskSpec.projection``): keyed by that task's source and version, so both tasks share it.
 
         The value is kept with ``integrity.save_value`` (never pickled: nothing read back from a cache can run
         code): nested dicts, lists and tuples of numbers, text, None and numeric numpy arrays or tensors."""
         dataset = self.dataset_for(split)
         entry = self._runner.cache.entry_dir(self._runner.cache.key(
             self._run.spec.name, self._run.weights.identity, dataset, self.protocol))
-        task = self._run.task
-        stages = {slot: s for slot, s in task.stage_specs(self.params).items() if slots is None or slot in slots}
+        task = owner or self._run.task
+        stages = {} if owner is not None else {
+            slot: s for slot, s in task.stage_specs(self.params).items() if slots is None or slot in slots}
         versions = {slot: v for slot, v in self._run.config.get("stage_versions", {}).items() if slot in stages}
         digest = config_hash({"task": task.entrypoint, "code": _module_digest(task.entrypoint, *(
                               s.entrypoint for s in stages.values())), "version": task.version,
@@ -239,31 +242,57 @@ class TaskContext:
                 warnings.warn(f"could not keep {name} for other cells in {path.parent} ({err})", stacklevel=2)
         return value
 
-    def dataset_for(self, split: str | None) -> SegDataset:
-        return self._runner.dataset(self._run, split or self.split)
+    # A *view* of a split: ``options`` are dataset options added to the run's (``{"crops": "five"}``: five-crop
+    # training views), ``resize`` another protocol resize (a method's own training resolution).
+    # A view's features and labels are cached like any split's; by default a task reads the run's own view.
+    def dataset_for(self, split: str | None, options: dict | None = None) -> SegDataset:
+        return self._runner.dataset(self._run, split or self.split, options)
 
-    def features(self, kind: str, split: str | None = None) -> FeatureStore:
-        stores = self._runner.features(self._run, self.dataset_for(split), [kind], self.progress)
-        return stores[kind]
+    def view_protocol(self, resize: int | None = None) -> Protocol:
+        return self.protocol if resize is None else replace(self.protocol, resize=resize)
 
-    def label_size(self, i: int, split: str | None = None) -> tuple[int, int]:
+    def features(self, kind: str, split: str | None = None, options: dict | None = None,
+                 resize: int | None = None) -> FeatureStore:
+        return self.features_of([kind], split, options, resize)[kind]
+
+    def features_of(self, kinds, split: str | None = None, options: dict | None = None,
+                    resize: int | None = None) -> dict[str, FeatureStore]:
+        """Several cached kinds of one view at once (one extraction pass for whatever is missing)."""
+        extra = {} if resize is None else {"protocol": self.view_protocol(resize)}  # the run's own: the plain call
+        return self._runner.features(self._run, self.dataset_for(split, options), list(kinds), self.progress, **extra)
+
+    def label_size(self, i: int, split: str | None = None, options: dict | None = None,
+                   resize: int | None = None) -> tuple[int, int]:
         """(H, W) of image ``i`` at protocol resolution, without decoding it."""
-        w, h = self.dataset_for(split).image_size(i)
-        return self.protocol.output_size(w, h, self.patch_size)
+        w, h = self.dataset_for(split, options).image_size(i)
+        return self.view_protocol(resize).output_size(w, h, self.patch_size)
 
-    def image(self, i: int, split: str | None = None) -> np.ndarray:
-        image = self.dataset_for(split).load_image(i)
-        return self.protocol.apply_image(image, self._run.spec.patch_size)
+    def image(self, i: int, split: str | None = None, options: dict | None = None,
+              resize: int | None = None) -> np.ndarray:
+        image = self.dataset_for(split, options).load_image(i)
+        return self.view_protocol(resize).apply_image(image, self._run.spec.patch_size)
 
-    def label(self, i: int, split: str | None = None) -> np.ndarray:
+    def label(self, i: int, split: str | None = None, options: dict | None = None,
+              resize: int | None = None) -> np.ndarray:
         """Ground truth (H, W) of image ``i`` at protocol resolution; the evaluated split's comes from the
         label cache (decoded once for the whole sweep), other splits' are decoded on demand."""
         if not self.dataset.has_labels:  # a mode of a method that reads ground truth (an oracle, a probe)
             raise UserError(f"task {self._run.task.name} reads ground truth with these parameters (an oracle or a "
                             f"probe), and {self.dataset.title} has none -- use a dataset with masks")
-        if split is None or split == self.split:
+        if (split is None or split == self.split) and options is None and resize is None:
             return self.evaluated_labels[i]
-        return self.protocol.apply_label(self.dataset_for(split).load_label(i), self.patch_size)
+        return self.view_protocol(resize).apply_label(self.dataset_for(split, options).load_label(i), self.patch_size)
+
+    def labels(self, split: str | None = None, options: dict | None = None, resize: int | None = None) -> LabelStore:
+        """Every ground truth of a view at protocol resolution, decoded once into the label cache (a trainer that
+        reads the labels of its training views at every step)."""
+        if not self.dataset.has_labels:  # a probe trained on ground truth
+            raise UserError(f"task {self._run.task.name} reads ground truth with these parameters (an oracle or a "
+                            f"probe), and {self.dataset.title} has none -- use a dataset with masks")
+        if (split is None or split == self.split) and options is None and resize is None:
+            return self.evaluated_labels
+        return self._runner.cache.labels.ensure(self.dataset_for(split, options), self.view_protocol(resize),
+                                                self.patch_size, self.progress)
 
     @cached_property
     def evaluated_labels(self) -> LabelStore:
@@ -377,9 +406,9 @@ class Runner:
             self._backbones[key] = build_backbone(spec, source, seed).to(self.device)
         return self._backbones[key]
 
-    def dataset(self, run: ResolvedRun, split: str) -> SegDataset:
+    def dataset(self, run: ResolvedRun, split: str, options: dict | None = None) -> SegDataset:
         cfg = run.config
-        return self.open_dataset(cfg["dataset"], cfg["data_root"], split, cfg["dataset_options"])
+        return self.open_dataset(cfg["dataset"], cfg["data_root"], split, {**cfg["dataset_options"], **(options or {})})
 
     def open_dataset(self, name: str, root: str | None, split: str | None, options: dict) -> SegDataset:
         """``data.open_dataset``, once per (name, root, split, options): a sweep resolves many cells of one
@@ -400,11 +429,11 @@ class Runner:
         return self._patch_counts[key]
 
     def features(self, run: ResolvedRun, dataset: SegDataset, kinds: list[str],
-                 progress: Callable) -> dict[str, FeatureStore]:
+                 progress: Callable, protocol: Protocol | None = None) -> dict[str, FeatureStore]:
         seed = run.config["weights_seed"]
         # The backbone is built only when something is missing from the cache.
         lazy = _LazyBackbone(lambda: self.backbone(run.spec, run.weights, seed), run.spec)
-        return self.cache.ensure(lazy, run.weights.identity, dataset, run.protocol, kinds, progress)
+        return self.cache.ensure(lazy, run.weights.identity, dataset, protocol or run.protocol, kinds, progress)
 
     # -- configuration --
     def resolve(self, cfg: RunConfig) -> ResolvedRun:

@@ -254,8 +254,8 @@ def test_a_bad_recipe_is_one_line_naming_the_problem(tmp_path, change, message):
 
 def test_what_is_not_built_yet_is_one_line_per_cell_not_a_failure(tmp_path):
     recipe = rep.load(write_recipe(tmp_path / "future.yaml", rows=[
-        {"label": "stego", "backbone": "reference", "task": "stego", "paper": {"miou": 1}},
-        {"label": "head", "backbone": "reference", "task": "primaps-em", "params": {"features_from": "hp"},
+        {"label": "future task", "backbone": "reference", "task": "future-task", "paper": {"miou": 1}},
+        {"label": "head", "backbone": "reference", "task": "primaps-em", "params": {"future_parameter": "x"},
          "paper": {"miou": 1}},
         {"label": "IIC", "not_in_ssl_bench": True, "paper": {"miou": 1}},
         {"label": "coco", "backbone": "reference", "dataset": "coco81", "paper": {"miou": 1}},
@@ -265,8 +265,8 @@ def test_what_is_not_built_yet_is_one_line_per_cell_not_a_failure(tmp_path):
          "paper": {"miou": 1}}]))
     setup = rep.setup(recipe)
     why = {c.row: setup.not_run(c.measure) for c in recipe.cells}
-    assert why["stego"] == "not run: task 'stego' is not registered yet"
-    assert why["head"] == "not run: parameter features_from of task 'primaps-em' is not registered yet"
+    assert why["future task"] == "not run: task 'future-task' is not registered yet"
+    assert why["head"] == "not run: parameter future_parameter of task 'primaps-em' is not registered yet"
     assert why["IIC"] == "not run: method not in ssl-bench"
     assert why["coco"] == "not run: dataset 'coco81' has no reader in ssl-bench"
     assert why["future protocol"] is None and why["implied protocol"] is None  # they run, under the default
@@ -284,7 +284,7 @@ def test_a_recipe_is_loadable_as_sweep_grids_and_expected_values(tmp_path, runne
     path = write_recipe(tmp_path / "suite.yaml", rows=[
         {"label": "reference", "backbone": "reference", "paper": {"miou": 50.0, "acc": 60.0}},
         {"label": "reference K=2C", "backbone": "reference", "k": "2C", "paper": {"miou": 55.0}},
-        {"label": "not built", "backbone": "reference", "task": "stego", "paper": {"miou": 1.0}}])
+        {"label": "not built", "backbone": "reference", "task": "future-task", "paper": {"miou": 1.0}}])
     grids, expected = rep.suite(str(path))
     assert [g["k"] for g in grids] == [["C"], ["2C"]]  # the task that is not registered has no grid
     assert [(i, c.row, c.column, c.value) for i, c in expected] == [

@@ -16,6 +16,7 @@ from ssl_bench.data.base import IGNORE, SegDataset
 from ssl_bench.data.camvid import CamVid
 from ssl_bench.data.cityscapes import Cityscapes27
 from ssl_bench.data.cocostuff import CocoStuff27
+from ssl_bench.data.crops import FiveCrops, with_crops
 from ssl_bench.data.folder import FolderDataset
 from ssl_bench.data.images import ImageFolder
 from ssl_bench.data.potsdam import Potsdam3
@@ -61,7 +62,8 @@ def open_dataset(name: str, root: str | Path | None, split: str | None, **option
     sweeps and regression suites: the first N (``subset=first``, the default), N spread evenly over the
     split (``subset=stride``: the first N CamVid images are consecutive frames of one video), or N drawn at
     random (``subset=random``, seeded by ``subset_seed``). The image list is hashed: another list is
-    another run."""
+    another run. ``crops=five`` (``crop_ratio=0.5``) replaces each image by its four corner crops and its
+    centre crop (``data/crops.py``: five-crop training views), after the limit."""
     cls = DATASETS.get(name) if isinstance(name, str) else None
     if cls is None:
         close = difflib.get_close_matches(str(name), list(DATASETS), n=3)
@@ -70,11 +72,13 @@ def open_dataset(name: str, root: str | Path | None, split: str | None, **option
     check_option_values(name, options)
     limit = options.pop("limit", None)
     subset, subset_seed = options.pop("subset", "first"), options.pop("subset_seed", 0)
+    crops, crop_ratio = options.pop("crops", "none"), options.pop("crop_ratio", None)
     known = dataset_options(cls)
     unknown = sorted(set(options) - set(known))
     if unknown:
         valid = ", ".join([*(f"{k}={v!r}" for k, v in known.items()), "limit=N (N images)",
-                           f"subset={'|'.join(SUBSETS)} (which N)", "subset_seed=0"])
+                           f"subset={'|'.join(SUBSETS)} (which N)", "subset_seed=0",
+                           "crops=five (five crops per image)", "crop_ratio=0.5"])
         raise UserError(f"unknown option(s) {', '.join(unknown)} for dataset {name!r} -- valid options "
                         f"(with their defaults): {valid}")
     for key, value in options.items():
@@ -90,7 +94,7 @@ def open_dataset(name: str, root: str | Path | None, split: str | None, **option
     dataset = dataset if limit is None else _subset(dataset, limit, subset, subset_seed)
     if hasattr(dataset, "samples"):  # file-backed: every image used has its label, before any work
         dataset.check_files()
-    return dataset
+    return with_crops(dataset, crops, crop_ratio)
 
 
 def check_option_values(name: str, options: dict) -> None:
@@ -122,5 +126,5 @@ def _subset(dataset: SegDataset, limit, subset: str, seed: int) -> SegDataset:
     return dataset
 
 
-__all__ = ["DATASETS", "IGNORE", "SUBSET_OPTIONS", "Protocol", "SegDataset", "check_option_values", "dataset_options",
+__all__ = ["DATASETS", "FiveCrops", "IGNORE", "SUBSET_OPTIONS", "Protocol", "SegDataset", "check_option_values", "dataset_options",
            "open_dataset", "subset_options"]

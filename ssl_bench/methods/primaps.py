@@ -50,6 +50,7 @@ from torch import nn
 
 from ..metrics import with_class_id_scores
 from ..ops import softmax, upsample_argmax, upsample_scores
+from .feature_source import ProjectedFeatures, parse_features_from, trained_projection
 from ..registry import is_number, is_whole
 from .primaps_proposals import (ANCHORS, PRINCIPAL, _t, principal_mask_proposals, proposal_soft_masks,  # noqa: F401
                                 proposals_to_image)
@@ -382,14 +383,20 @@ class PrimapsEM:
         self.augment, self.focal_gamma, self.pca_images = augment, focal_gamma, pca_images
         self.augmented_features, self.progress, self.device = augmented_features, progress, device
 
-    def fit(self, features: Sequence, proposals: Sequence, seed: int = 0) -> "PrimapsEM":
+    def fit(self, features: Sequence, proposals: Sequence, seed: int = 0,
+            init_prototypes: np.ndarray | None = None) -> "PrimapsEM":
+        """``init_prototypes`` (K, d): start from these (a trained head's cluster centres, as the reference code
+        on top of STEGO / HP) instead of PCA and the Eq. 9 pre-training."""
         if len(features) != len(proposals):
             raise ValueError(f"{len(features)} feature maps but {len(proposals)} proposal maps")
         gen = torch.Generator().manual_seed(seed)  # batch order and feature augmentation on the CPU: the same
         rng = np.random.default_rng(seed)  # draws on every device; the heads train on ``device``
-        init = PrototypeHead(pca_prototypes(features, self.k, self.pca_images, seed), cosine=True).to(self.device)
-        self.pretrain_losses = kmeans_pretrain(init, features, self.pretrain_epochs, self.batch_size, self.lr,
-                                               gen, self.progress)
+        if init_prototypes is None:
+            init = PrototypeHead(pca_prototypes(features, self.k, self.pca_images, seed), cosine=True).to(self.device)
+            self.pretrain_losses = kmeans_pretrain(init, features, self.pretrain_epochs, self.batch_size, self.lr,
+                                                   gen, self.progress)
+        else:
+            init, self.pretrain_losses = PrototypeHead(init_prototypes, cosine=True).to(self.device), []
         self.initial_prototypes = init.prototypes()
         self.theta_s = PrototypeHead(init.v.detach(), cosine=False)
         # Without EMA the pseudo labels come from the current student itself.
@@ -463,6 +470,7 @@ def check_params(p: dict) -> None:
 
     if p["mode"] not in MODES:
         raise UserError(f"primaps: unknown mode {p['mode']!r} -- use one of {', '.join(MODES)}")
+    parse_features_from(p["features_from"], "primaps")
     if p["augment"] is False:
         p["augment"] = "none"
     if p["augment"] not in AUGMENTS:
@@ -548,13 +556,19 @@ def run(ctx):
 
     fit_split = p["fit_split"] or ctx.split
     stats["fit_split"] = fit_split  # == the evaluated split: fitted transductively (the paper fits on train)
-    fit = ctx.features("patch", split=fit_split)
+    fit = ctx.features("patch", split=fit_split)  # the backbone's: its proposals, and (no features_from) the model's
     n = len(fit)
+    head = trained_projection(ctx, p["features_from"], fit_split)
+    if head is not None:  # the model reads the head's projected features; the proposals still the backbone's
+        fit_input, evaluated_input = ProjectedFeatures(fit, head.project), ProjectedFeatures(evaluated, head.project)
+        stats["features_from"] = {"head": p["features_from"], **head.stats}
+    else:
+        fit_input, evaluated_input = fit, evaluated
     if mode == "baseline":
         epochs = p["baseline_epochs"] if p["baseline_epochs"] is not None else p["pretrain_epochs"]
         model = PrototypeBaseline(ctx.k, epochs, p["batch_size"], p["lr"], p["pca_images"], ctx.progress, ctx.device)
         with ctx.timed("training"):
-            model.fit(fit, ctx.seed)
+            model.fit(fit_input, ctx.seed)
         stats["final_loss"] = model.losses[-1] if model.losses else None
     elif mode == "linear-probe":  # supervised upper bound: ground truth of the fit split
         labels = []
@@ -563,7 +577,7 @@ def run(ctx):
             labels.append(resize_label_map(gt, _train_grid(p["train_resolution"], fit.grid(i), gt.shape)))
         epochs = p["probe_epochs"] if p["probe_epochs"] is not None else p["epochs"]
         with ctx.timed("training"):
-            model = LinearProbe(ctx.k, epochs, p["batch_size"], p["lr"], ctx.progress, ctx.device).fit(fit, labels,
+            model = LinearProbe(ctx.k, epochs, p["batch_size"], p["lr"], ctx.progress, ctx.device).fit(fit_input, labels,
                                                                                                        ctx.seed)
         stats["final_loss"] = model.losses[-1] if model.losses else None
     else:
@@ -579,11 +593,13 @@ def run(ctx):
             proposals.append(resize_label_map(ids, grid).astype(np.int16))  # int16: memory of many images
         stats.update(proposals_per_image=float(np.mean(counts)), proposal_pixel_fraction=float(np.mean(covered)))
         augmented = _image_augmenter(ctx, fit, fit_split) if p["augment"] == "image" else None
+        if augmented is not None and head is not None:
+            augmented = _projected_views(augmented, head.project)
         model = PrimapsEM(ctx.k, p["pretrain_epochs"], p["epochs"], p["max_steps"], p["batch_size"], p["lr"],
                           p["ema"], p["ema_every"], p["ema_decay"], p["augment"] != "none",
                           p["focal_gamma"], p["pca_images"], augmented, ctx.progress, ctx.device)
         with ctx.timed("training"):
-            model.fit(fit, proposals, ctx.seed)
+            model.fit(fit_input, proposals, ctx.seed, None if head is None else head.clusters)
         hist = model.history
         stats.update(steps=model.steps, final_loss=hist["loss"][-1] if hist["loss"] else None,
                      pseudo_fraction=float(np.mean(hist["pseudo_fraction"])) if hist["loss"] else None,
@@ -592,13 +608,17 @@ def run(ctx):
     def predictions():
         for i in range(len(evaluated)):  # the runner shows progress while it consumes predictions
             image = ctx.image(i) if p["crf"] else None
-            scores = model.predict_scores(evaluated[i])
+            scores = model.predict_scores(evaluated_input[i])
             for stream, labels in _predict(scores, ctx.label_size(i), image).items():
                 yield Prediction(index=i, labels=labels, stream=stream)
 
     if mode == "linear-probe":
         return TaskResult(predictions=with_class_id_scores(predictions(), ctx, stats), stats=stats)
     return TaskResult(predictions=predictions(), stats=stats)
+
+
+def _projected_views(augmented: Callable, project: Callable) -> Callable:
+    return lambda idx, rng: [project(f) for f in augmented(idx, rng)]
 
 
 def _image_augmenter(ctx, fit, split, chunk: int = 8) -> Callable:

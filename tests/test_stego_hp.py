@@ -1,0 +1,367 @@
+"""STEGO and HP segmentation heads: the correspondence loss, hidden positives, five crops, trained heads, the
+task adapters and PriMaPs-EM on a head's features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ssl_bench import registry
+from ssl_bench.data.crops import five_crop_boxes
+from ssl_bench.errors import UserError
+from ssl_bench.methods import heads, hp, stego
+
+STEGO = registry.task("stego").params
+
+
+@pytest.fixture(autouse=True)
+def _tiny_tensors_one_thread(one_thread):
+    """Every test here works on tiny tensors (see conftest's one_thread)."""
+
+
+# ---------------------------------------------------------------------------------------------- STEGO's loss
+
+
+def _direct_term(f1, f2, c1, c2, shift, pointwise):
+    """-mean (F' - b) max(S, 0), every entry written out (float64, loops over points). F' centres each point of
+    x over y's points and keeps the overall mean of the batch (the reference code's pointwise option)."""
+    b, _, h, w = f1.shape
+    fd = torch.zeros(b, h, w, h, w, dtype=torch.float64)
+    sd = torch.zeros(b, h, w, h, w, dtype=torch.float64)
+    for n in range(b):
+        for y in range(h):
+            for x in range(w):
+                for i in range(h):
+                    for j in range(w):
+                        fd[n, y, x, i, j] = torch.cosine_similarity(f1[n, :, y, x], f2[n, :, i, j], dim=0)
+                        sd[n, y, x, i, j] = torch.cosine_similarity(c1[n, :, y, x], c2[n, :, i, j], dim=0)
+    if pointwise:
+        fd = fd - fd.mean(dim=(3, 4), keepdim=True) + fd.mean()
+    return (-(fd - shift) * sd.clamp(min=0)).mean()
+
+
+def _identity_coords(b, s):
+    """Points at exactly the s x s patch centres, so sampling returns the maps themselves."""
+    lin = torch.linspace(-1, 1, s, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(lin, lin, indexing="ij"), -1)  # [a, c] = (lin[a], lin[c]) = (x, y)
+    return grid[None].expand(b, -1, -1, -1)
+
+
+def test_correspondence_loss_matches_direct_dense_computation_values_and_gradients():
+    gen = torch.Generator().manual_seed(0)
+    b, c, dim, s = 2, 5, 3, 3
+    feats, feats_pos = (torch.randn(b, c, s, s, generator=gen, dtype=torch.float64) for _ in range(2))
+    code, code_pos = (torch.randn(b, dim, s, s, generator=gen, dtype=torch.float64, requires_grad=True)
+                      for _ in range(2))
+    coords = _identity_coords(b, s)
+    assert torch.allclose(stego.sample_points(feats, coords), feats)  # the sampling returns every patch
+    p = {**STEGO, "feature_samples": s, "neg_samples": 1}
+    for pointwise in (True, False):
+        p["pointwise"] = pointwise
+        gen_loss = torch.Generator().manual_seed(1)
+        loss, terms = stego.correspondence_loss(feats, feats_pos, code, code_pos, {**p}, gen_loss, (coords, coords))
+        perm = stego.derangement(b, torch.Generator().manual_seed(1))  # the same draw as inside the loss
+        assert (perm != torch.arange(b)).all()
+        direct = (p["self_weight"] * _direct_term(feats, feats, code, code, p["self_shift"], pointwise)
+                  + p["knn_weight"] * _direct_term(feats, feats_pos, code, code_pos, p["knn_shift"], pointwise)
+                  + p["rand_weight"] * _direct_term(feats, feats[perm], code, code[perm], p["rand_shift"], pointwise))
+        assert loss.item() == pytest.approx(direct.item(), rel=1e-9, abs=1e-12)
+        grads = torch.autograd.grad(loss, (code, code_pos))
+        direct_grads = torch.autograd.grad(direct, (code, code_pos))
+        for g, d in zip(grads, direct_grads):
+            assert torch.allclose(g, d, atol=1e-10) and d.abs().sum() > 0
+
+
+def test_shift_moves_each_term_by_shift_times_mean_clamped_code_correspondence():
+    """L(b) = -mean (F - b) max(S, 0): dL/db = mean max(S, 0) >= 0, so a larger shift pushes more pairs apart."""
+    gen = torch.Generator().manual_seed(2)
+    f1, f2 = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(2, 4, 3, 3, generator=gen)
+    c1, c2 = torch.randn(2, 3, 3, 3, generator=gen), torch.randn(2, 3, 3, 3, generator=gen)
+    low, cd = stego.correspondence_term(f1, f2, c1, c2, shift=0.1)
+    high, _ = stego.correspondence_term(f1, f2, c1, c2, shift=0.4)
+    moved = float(high.mean() - low.mean())
+    assert moved == pytest.approx(0.3 * float(cd.clamp(min=0).mean()), rel=1e-5) and moved > 0
+    # The gradient on the code flips where F - b changes sign: pairs below the shift are pushed apart.
+    c1g = c1.clone().requires_grad_(True)
+    fd = stego.feature_correspondence(f1, f2)
+    b = float(fd.median())
+    loss, _ = stego.correspondence_term(f1, f2, c1g, c2, shift=b)
+    loss.mean().backward()
+    assert c1g.grad.abs().sum() > 0
+    # In the full loss each term's shift enters with its weight: d loss / d b_self = lambda_self * mean max(S,0).
+    p = {**STEGO, "feature_samples": 3, "neg_samples": 0}
+    coords = (_identity_coords(2, 3).float(),) * 2
+    base, _ = stego.correspondence_loss(f1, f2, c1, c2, p, torch.Generator(), coords)
+    shifted, _ = stego.correspondence_loss(f1, f2, c1, c2, {**p, "self_shift": p["self_shift"] + 0.5},
+                                           torch.Generator(), coords)
+    self_cd = stego.correspondence_term(f1, f1, c1, c1, 0.0)[1].clamp(min=0).mean()
+    assert float(shifted - base) == pytest.approx(0.5 * p["self_weight"] * float(self_cd), rel=1e-5)
+
+
+def test_derangement_pairs_every_view_with_another():
+    for n in (2, 3, 7):
+        for seed in range(20):
+            perm = stego.derangement(n, torch.Generator().manual_seed(seed))
+            assert (perm != torch.arange(n)).all() and ((perm >= 0) & (perm < n)).all()
+
+
+def test_nearest_neighbours_exclude_the_view_itself():
+    x = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    nn_ = heads.nearest_neighbours(x, 7)
+    assert nn_.shape == (4, 3) and nn_[:, 0].tolist() == [1, 0, 3, 2]
+    assert heads.nearest_neighbours(x[:1], 7).tolist() == [[0]]
+
+
+# ---------------------------------------------------------------------------------------------- HP
+
+
+def test_hidden_positives_on_hand_made_features():
+    """Anchor 0's reference point (its best match in the bank) is 0.8: patches closer than that are positives,
+    and so is a patch whose own reference point it beats (the relation is symmetric); never the anchor itself."""
+    def unit(deg):
+        return [np.cos(np.radians(deg)), np.sin(np.radians(deg))]
+
+    x = torch.tensor([unit(0), unit(20), unit(50), unit(105), unit(60)], dtype=torch.float32)
+    bank = torch.tensor([unit(-36.87), unit(180)], dtype=torch.float32)  # cos(36.87 deg) = 0.8
+    ref = hp.reference_points(x, bank)
+    # by hand: cos(36.87) = .8, cos(56.87) = .546, cos(86.87) = .055, cos(75) = .259, cos(96.87) = -.12
+    assert ref.tolist() == pytest.approx([0.8, 0.546, 0.055, 0.259, -0.12], abs=2e-3)
+    rows = torch.arange(len(x))
+    pos = hp.hidden_positives(x, x, ref, ref, rows)
+    # anchor 0: 20 deg (cos .94 > .8) yes; 50 deg (cos .64 < .8, but > its own reference .055) yes;
+    # 105 deg (cos -.26, below both) no; 60 deg (cos .5 > its reference -.12) yes; itself never
+    assert pos[0].tolist() == [False, True, True, False, True]
+    # anchor 3 (105 deg, reference .259): 50 (cos .57) and 60 (cos .71) yes; 20 deg (cos .087) no
+    assert pos[3].tolist() == [False, False, True, False, True]
+    assert torch.equal(pos, pos.T) and not pos.diagonal().any()  # symmetric
+    # A bank patch next to every feature makes the reference points high: only near-duplicates stay positives.
+    close_bank = x.clone()
+    pos_close = hp.hidden_positives(x, x, hp.reference_points(x, close_bank), hp.reference_points(x, close_bank),
+                                    rows)
+    assert not pos_close.any()
+
+
+def test_local_codes_average_attention_weighted_neighbours_with_gradient():
+    code = torch.arange(9, dtype=torch.float32).reshape(1, 1, 3, 3).requires_grad_(True)
+    weights = hp.uniform_weights(1, (3, 3), sigma=9.0)  # every neighbour inside weighs 1
+    local = hp.local_codes(code, weights)
+    # centre: mean of all 9; corner (0, 0): mean of its 4 neighbours inside the map
+    assert local[0, 0, 1, 1].item() == pytest.approx(4.0)
+    assert local[0, 0, 0, 0].item() == pytest.approx((0 + 1 + 3 + 4) / 4)
+    local[0, 0, 0, 0].backward()
+    assert code.grad[0, 0].nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]  # gradient to the neighbours
+
+
+def test_attention_weights_keep_only_above_mean_neighbours():
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 16, 8, generator=gen), torch.randn(2, 16, 8, generator=gen)
+    w = hp.attention_weights(q, k, heads_count=2, sigma=28.0, grid=(4, 4))
+    assert w.shape == (2, 16, 9) and (w >= 0).all()
+    _, inside = hp.neighbourhood(4, 4)
+    assert (w[:, ~inside] == 0).all()  # no weight outside the map
+
+
+def test_contrastive_loss_prefers_codes_that_group_hidden_positives():
+    """The same hidden positives (from features with two groups): codes that agree with them score lower."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 8)
+    feats = F_normalize(np.eye(2)[labels] + 0.05 * rng.standard_normal((16, 2)))
+    bank = F_normalize(np.array([[1.0, 1.0]]))  # reference 0.71: the other group is never a positive
+    ref = hp.reference_points(feats, bank)
+    good = F_normalize(np.eye(3)[labels] + 0.05 * rng.standard_normal((16, 3)))
+    bad = F_normalize(rng.standard_normal((16, 3)))
+    args = (feats, feats, ref, ref, 0.0, 0.6, 1.0, 8)
+    loss_good = hp.contrastive_loss(good, None, *args, torch.Generator().manual_seed(0))
+    loss_bad = hp.contrastive_loss(bad, None, *args, torch.Generator().manual_seed(0))
+    assert float(loss_good) < float(loss_bad)
+
+
+def F_normalize(a):
+    return torch.nn.functional.normalize(torch.as_tensor(a, dtype=torch.float32), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- five crops
+
+
+def test_five_crop_boxes_follow_torchvision_order_and_rounding():
+    assert five_crop_boxes(10, 8, 0.5) == [(0, 0, 5, 4), (5, 0, 10, 4), (0, 4, 5, 8), (5, 4, 10, 8), (2, 2, 7, 6)]
+    with pytest.raises(UserError, match="crop_ratio"):
+        five_crop_boxes(1, 1, 0.5)
+
+
+def test_five_crops_as_dataset_option(tmp_path):
+    from ssl_bench.data import open_dataset
+
+    base = open_dataset("synthetic", None, None, n=2)
+    crops = open_dataset("synthetic", None, None, n=2, crops="five")
+    assert len(crops) == 10 and crops.ids[5] == f"{base.ids[1]}@tl"
+    w, h = base.image_size(0)
+    assert crops.image_size(4) == (w // 2, h // 2)
+    label = base.load_label(1)
+    assert np.array_equal(crops.load_label(7), label[h - h // 2:, : w // 2])  # image 1, bottom-left
+    with pytest.raises(UserError, match="crops='six'"):
+        open_dataset("synthetic", None, None, crops="six")
+    with pytest.raises(UserError, match="crop_ratio needs crops=five"):
+        open_dataset("synthetic", None, None, crop_ratio=0.3)
+
+
+# ---------------------------------------------------------------------------------------------- trained heads
+
+
+def _blobs(n_images=16, k=4, d=16, grid=6, noise=0.3, seed=0):
+    """Two classes per view (left / right), features = orthogonal class mean + noise."""
+    rng = np.random.default_rng(seed)
+    feats, labels = [], []
+    for _ in range(n_images):
+        a, b = rng.choice(k, 2, replace=False)
+        lab = np.full((grid, grid), a, np.int64)
+        lab[:, rng.integers(2, grid - 1):] = b
+        feats.append((np.eye(k, d)[lab] + noise * rng.standard_normal((grid, grid, d))).astype(np.float32))
+        labels.append(lab)
+    return feats, labels
+
+
+def _probe_accuracy(head, feats, labels, k, seed=0):
+    centres, _ = heads.train_cluster_probe(head, feats, k, 80, 8, 0.01, seed, "cpu")
+    model = heads.TrainedHead(head, centres, None)
+    conf = np.zeros((k, k))
+    for f, lab in zip(feats, labels):
+        np.add.at(conf, (model.scores(f, lab.shape)["cluster"].argmax(0).numpy().ravel(), lab.ravel()), 1)
+    rows, cols = linear_sum_assignment(conf, maximize=True)
+    return conf[rows, cols].sum() / conf.sum()
+
+
+@pytest.mark.slow
+def test_trained_stego_head_beats_its_untrained_self_by_a_margin_from_chance():
+    k = 4
+    feats, labels = _blobs(k=k)
+    neighbours = heads.nearest_neighbours(heads.global_features(feats), 7)
+    # Shifts fitted to these features (same-class cosine ~0.5, others ~0), not the paper's DINO values.
+    p = {**STEGO, "dim": 2, "feature_samples": 6, "neg_samples": 2, "self_shift": 0.25, "knn_shift": 0.25,
+         "rand_shift": 0.25, "lr": 0.01}
+    untrained, _ = stego.train_head(feats, neighbours, p, 0, 8, 0, "cpu")
+    trained, history = stego.train_head(feats, neighbours, p, 150, 8, 0, "cpu")
+    chance = 1 / k
+    before, after = _probe_accuracy(untrained, feats, labels, k), _probe_accuracy(trained, feats, labels, k)
+    assert history["loss"][-1] < history["loss"][0]
+    assert after - before > (1 - chance) / 4, (before, after)  # a quarter of the way from chance to perfect
+
+
+def test_head_weights_round_trip_as_plain_arrays():
+    head = heads.SegmentationHead(6, 3)
+    arrays = heads.arrays_of(head)
+    assert all(type(a) is np.ndarray for a in arrays.values())
+    again = heads.head_from_arrays(arrays)
+    x = np.random.default_rng(0).standard_normal((4, 4, 6)).astype(np.float32)
+    one = heads.TrainedHead(head.eval(), np.eye(2, 3), None).project(x)
+    assert np.allclose(one, heads.TrainedHead(again, np.eye(2, 3), None).project(x))
+
+
+# ---------------------------------------------------------------------------------------------- task files
+
+
+def test_task_files_register_valid_variants_with_a_projection():
+    names = {"stego", "stego-cocostuff", "stego-cityscapes", "stego-potsdam", "hp", "hp-cocostuff", "hp-potsdam"}
+    specs = registry.tasks()
+    assert names <= set(specs)
+    for name in names:
+        spec = specs[name]
+        assert spec.projection
+        (stego if name.startswith("stego") else hp).check_params(dict(spec.params))
+
+
+@pytest.mark.parametrize("task, params, message", [
+    ("stego", {"neighbours": 0}, "neighbours=0 is invalid"),
+    ("stego", {"train_crops": "ten"}, "train_crops='ten' is invalid -- use five | none"),
+    ("hp", {"rho": 1.5}, r"rho=1.5 is invalid -- use a number in \[0, 1\]"),
+    ("hp", {"local_weights": "gauss"}, "local_weights='gauss' is invalid"),
+])
+def test_bad_parameters_are_one_line(task, params, message):
+    module = stego if task == "stego" else hp
+    with pytest.raises(UserError, match=message) as err:
+        module.check_params({**registry.task(task).params, **params})
+    assert "\n" not in str(err.value)
+
+
+def test_features_from_names_a_task_that_trains_a_head():
+    from ssl_bench.methods.feature_source import parse_features_from
+
+    assert parse_features_from(None, "primaps") is None
+    assert parse_features_from("hp-potsdam", "primaps") == ("hp-potsdam", {})
+    assert parse_features_from({"task": "stego", "params": {"cpu_steps": 3}}, "primaps") == ("stego", {"cpu_steps": 3})
+    with pytest.raises(UserError, match="features_from=kmeans trains no feature projection"):
+        parse_features_from("kmeans", "primaps")
+    with pytest.raises(UserError, match="sets no fit_split"):
+        parse_features_from({"task": "stego", "params": {"fit_split": "train"}}, "primaps")
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+SMALL = (("n", 6),)
+TINY_STEGO = {"cpu_steps": 3, "cpu_batch_size": 4, "train_resize": 64, "dim": 4, "crf": False}
+TINY_HP = {"cpu_steps": 3, "cpu_batch_size": 4, "train_resize": 64, "dim": 8, "crf": False, "augment": "none",
+           "local_weights": "uniform", "pool_size": 8}
+
+
+def _plain(value) -> bool:
+    """What ctx.reuse may keep: nested dicts / lists of JSON scalars and numpy arrays, nothing pickled."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str, np.ndarray))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, params", [("stego", TINY_STEGO), ("hp", TINY_HP)])
+def test_head_task_runs_end_to_end_and_keeps_plain_arrays(runner, task, params, monkeypatch):
+    from ssl_bench.runner import RunConfig, TaskContext
+
+    kept = {}
+    real_reuse = TaskContext.reuse
+
+    def spy(self, name, identity, compute, *args, **kwargs):
+        value = real_reuse(self, name, identity, compute, *args, **kwargs)
+        kept[name] = value
+        return value
+
+    monkeypatch.setattr(TaskContext, "reuse", spy)
+    cfg = RunConfig(backbone="reference", task=task, dataset="synthetic", dataset_options=SMALL, params=tuple(sorted(params.items())))
+    record = runner.run(cfg).record
+    assert record["miou"] >= 0
+    stats = record["stats"]
+    assert stats["schedule"]["name"] == "cpu" and stats["schedule"]["device"] == "cpu"
+    assert stats["training_views"] == 30  # five crops of six images
+    assert set(stats["class_id_scores"]) == {"linear"}
+    assert kept and all(_plain(v) for v in kept.values()), {k: type(v) for k, v in kept.items()}
+    # a second K reuses the head (trained once) and trains only its cluster probe
+    kept.clear()
+    runner.run(RunConfig(backbone="reference", task=task, dataset="synthetic", dataset_options=SMALL, params=tuple(sorted(params.items())),
+                         k=3))
+    assert len(kept) == 2
+
+
+@pytest.mark.slow
+def test_primaps_em_on_stego_features_reuses_the_stego_cells_head(runner, monkeypatch):
+    from ssl_bench.runner import RunConfig
+
+    trainings = []
+    real_train = stego.train_head
+    monkeypatch.setattr(stego, "train_head", lambda *a, **kw: trainings.append(1) or real_train(*a, **kw))
+    head = runner.run(RunConfig(backbone="reference", task="stego", dataset="synthetic", dataset_options=SMALL,
+                                params=tuple(sorted(TINY_STEGO.items())))).record
+    features_from = {"task": "stego", "params": TINY_STEGO}
+    params = {"features_from": features_from, "epochs": 1, "pretrain_epochs": 1, "batch_size": 4, "crf": False,
+              "proposal_crf": False, "augment": "none"}
+    record = runner.run(RunConfig(backbone="reference", task="primaps-em", dataset="synthetic",
+                                  dataset_options=SMALL, params=tuple(sorted(params.items())))).record
+    assert len(trainings) == 1  # the head of the stego cell, read by the PriMaPs-EM cell
+    assert record["stats"]["features_from"]["head"] == features_from
+    assert record["stats"]["features_from"]["training_views"] == 30
+    # EM starts from the head's cluster probe (the reference code's initialisation on top of STEGO / HP): with no
+    # teacher update yet (1 step < ema_every) the prediction is the STEGO cell's
+    assert record["stats"]["steps"] < registry.task("primaps-em").params["ema_every"]
+    assert record["miou"] == pytest.approx(head["miou"], abs=2.0)  # scores upsampled, not codes: border pixels
