@@ -68,7 +68,16 @@ def test_folder_entries_register_with_their_source(own, monkeypatch):
     assert "my-vit" not in registry.backbones()  # read per set of folders: gone with the variable
 
 
-def test_list_shows_user_entries_with_their_file(own, tmp_path, monkeypatch):
+@pytest.fixture
+def wide(monkeypatch):
+    """The CLI's consoles 300 columns wide, whatever width they were made with earlier in the session."""
+    from ssl_bench import cli
+
+    for console in (cli.out, cli.console):
+        monkeypatch.setattr(console, "width", 300)
+
+
+def test_list_shows_user_entries_with_their_file(own, tmp_path, monkeypatch, wide):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(registry.REGISTRY_ENV, "")
     result = CliRunner().invoke(app, ["list", "backbones", "--registry", str(own)], env={"COLUMNS": "300"})
@@ -149,7 +158,7 @@ def install_plugin(site, name="ssl_bench_plugin_demo"):
     return name
 
 
-def test_an_installed_package_registers_models_tasks_and_stages(tmp_path, monkeypatch, runner):
+def test_an_installed_package_registers_models_tasks_and_stages(tmp_path, monkeypatch, runner, wide):
     site = tmp_path / "site-packages"
     name = install_plugin(site)
     monkeypatch.syspath_prepend(str(site))
