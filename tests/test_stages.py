@@ -10,7 +10,7 @@ import torch
 from ssl_bench.stages import regions
 from ssl_bench.stages.clusterers.attention import AttentionClustering, abc_loss
 from ssl_bench.stages.clusterers.kmeans import KMeans
-from ssl_bench.stages.clusterers.sinkhorn import SinkhornKMeans, sinkhorn_log
+from ssl_bench.stages.clusterers.sinkhorn import SinkhornKMeans, sinkhorn, sinkhorn_log
 from ssl_bench.stages.clusterers.spectral import Spectral
 from ssl_bench.stages.embeddings import CropEmbedding, MeanPatchEmbedding, RegionImage, erode_dilate
 from ssl_bench.stages.segmenters import dsm
@@ -196,6 +196,17 @@ def test_sinkhorn_assignment_has_the_prescribed_marginals():
     q = sinkhorn_log(scores, 200).exp()
     np.testing.assert_allclose(q.sum(1), 1, atol=1e-9)
     np.testing.assert_allclose(q.sum(0), 4, atol=1e-6)
+    np.testing.assert_allclose(sinkhorn(scores, 200), q, rtol=1e-9, atol=1e-12)
+
+
+def test_the_kernel_form_is_the_log_domain_iterations_at_the_default_temperature():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 16))
+    c = rng.normal(size=(7, 16))
+    cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (c / np.linalg.norm(c, axis=1, keepdims=True)).T
+    scores = torch.from_numpy(cos / 0.02)  # cosines over the temperature: a kernel spanning e^-100
+    expected = sinkhorn_log(scores, 10).exp()
+    np.testing.assert_allclose(sinkhorn(scores, 10), expected, rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
