@@ -495,7 +495,7 @@ def regress(
         report, written = reg.update(suite_path, baselines_path, only, device, on_cell)
         out.print(outputs.text(report), highlight=False)
         if report.exit_status == 2:
-            out.print(f"baselines not written: fix the cells that could not run, then run again", highlight=False)
+            out.print("baselines not written: fix the cells that could not run, then run again", highlight=False)
             raise SystemExit(2)
         measured = len(report.cells("ok", "drift", "new", "weights"))
         kept = len(written.cells) - measured

@@ -109,7 +109,7 @@ def cannot_run(s: Setup) -> str | None:
     if not problems:
         return None
     return (f"recipe {name} needs " + " and ".join(problems) + " -- run the rows you have with --only, or "
-            f"--weights random for a smoke run (never compared)")
+            "--weights random for a smoke run (never compared)")
 
 
 def check_can_run(s: Setup) -> None:
