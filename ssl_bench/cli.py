@@ -883,6 +883,10 @@ def _out_of_memory(err: RuntimeError) -> bool:
     return "out of memory" in text or "not enough memory" in text
 
 
+# Import names of the optional packages, and the extra that installs each (pyproject.toml).
+OPTIONAL_PACKAGES = {"transformers": "hub", "open_clip": "hub", "ray": "ray"}
+
+
 def main() -> None:
     interrupted = []
 
@@ -902,6 +906,13 @@ def main() -> None:
             raise
         console.print("[bold red]error:[/] out of memory -- a size (--resize, K, an image count, a batch or size "
                       "parameter of the task) needs more memory than this machine has; use a smaller one",
+                      highlight=False, soft_wrap=True)
+        raise SystemExit(2)
+    except ModuleNotFoundError as err:  # an optional package a backbone, task or executor needs
+        extra = OPTIONAL_PACKAGES.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        console.print(f"[bold red]error:[/] {escape(f'this needs the package {err.name} -- pip install ssl-bench[{extra}]')}",
                       highlight=False, soft_wrap=True)
         raise SystemExit(2)
     except (KeyboardInterrupt, SystemExit) as stop:

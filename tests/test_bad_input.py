@@ -157,3 +157,27 @@ def test_sizes_that_cannot_fit_are_refused_with_the_memory_they_need(cli, machin
 
     code, out = cli("run", *(["-o", "n=2"] if "-o" not in args else []), *args)
     assert code == 2 and re.search(message, one_error_line(out)), out[-2000:]
+
+
+def test_a_missing_optional_package_is_one_line_naming_the_extra(tmp_path):
+    """open_clip absent (hidden by an import hook): `ssl-bench run --backbone open_clip:...` says which extra."""
+    import subprocess
+    import sys
+
+    code = f"""
+import builtins, sys
+real = builtins.__import__
+def hidden(name, *args, **kwargs):
+    if name.split(".")[0] == "open_clip":
+        raise ModuleNotFoundError("No module named 'open_clip'", name="open_clip")
+    return real(name, *args, **kwargs)
+builtins.__import__ = hidden
+sys.argv = ["ssl-bench", "run", "--backbone", "open_clip:ViT-B-16/laion2b_s34b_b88k", "--weights", "random",
+            "--task", "kmeans", "--dataset", "synthetic", "-o", "n=2", "--store", {str(tmp_path / 's.sqlite')!r},
+            "--cache", {str(tmp_path / 'cache')!r}]
+from ssl_bench.cli import main
+main()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "error: this needs the package open_clip -- pip install ssl-bench[hub]"
