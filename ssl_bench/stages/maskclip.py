@@ -24,8 +24,6 @@ seeded random CLIP (and every output of that run already says random weights).
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -96,24 +94,14 @@ def clip_weights(model: str, pretrained: str, random: bool, seed: int = 0) -> We
                     f"open_clip's release file) in {where}, or run with --weights random for a smoke run")
 
 
-@contextlib.contextmanager
-def _quiet_root_logger():
-    """open_clip logs a warning on the root logger for every model built without weights: we load them after."""
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def build_clip(model: str, pretrained: str, source: WeightsSource, seed: int = 0, device="cpu"):
     """The open_clip model with ``source``'s weights (random ones drawn from ``seed``), frozen, on ``device``."""
     import open_clip
 
+    from ..models.hub import quiet_open_clip  # open_clip's "random weights" warning: we load them after
+
     cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
-    with torch.random.fork_rng(devices=[]), _quiet_root_logger():
+    with torch.random.fork_rng(devices=[]), quiet_open_clip():
         torch.manual_seed(seed)
         clip = open_clip.create_model(model, force_quick_gelu=bool(cfg.get("quick_gelu", False)))
     if source.path is not None:

@@ -205,10 +205,8 @@ def benchmark(grids: tuple[int, ...] = (28, 40), images: int = 4, k: int = 5, re
     (28x28 / 40x40 patches) when ../shared/data is there, and synthetic structured keys (384-d) always."""
     import time
 
-    from ...data.protocol import Protocol
-    from ...features import benchmark_inputs
     from ...ops import set_threads
-    from .louvain import synthetic_keys
+    from .louvain import synthetic_keys, vit_keys
 
     set_threads(threads)
 
@@ -223,12 +221,7 @@ def benchmark(grids: tuple[int, ...] = (28, 40), images: int = 4, k: int = 5, re
     rows = []
     for side in grids:
         inputs = {"synthetic keys (384-d)": [synthetic_keys(side, side, dim=384, seed=i)[0] for i in range(images)]}
-        try:
-            _, feats, source = benchmark_inputs("dino-vits8", images, kinds=("key",),
-                                                protocol=Protocol(resize=side * 8, crop="center"))
-            inputs[source] = [f["key"] for f in feats]
-        except Exception as err:  # noqa: BLE001 -- the synthetic keys are measured anyway
-            inputs[f"dino-vits8 keys unavailable: {err}"] = []
+        inputs.update(vit_keys(side, images))
         for name, keys in inputs.items():
             for grid in keys:
                 w = feature_affinity(grid.reshape(side * side, -1))

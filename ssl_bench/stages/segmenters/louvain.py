@@ -254,6 +254,20 @@ def reference_discovery(keys: np.ndarray) -> tuple[np.ndarray, list]:
     return communities, groups
 
 
+def vit_keys(side: int, images: int) -> dict[str, list]:
+    """{source: keys} of ``images`` real images from a random-weight dino-vits8 at a ``side`` x ``side`` patch grid
+    (CamVid when ../shared/data is there), for the segmenters' benchmarks; {reason: []} where it cannot run."""
+    from ...data.protocol import Protocol
+    from ...features import benchmark_inputs
+
+    try:
+        _, feats, source = benchmark_inputs("dino-vits8", images, kinds=("key",),
+                                            protocol=Protocol(resize=side * 8, crop="center"))
+    except Exception as err:  # noqa: BLE001 -- the synthetic keys are measured anyway
+        return {f"dino-vits8 keys unavailable: {err}": []}
+    return {source: [f["key"] for f in feats]}
+
+
 def benchmark(grids: tuple[int, ...] = (28, 40), images: int = 2, key_dim: int = 768, repeats: int = 2,
               reference: bool = True, threads: int = 1) -> dict:
     """Segment discovery (graph, Louvain, connected segments) per image at 28x28 and 40x40 patch grids, for
@@ -263,8 +277,6 @@ def benchmark(grids: tuple[int, ...] = (28, 40), images: int = 2, key_dim: int =
     random-weight dino-vits8 on CamVid val at 224 / 320 px when ../shared/data is there."""
     import time
 
-    from ...data.protocol import Protocol
-    from ...features import benchmark_inputs
     from ...ops import set_threads
 
     set_threads(threads)
@@ -275,12 +287,7 @@ def benchmark(grids: tuple[int, ...] = (28, 40), images: int = 2, key_dim: int =
     for side in grids:
         inputs = {"structured synthetic": [synthetic_keys(side, side, dim=key_dim, seed=i)[0] for i in range(images)],
                   "noise": [rng.standard_normal((side, side, key_dim), dtype=np.float32) for _ in range(images)]}
-        try:
-            _, feats, source = benchmark_inputs("dino-vits8", images, kinds=("key",),
-                                                protocol=Protocol(resize=side * 8, crop="center"))
-            inputs[source] = [f["key"] for f in feats]
-        except Exception as err:  # noqa: BLE001 -- the synthetic keys are measured anyway
-            inputs[f"dino-vits8 keys unavailable: {err}"] = []
+        inputs.update(vit_keys(side, images))
         for name, keys in inputs.items():
             for backend in BACKENDS + (("reference",) if reference else ()):
                 seconds, scores, valid = [], [], []
