@@ -35,6 +35,7 @@ def set_threads(threads: int) -> None:
     mean what it says (the kernels' results do not depend on it)."""
     import faiss
     import numba
+    import scipy.linalg  # noqa: F401  (loads scipy's own OpenBLAS now, so that the limit below reaches it too)
     from threadpoolctl import threadpool_limits
 
     # numba first: launching its threading layer (at its first call) resets OpenMP's thread count, torch's included

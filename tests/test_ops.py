@@ -159,3 +159,16 @@ def test_set_threads_holds_for_torch_once_its_thread_pool_has_started():
             "set_threads(1); print(torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
+
+
+def test_set_threads_reaches_scipys_own_blas_even_before_scipy_linalg_is_imported():
+    # scipy ships an OpenBLAS of its own, loaded by the first `import scipy.linalg`: when that came after
+    # set_threads(1), its LAPACK ran on every core, and a 384 x 384 eigh on a busy 2-core machine took 0.5 s, not 20 ms
+    import subprocess
+    import sys
+
+    code = ("from ssl_bench.ops import set_threads; set_threads(1); import scipy.linalg; "
+            "from threadpoolctl import threadpool_info; "
+            "print(sorted({i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[1]"

@@ -110,3 +110,65 @@ def test_the_incremental_loop_gives_the_straightforward_loops_masks_on_camvid_fe
     _, feats, _ = benchmark_inputs("dino-vits8", 2)  # 40 x 40 x 384, random weights
     for f in (f["patch"] for f in feats):
         assert np.array_equal(pp.proposal_soft_masks(f), pp.proposal_soft_masks(f, incremental=False))
+
+
+# ---- the direction tracker: proofs from inertia, bounds that hold, masks that do not change ---------------------
+
+from ssl_bench.methods import primaps_directions as pdir  # noqa: E402
+
+
+def _downdated(seed: int, d: int = 24, k: int = 6):
+    rng = np.random.default_rng(seed)
+    lam = np.sort(rng.uniform(1, 10, d))
+    p = rng.standard_normal((k, d))
+    return lam, p, np.diag(lam) - p.T @ p
+
+
+def test_the_inertia_counts_the_eigenvalues_above_a_shift():
+    for seed in range(20):
+        lam, p, a = _downdated(seed)
+        exact = np.linalg.eigvalsh(a)
+        for tau in (*np.linspace(exact[0] - 1, exact[-1] + 1, 15), lam[-1], lam[3]):  # also on poles
+            assert pdir.eigenvalues_above(lam, p, tau) == int((exact > tau).sum()), (seed, tau)
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 7, 40):  # symmetric indefinite: 2x2 Bunch-Kaufman blocks included
+        for _ in range(20):
+            m = rng.standard_normal((k, k))
+            m = m + m.T + rng.standard_normal() * np.eye(k)
+            assert pdir.negative_eigenvalues(m) == int((np.linalg.eigvalsh(m) < 0).sum())
+
+
+def test_the_trackers_estimate_is_within_its_proven_bound_of_the_exact_direction():
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((300, 48))
+    tracker = pdir.DirectionTracker(torch.tensor(rows, dtype=torch.float32), max_pending=16)
+    free = np.ones(len(rows), bool)
+    estimated = 0
+    for step in range(120):
+        x = tracker.rows[free]
+        xc = x - x.mean(0)
+        exact = np.linalg.eigh(xc.T @ xc)[1][:, -1]
+        found = tracker.estimate()
+        if found is not None:
+            v, bound = found
+            assert min(np.linalg.norm(v - exact), np.linalg.norm(v + exact)) <= bound + 1e-9, step
+            estimated += 1
+        taken = np.zeros(len(rows), bool)  # the row most aligned with the direction: the anchor of a noise map
+        taken[np.flatnonzero(free)[np.argmax(np.abs(x @ exact) / np.linalg.norm(x, axis=1))]] = True
+        if step % 40 == 39:  # now and then a larger mask: the tracker drops its basis and starts again
+            taken[np.flatnonzero(free & ~taken)[:30]] = True
+        tracker.remove(taken)
+        free &= ~taken
+    assert estimated >= 100  # all but the few steps after a large mask or a refresh
+
+
+@pytest.mark.parametrize("anchor", ["signed", "abs"])
+def test_noise_masks_come_from_proven_estimates_and_equal_the_straightforward_loops(anchor, monkeypatch):
+    f = np.random.default_rng(5).standard_normal((24, 24, 96)).astype(np.float32)
+    exact_calls = []
+    top = pdir.DirectionTracker.top
+    monkeypatch.setattr(pdir.DirectionTracker, "top", lambda self, *a: exact_calls.append(1) or top(self, *a))
+    fast = pp.proposal_soft_masks(f, anchor=anchor)
+    plain = pp.proposal_soft_masks(f, anchor=anchor, incremental=False)
+    assert len(fast) > 400 and fast.shape == plain.shape and np.array_equal(fast, plain)
+    assert len(exact_calls) < 0.1 * len(fast)  # the exact direction only where the estimate proves nothing

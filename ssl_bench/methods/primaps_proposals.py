@@ -34,18 +34,17 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Callable
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 
 from ..ops import softmax, upsample_scores
+from .primaps_directions import (SVD_FLIPS_FROM_WIDTH, DirectionTracker, principal_directions,  # noqa: F401
+                                 routine_signs, sign_pivot, top_directions)
 
 ANCHORS = ("signed", "abs")
 PRINCIPAL = ("exact", "lowrank")
-LOWRANK_RANK, LOWRANK_ITERATIONS = 3, 100  # the reference code's torch.pca_lowrank(q=3, niter=100)
 
 
 def _t(a, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -59,83 +58,6 @@ def coverage_target(coverage: float, patches: int) -> int:
     """Patches to assign before stopping: ``ceil(coverage * patches)`` in exact decimal arithmetic (0.95 of 1600
     is 1520, not one more because 0.95 is a little less than 0.95 in binary)."""
     return math.ceil(Fraction(str(coverage)) * patches)
-
-
-# ---- the principal direction and its sign ------------------------------------------------------------------
-
-def top_directions(x: torch.Tensor, count: int) -> torch.Tensor:
-    """The ``count`` leading principal directions (d, count) of the rows of x, largest variance first, from the
-    float64 eigendecomposition of the smaller of the scatter (d x d) and Gram (n x n) matrices."""
-    xc = (x - x.mean(0, keepdim=True)).double()
-    if len(xc) >= xc.shape[1]:
-        _, vecs = torch.linalg.eigh(xc.T @ xc)
-        return vecs.flip(1)[:, :count].float()
-    _, u = torch.linalg.eigh(xc @ xc.T)
-    dirs = xc.T @ u.flip(1)[:, :count]
-    return (dirs / dirs.norm(dim=0, keepdim=True).clamp_min(1e-300)).float()
-
-
-# MKL's SVD (torch on a CPU) keeps the sign a Householder QR gave a 3-row matrix of fewer columns than this, and
-# flips it from this width on; measured, and pinned by test_primaps_proposals against torch.pca_lowrank itself.
-SVD_FLIPS_FROM_WIDTH = 60
-
-
-def routine_signs(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Signs (count,) that ``torch.pca_lowrank`` gives the principal directions (d, count) of the rows of x (n, d)
-    on a CPU once it has converged, whatever its random start. Its last QR makes the first row's coordinate on the
-    basis negative (Householder), and its SVD then flips that sign when its 3-row matrix has at least
-    ``SVD_FLIPS_FROM_WIDTH`` columns: so the first row lies on the positive side of the mean, or, with fewer rows
-    than dimensions (the routine works on the transpose), the direction's first coordinate is positive; both
-    rules reversed below that width. Depends only on the sign of a well-defined number, not on rounding."""
-    n, d = x.shape
-    if n >= d:
-        pivot, width = (x[0] - x.mean(0)) @ directions, d
-    else:
-        pivot, width = directions[0], n
-    signs = torch.where(pivot < 0, -1.0, 1.0)
-    return signs if width >= SVD_FLIPS_FROM_WIDTH else -signs
-
-
-def principal_directions(x: torch.Tensor, count: int = 1, principal: str = "exact", seed: int = 0,
-                         top: Callable[[torch.Tensor, int], torch.Tensor] = top_directions) -> torch.Tensor:
-    """The first ``count`` principal directions (d, count) of the rows of x (n, d), signed as the reference
-    code's routine signs them. ``principal="lowrank"``: that routine itself, seeded. ``top(x, width)``: the
-    unsigned leading directions (the incremental loop passes its own)."""
-    n, d = x.shape
-    if n > 1 and principal == "lowrank" and min(n, d) >= LOWRANK_RANK >= count:
-        with torch.random.fork_rng(devices=[]):  # the routine draws from the global generator: seed it, restore it
-            torch.manual_seed(seed)
-            return torch.pca_lowrank(x, q=LOWRANK_RANK, niter=LOWRANK_ITERATIONS)[2][:, :count]
-    if n < 2 or not (x - x[0]).abs().max() > 0:  # no variance: the mean direction stands in (module docstring)
-        mean = x.mean(0)
-        return (mean / mean.norm().clamp_min(1e-30))[:, None].expand(d, count).clone()
-    leading = top(x, min(count, n, d))
-    return leading * routine_signs(x, leading)
-
-
-class UnassignedScatter:
-    """The scatter matrix of the unassigned rows, kept by subtracting each mask's rows (float64) instead of being
-    formed again from all the unassigned rows, and only its leading eigenvector computed (LAPACK's subset solver
-    syevr) instead of the full eigendecomposition: the same direction, for a fraction of the cost."""
-
-    def __init__(self, x: torch.Tensor):
-        self.rows = x.double().numpy()
-        self.sum_xx, self.sum_x, self.count = self.rows.T @ self.rows, self.rows.sum(0), len(self.rows)
-
-    def remove(self, taken: torch.Tensor) -> None:
-        """Take the rows where ``taken`` (n,) is true out of the scatter."""
-        rows = self.rows[taken.numpy()]
-        self.sum_xx -= rows.T @ rows
-        self.sum_x -= rows.sum(0)
-        self.count -= len(rows)
-
-    def top(self, _x: torch.Tensor, count: int) -> torch.Tensor:
-        """The ``count`` leading eigenvectors (d, count) of the scatter, largest first (as ``top_directions``)."""
-        scatter = self.sum_xx - np.outer(self.sum_x, self.sum_x / self.count)
-        d = len(scatter)
-        _, vecs = scipy.linalg.eigh(scatter, subset_by_index=[d - count, d - 1], driver="evr", check_finite=False,
-                                    overwrite_a=True)
-        return torch.from_numpy(vecs[:, ::-1].copy()).float()
 
 
 # ---- the proposal loop ---------------------------------------------------------------------------------------
@@ -158,7 +80,9 @@ def proposal_soft_masks(features: np.ndarray, psi: float = 0.4, coverage: float 
     direction itself, not its nearest feature, gives the similarities; ``iterative=False``: the next direction
     of the whole image instead of the first one of the unassigned features (both ablations of the paper).
     ``incremental=False``: the straightforward loop (covariance formed again and fully decomposed for every
-    mask); the default keeps it up to date instead (``UnassignedScatter``), with the same masks.
+    mask). The default follows the direction with a ``DirectionTracker`` instead and takes from its estimate
+    only the anchors (and signs) that the estimate's proven error bound decides, the exact direction otherwise:
+    the same masks (primaps_directions' docstring).
     """
     check_choices(anchor, principal)
     feats = _t(features)
@@ -169,38 +93,83 @@ def proposal_soft_masks(features: np.ndarray, psi: float = 0.4, coverage: float 
     target = coverage_target(coverage, len(x))
     limit = len(x) if max_masks is None else max_masks
     fixed = None if iterative else principal_directions(x, min(limit, d, len(x)), "exact")
-    scatter = UnassignedScatter(x) if iterative and incremental and principal == "exact" else None
+    tracker = DirectionTracker(x) if iterative and incremental and principal == "exact" else None
     masks: list[torch.Tensor] = []
     while len(masks) < limit and len(x) - int(free.sum()) < target:
-        if iterative:
-            v = principal_directions(x[free], 1, principal, seed, scatter.top if scatter else top_directions)[:, 0]
+        best = None
+        if tracker is not None and nn_anchor:  # the anchor alone decides the mask: take it where it is proven
+            estimate = tracker.estimate()
+            if estimate is not None:
+                best = proven_anchor(xn.numpy(), x.numpy(), free.numpy(), *estimate, tracker.mean, anchor)
+        if best is not None:
+            v = None
+        elif iterative:
+            v = principal_directions(x[free], 1, principal, seed, tracker.top if tracker else top_directions)[:, 0]
         elif len(masks) < fixed.shape[1]:
             v = fixed[:, len(masks)]  # ablation: next component of the whole image, not recomputed
         else:
             break
-        mask = _cut(xn, v, free, psi, nn_anchor, anchor)
+        mask = _cut(xn, v, free, psi, nn_anchor, anchor, best)
         if mask is None:
             break
         masks.append(mask.reshape(h, w))
-        if scatter is not None:
-            scatter.remove(mask > 0)
+        if tracker is not None:
+            tracker.remove((mask > 0).numpy())
         free &= ~(mask > 0)
     if not masks:
         return np.zeros((0, h, w), dtype=np.float32)
     return torch.stack(masks).numpy()
 
 
-def _cut(xn: torch.Tensor, v: torch.Tensor, free: torch.Tensor, psi: float, nn_anchor: bool,
-         anchor: str) -> torch.Tensor | None:
-    """One mask (n,) from direction v: the anchor, its similarities to the unassigned rows, the threshold;
-    None when nothing is similar enough to form one."""
-    cos_v = xn @ v
-    if anchor == "signed":
-        best = int(torch.where(free, cos_v, torch.zeros(())).argmax())  # assigned ones score 0, as in the code
-        sim = xn @ xn[best] if nn_anchor else cos_v
+# Scores the exact loop computes in float32 (a 384-term dot product of unit vectors) can be off by up to about
+# 384 * 2^-24 = 2.3e-5 in the worst case: decisions closer than this are left to the exact direction.
+FLOAT32_SLACK = 1e-4
+
+
+def proven_anchor(xn: np.ndarray, x: np.ndarray, free: np.ndarray, v: np.ndarray, bound: float,
+                  mean: np.ndarray, anchor: str) -> int | None:
+    """The anchor ``_cut`` would pick with the exact direction, where the estimate v (unsigned, at most ``bound``
+    from the exact direction) proves it; None where it does not. Every score moves by at most the bound, so
+    a decision with a margin wider than twice the bound (and the float32 slack) is the exact loop's."""
+    slack = bound + FLOAT32_SLACK
+    if anchor == "signed":  # the sign first: the direction the exact loop uses is +v or -v
+        count, first = int(free.sum()), int(np.argmax(free))
+        offset = x[first] - mean
+        pivot, narrow = sign_pivot(count, offset, v)
+        if not abs(pivot) > slack * (float(np.linalg.norm(offset)) if count >= len(v) else 1.0):
+            return None
+        v = v if (pivot > 0) != narrow else -v
+    scores = xn @ v.astype(np.float32)
+    if anchor != "signed":
+        scores = np.abs(scores)
+    candidates = np.flatnonzero(free)
+    free_scores = scores[candidates]
+    i = int(np.argmax(free_scores))
+    top = free_scores[i]
+    free_scores[i] = -np.inf
+    runner_up = free_scores.max() if len(candidates) > 1 else -np.inf
+    if anchor == "signed" and not free.all():  # assigned patches score 0
+        if top < -slack:  # no unassigned patch is positive: the first assigned patch is the anchor
+            return int(np.argmin(free))
+        if top <= slack:
+            return None
+    return int(candidates[i]) if top - runner_up > 2 * slack else None
+
+
+def _cut(xn: torch.Tensor, v: torch.Tensor | None, free: torch.Tensor, psi: float, nn_anchor: bool,
+         anchor: str, best: int | None = None) -> torch.Tensor | None:
+    """One mask (n,) from direction v (or from the anchor ``best`` already chosen from it): the anchor, its
+    similarities to the unassigned rows, the threshold; None when nothing is similar enough to form one."""
+    if best is not None:
+        sim = xn @ xn[best]
     else:
-        best = int(torch.where(free, cos_v.abs(), torch.full_like(cos_v, -1.0)).argmax())
-        sim = xn @ xn[best] if nn_anchor else cos_v * torch.sign(cos_v[best])
+        cos_v = xn @ v
+        if anchor == "signed":
+            best = int(torch.where(free, cos_v, torch.zeros(())).argmax())  # assigned ones score 0, as in the code
+            sim = xn @ xn[best] if nn_anchor else cos_v
+        else:
+            best = int(torch.where(free, cos_v.abs(), torch.full_like(cos_v, -1.0)).argmax())
+            sim = xn @ xn[best] if nn_anchor else cos_v * torch.sign(cos_v[best])
     sim = torch.where(free, sim, torch.zeros(()))
     peak = sim.max()
     if not peak > 1e-6:  # the code would divide by zero here
@@ -258,7 +227,8 @@ def proposals_to_image(soft_masks: np.ndarray, size: tuple[int, int], image: np.
 # ---- `ssl-bench bench primaps-proposals` ----------------------------------------------------------------------
 
 def benchmark(images: int = 4, noise_maps: int = 1, grid: int = 40, dim: int = 384, repeats: int = 1,
-              authors_routine: bool = True, threads: int = 1, seed: int = 0) -> dict:
+              authors_routine: bool = True, authors_routine_on_noise: bool = False, threads: int = 1,
+              seed: int = 0) -> dict:
     """Principal mask proposals per image: this loop (``incremental``), the straightforward loop (covariance
     formed and fully decomposed for every mask) and the reference code's routine (``torch.pca_lowrank(q=3,
     niter=100)`` for every mask, as in github.com/visinf/primaps), side by side on identical inputs, with how
@@ -268,13 +238,14 @@ def benchmark(images: int = 4, noise_maps: int = 1, grid: int = 40, dim: int = 3
     320 pixels; the synthetic set where ../shared/data is absent), ``images`` synthetic maps of a dozen
     clustered regions, and ``noise_maps`` Gaussian noise maps (``grid`` x ``grid`` x ``dim``): a map without
     structure, where every mask is one patch. Seconds are the best of ``repeats``, on ``threads`` threads
-    (torch, BLAS). ``authors_routine=False`` skips the slowest column (minutes per noise map)."""
+    (torch, BLAS). ``authors_routine=False`` skips the slowest column; on noise maps it runs only with
+    ``authors_routine_on_noise`` (over 20 minutes per map on these machines)."""
     from ..ops import set_threads
 
     before = torch.get_num_threads()
     set_threads(threads)
     try:
-        return _measure(images, noise_maps, grid, dim, repeats, authors_routine, seed)
+        return _measure(images, noise_maps, grid, dim, repeats, authors_routine, authors_routine_on_noise, seed)
     finally:
         set_threads(before)
 
@@ -295,7 +266,7 @@ def _clustered_maps(count: int, grid: int, dim: int, seed: int) -> list[np.ndarr
 
 
 def _measure(images: int, noise_maps: int, grid: int, dim: int, repeats: int, authors_routine: bool,
-             seed: int) -> dict:
+             authors_routine_on_noise: bool, seed: int) -> dict:
     import os
     import time
 
@@ -313,13 +284,16 @@ def _measure(images: int, noise_maps: int, grid: int, dim: int, repeats: int, au
         row: dict = {"maps": len(maps), "shape": list(maps[0].shape)}
         masks = {}
         for loop, options in loops.items():
+            if loop == "authors_routine" and name == "noise" and not authors_routine_on_noise:
+                row[loop] = "skipped (-a authors_routine_on_noise=true: over 20 minutes per map)"
+                continue
             seconds, masks[loop] = [], []
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 masks[loop] = [proposal_soft_masks(f, **options) for f in maps]
                 seconds.append((time.perf_counter() - t0) / len(maps))
             row[loop] = {"s_per_image": min(seconds), "masks_per_image": float(np.mean([len(m) for m in masks[loop]]))}
-        for loop in loops:
+        for loop in masks:
             if loop != "incremental":
                 same = sum(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(masks["incremental"], masks[loop]))
                 row[f"identical_to_{loop}"] = f"{same} of {len(maps)} maps"

@@ -1,0 +1,338 @@
+"""The first principal direction of the patches a PriMaPs image has not assigned yet (``primaps_proposals``).
+
+``principal_directions`` is the exact direction, signed as the reference code's routine signs it (see
+``primaps_proposals`` for why). ``DirectionTracker`` follows it through the proposal loop for a fraction of
+the cost, and says how far its estimate can be from the exact one, so the loop takes from it only the
+decisions that estimate proves (the anchor patch and the sign) and asks for the exact direction otherwise:
+the masks are those of the exact loop (tests compare them).
+
+Why a tracker: on a map with little structure (noise, random or early-training backbones) every mask is one
+patch, and a 40x40 image needs ~1,500 leading eigenvectors of 384 x 384 scatter matrices, each of which
+costs a tridiagonal reduction (~8 ms) when computed from scratch. Between two masks the scatter changes by
+a few rank-one downdates. The tracker keeps the full eigendecomposition Q diag(lam) Q^T of the scatter at its
+last refresh and the downdates since, P (k x d, in Q's basis): the scatter now is Q (diag(lam) - P^T P) Q^T.
+Its top eigenpair costs O(d k^2) through the Woodbury identity: a few Lanczos steps on (A - sigma)^-1 with
+sigma just above the top eigenvalue (the previous one bounds it: downdates only lower eigenvalues), then
+Rayleigh-quotient polishing if needed. The proof that the pair found is the top one, and the bound on the
+vector's error, come from counting A's eigenvalues above tau = theta - gap with Sylvester's law of inertia
+(``eigenvalues_above``): exactly one means every other eigenvalue is at most tau, and by Davis-Kahan the
+vector is within sqrt(2) r / (gap - r) of the exact one (r: the residual norm).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import scipy.linalg
+import scipy.linalg.lapack
+import torch
+
+LOWRANK_RANK, LOWRANK_ITERATIONS = 3, 100  # the reference code's torch.pca_lowrank(q=3, niter=100)
+
+
+# ---- the exact direction and its sign ------------------------------------------------------------------------
+
+def top_directions(x: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` leading principal directions (d, count) of the rows of x, largest variance first, from the
+    float64 eigendecomposition of the smaller of the scatter (d x d) and Gram (n x n) matrices."""
+    xc = (x - x.mean(0, keepdim=True)).double()
+    if len(xc) >= xc.shape[1]:
+        _, vecs = torch.linalg.eigh(xc.T @ xc)
+        return vecs.flip(1)[:, :count].float()
+    _, u = torch.linalg.eigh(xc @ xc.T)
+    dirs = xc.T @ u.flip(1)[:, :count]
+    return (dirs / dirs.norm(dim=0, keepdim=True).clamp_min(1e-300)).float()
+
+
+# MKL's SVD (torch on a CPU) keeps the sign a Householder QR gave a 3-row matrix of fewer columns than this, and
+# flips it from this width on; measured, and pinned by test_primaps_proposals against torch.pca_lowrank itself.
+SVD_FLIPS_FROM_WIDTH = 60
+
+
+def sign_pivot(count: int, first_offset, directions):
+    """The numbers (count,) whose signs ``routine_signs`` reads for ``count`` rows, ``first_offset`` the first
+    row minus the mean (read with at least as many rows as dimensions), and whether the rule is reversed."""
+    d = len(directions)
+    if count >= d:
+        return first_offset @ directions, d < SVD_FLIPS_FROM_WIDTH
+    return directions[0], count < SVD_FLIPS_FROM_WIDTH
+
+
+def routine_signs(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Signs (count,) that ``torch.pca_lowrank`` gives the principal directions (d, count) of the rows of x (n, d)
+    on a CPU once it has converged, whatever its random start. Its last QR makes the first row's coordinate on the
+    basis negative (Householder), and its SVD then flips that sign when its 3-row matrix has at least
+    ``SVD_FLIPS_FROM_WIDTH`` columns: so the first row lies on the positive side of the mean, or, with fewer rows
+    than dimensions (the routine works on the transpose), the direction's first coordinate is positive; both
+    rules reversed below that width. Depends only on the sign of a well-defined number, not on rounding."""
+    pivot, narrow = sign_pivot(len(x), x[0] - x.mean(0), directions)
+    signs = torch.where(pivot < 0, -1.0, 1.0)
+    return -signs if narrow else signs
+
+
+def principal_directions(x: torch.Tensor, count: int = 1, principal: str = "exact", seed: int = 0,
+                         top: Callable[[torch.Tensor, int], torch.Tensor] = top_directions) -> torch.Tensor:
+    """The first ``count`` principal directions (d, count) of the rows of x (n, d), signed as the reference
+    code's routine signs them. ``principal="lowrank"``: that routine itself, seeded. ``top(x, width)``: the
+    unsigned leading directions (the incremental loop passes its own)."""
+    n, d = x.shape
+    if n > 1 and principal == "lowrank" and min(n, d) >= LOWRANK_RANK >= count:
+        with torch.random.fork_rng(devices=[]):  # the routine draws from the global generator: seed it, restore it
+            torch.manual_seed(seed)
+            return torch.pca_lowrank(x, q=LOWRANK_RANK, niter=LOWRANK_ITERATIONS)[2][:, :count]
+    if n < 2 or not (x - x[0]).abs().max() > 0:  # no variance: the mean direction stands in (module docstring)
+        mean = x.mean(0)
+        return (mean / mean.norm().clamp_min(1e-30))[:, None].expand(d, count).clone()
+    leading = top(x, min(count, n, d))
+    return leading * routine_signs(x, leading)
+
+
+# ---- the tracker ---------------------------------------------------------------------------------------------
+
+class DirectionTracker:
+    """The leading eigenvector of the unassigned rows' scatter through the proposal loop (module docstring).
+
+    ``top`` is the exact direction (LAPACK's subset solver on the scatter, kept by subtracting the removed rows
+    instead of forming it again); ``estimate`` is the fast one with its error bound, or None where it has
+    none to give (after a large mask, or when the proof fails). ``max_pending`` downdates are kept before the
+    eigendecomposition is refreshed (one ~17 ms decomposition instead of ~1,500 top-eigenvector solves)."""
+
+    def __init__(self, x: torch.Tensor, max_pending: int = 96, lanczos_steps: int = 12):
+        self.rows = x.double().numpy()
+        self.n, self.d = self.rows.shape
+        self.sum_xx, self.sum_x, self.count = self.rows.T @ self.rows, self.rows.sum(0), self.n
+        self.mean = self.sum_x / self.count
+        self.removed: list[np.ndarray] = []  # rows taken out of sum_xx lazily (one GEMM, not one outer product each)
+        self.max_pending, self.lanczos_steps = max_pending, lanczos_steps
+        self.basis: tuple[np.ndarray, np.ndarray] | None = None  # (lam, Q) of the scatter at the last refresh
+        self.pending = np.empty((max_pending, self.d))  # downdates since, in Q's basis
+        self.k = 0
+        self.warm: tuple[np.ndarray, float] | None = None  # last top pair in Q's basis: (y, theta)
+        self.small_steps = 0  # masks of a few rows in a row: when the fast path pays for a refresh
+
+    # -- the scatter -------------------------------------------------------------------------------------------
+
+    def scatter(self) -> np.ndarray:
+        if self.removed:
+            gone = np.concatenate(self.removed)
+            self.sum_xx -= gone.T @ gone
+            self.sum_x -= gone.sum(0)
+            self.removed = []
+        return self.sum_xx - np.outer(self.sum_x, self.sum_x / self.count)
+
+    def remove(self, taken: np.ndarray) -> None:
+        """Take the rows where ``taken`` (n,) is true out of the scatter."""
+        rows = self.rows[taken]
+        m, n = len(rows), self.count
+        self.removed.append(rows)
+        self.count -= m
+        if self.basis is not None and m <= 4 and self.count > 0 and self.k + m + 1 <= self.max_pending:
+            # removing set B (mean b) from n rows (mean mu): scatter -= sum (r - b)(r - b)^T + m (n - m) / n ...
+            b = rows.mean(0)
+            rest_mean = (n * self.mean - m * b) / self.count
+            vectors = [np.sqrt(m * self.count / n) * (rest_mean - b)] + [r - b for r in rows] * (m > 1)
+            lam, q = self.basis
+            for vector in vectors:
+                self.pending[self.k] = q.T @ vector
+                self.k += 1
+        else:
+            self.basis, self.k, self.warm = None, 0, None
+        self.mean = (n * self.mean - rows.sum(0)) / self.count if self.count else self.mean
+        self.small_steps = self.small_steps + 1 if m <= 4 else 0
+
+    # -- the exact direction -----------------------------------------------------------------------------------
+
+    def top(self, _x: torch.Tensor, count: int) -> torch.Tensor:
+        """The ``count`` leading eigenvectors (d, count) of the scatter, largest first (as ``top_directions``)."""
+        d = self.d
+        vals, vecs = scipy.linalg.eigh(self.scatter(), subset_by_index=[d - count, d - 1], driver="evr",
+                                       check_finite=False, overwrite_a=True)
+        if count == 1 and self.basis is not None:  # the next estimate starts here (its second: from above)
+            self.warm = (self.basis[1].T @ vecs[:, 0], float(vals[0]), -np.inf)
+        return torch.from_numpy(vecs[:, ::-1].copy()).float()
+
+    # -- the fast direction ------------------------------------------------------------------------------------
+
+    def estimate(self) -> tuple[np.ndarray, float] | None:
+        """(v, bound): the leading eigenvector (d,) float64 up to sign, and a proven bound on its distance to the
+        exact one (up to sign); None where no estimate is proven."""
+        if self.count < 2:
+            return None
+        if self.basis is None:
+            if self.small_steps < 2:  # large masks: each changes the scatter too much to track
+                return None
+            lam, q = scipy.linalg.eigh(self.scatter(), driver="evd", check_finite=False)
+            self.basis, self.k = (lam, q), 0
+            self.warm = (np.eye(1, self.d, self.d - 1)[0], float(lam[-1]), float(lam[-2]))
+        lam, q = self.basis
+        p = self.pending[:self.k]
+        y, theta, second = self.warm
+        # Rank-r downdates interlace: the new top eigenvalue is at least the old (r+1)-th, the new second at most
+        # the old second. The old second eigenvalue is thus a shift between the new first two: one factorisation
+        # there gives both the proof (its inertia) and the operator whose largest eigenvalue is the top one.
+        found = interior_lanczos(lam, p, y, second, self.lanczos_steps) if second < theta else None
+        if found is None:  # the shift from above the spectrum, and a separate count for the proof
+            y, theta, residual, second = lanczos_top(lam, p, y, theta, self.lanczos_steps)
+            bound = proven_bound(lam, p, theta, residual, second)
+            if bound > 1e-3:  # polish: Rayleigh-quotient iteration converges cubically from here
+                y, theta, residual = rayleigh_polish(lam, p, y)
+                bound = proven_bound(lam, p, theta, residual, -np.inf)
+            found = y, theta, bound, second
+        y, theta, bound, second = found
+        if not np.isfinite(bound):
+            return None
+        self.warm = (y, theta, second)
+        return q @ y, bound
+
+
+# ---- the kernels: the top eigenpair of A = diag(lam) - P^T P --------------------------------------------------
+
+def _times(lam: np.ndarray, p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return lam * y - p.T @ (p @ y)
+
+
+def _shift_solver(lam: np.ndarray, p: np.ndarray, sigma: float) -> Callable[[np.ndarray], np.ndarray]:
+    """y -> (A - sigma)^-1 y by Woodbury: (D - P^T P)^-1 = D^-1 + D^-1 P^T (I - P D^-1 P^T)^-1 P D^-1."""
+    inv_d = 1.0 / (lam - sigma)
+    if len(p) == 0:
+        return lambda y: inv_d * y
+    pd = p * inv_d
+    capacitance = np.linalg.inv(np.eye(len(p)) - pd @ p.T)
+    return lambda y: inv_d * y + pd.T @ (capacitance @ (pd @ y))
+
+
+def _rayleigh(lam, p, y):
+    ay = _times(lam, p, y)
+    theta = float(y @ ay)
+    return theta, float(np.linalg.norm(ay - theta * y))
+
+
+def _lanczos(solve: Callable[[np.ndarray], np.ndarray], y: np.ndarray, steps: int,
+             enough: Callable[[np.ndarray, np.ndarray], bool] | None = None):
+    """Lanczos with full re-orthogonalisation on the operator ``solve`` from the unit vector y: the Ritz values
+    (ascending) and the Ritz vectors (d, m), after ``steps`` steps or, from the 4th, once ``enough`` of them
+    (asked every second step and at the last)."""
+    basis = np.empty((steps, len(y)))
+    alpha, beta = np.empty(steps), np.empty(steps)
+    basis[0] = y
+    for j in range(steps):
+        w = solve(basis[j])
+        alpha[j] = basis[j] @ w
+        for _ in range(2):  # twice is enough (Kahan): a handful of vectors
+            w -= basis[:j + 1].T @ (basis[:j + 1] @ w)
+        beta[j] = np.linalg.norm(w)
+        last = j + 1 == steps or not beta[j] > 1e-14 * abs(alpha[j])
+        if last or (enough is not None and j >= 3 and j % 2 == 1):
+            ritz, vectors = scipy.linalg.eigh_tridiagonal(alpha[:j + 1], beta[:j], check_finite=False)
+            vectors = basis[:j + 1].T @ vectors
+            if (enough is not None and enough(ritz, vectors)) or last:
+                return ritz, vectors
+        basis[j + 1] = w / beta[j]
+    raise AssertionError("unreachable")
+
+
+def lanczos_top(lam: np.ndarray, p: np.ndarray, y: np.ndarray, upper: float, steps: int):
+    """Top eigenpair of A from the start y, ``upper`` >= its top eigenvalue: Lanczos on (A - sigma)^-1, sigma
+    just above ``upper``, whose most negative eigenvalue is A's top one. Returns (y, theta, residual, second):
+    the Ritz vector, its Rayleigh quotient and residual norm, and the second Ritz value mapped back to A."""
+    y = y / np.linalg.norm(y)
+    theta, residual = _rayleigh(lam, p, y)
+    if len(p) == 0 or residual <= 1e-13 * abs(theta):
+        return y, theta, residual, -np.inf
+    sigma = upper + 1e-9 * abs(upper) + 1e-12
+    ritz, vectors = _lanczos(_shift_solver(lam, p, sigma), y, steps)
+    y = vectors[:, 0] / np.linalg.norm(vectors[:, 0])
+    theta, residual = _rayleigh(lam, p, y)
+    second = sigma + 1.0 / ritz[1] if len(ritz) > 1 and ritz[1] < 0 else -np.inf
+    return y, theta, residual, second
+
+
+def interior_lanczos(lam: np.ndarray, p: np.ndarray, y: np.ndarray, sigma: float, steps: int,
+                     target: float = 1e-4):
+    """Top eigenpair of A with its proof from one factorisation at a shift sigma meant to lie between A's first
+    two eigenvalues: the inertia of M(sigma) counts A's eigenvalues above sigma, and where that is exactly one,
+    the largest eigenvalue of (A - sigma)^-1 is the top one's, well separated (the rest are negative).
+    Returns (y, theta, bound, second) with ``proven_bound``'s meaning of bound, after ``steps`` steps or once
+    the bound is at most ``target``; None where sigma is not between them or the gap is too small to prove
+    anything."""
+    if len(p) == 0:
+        return None
+    inv_d = 1.0 / (lam - sigma)
+    if not np.all(np.isfinite(inv_d)):
+        return None
+    pd = p * inv_d
+    capacitance = np.eye(len(p)) - pd @ p.T
+    if int((lam > sigma).sum()) - negative_eigenvalues(capacitance) != 1:
+        return None
+    inverse = np.linalg.inv(capacitance)
+    found = []
+
+    def enough(ritz: np.ndarray, vectors: np.ndarray) -> bool:
+        y = vectors[:, -1] / np.linalg.norm(vectors[:, -1])
+        theta, residual = _rayleigh(lam, p, y)
+        gap = theta - sigma  # every other eigenvalue is at most sigma
+        second = sigma + 1.0 / ritz[0] if ritz[0] < 0 else -np.inf
+        proven = gap > 2 * residual and gap > 1e-7 * abs(theta)  # far from where rounding could change the count
+        bound = float(np.sqrt(2) * residual / (gap - residual)) if proven else np.inf
+        found[:] = [(y, theta, bound, second)]
+        return bound <= target
+
+    _lanczos(lambda v: inv_d * v + pd.T @ (inverse @ (pd @ v)), y / np.linalg.norm(y), steps, enough)
+    return found[0] if np.isfinite(found[0][2]) else None
+
+
+def rayleigh_polish(lam: np.ndarray, p: np.ndarray, y: np.ndarray, iterations: int = 6):
+    theta, residual = _rayleigh(lam, p, y)
+    for _ in range(iterations):
+        if residual <= 1e-12 * abs(theta):
+            break
+        z = _shift_solver(lam, p, theta)(y)
+        y = z / np.linalg.norm(z)
+        theta, residual = _rayleigh(lam, p, y)
+    return y, theta, residual
+
+
+def eigenvalues_above(lam: np.ndarray, p: np.ndarray, tau: float) -> int:
+    """How many eigenvalues of A = diag(lam) - P^T P exceed tau, by Sylvester's law of inertia: with
+    D = diag(lam) - tau, both A - tau and M = I - P D^-1 P^T are Schur complements of [[D, P^T], [P, I]], hence
+    #(A > tau) = #(lam > tau) - #(M < 0); M's negative eigenvalues are counted from its LDL^T factorisation
+    (Bunch-Kaufman: O(k^3 / 3), no eigenvalues computed)."""
+    margin = 1e-9 * max(float(np.abs(lam).max()), 1.0)
+    near = np.abs(lam - tau) < margin
+    if near.any():  # too close to a pole for D^-1 to leave I any digits: count above a shift a little lower,
+        tau = float(lam[near].min()) - margin  # which only ever makes a proof of "one eigenvalue above" stricter
+    above = int((lam > tau).sum())
+    if len(p) == 0:
+        return above
+    return above - negative_eigenvalues(np.eye(len(p)) - (p / (lam - tau)) @ p.T)
+
+
+def negative_eigenvalues(m: np.ndarray) -> int:
+    """The number of negative eigenvalues of the symmetric matrix m: those of the 1x1 and 2x2 blocks of its
+    Bunch-Kaufman factorisation m = L D L^T (Sylvester's law of inertia)."""
+    ldu, pivots, info = scipy.linalg.lapack.dsytrf(m, lower=1)
+    if info < 0:
+        raise ValueError(f"dsytrf: argument {-info} is invalid")
+    diag, sub = np.diag(ldu), np.diag(ldu, -1)
+    negative, i = 0, 0
+    while i < len(m):
+        if pivots[i] > 0:
+            negative += diag[i] < 0
+            i += 1
+        else:  # a 2x2 block: one negative eigenvalue if its determinant is negative, else both share trace's sign
+            det = diag[i] * diag[i + 1] - sub[i] ** 2
+            negative += 1 if det < 0 else 2 * (diag[i] + diag[i + 1] < 0)
+            i += 2
+    return int(negative)
+
+
+def proven_bound(lam: np.ndarray, p: np.ndarray, theta: float, residual: float, second: float) -> float:
+    """A proven bound on |y - v| (up to sign) of a unit vector y with Rayleigh quotient theta and residual norm
+    ``residual`` against A's top eigenvector v; ``second`` estimates the next eigenvalue (where to put tau).
+    inf when the count does not prove theta's eigenvalue is the top one, or the gap is too small to say."""
+    floor = 1e-7 * abs(theta)
+    for gap in dict.fromkeys((max((theta - second) / 2, floor), floor)):
+        if gap > 2 * residual and eigenvalues_above(lam, p, theta - gap) == 1:
+            return float(np.sqrt(2) * residual / (gap - residual))
+    return np.inf
