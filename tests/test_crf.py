@@ -34,3 +34,17 @@ def test_one_worker_runs_in_this_process_and_hard_labels_go_through_too():
     image[:, 16:] = 255
     [refined] = CRFPool(1).map(label_crf, [(image, labels, 2)])
     np.testing.assert_array_equal(refined, labels)  # edges and labels agree: nothing to move
+
+
+def test_a_started_pool_serves_several_streams_with_the_same_workers():
+    import os
+
+    with CRFPool(2) as pool:
+        workers = set(pool._executor._processes)  # started on entering the block
+        first = set(pool.map(os.getpid, [()] * 6))
+        labels = list(pool.map(crf_argmax, jobs(3)))
+        second = set(pool.map(os.getpid, [()] * 6))
+        assert len(workers) == 2 and set(pool._executor._processes) == workers  # the same two processes
+    assert (first | second) <= workers and os.getpid() not in workers
+    assert all((a == b).all() for a, b in zip(labels, [crf_argmax(*job) for job in jobs(3)]))
+    assert pool._executor is None  # stopped with the block

@@ -118,12 +118,13 @@ def run(ctx):
     if p["crf"]:
         from ..crf import CRFPool, label_crf
 
-        for d in data.values():  # at label resolution: the CRF sees the image's edges; images in parallel
-            masks = d.get("filtered", d["masks"])
-            jobs = ((d["images"][i], upsample_nearest(m, size), ctx.k) for i, (m, size) in enumerate(
-                ctx.progress(list(zip(masks, d["sizes"])), desc="crf", total=len(masks), unit="images")))
-            with ctx.timed("crf"):
-                d["crf"] = [labels.astype(np.int16) for labels in CRFPool().map(label_crf, jobs)]
+        with CRFPool() as pool:  # one set of workers for every split
+            for d in data.values():  # at label resolution: the CRF sees the image's edges; images in parallel
+                masks = d.get("filtered", d["masks"])
+                jobs = ((d["images"][i], upsample_nearest(m, size), ctx.k) for i, (m, size) in enumerate(
+                    ctx.progress(list(zip(masks, d["sizes"])), desc="crf", total=len(masks), unit="images")))
+                with ctx.timed("crf"):
+                    d["crf"] = [labels.astype(np.int16) for labels in pool.map(label_crf, jobs)]
     models = _self_train(ctx, config, fit, kept, stats) if p["denoise"] else []
 
     def predictions():
