@@ -756,7 +756,8 @@ def report(
     format: Optional[str] = typer.Option(None, "--format", "-f", help="markdown | latex | csv | html (tables only; "
                                          "default markdown)"),
     table: Optional[str] = typer.Option(None, "--table", help="leaderboard | segments | streams | classes (per-class "
-                                        "IoU) | timings | discovered (COMUS Table 3) | all (default: all; leaderboard for csv)"),
+                                        "IoU) | timings | predictions (runs without ground truth) | discovered (COMUS Table 3) | all "
+                                        "(default: all; leaderboard for csv)"),
     task: Optional[str] = typer.Option(None, help="only this task"),
     k: str = typer.Option("classes", "--k", help="leaderboard K: 'classes' (K = number of classes), 2C, 3C ... "
                           "or a number"),
@@ -779,8 +780,8 @@ def report(
     unscored = sum(r["miou"] is None for r in records)
     if unscored:
         console.print(f"note: {unscored} run(s) on images without ground truth have no metrics: they are in the "
-                      f"panels and timings (and segment statistics where their method has them), not in the "
-                      f"leaderboard; ssl-bench show HASH prints what their predictions look like", highlight=False)
+                      f"predictions table, the panels and timings (and segment statistics where their method has "
+                      f"them), not in the leaderboard; ssl-bench show HASH lists each cluster", highlight=False)
     if task and task not in {r["task"] for r in records}:
         raise UserError(f"no stored run of task '{task}' -- stored tasks: "
                         f"{', '.join(sorted({r['task'] for r in records})) or 'none (run ssl-bench run first)'}")

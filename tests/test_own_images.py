@@ -92,6 +92,9 @@ def test_a_folder_of_photos_without_masks_is_segmented_and_saved(photos, tmp_pat
     assert "headline: no ground truth, so no metrics" in shown and "clusters_per_image" in shown
     listed = _cli(tmp_path, "runs")
     assert row["config_hash"][:12] in listed and "images:all" in listed
+    reported = _cli(tmp_path, "report", "--format", "markdown", "--table", "predictions")
+    assert "Predictions of runs without ground truth" in reported  # a table, not only `show`
+    assert f"{stats['clusters_used']}.0" in reported and f"{stats['clusters_per_image']:.1f}" in reported
 
 
 def test_a_folder_of_photos_needs_k(photos, tmp_path):

@@ -18,12 +18,12 @@ from pathlib import Path
 from .. import samples
 from ..errors import UserError
 from . import figures, html
-from .details import class_tables, timings_table
+from .details import class_tables, predictions_table, timings_table
 from .tables import (DAGGER, FORMATS, RANDOM_NOTE, Table, discovered_table, leaderboard, model_label, runs_frame,
                      segment_table, streams_table, task_label, to_csv, to_html, to_latex, to_markdown)
 
 TABLES = {"leaderboard": leaderboard, "segments": segment_table, "streams": streams_table, "classes": class_tables,
-          "timings": timings_table, "discovered": discovered_table}
+          "timings": timings_table, "predictions": predictions_table, "discovered": discovered_table}
 EXTENSIONS = {"markdown": "md", "latex": "tex", "csv": "csv", "html": "html"}
 
 __all__ = ["FORMATS", "TABLES", "Table", "discovered_table", "leaderboard", "runs_frame", "segment_table",
@@ -45,8 +45,8 @@ def build_tables(records: list[dict], which: str = "all", k: str | int = "classe
             taken: set[str] = set()
             for column, table in class_tables(scored, k, task, subsets).items():
                 built[_unique_name(f"classes_{_slug(column)}", column, taken)] = table
-        elif name == "timings":
-            built[name] = timings_table(records, task)
+        elif name in ("timings", "predictions"):  # every run: those without ground truth have no metrics
+            built[name] = TABLES[name](records, task)
         else:
             built[name] = TABLES[name](_task_filter(records if name == "segments" else scored, task))
     return {n: t for n, t in built.items() if n == "leaderboard" or which != "all" or not t.empty}

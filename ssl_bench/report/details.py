@@ -4,6 +4,8 @@
   row per backbone and method, the IoU of each class of the headline stream (mean ± std over seeds).
 - ``timings_table``: seconds per stage (features, labels, task, evaluate) of the stored runs, one row per
   backbone, method, dataset and K (mean over seeds).
+- ``predictions_table``: what the predictions of runs on images without ground truth look like (they have no
+  metrics, so no leaderboard row): clusters used, clusters per image, unlabelled pixels, the largest cluster.
 """
 
 from __future__ import annotations
@@ -90,3 +92,30 @@ def timings_table(records: list[dict], task: str | None = None) -> Table:
     return table.finish(["Features: the feature extraction where ssl-bench run made it, else opening the cache (a "
                          "sweep extracts before its cells; sweep --plan prices extractions from the cache). The "
                          "machine's load changes these figures."])
+
+
+def predictions_table(records: list[dict], task: str | None = None) -> Table:
+    """Runs without ground truth (``stats["predictions"]``): one row per backbone, method, dataset and K."""
+    columns = [Column("Backbone", numeric=False), Column("Method", numeric=False), Column("Dataset", numeric=False),
+               Column("K", numeric=False), Column("Runs", numeric=False, count=True),
+               Column("Images", numeric=False, count=True), Column("Clusters used"), Column("Clusters per image"),
+               Column("Unlabelled (%)"), Column("Largest cluster (% pixels)")]
+    table = Table("Predictions of runs without ground truth (no metrics: what the clusters look like)", columns)
+    rows = [r for r in records if isinstance((r.get("stats") or {}).get("predictions"), dict)
+            and (not task or r["task"] == task)]
+    if not rows:
+        return table
+    frame = runs_frame(rows)
+    frame["predictions"] = [r["stats"]["predictions"] for r in rows]
+    for (random, model, method, column, k), runs in frame.groupby(["random_weights", "model", "method", "column",
+                                                                    "k"]):
+        counts = list(runs.predictions)
+        cells = [Cell(model), Cell(method), Cell(column), Cell(str(k)), Cell(len(runs)),
+                 Cell(int(max(c["images"] for c in counts)))]
+        cells += [Cell(*_mean_std(c["clusters_used"] for c in counts), digits=1),
+                  Cell(*_mean_std(c["clusters_per_image"] for c in counts), digits=1),
+                  Cell(*_mean_std(c["unlabelled_percent"] for c in counts)),
+                  Cell(*_mean_std(max(c["pixel_percent"], default=0.0) for c in counts))]
+        table.add(cells, random=bool(random))
+    return table.finish(["Mean ± std over the runs of a row; ssl-bench show HASH lists each cluster's share of "
+                         "the pixels and of the images."])
