@@ -425,3 +425,20 @@ def test_a_recipe_without_its_weights_refuses_in_one_line_naming_the_files(tmp_p
     error = str(run.exception)
     assert error.startswith("recipe datus2-table1 needs 18 weight file(s) not found:") and "\n" not in error
     assert all(name in error for name in files) and "suim:train" in error
+
+
+def test_the_plan_lists_the_weights_a_task_and_its_stages_declare(tmp_path):
+    # COMUS reads two files besides its backbone: the de-noiser's encoder (its preset's DINO ResNet-50) and,
+    # with the BASNet saliency stage, the released BASNet weights, unless the run names its own file
+    from ssl_bench.reproduce.recipe import Measure
+    from ssl_bench.stages.segmenters.basnet import WEIGHTS_FILE
+
+    names = {w.backbone: w.file for w in needs.weights(rep.load("comus-table1"))}
+    assert names["dino-vits8"] and names["dino-resnet50-os8"] == "dino_resnet50_pretrain.pth"
+    measure = Measure(backbone="dino-vits8", task="comus", params=(("segmenter", "saliency-basnet"),),
+                      dataset="voc2012")
+    assert [getattr(w, "file", w) for w in needs.declared_weights(measure)] == ["dino-resnet50-os8", WEIGHTS_FILE]
+    own = tmp_path / "basnet.pth"
+    mine = Measure(backbone="dino-vits8", task="comus", dataset="voc2012",
+                   params=(("denoise", False), ("segmenter", "saliency-basnet"), ("segmenter.weights", str(own))))
+    assert needs.declared_weights(mine) == []

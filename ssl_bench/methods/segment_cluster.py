@@ -46,6 +46,15 @@ STREAMS = ("initial", "filtered", "crf", "denoised")  # the engine's streams, in
 OPTIONAL_PARAMS = {"filter_percent": 0.0, "denoise_iterations": 1, "streams": {}}
 
 
+def weights_needed(params: dict) -> list[str]:
+    """Weights a run with these (resolved) parameters reads besides its backbone and stages: the de-noiser's
+    encoder (COMUS's DINO ResNet-50), which ``reproduce --plan`` lists with the backbones."""
+    if not params.get("denoise"):
+        return []
+    encoder = DenoiserConfig.from_params(params.get("denoiser")).encoder
+    return [encoder] if encoder else []
+
+
 def optional(p: dict, key: str):
     return p.get(key, OPTIONAL_PARAMS[key])
 

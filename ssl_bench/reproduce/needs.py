@@ -96,25 +96,56 @@ class WeightsNeed:
 
 
 def weights(recipe: Recipe, runnable_only: bool = False) -> list[WeightsNeed]:
-    """The weight files the recipe's rows need (non-learned backbones need none), and which are here."""
+    """The weight files the recipe's rows need (non-learned backbones need none), and which are here: the
+    backbones, those the parameters name, and what the task's code and its stages declare (``declared_weights``)."""
     from ..models.weights import expected_file, is_non_learned, locate
 
     rows: dict[str, set] = {}
+    specs: dict[str, registry.BackboneSpec] = {}
     for cell in recipe.cells:
         m = cell.measure
         if runnable_only and why_not_runnable(m):
             continue
-        for name in filter(None, (m.backbone, *backbones_in_params(m))):
-            rows.setdefault(name, set()).add(cell.row)
+        for need in (m.backbone, *backbones_in_params(m), *declared_weights(m)):
+            if isinstance(need, registry.BackboneSpec):
+                specs[need.name], need = need, need.name
+            if need:
+                rows.setdefault(need, set()).add(cell.row)
     out = []
     for name, row_labels in rows.items():
-        spec = registry.backbones().get(name)
+        spec = specs.get(name) or registry.backbones().get(name)
         if spec is None or is_non_learned(spec):
             continue
         where = locate(spec)
         source = spec.url or (f"Hugging Face {spec.hf}" if spec.hf else (f"timm {spec.timm}" if spec.timm else ""))
         out.append(WeightsNeed(name, expected_file(spec), source, where[0] if where else None, len(row_labels)))
     return out
+
+
+def declared_weights(m: Measure) -> list:
+    """Weights a run needs beyond its backbone, as the code declares them: an optional
+    ``weights_needed(params)`` next to the task's entry point (e.g. the composed engine's de-noiser encoder) and
+    on each stage's class (e.g. COMUS's BASNet), returning registered backbone names or ``BackboneSpec``s."""
+    if why_not_runnable(m):
+        return []
+    spec = registry.tasks()[m.task]
+    params = spec.resolve_params(dict(m.params))
+    found: list = []
+    hook = _optional_attribute(spec.entrypoint, "weights_needed")
+    if hook is not None:
+        found += hook(params)
+    for slot, kind in spec.stages.items():
+        stage = registry.stages(kind)[params[slot]]
+        hook = getattr(registry.load_entrypoint(stage.entrypoint), "weights_needed", None)
+        if hook is not None:
+            found += hook(**{key.split(".", 1)[1]: v for key, v in params.items() if key.startswith(slot + ".")})
+    return found
+
+
+def _optional_attribute(entrypoint: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(entrypoint.split(":", 1)[0]), name, None)
 
 
 # ---- data ---------------------------------------------------------------------------------------------

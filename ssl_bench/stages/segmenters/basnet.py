@@ -191,6 +191,11 @@ class BasnetSaliency(Saliency):
     def identity(ctx, weights: str | None = None, **_) -> dict:
         return {"basnet": weights_source(ctx, weights).identity}
 
+    @staticmethod
+    def weights_needed(weights: str | None = None, **_) -> list[BackboneSpec]:
+        """The released file (``reproduce --plan`` lists it), unless the run names its own."""
+        return [] if weights else [SPEC]
+
     def foreground(self, features: dict, image, index) -> np.ndarray:
         from ..regions import upsample_nearest
 
