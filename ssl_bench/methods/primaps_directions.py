@@ -315,16 +315,14 @@ def negative_eigenvalues(m: np.ndarray) -> int:
     if info < 0:
         raise ValueError(f"dsytrf: argument {-info} is invalid")
     diag, sub = np.diag(ldu), np.diag(ldu, -1)
-    negative, i = 0, 0
-    while i < len(m):
-        if pivots[i] > 0:
-            negative += diag[i] < 0
-            i += 1
-        else:  # a 2x2 block: one negative eigenvalue if its determinant is negative, else both share trace's sign
-            det = diag[i] * diag[i + 1] - sub[i] ** 2
-            negative += 1 if det < 0 else 2 * (diag[i] + diag[i + 1] < 0)
-            i += 2
-    return int(negative)
+    # a 2x2 block spans two consecutive negative pivot entries (lower storage), and blocks follow each other
+    starts = np.flatnonzero(pivots < 0)[0::2]
+    single = np.ones(len(m), bool)
+    single[starts] = single[starts + 1] = False
+    det = diag[starts] * diag[starts + 1] - sub[starts] ** 2
+    # a 2x2 block with a negative determinant has one negative eigenvalue, else two of its trace's sign
+    doubles = np.where(det < 0, 1, 2 * (diag[starts] + diag[starts + 1] < 0))
+    return int((diag[single] < 0).sum() + doubles.sum())
 
 
 def proven_bound(lam: np.ndarray, p: np.ndarray, theta: float, residual: float, second: float) -> float:
