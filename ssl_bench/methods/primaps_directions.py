@@ -11,12 +11,14 @@ patch, and a 40x40 image needs ~1,500 leading eigenvectors of 384 x 384 scatter 
 costs a tridiagonal reduction (~8 ms) when computed from scratch. Between two masks the scatter changes by
 a few rank-one downdates. The tracker keeps the full eigendecomposition Q diag(lam) Q^T of the scatter at its
 last refresh and the downdates since, P (k x d, in Q's basis): the scatter now is Q (diag(lam) - P^T P) Q^T.
-Its top eigenpair costs O(d k^2) through the Woodbury identity: a few Lanczos steps on (A - sigma)^-1 with
-sigma just above the top eigenvalue (the previous one bounds it: downdates only lower eigenvalues), then
-Rayleigh-quotient polishing if needed. The proof that the pair found is the top one, and the bound on the
-vector's error, come from counting A's eigenvalues above tau = theta - gap with Sylvester's law of inertia
-(``eigenvalues_above``): exactly one means every other eigenvalue is at most tau, and by Davis-Kahan the
-vector is within sqrt(2) r / (gap - r) of the exact one (r: the residual norm).
+Its top eigenpair costs O(d k^2) through the Woodbury identity: a few Lanczos steps on (A - sigma)^-1. After a
+one-patch mask (a rank-one downdate) the eigenvalues interlace, so the previous second eigenvalue lies between
+the new first two: as the shift, it makes the top eigenvalue the only positive one of the operator, and the
+inertia of the same factorisation (Sylvester's law, ``eigenvalues_above``) proves that exactly one eigenvalue
+lies above it. Where that fails (larger masks), the shift goes just above the top eigenvalue (the previous one
+bounds it: downdates only lower eigenvalues), with a separate count and Rayleigh-quotient polishing. Either way,
+"exactly one eigenvalue above tau" means every other is at most tau, and by Davis-Kahan the vector is within
+sqrt(2) r / (gap - r) of the exact one (r: the residual norm, gap: theta - tau).
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class DirectionTracker:
         self.basis: tuple[np.ndarray, np.ndarray] | None = None  # (lam, Q) of the scatter at the last refresh
         self.pending = np.empty((max_pending, self.d))  # downdates since, in Q's basis
         self.k = 0
-        self.warm: tuple[np.ndarray, float] | None = None  # last top pair in Q's basis: (y, theta)
+        self.warm: tuple | None = None  # in Q's basis: (last top vector, its eigenvalue, the second's estimate)
         self.small_steps = 0  # masks of a few rows in a row: when the fast path pays for a refresh
 
     # -- the scatter -------------------------------------------------------------------------------------------
@@ -168,9 +170,10 @@ class DirectionTracker:
         lam, q = self.basis
         p = self.pending[:self.k]
         y, theta, second = self.warm
-        # Rank-r downdates interlace: the new top eigenvalue is at least the old (r+1)-th, the new second at most
-        # the old second. The old second eigenvalue is thus a shift between the new first two: one factorisation
-        # there gives both the proof (its inertia) and the operator whose largest eigenvalue is the top one.
+        # A rank-one downdate interlaces: the new top eigenvalue is at least the old second, the new second at
+        # most the old second. The old second eigenvalue is thus a shift between the new first two: one
+        # factorisation there gives both the proof (its inertia) and the operator whose largest eigenvalue is the
+        # top one.
         found = interior_lanczos(lam, p, y, second, self.lanczos_steps) if second < theta else None
         if found is None:  # the shift from above the spectrum, and a separate count for the proof
             y, theta, residual, second = lanczos_top(lam, p, y, theta, self.lanczos_steps)
