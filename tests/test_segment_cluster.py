@@ -35,6 +35,8 @@ def test_stage_parameters_are_named_by_slot_and_follow_the_chosen_stage():
     ({"segmenter.tau": 2.5}, "segmenter.tau=2.5 must be a whole number"),
     ({"segmenter.tau": -1}, "tau=-1"),
     ({"clusterer": "sinkhorn", "clusterer.temperature": 0}, "temperature=0"),
+    ({"clusterer": "abc", "clusterer.stop_label_change": 2}, "stop_label_change=2 -- use null"),
+    ({"clusterer": "abc", "clusterer.stop_patience": 0}, "stop_patience=0"),
     ({"colour.lambda": 1}, r"no parameter\(s\) \['colour.lambda'\]"),
 ])
 def test_bad_stage_choices_are_one_line(overrides, message):
@@ -150,7 +152,8 @@ def one_label_miou(runner, dataset_options) -> float:
     {"segmenter": "image-kmeans", "embed": "mean-patch", "clusterer": "spectral", "clusterer.n_neighbors": 10},
     {"segmenter": "primaps", "embed": "mean-patch", "clusterer": "sinkhorn"},
     {"segmenter": "dsm", "segmenter.feature": "patch", "segmenter.background": False, "embed": "crop-cls",
-     "clusterer": "abc", "clusterer.lr": 1e-3, "clusterer.batch_size": 64, "clusterer.epochs": 50},
+     "clusterer": "abc", "clusterer.lr": 1e-3, "clusterer.batch_size": 64, "clusterer.epochs": 50,
+     "clusterer.ffn_width": 32},  # in proportion to the reference features' d = 8 (512 is for d = 384)
 ])
 def test_composed_runs_clear_the_one_label_floor_on_the_synthetic_set(runner, stages):
     options = (("n", 8),)
@@ -159,6 +162,10 @@ def test_composed_runs_clear_the_one_label_floor_on_the_synthetic_set(runner, st
     floor = one_label_miou(runner, options)
     assert rec["miou"] > floor + 15, (rec["miou"], floor)
     assert rec["stats"]["segments"]["images"] == 8 and rec["config"]["params"]["clusterer"] == stages["clusterer"]
+    if stages["clusterer"] == "abc":  # a trained clusterer's record reaches the run's stats
+        assert rec["stats"]["clusterer_fit"]["epochs_run"] == 50
+        assert rec["stats"]["clusterer_fit"]["configuration"].startswith(
+            "not the paper's: ffn_width=32 (paper 512), epochs=50 (paper 500)")
 
 
 @pytest.mark.slow

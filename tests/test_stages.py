@@ -285,7 +285,8 @@ def relu_over(output: torch.Tensor) -> float:
 
 def test_abc_learns_to_separate_blobs_and_is_seeded():
     x, truth = blobs(50, 3, dim=8, spread=0.2)
-    first = AttentionClustering(k=3, seed=0, epochs=200, batch_size=64, lr=1e-3).fit(x)
+    # an FFN in proportion to the toy d = 8 (the default 512 is the authors' width for d = 384)
+    first = AttentionClustering(k=3, seed=0, epochs=200, batch_size=64, lr=1e-3, ffn_width=32).fit(x)
     short, again = (AttentionClustering(k=3, seed=0, epochs=5, batch_size=64, lr=1e-3).fit(x) for _ in range(2))
     np.testing.assert_array_equal(short.net.centres.detach(), again.net.centres.detach())  # seeded: same weights
     assert same_partition(first.labels_, truth)
@@ -298,6 +299,60 @@ def test_abc_architectures_of_table_2_run(layers, attention, mlp):
     x, _ = blobs(20, 3, dim=8)
     fit = AttentionClustering(k=3, seed=0, layers=layers, attention=attention, mlp=mlp, epochs=2, batch_size=16).fit(x)
     assert fit.labels_.shape == (60,) and fit.steps_ == 8
+
+
+def _attention_in_torch_order(attention, queries, centres):
+    """The reference: torch's own MultiheadAttention, as the net computed it before the closed form."""
+    return attention(queries[None], centres[None], centres[None], need_weights=False)[0][0]
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_abc_attention_regrouped_around_the_centres_is_torchs_multihead_attention(heads):
+    from ssl_bench.stages.clusterers.attention import attend_to_centres
+
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(32, heads, batch_first=True)
+    for bias in (attention.in_proj_bias, attention.out_proj.bias):  # torch starts them at 0: make them count
+        torch.nn.init.normal_(bias)
+    x, centres = torch.randn(200, 32), torch.randn(5, 32)
+    ours, theirs = attend_to_centres(attention, x, centres), _attention_in_torch_order(attention, x, centres)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_abc_fit_is_the_same_as_with_torchs_attention(monkeypatch):
+    """Same seed, same weights: outputs within 1e-5 and the same labels after a short fit as the net computed
+    with torch's MultiheadAttention; fails if the closed form changes the maths."""
+    from ssl_bench.stages.clusterers import attention as abc
+
+    x, _ = blobs(40, 3, dim=24, spread=0.3)
+    fits = [AttentionClustering(k=3, seed=0, layers=2, epochs=20, batch_size=32, lr=1e-3).fit(x)]
+    monkeypatch.setattr(abc, "attend_to_centres", _attention_in_torch_order)
+    fits.append(AttentionClustering(k=3, seed=0, layers=2, epochs=20, batch_size=32, lr=1e-3).fit(x))
+    np.testing.assert_array_equal(fits[0].labels_, fits[1].labels_)
+    np.testing.assert_allclose(fits[0].net.centres.detach(), fits[1].net.centres.detach(), atol=1e-5)
+    with torch.no_grad():
+        rows = torch.from_numpy(fits[0].transform.transform(x))
+        np.testing.assert_allclose(fits[0].net(rows), fits[1].net(rows), atol=1e-5)
+        fits[1].net.load_state_dict(fits[0].net.state_dict())  # same weights: the two computations agree
+        reference = fits[1].net(rows)
+        monkeypatch.undo()
+        np.testing.assert_allclose(fits[0].net(rows), reference, atol=1e-5)
+
+
+def test_abc_stops_once_labels_settle_only_when_asked():
+    x, _ = blobs(50, 3, dim=8, spread=0.2)
+    fixed = AttentionClustering(k=3, seed=0, epochs=60, batch_size=64, lr=1e-3, ffn_width=32).fit(x)
+    assert fixed.fit_stats_["stopped"] == "epochs" and fixed.fit_stats_["epochs_run"] == 60  # default: the paper's
+    early = AttentionClustering(k=3, seed=0, epochs=60, batch_size=64, lr=1e-3, ffn_width=32,
+                                stop_label_change=0.01, stop_patience=3).fit(x)
+    record = early.fit_stats_
+    assert record["stopped"] == "labels settled" and record["epochs_run"] < 60
+    assert len(early.label_changes_) == record["epochs_run"] - 1  # epoch 1 has nothing to compare with
+    assert max(early.label_changes_[-3:]) < 0.01
+    assert "stopped by labels settled" in record["configuration"] and "epochs=60 (paper 500)" in record["configuration"]
+    assert record["configuration"].count("(paper") == 4  # epochs, batch, lr and the toy's FFN width
+    capped = AttentionClustering(k=3, seed=0, epochs=60, batch_size=64, max_steps=7).fit(x)
+    assert capped.fit_stats_["stopped"] == "max_steps" and capped.steps_ == 7
 
 
 def test_masked_attention_cls_attends_only_to_the_segments_patches():

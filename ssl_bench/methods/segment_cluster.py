@@ -122,6 +122,8 @@ def run(ctx):
                                       background=painted_background)
 
     stats = _stats(data, ctx.split, fit_split, clusters, background)
+    if getattr(clusterer, "fit_stats_", None):  # a trained clusterer's record: steps, when it stopped, paper or not
+        stats["clusterer_fit"] = clusterer.fit_stats_
     if kept is not None:
         stats.update(filter_percent=optional(p, "filter_percent"), filtered_regions=int((~kept).sum()))
     if p["crf"]:
