@@ -281,7 +281,8 @@ BENCHMARKS: dict[str, Callable[..., dict] | str] = {
     "ray-sweep": "ssl_bench.bench_ray:ray_sweep",  # imports Ray only when run
     "gpu": "ssl_bench.bench_gpu:gpu",  # every stage on the CPU and on the device, compared
     # a stage of a task, measured apart from the task's own benchmark (named in its registry file)
-    "primaps-proposals": "ssl_bench.methods.primaps_proposals:benchmark"}
+    "primaps-proposals": "ssl_bench.methods.primaps_proposals:benchmark",
+    "abc-stopping": "ssl_bench.stages.clusterers.benchmark:abc_stopping"}  # ABC's opt-in rule vs its 500 epochs
 
 
 def available_benchmarks() -> dict[str, str | Callable[..., dict]]:

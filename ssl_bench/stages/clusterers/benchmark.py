@@ -127,3 +127,36 @@ def benchmark(sizes: tuple[int, ...] = (10_000, 100_000), dim: int = 384, k: int
             print(rows[-1], flush=True)  # long runs: each figure as it comes
     return {"threads": threads, "data": "seeded Gaussian mixture around 27 unit directions (see module docstring)",
             "rows": rows, "load_average_1min": os.getloadavg()[0]}
+
+
+def abc_stopping(regions: int = 10_000, dim: int = 384, k: int = 27, tolerances: str = "0.003,0.001,0.0003",
+                 patience: int = 10, threads: int = 1) -> dict:
+    """``ssl-bench bench abc-stopping``: the attention-based clusterer's opt-in stopping rule against its paper
+    setting on the same regions. The reference fit runs the paper's 500 epochs and records each epoch's share
+    of regions whose label changed (it ends early only once no region changed for ``patience`` epochs: its
+    labels are then final). A fit with a tolerance follows the same seeded trajectory up to the epoch where
+    its rule fires; its labels are compared with the reference's by the adjusted Rand index."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from ...ops import set_threads
+    from .attention import AttentionClustering
+
+    set_threads(threads)
+    x = region_embeddings(regions, dim, k)
+    t0 = time.perf_counter()
+    reference = AttentionClustering(k, seed=0, stop_label_change=1 / (regions + 1), stop_patience=patience).fit(x)
+    rows = [{"tolerance": None, "epochs_run": reference.fit_stats_["epochs_run"],
+             "stopped": reference.fit_stats_["stopped"], "seconds": round(time.perf_counter() - t0, 1)}]
+    print(rows[-1], flush=True)
+    for tolerance in map(float, str(tolerances).split(",")):
+        t0 = time.perf_counter()
+        fit = AttentionClustering(k, seed=0, stop_label_change=tolerance, stop_patience=patience).fit(x)
+        rows.append({"tolerance": tolerance, "epochs_run": fit.fit_stats_["epochs_run"],
+                     "stopped": fit.fit_stats_["stopped"], "seconds": round(time.perf_counter() - t0, 1),
+                     "ari_vs_reference": round(float(adjusted_rand_score(reference.labels_, fit.labels_)), 4)})
+        print(rows[-1], flush=True)
+    return {"regions": regions, "dim": dim, "k": k, "patience": patience, "threads": threads,
+            "data": "seeded Gaussian mixture around 27 unit directions (see module docstring)", "rows": rows,
+            "reference_label_changes": [round(c, 5) for c in reference.label_changes_],
+            "reference_losses": [round(loss, 3) for loss in reference.losses_],
+            "load_average_1min": os.getloadavg()[0]}
