@@ -222,8 +222,7 @@ def _lanczos(solve: Callable[[np.ndarray], np.ndarray], y: np.ndarray, steps: in
     for j in range(steps):
         w = solve(basis[j])
         alpha[j] = basis[j] @ w
-        for _ in range(2):  # twice is enough (Kahan): a handful of vectors
-            w -= basis[:j + 1].T @ (basis[:j + 1] @ w)
+        w -= basis[:j + 1].T @ (basis[:j + 1] @ w)  # once: the proof does not rest on Lanczos' accuracy
         beta[j] = np.linalg.norm(w)
         last = j + 1 == steps or not beta[j] > 1e-14 * abs(alpha[j])
         if last or (enough is not None and j >= 3 and j % 2 == 1):
