@@ -155,6 +155,31 @@ def test_local_codes_average_attention_weighted_neighbours_with_gradient():
     assert code.grad[0, 0].nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]  # gradient to the neighbours
 
 
+def test_local_codes_match_a_direct_sum_over_neighbours_values_and_gradients():
+    """On a non-square map with random weights: each position's weighted sum over its neighbours inside the map
+    (a loop over offsets), divided by their count; gradients alike (float64)."""
+    gen = torch.Generator().manual_seed(4)
+    h, w = 3, 5
+    code = torch.randn(2, 4, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
+    _, inside = hp.neighbourhood(h, w)
+    weights = torch.rand(2, h * w, 9, generator=gen, dtype=torch.float64) * inside
+    direct = torch.zeros(2, 4, h, w, dtype=torch.float64)
+    for y in range(h):
+        for x in range(w):
+            n, count = y * w + x, 0
+            for k, (dy, dx) in enumerate((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)):
+                if 0 <= y + dy < h and 0 <= x + dx < w:
+                    direct[:, :, y, x] = direct[:, :, y, x] + weights[:, n, k, None] * code[:, :, y + dy, x + dx]
+                    count += 1
+            direct[:, :, y, x] = direct[:, :, y, x] / count
+    local = hp.local_codes(code, weights)
+    assert torch.allclose(local, direct, atol=1e-12)
+    target = torch.randn(2, 4, h, w, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((local * target).sum(), code)
+    (direct_grad,) = torch.autograd.grad((direct * target).sum(), code)
+    assert torch.allclose(grad, direct_grad, atol=1e-12)
+
+
 def test_attention_weights_keep_only_above_mean_neighbours():
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 16, 8, generator=gen), torch.randn(2, 16, 8, generator=gen)
@@ -179,8 +204,80 @@ def test_contrastive_loss_prefers_codes_that_group_hidden_positives():
     assert float(loss_good) < float(loss_bad)
 
 
+def _direct_hp_loss(z, z_local, feats, codes_ema, ref_feats, ref_ema, lmbd, tau, rho, per_view, gen):
+    """HP's loss written out anchor by anchor (float64 loops): for anchor i of view v, positives P_i (cosine of the
+    features above i's or j's reference point, j != i), EMA positives Q_i alike, weights w_ij = [j in P_i] +
+    lmbd [j in Q_i], denominator D_i = P_i and the patches whose uniform draw (one (per_view, N) draw per view from
+    ``gen``, in view order) is below rho, never i; the term -scale share_i / count_i sum_j w_ij log(exp(l_ij) /
+    sum_{k in D_i} exp(l_ik)), l = z_i . z_j / tau, count_i = sum_j w_ij, share_i = count_i / mean count over
+    the view's anchors; mean over anchors with a positive, summed over views and the plain and local codes."""
+    n, scale = len(z), tau / hp.BASE_TEMPERATURE
+    views = n // per_view
+    total = z.new_zeros(())
+    for v in range(views):
+        draw = torch.rand((per_view, n), generator=gen)
+        anchors = []
+        for r in range(per_view):
+            i = v * per_view + r
+            cos_f = [float(feats[i] @ feats[j]) for j in range(n)]
+            cos_e = [float(codes_ema[i] @ codes_ema[j]) for j in range(n)]
+            pos = [j != i and (cos_f[j] > ref_feats[i] or cos_f[j] > ref_feats[j]) for j in range(n)]
+            pos_e = [j != i and (cos_e[j] > ref_ema[i] or cos_e[j] > ref_ema[j]) for j in range(n)]
+            if any(pos):
+                w = [float(pos[j]) + lmbd * float(pos_e[j]) for j in range(n)]
+                denom = [j for j in range(n) if j != i and (pos[j] or draw[r, j] < rho)]
+                anchors.append((i, w, denom))
+        if not anchors:
+            continue
+        mean_count = sum(sum(w) for _, w, _ in anchors) / len(anchors)
+        for codes in (z, z_local):
+            terms = []
+            for i, w, denom in anchors:
+                logits = codes[i] @ codes.T / tau
+                log_norm = torch.logsumexp(logits[denom], 0)
+                count = sum(w)
+                terms.append(-scale * (count / mean_count) / count
+                             * sum(w[j] * (logits[j] - log_norm) for j in range(n) if w[j]))
+            total = total + torch.stack(terms).mean()
+    return total / (views * 2)
+
+
+def test_contrastive_loss_and_its_written_out_gradient_match_a_direct_computation():
+    """The loss against ``_direct_hp_loss`` (values and autograd gradients, float64), and ``backward=True``'s
+    written-out gradient (what training uses) against both."""
+    gen = torch.Generator().manual_seed(3)
+    n, per_view, c = 12, 4, 5
+    leaf = torch.randn(n, c, generator=gen, dtype=torch.float64, requires_grad=True)
+    mix = torch.randn(c, c, generator=gen, dtype=torch.float64)
+    feats = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    feats[0], feats[1:, 0] = torch.tensor([1.0, 0, 0]), -feats[1:, 0].abs()  # patch 0: no hidden positive
+    feats = F_normalize(feats)
+    codes_ema = F_normalize(torch.randn(n, 4, generator=gen, dtype=torch.float64))
+    bank = F_normalize(torch.tensor([[1.0, 0, 0], [-1, 0, 0], [0.3, 0.5, -0.2]], dtype=torch.float64))
+    bank_ema = F_normalize(torch.randn(3, 4, generator=gen, dtype=torch.float64))
+    ref_f, ref_e = hp.reference_points(feats, bank), hp.reference_points(codes_ema, bank_ema)
+    args = (feats, codes_ema, ref_f, ref_e, 0.4, 0.6, 0.3, per_view)
+
+    def codes():
+        return F_normalize(leaf), F_normalize(torch.tanh(leaf @ mix))  # two codes sharing one graph
+
+    direct = _direct_hp_loss(*codes(), *args, torch.Generator().manual_seed(7))
+    (direct_grad,) = torch.autograd.grad(direct, leaf)
+    plain = hp.contrastive_loss(*codes(), *args, torch.Generator().manual_seed(7))
+    (plain_grad,) = torch.autograd.grad(plain, leaf)
+    written = hp.contrastive_loss(*codes(), *args, torch.Generator().manual_seed(7), backward=True)
+    assert not written.requires_grad and direct_grad.abs().sum() > 0
+    assert plain.item() == pytest.approx(direct.item(), rel=1e-10) and written.item() == pytest.approx(direct.item(), rel=1e-10)
+    assert torch.allclose(plain_grad, direct_grad, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(leaf.grad, direct_grad, rtol=1e-9, atol=1e-12)
+    # patch 0 has no task-agnostic positive and is skipped as an anchor, the others count
+    pos = hp.hidden_positives(feats, feats, ref_f, ref_f, torch.arange(n)).any(1)
+    assert not pos[0] and pos[1:].any()
+
+
 def F_normalize(a):
-    return torch.nn.functional.normalize(torch.as_tensor(a, dtype=torch.float32), dim=1)
+    a = torch.as_tensor(a, dtype=None if isinstance(a, torch.Tensor) else torch.float32)
+    return torch.nn.functional.normalize(a, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- five crops
@@ -365,3 +462,4 @@ def test_primaps_em_on_stego_features_reuses_the_stego_cells_head(runner, monkey
     # teacher update yet (1 step < ema_every) the prediction is the STEGO cell's
     assert record["stats"]["steps"] < registry.task("primaps-em").params["ema_every"]
     assert record["miou"] == pytest.approx(head["miou"], abs=2.0)  # scores upsampled, not codes: border pixels
+

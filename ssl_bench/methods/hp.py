@@ -113,14 +113,37 @@ def uniform_weights(b: int, grid: tuple[int, int], sigma: float = 28.0) -> torch
 
 
 def local_codes(code: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Each position's local code (B, dim, h, w): sum over its 3x3 neighbours j of weight_ij * code_j, divided by
-    how many neighbours it has inside the map. Gradient flows to every neighbour's code."""
+    """Each position's local code (B, dim, h, w): sum over its 3x3 neighbours j inside the map of weight_ij *
+    code_j (``weights`` (B, N, 9) in ``neighbourhood``'s order), divided by how many neighbours it has inside the
+    map. Gradient flows to every neighbour's code. (The neighbours are unfolded with zero padding, whose backward
+    is one fold, not the scatter of gathered copies.)"""
     b, dim, h, w = code.shape
-    index, inside = neighbourhood(h, w)
-    flat = code.reshape(b, dim, h * w)
-    gathered = flat[:, :, index.to(code.device)]  # (B, dim, N, 9)
-    summed = (gathered * weights[:, None]).sum(-1)
-    return (summed / inside.sum(1).to(code.device)).reshape(b, dim, h, w)
+    _, inside = neighbourhood(h, w)
+    inside = inside.to(code.device)
+    neighbours = F.unfold(code, 3, padding=1).reshape(b, dim, 9, h * w)  # (ky, kx) order = neighbourhood's
+    summed = (neighbours * (weights * inside).transpose(1, 2)[:, None]).sum(2)
+    return (summed / inside.sum(1)).reshape(b, dim, h, w)
+
+
+def anchor_term(anchors: torch.Tensor, codes: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, tau: float,
+                scale: float, gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """HP's term for A anchors (unit codes (A, c)) against all N patches (``codes`` (N, c)): the mean over anchors of
+    - scale * share_i / count_i * sum_j weight_ij log p_ij, with p_ij = exp(l_ij) / sum_k keep_ik exp(l_ik),
+    l = anchors codes^T / tau, count_i = sum_j weight_ij and share_i = count_i / mean count (the code's reweighting).
+    ``gradient``: also d term / d l (A, N), written out: scale * share_i / (count_i A) (count_i p_ij keep_ij -
+    weight_ij), so a caller can back-propagate it with two products instead of autograd's graph of (A, N) tensors."""
+    count = weight.sum(1)
+    coef = scale * count.mean().reciprocal()  # scale * share_i / count_i: share_i / count_i = 1 / mean count
+    logits = anchors @ codes.T / tau
+    logits = logits - logits.max(1, keepdim=True).values.detach()  # shift-free: p and the term do not change
+    kept = torch.exp(logits) * keep
+    total = kept.sum(1)
+    term = (coef * (count * torch.log(total) - (weight * logits).sum(1))).mean()
+    if not gradient:
+        return term, None
+    with torch.no_grad():
+        grad = kept.mul_((count / total)[:, None]).sub_(weight).mul_(coef / len(anchors))
+    return term, grad
 
 
 def contrastive_loss(z: torch.Tensor, z_local: torch.Tensor | None, feats: torch.Tensor, codes_ema: torch.Tensor,
@@ -129,13 +152,20 @@ def contrastive_loss(z: torch.Tensor, z_local: torch.Tensor | None, feats: torch
     """HP's loss over a batch of N = views * per_view patches. z, z_local: unit projected codes (N, c); feats:
     unit backbone features (N, d) and codes_ema unit EMA codes (N, c'), with their reference points. Anchors
     are taken one view at a time (the code's mini-iterations); anchors without a task-agnostic positive are
-    skipped. Returns (sum over views and over the plain and local terms) / views / 2. ``backward``: each view's
-    term is back-propagated at once (the same gradient as one backward of the sum, without keeping every view's
-    (per_view, N) matrices for it; the caller's graph of z is kept) and the detached loss is returned."""
+    skipped. Each anchor's positives weigh 1 (task-agnostic) + lmbd (task-specific); its denominator keeps its
+    task-agnostic positives and a random ``rho`` share of the other patches (``anchor_term``). Returns (sum over
+    views and over the plain and local terms) / views / 2. ``backward``: the gradient of that loss is also
+    propagated to z and z_local (each view's d loss / d logits written out by ``anchor_term`` and turned into
+    gradients of the codes at once, then one backward through their graph, which is kept for the caller), and
+    the detached loss is returned: the gradient of one backward of the sum, without a graph of every view's
+    (per_view, N) matrices nor a backward through the head per view."""
     n = len(z)
     views = n // per_view
     scale = tau / BASE_TEMPERATURE
     norm = max(views, 1) * 2
+    codes = [z] if z_local is None else [z, z_local]
+    inputs = [c.detach() for c in codes] if backward else codes
+    grads = [torch.zeros_like(c) for c in inputs]
     total = z.new_zeros(())
     for v in range(views):
         rows = torch.arange(v * per_view, (v + 1) * per_view, device=z.device)
@@ -147,20 +177,19 @@ def contrastive_loss(z: torch.Tensor, z_local: torch.Tensor | None, feats: torch
             anchors = pos.any(1)
             if not anchors.any():
                 continue
-            weight = pos[anchors].float() + lmbd * pos_ema[anchors].float()
-            count = weight.sum(1)
-            share = count / count.mean()  # the code's reweighting: pnm / sum, then / mean
-            keep = keep[anchors].float()
-        term = z.new_zeros(())
-        for zz in (z, z_local) if z_local is not None else (z,):
-            logits = zz[rows[anchors]] @ zz.T / tau
-            logits = logits - logits.max(1, keepdim=True).values.detach()
-            log_prob = logits - torch.log((torch.exp(logits) * keep).sum(1, keepdim=True))
-            term = term - (scale * (weight * log_prob).sum(1) / count * share).mean()
-        if backward:
-            (term / norm).backward(retain_graph=True)
-            term = term.detach()
-        total = total + term
+            anchor_rows = rows[anchors]
+            weight = pos[anchors].to(z.dtype) + lmbd * pos_ema[anchors].to(z.dtype)
+            keep = keep[anchors].to(z.dtype)
+        for codes_v, grad in zip(inputs, grads):
+            term, grad_logits = anchor_term(codes_v[anchor_rows], codes_v, weight, keep, tau, scale, backward)
+            if backward:  # l = a c^T / tau: d/da = G c / tau, d/dc = G^T a / tau
+                with torch.no_grad():
+                    grad.index_add_(0, anchor_rows, grad_logits @ codes_v, alpha=1 / (tau * norm))
+                    grad.addmm_(grad_logits.T, codes_v[anchor_rows], alpha=1 / (tau * norm))
+                term = term.detach()
+            total = total + term
+    if backward:
+        torch.autograd.backward(codes, grads, retain_graph=True)
     return total / norm
 
 
