@@ -770,11 +770,29 @@ def report(
                                 "split where it ran); all: also every limit=/n= subset as its own column"),
     layout: str = typer.Option("auto", help="leaderboard: wide (datasets as column groups), long (a row per "
                                "dataset) or auto (long beyond 4 datasets)"),
+    rows: Optional[Path] = typer.Option(None, "--rows", help="only the table laid out by this sweep file's table "
+                                        "section (a paper's rows and columns over its cells)"),
+    weights: Optional[str] = typer.Option(None, help="with --rows: the --weights the sweep ran with (e.g. random)"),
     store: Optional[Path] = StoreOpt,
 ):
     """Tables, figures and an HTML page from the stored runs (random-weight runs are marked)."""
     from . import report as reports
 
+    if rows is not None:
+        from .report.rows import rows_table
+        from .report.tables import to_csv, to_latex, to_markdown
+
+        render = {"markdown": to_markdown, "latex": to_latex, "csv": to_csv}.get(format or "markdown")
+        if render is None:
+            raise UserError(f"--rows prints markdown, latex or csv, not {format} -- pick one with --format")
+        text = render(rows_table(rows, _runner(store, None), weights))
+        if output:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text)
+            console.print(f"wrote {output}")
+        else:
+            out.file.write(text)
+        return
     results = _existing_store(store)
     records = results.query()
     unscored = sum(r["miou"] is None for r in records)

@@ -31,7 +31,8 @@ from .models.weights import is_non_learned
 from .runner import ResolvedRun, RunConfig, Runner, before_scoring_rules_hashes, earlier_version_hashes
 from .store import MAX_INTEGER
 
-GRID_KEYS = ("backbones", "tasks", "datasets", "k", "seeds", "weights", "weights_seed", "protocol")
+GRID_KEYS = ("backbones", "tasks", "datasets", "k", "seeds", "weights", "weights_seed", "protocol",
+             "table")  # table: the layout of `ssl-bench report --rows FILE` (report/rows.py); no cells
 BACKBONE_KEYS = ("name", "weights", "weights_seed", "weights_match")
 WEIGHTS_MATCH = ("path", "exact")  # what a regression baseline of a weights file holds to: see BackboneChoice
 _K_EXPRESSION = re.compile(r"^\s*(\d*)\s*\*?\s*C\s*$", re.IGNORECASE)

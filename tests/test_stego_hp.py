@@ -493,3 +493,63 @@ def test_primaps_em_on_stego_features_reuses_the_stego_cells_head(runner, monkey
     assert record["stats"]["steps"] < registry.task("primaps-em").params["ema_every"]
     assert record["miou"] == pytest.approx(head["miou"], abs=2.0)  # scores upsampled, not codes: border pixels
 
+
+@pytest.mark.slow
+def test_primaps_table1_sweep_file_reports_the_papers_row_structure(tmp_path):
+    """examples/primaps-table1-heads.yaml, reduced (the reference backbone on 4 synthetic images, a few steps),
+    swept and reported with --rows as a user would: Table 1's six rows, unsupervised and linear-probe columns,
+    every cell filled."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from ssl_bench.cli import app
+
+    sweep = yaml.safe_load(open("examples/primaps-table1-heads.yaml"))
+    tiny = {"stego": TINY_STEGO, "hp": TINY_HP}
+    quick = {"epochs": 1, "pretrain_epochs": 1, "batch_size": 4, "crf": False, "proposal_crf": False, "augment": "none"}
+    for entry in sweep["tasks"]:
+        params = entry["params"]
+        if entry["name"] in tiny:
+            entry["params"] = {**params, **tiny[entry["name"]]}
+        elif "features_from" in params:
+            head = params["features_from"]
+            entry["params"] = {**params, **quick, "features_from": {**head, "params": {**head["params"], **tiny[head["task"]]}}}
+        elif entry["name"] == "primaps-em":
+            entry["params"] = {**params, **quick}
+    sweep.update(backbones=["reference"], datasets=[{"name": "synthetic", "options": {"n": 4}}])
+    path = tmp_path / "table1.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    where = ["--store", str(tmp_path / "runs.sqlite")]
+    done = CliRunner().invoke(app, ["sweep", str(path), *where, "--cache", str(tmp_path / "cache")])
+    assert done.exit_code == 0, done.output
+    result = CliRunner().invoke(app, ["report", "--rows", str(path), *where])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("| synthetic")]
+    header = next(line for line in result.output.splitlines() if line.startswith("| Dataset"))
+    assert [h.strip() for h in header.strip("|").split("|")][3:] == [
+        "Row", "Unsupervised Acc", "Unsupervised mIoU", "Supervised linear probe Acc", "Supervised linear probe mIoU"]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert [c[3] for c in cells] == ["Baseline", "+ PriMaPs-EM", "+ STEGO", "+ STEGO + PriMaPs-EM", "+ HP",
+                                     "+ HP + PriMaPs-EM"]
+    assert all(float(v) >= 0 for c in cells for v in c[4:])  # every cell stored and scored
+    # a "+ PriMaPs-EM" row repeats the linear probe of the features it starts from, as the paper's table
+    assert cells[3][6:] == cells[2][6:] and cells[1][6:] == cells[0][6:]
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"columns": {"U": "final"}, "rows": [{"label": "a", "cells": {"V": 0}}]}, "names column group 'V'"),
+    ({"columns": {"U": "final"}, "rows": [{"label": "a", "cells": {"U": 7}}]}, r"not a task entry \(0 to 0\)"),
+    ({"columns": {"U": "final"}, "rows": [{"label": "a"}]}, "row 0 needs a label and cells"),
+    ({"columns": {"U": "final"}, "metrics": ["iou"], "rows": []}, "metrics must be a list of acc, miou, f1"),
+])
+def test_bad_table_sections_are_one_line(tmp_path, table, message):
+    import yaml
+
+    from ssl_bench.report.rows import rows_table
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"backbones": ["reference"], "datasets": [{"name": "synthetic", "options": {"n": 2}}],
+                                    "tasks": ["kmeans"], "table": table}))
+    with pytest.raises(UserError, match=message) as err:
+        rows_table(path, runner=None)
+    assert "\n" not in str(err.value)
