@@ -358,7 +358,7 @@ def test_trained_stego_head_beats_its_untrained_self_on_the_synthetic_set_by_a_m
     p = {**STEGO, "dim": 8, "feature_samples": 8, "neg_samples": 2, "lr": 0.01}  # the paper's shifts and weights
 
     def train(steps):
-        return stego.train_head(feats, neighbours, p, 100 if steps is None else steps, 8, 0, "cpu")[0]
+        return stego.train_head(feats, neighbours, p, 50 if steps is None else steps, 8, 0, "cpu")[0]
 
     _assert_training_helps(train, feats, labels, k)
 
