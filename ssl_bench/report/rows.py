@@ -120,8 +120,9 @@ def rows_table(path: str | Path, runner, weights: str | None = None) -> Table:
     refs = "; ".join(f"{label}: " + ", ".join(f"{g} = {labels[e]} [{s}]" for g, (e, s) in cells.items())
                      for label, cells in rows)
     notes = [f"Cells (task [stream]): {refs}.",
-             "Each value is the stored run's score of that stream (Hungarian-matched at K = C as every column of "
-             "ssl-bench); a blank: not stored yet (ssl-bench sweep FILE)."]
+             "Each value is the stored run's score of that stream, its clusters or classes matched to the ground "
+             "truth by the protocol as every ssl-bench score (Hungarian at K = C; a head's linear stream is also "
+             "stored unmatched, in stats.class_id_scores); a blank: not stored yet (ssl-bench sweep FILE)."]
     if missing:
         notes.append(f"{len(missing)} run(s) of this table are not stored yet.")
     return out.finish(notes)
