@@ -63,6 +63,15 @@ def crf_argmax(image: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return dense_crf(image, probs).argmax(0).astype(np.int64)
 
 
+def refine_scores(image: np.ndarray, scores: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, CRF-refined labels) (H, W) int64 of scores (K, h, w) bilinearly upsampled to ``size``: the argmax
+    of the upsampled scores, and ``crf_argmax`` of their softmax (PriMaPs-EM's evaluation), in one job."""
+    from .ops import softmax, upsample_scores
+
+    up = upsample_scores(scores, tuple(size))
+    return up.argmax(0).astype(np.int64), crf_argmax(np.asarray(image), softmax(up, 0))
+
+
 def default_workers() -> int:
     """CRF worker processes: ``$SSL_BENCH_CRF_WORKERS``, else this process's torch threads (its share of the
     machine: a Ray task's --cpus-per-task, all cores on a workstation). 1 runs in this process."""

@@ -48,3 +48,34 @@ def test_a_started_pool_serves_several_streams_with_the_same_workers():
     assert (first | second) <= workers and os.getpid() not in workers
     assert all((a == b).all() for a, b in zip(labels, [crf_argmax(*job) for job in jobs(3)]))
     assert pool._executor is None  # stopped with the block
+
+
+def test_head_predictions_refine_in_the_pool_what_predict_refines_in_process():
+    # the heads' (STEGO / HP) evaluation CRF runs in the pool: same labels and stream order as predict()
+    from types import SimpleNamespace
+
+    from ssl_bench.methods.heads import head_predictions
+
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for _ in range(3)]
+
+    class Model:  # two probes of random scores, as TrainedHead.crf_inputs gives them
+        def crf_inputs(self, features, size, crf):
+            for name, raw_name, scores in (("final", "nocrf", features[0]), ("linear", "linear-nocrf", features[1])):
+                yield name, raw_name, scores.argmax(0), softmax(scores, 0) if crf else None
+
+        def predict(self, features, size, image):
+            out = {}
+            for name, raw_name, raw, probs in self.crf_inputs(features, size, True):
+                out[raw_name], out[name] = raw, crf_argmax(image, probs)
+            return out
+
+    feats = [rng.normal(size=(2, 3, 24, 32)).astype(np.float32) * 3 for _ in images]
+    ctx = SimpleNamespace(features=lambda kind: feats, image=lambda i: images[i], label_size=lambda i: (24, 32),
+                          dataset=SimpleNamespace(num_classes=3), label=lambda i: np.zeros((24, 32), np.int64),
+                          split="val")
+    got = [(p.index, p.stream, p.labels) for p in head_predictions(Model(), ctx, True, {})]
+    expected = [(i, name, labels) for i, f in enumerate(feats)
+                for name, labels in Model().predict(f, (24, 32), images[i]).items()]
+    assert [(i, s) for i, s, _ in got] == [(i, s) for i, s, _ in expected]
+    assert all((a == b).all() for (_, _, a), (_, _, b) in zip(got, expected))

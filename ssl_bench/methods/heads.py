@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..crf import dense_crf
+from ..crf import CRFPool, crf_argmax
 from ..errors import UserError
 from ..ops import as_float32
 from ..registry import is_number, is_whole
@@ -354,20 +355,24 @@ class TrainedHead:
 
     def predict(self, features: np.ndarray, size: tuple[int, int], image: np.ndarray | None) -> dict[str, np.ndarray]:
         """Label maps per stream; with ``image`` the headline streams are CRF-refined (the ``*nocrf`` kept)."""
-        scores = self.scores(features, size)
         out = {}
-        for probe, name, alpha in (("cluster", "final", 2.0), ("linear", "linear", 1.0)):
-            if probe not in scores:
-                continue
-            s = scores[probe]
-            raw = s.argmax(0).cpu().numpy().astype(np.int64)
-            if image is None:
+        for name, raw_name, raw, probs in self.crf_inputs(features, size, image is not None):
+            if probs is None:
                 out[name] = raw
                 continue
-            out["nocrf" if probe == "cluster" else "linear-nocrf"] = raw
-            probs = torch.softmax(alpha * s, dim=0).cpu().numpy()
-            out[name] = dense_crf(np.asarray(image), probs).argmax(0).astype(np.int64)
+            out[raw_name] = raw
+            out[name] = crf_argmax(np.asarray(image), probs)
         return out
+
+    def crf_inputs(self, features: np.ndarray, size: tuple[int, int], crf: bool):
+        """Per probe: (stream, its un-refined stream, the argmax labels, the CRF's probabilities or None)."""
+        scores = self.scores(features, size)
+        for probe, name, raw_name, alpha in (("cluster", "final", "nocrf", 2.0),
+                                             ("linear", "linear", "linear-nocrf", 1.0)):
+            if probe in scores:
+                s = scores[probe]
+                raw = s.argmax(0).cpu().numpy().astype(np.int64)
+                yield name, raw_name, raw, torch.softmax(alpha * s, dim=0).cpu().numpy() if crf else None
 
 
 def head_predictions(model: TrainedHead, ctx, crf: bool, stats: dict):
@@ -378,10 +383,24 @@ def head_predictions(model: TrainedHead, ctx, crf: bool, stats: dict):
     feats = ctx.features("patch")
 
     def stream():
-        for i in range(len(feats)):
-            image = ctx.image(i) if crf else None
-            for name, labels in model.predict(feats[i], ctx.label_size(i), image).items():
-                yield Prediction(index=i, labels=labels, stream=name)
+        if not crf:
+            for i in range(len(feats)):
+                for name, labels in model.predict(feats[i], ctx.label_size(i), None).items():
+                    yield Prediction(index=i, labels=labels, stream=name)
+            return
+        pending: deque = deque()  # what each CRF job refines, in the order the pool returns them
+
+        def jobs():
+            for i in range(len(feats)):
+                image = ctx.image(i)
+                for name, raw_name, raw, probs in model.crf_inputs(feats[i], ctx.label_size(i), True):
+                    pending.append((i, name, raw_name, raw))
+                    yield image, probs
+
+        for refined in CRFPool().map(crf_argmax, jobs()):  # images (and probes) in parallel, in order
+            i, name, raw_name, raw = pending.popleft()
+            yield Prediction(index=i, labels=raw, stream=raw_name)
+            yield Prediction(index=i, labels=refined, stream=name)
 
     return with_class_id_scores(stream(), ctx, stats, streams=("linear", "linear-nocrf"))
 

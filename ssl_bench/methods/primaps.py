@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..metrics import with_class_id_scores
-from ..ops import softmax, upsample_argmax, upsample_scores
+from ..ops import upsample_argmax
 from .feature_source import ProjectedFeatures, parse_features_from, trained_projection
 from ..registry import is_number, is_whole
 from .primaps_proposals import (ANCHORS, PRINCIPAL, _t, principal_mask_proposals, proposal_soft_masks,  # noqa: F401
@@ -522,17 +522,6 @@ def image_proposals(features: np.ndarray, size: tuple[int, int], image: np.ndarr
     return proposals_to_image(soft, size, image, crf=p["proposal_crf"], gain=p["mask_gain"])
 
 
-def _predict(scores: np.ndarray, size: tuple[int, int], image: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Upsample scores to label size, argmax; with an image (CRF on) also keep the un-refined prediction."""
-    if image is None:
-        return {"final": upsample_argmax(scores, size)}
-    from ..crf import dense_crf
-
-    up = upsample_scores(scores, size)  # the CRF needs the scores themselves
-    refined = dense_crf(np.asarray(image), softmax(up, 0))
-    return {"nocrf": up.argmax(0).astype(np.int64), "final": refined.argmax(0).astype(np.int64)}
-
-
 def run(ctx):
     """Task adapter (parameters: tasks/primaps-em.yaml). mode: em | baseline | linear-probe | oracle."""
     from ..runner import Prediction, TaskResult
@@ -606,11 +595,18 @@ def run(ctx):
                      augmentation=p["augment"], train_resolution=p["train_resolution"])
 
     def predictions():
-        for i in range(len(evaluated)):  # the runner shows progress while it consumes predictions
-            image = ctx.image(i) if p["crf"] else None
-            scores = model.predict_scores(evaluated_input[i])
-            for stream, labels in _predict(scores, ctx.label_size(i), image).items():
-                yield Prediction(index=i, labels=labels, stream=stream)
+        if not p["crf"]:
+            for i in range(len(evaluated)):  # the runner shows progress while it consumes predictions
+                yield Prediction(index=i, labels=upsample_argmax(model.predict_scores(evaluated_input[i]),
+                                                                 ctx.label_size(i)), stream="final")
+            return
+        from ..crf import CRFPool, refine_scores
+
+        jobs = ((ctx.image(i), model.predict_scores(evaluated_input[i]), ctx.label_size(i))
+                for i in range(len(evaluated)))
+        for i, (plain, refined) in enumerate(CRFPool().map(refine_scores, jobs)):  # images in parallel, in order
+            yield Prediction(index=i, labels=plain, stream="nocrf")
+            yield Prediction(index=i, labels=refined, stream="final")
 
     if mode == "linear-probe":
         return TaskResult(predictions=with_class_id_scores(predictions(), ctx, stats), stats=stats)
