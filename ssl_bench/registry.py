@@ -49,6 +49,12 @@ def registry_dir(kind: str) -> Path:
     raise UserError(f"registry folder '{kind}/' not found next to the package -- reinstall ssl-bench")
 
 
+def slot_params(params: dict, slot: str) -> dict:
+    """The parameters of the stage in ``slot`` of a composed task's parameters (``slot.key`` keys)."""
+    prefix = slot + "."
+    return {key[len(prefix):]: v for key, v in params.items() if key.startswith(prefix)}
+
+
 def load_entrypoint(path: str) -> Callable[..., Any]:
     module, _, attr = path.partition(":")
     try:
@@ -193,7 +199,7 @@ class TaskSpec:
         params = {**own, **plain}
         for slot, kind in self.stages.items():
             stage = stage_spec(kind, params[slot], f"{what} {slot}")
-            mine = {key.split(".", 1)[1]: v for key, v in dotted.items() if key.split(".", 1)[0] == slot}
+            mine = slot_params(dotted, slot)
             params.update({f"{slot}.{key}": v for key, v in self._stage_params(slot, stage, mine).items()})
         if self.validate:
             load_entrypoint(self.validate)(params)
@@ -206,7 +212,7 @@ class TaskSpec:
         slot holds the task file's own stage (they were written for it), then the user's overrides."""
         defaults = dict(stage.params)
         if stage.name == self.params[slot]:
-            defaults.update({key.split(".", 1)[1]: v for key, v in self.params.items() if key.startswith(slot + ".")})
+            defaults.update(slot_params(self.params, slot))
         unknown = set(overrides) - set(defaults)
         if unknown:
             raise UserError(f"{stage.kind} '{stage.name}' ({slot}) has no parameter(s) "
@@ -239,8 +245,7 @@ class TaskSpec:
         for slot, kind in self.stages.items():
             stage = stages(kind).get(params.get(slot))
             if stage:
-                own = {key.split(".", 1)[1]: v for key, v in params.items() if key.startswith(slot + ".")}
-                kinds += stage.features_for(own)
+                kinds += stage.features_for(slot_params(params, slot))
         return tuple(dict.fromkeys(kinds))
 
     def stage_specs(self, params: dict) -> dict[str, StageSpec]:

@@ -34,7 +34,8 @@ import numpy as np
 from ..errors import UserError
 from ..metrics import with_class_id_scores
 from ..registry import load_entrypoint
-from ..stages import build, slot_params
+from ..registry import slot_params
+from ..stages import build
 from ..stages.clusterers import filter_uncertain
 from ..stages.denoise import DenoiserConfig, predict_denoiser, self_train, setting_of, train_denoiser
 from ..stages.regions import BACKGROUND, NOISE, paint_split, summarize_segments, upsample_nearest

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..registry import load_entrypoint
-from ..stages import build, slot_params
+from ..registry import slot_params
+from ..stages import build
 from ..stages.embeddings import RegionImage
 from ..stages.regions import majority_labels
 

@@ -30,10 +30,14 @@ def is_hf_layout(state: dict) -> bool:
     return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in state)
 
 
+def _under_prefix(state: dict[str, torch.Tensor], marker: str) -> dict[str, torch.Tensor]:
+    """The entries under the prefix that the first key ending in ``marker`` carries, that prefix removed."""
+    prefix = next(k for k in state if k.endswith(marker))[: -len(marker)]
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def hf_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    prefix = next(k for k in state if k.endswith("embeddings.patch_embeddings.projection.weight"))
-    prefix = prefix[: -len("embeddings.patch_embeddings.projection.weight")]  # "", "vit.", "dinov2."
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = _under_prefix(state, "embeddings.patch_embeddings.projection.weight")  # prefix "", "vit.", "dinov2."
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
     for key, value in state.items():
@@ -81,9 +85,7 @@ def is_hf_siglip_layout(state: dict) -> bool:
 def hf_siglip_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A Hugging Face SigLIP vision tower (``vision_model.`` of a whole SigLIP file; the text tower is dropped) in
     timm's layout: q, k, v fused, the pooling head's fused in-projection split into timm's q and kv."""
-    prefix = next(k for k in state if k.endswith("embeddings.patch_embedding.weight"))
-    prefix = prefix[: -len("embeddings.patch_embedding.weight")]  # "vision_model." or ""
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = _under_prefix(state, "embeddings.patch_embedding.weight")  # prefix "vision_model." or ""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, value in state.items():

@@ -549,6 +549,15 @@ def segment_table(records: list[dict]) -> Table:
                          "Runs that differ only in K share their segments and count once in mean ± std."])
 
 
+def _metric_groups(table: Table, rows: list[dict]):
+    """(frame, its groups by backbone, method, dataset column, K and random weights) of runs whose tables read
+    their stored metrics; the table's title gets the scoring rules they were scored under."""
+    frame = runs_frame(rows)
+    table.title += f"; {scoring_caption(frame)}"
+    frame["metrics"] = [r["metrics"] for r in rows]
+    return frame, frame.groupby(["model", "method", "column", "k", "random_weights"])
+
+
 def streams_table(records: list[dict]) -> Table:
     """DatUS^2 Table IV: the scores of each stream / split of runs that report more than the headline,
     or that leave pixels unlabelled (then also the scores on labelled pixels only)."""
@@ -566,11 +575,8 @@ def streams_table(records: list[dict]) -> Table:
     rows = [r for r in records if interesting(r)]
     if not rows:
         return table
-    frame = runs_frame(rows)
-    table.title += f"; {scoring_caption(frame)}"
-    frame["metrics"] = [r["metrics"] for r in rows]
-    for (model, method, column, k, random), runs in frame.groupby(["model", "method", "column", "k",
-                                                                    "random_weights"]):
+    frame, groups = _metric_groups(table, rows)
+    for (model, method, column, k, random), runs in groups:
         headline = f"final@{runs.split.iloc[0]}"
         keys = sorted({key for m in runs.metrics for key in m}, key=lambda s: (s != headline, s))
         for key in keys:
@@ -603,11 +609,8 @@ def discovered_table(records: list[dict]) -> Table:
     rows = [r for r in records if any("discovered" in m for m in (r.get("metrics") or {}).values())]
     if not rows:
         return table
-    frame = runs_frame(rows)
-    table.title += f"; {scoring_caption(frame)}"
-    frame["metrics"] = [r["metrics"] for r in rows]
-    for (model, method, column, k, random), runs in frame.groupby(["model", "method", "column", "k",
-                                                                    "random_weights"]):
+    frame, groups = _metric_groups(table, rows)
+    for (model, method, column, k, random), runs in groups:
         split = runs.split.iloc[0]
         keys = sorted({key for m in runs.metrics for key, v in m.items() if key.endswith("@" + split)
                        and "discovered" in v}, key=lambda s: (s != f"final@{split}", s))

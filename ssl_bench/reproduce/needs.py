@@ -138,7 +138,7 @@ def declared_weights(m: Measure) -> list:
         stage = registry.stages(kind)[params[slot]]
         hook = getattr(registry.load_entrypoint(stage.entrypoint), "weights_needed", None)
         if hook is not None:
-            found += hook(**{key.split(".", 1)[1]: v for key, v in params.items() if key.startswith(slot + ".")})
+            found += hook(**registry.slot_params(params, slot))
     return found
 
 

@@ -44,9 +44,3 @@ def build(spec: StageSpec, params: dict, ctx: Any = None, **extra) -> Any:
     if ctx is not None and hasattr(cls, "from_context"):
         return cls.from_context(ctx, **kwargs)
     return cls(**kwargs)
-
-
-def slot_params(params: dict, slot: str) -> dict:
-    """The parameters of the stage in ``slot`` of a composed task's resolved parameters (``slot.key`` keys)."""
-    prefix = slot + "."
-    return {key[len(prefix):]: v for key, v in params.items() if key.startswith(prefix)}
