@@ -195,14 +195,26 @@ def _times(lam: np.ndarray, p: np.ndarray, y: np.ndarray) -> np.ndarray:
     return lam * y - p.T @ (p @ y)
 
 
-def _shift_solver(lam: np.ndarray, p: np.ndarray, sigma: float) -> Callable[[np.ndarray], np.ndarray]:
-    """y -> (A - sigma)^-1 y by Woodbury: (D - P^T P)^-1 = D^-1 + D^-1 P^T (I - P D^-1 P^T)^-1 P D^-1."""
+def _capacitance(lam: np.ndarray, p: np.ndarray, sigma: float):
+    """(D^-1, P D^-1, M) at the shift sigma, D = diag(lam) - sigma: M = I - P D^-1 P^T is the Woodbury
+    identity's capacitance matrix, and its inertia counts A's eigenvalues above sigma (``eigenvalues_above``)."""
     inv_d = 1.0 / (lam - sigma)
-    if len(p) == 0:
-        return lambda y: inv_d * y
     pd = p * inv_d
-    capacitance = np.linalg.inv(np.eye(len(p)) - pd @ p.T)
-    return lambda y: inv_d * y + pd.T @ (capacitance @ (pd @ y))
+    return inv_d, pd, np.eye(len(p)) - pd @ p.T
+
+
+def _woodbury(inv_d: np.ndarray, pd: np.ndarray, capacitance: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """y -> (A - sigma)^-1 y: (D - P^T P)^-1 = D^-1 + D^-1 P^T M^-1 P D^-1 (``_capacitance``'s parts)."""
+    inverse = np.linalg.inv(capacitance)
+    return lambda y: inv_d * y + pd.T @ (inverse @ (pd @ y))
+
+
+def _shift_solver(lam: np.ndarray, p: np.ndarray, sigma: float) -> Callable[[np.ndarray], np.ndarray]:
+    """y -> (A - sigma)^-1 y."""
+    if len(p) == 0:
+        inv_d = 1.0 / (lam - sigma)
+        return lambda y: inv_d * y
+    return _woodbury(*_capacitance(lam, p, sigma))
 
 
 def _rayleigh(lam, p, y):
@@ -260,14 +272,11 @@ def interior_lanczos(lam: np.ndarray, p: np.ndarray, y: np.ndarray, sigma: float
     anything."""
     if len(p) == 0:
         return None
-    inv_d = 1.0 / (lam - sigma)
+    inv_d, pd, capacitance = _capacitance(lam, p, sigma)
     if not np.all(np.isfinite(inv_d)):
         return None
-    pd = p * inv_d
-    capacitance = np.eye(len(p)) - pd @ p.T
     if int((lam > sigma).sum()) - negative_eigenvalues(capacitance) != 1:
         return None
-    inverse = np.linalg.inv(capacitance)
     found = []
 
     def enough(ritz: np.ndarray, vectors: np.ndarray) -> bool:
@@ -280,7 +289,7 @@ def interior_lanczos(lam: np.ndarray, p: np.ndarray, y: np.ndarray, sigma: float
         found[:] = [(y, theta, bound, second)]
         return bound <= target
 
-    _lanczos(lambda v: inv_d * v + pd.T @ (inverse @ (pd @ v)), y / np.linalg.norm(y), steps, enough)
+    _lanczos(_woodbury(inv_d, pd, capacitance), y / np.linalg.norm(y), steps, enough)
     return found[0] if np.isfinite(found[0][2]) else None
 
 
@@ -307,7 +316,7 @@ def eigenvalues_above(lam: np.ndarray, p: np.ndarray, tau: float) -> int:
     above = int((lam > tau).sum())
     if len(p) == 0:
         return above
-    return above - negative_eigenvalues(np.eye(len(p)) - (p / (lam - tau)) @ p.T)
+    return above - negative_eigenvalues(_capacitance(lam, p, tau)[2])
 
 
 def negative_eigenvalues(m: np.ndarray) -> int:
