@@ -194,6 +194,17 @@ def _seed(value, where: str) -> int:
     return value
 
 
+def task_entry_choices(data: dict, source: str) -> list[list[TaskChoice]]:
+    """Per entry of a grid file's ``tasks``, in order, the task choices its parameter lists expand to (the grid's
+    tasks are these, concatenated; ``report --rows`` reads a cell by entry)."""
+    out = []
+    for e in _entries(data, "tasks", source):
+        _check_keys(e, ("name", "params"), f"{source}: task {e['name']}")
+        pairs = _pairs(e.get("params"), f"{source}: params of task {e['name']}")
+        out.append([TaskChoice(e["name"], choice) for choice in expand_params(e["name"], pairs)])
+    return out
+
+
 def grid_from_mapping(data: dict, source: str = "grid", env: Mapping[str, str] | None = None) -> Grid:
     """The grid of a parsed YAML file (see examples/sweep.yaml for every key); ``$NAME`` in a data root is
     read from ``env`` (default: the environment)."""
@@ -219,11 +230,7 @@ def grid_from_mapping(data: dict, source: str = "grid", env: Mapping[str, str] |
                             f"the file the baselines were measured on), got {brief(match)}")
         backbones.append(BackboneChoice(e["name"], _weights(e.get("weights", default), where),
                                         _seed(e.get("weights_seed", default_wseed), f"{where}: weights_seed"), match))
-    tasks = []
-    for e in _entries(data, "tasks", source):
-        _check_keys(e, ("name", "params"), f"{source}: task {e['name']}")
-        pairs = _pairs(e.get("params"), f"{source}: params of task {e['name']}")
-        tasks += [TaskChoice(e["name"], choice) for choice in expand_params(e["name"], pairs)]
+    tasks = [choice for choices in task_entry_choices(data, source) for choice in choices]
     datasets = []
     for e in _entries(data, "datasets", source):
         _check_keys(e, ("name", "data_root", "split", "options"), f"{source}: dataset {e['name']}")

@@ -62,7 +62,7 @@ def rows_table(path: str | Path, runner, weights: str | None = None) -> Table:
     """The ``table`` section of sweep file ``path`` filled from ``runner``'s store (cells not stored: blank);
     ``weights``: the sweep's ``--weights`` (the default of every backbone without its own)."""
     from ..reproduce.compare import metric_value
-    from ..sweep import Grid, _entries, expand, grid_from_mapping, read_grid_file
+    from ..sweep import Grid, _entries, expand, grid_from_mapping, read_grid_file, task_entry_choices
 
     source = str(path)
     data = read_grid_file(path)
@@ -74,12 +74,7 @@ def rows_table(path: str | Path, runner, weights: str | None = None) -> Table:
     grid = grid_from_mapping(data, source)
     entries = _entries(data, "tasks", source)
     title, groups, metrics, rows = _layout(data["table"], len(entries), source)
-    # each entry's task choices, in the order grid_from_mapping made them
-    choices, start = [], 0
-    for e in entries:
-        n = sum(1 for _ in _expanded(e, source))
-        choices.append(grid.tasks[start:start + n])
-        start += n
+    choices = task_entry_choices(data, source)  # each entry's task choices (the grid's tasks, by entry)
     used = {entry for _, cells in rows for entry, _ in cells.values()}
     for entry in used:
         if len(choices[entry]) != 1:
@@ -126,12 +121,6 @@ def rows_table(path: str | Path, runner, weights: str | None = None) -> Table:
     if missing:
         notes.append(f"{len(missing)} run(s) of this table are not stored yet.")
     return out.finish(notes)
-
-
-def _expanded(entry: dict, source: str):
-    from ..sweep import _pairs, expand_params
-
-    return expand_params(entry["name"], _pairs(entry.get("params"), f"{source}: params of task {entry['name']}"))
 
 
 def _column_text(config: dict) -> str:
