@@ -94,6 +94,22 @@ def clustered(count: int = 2, grid: int = 16, dim: int = 64) -> list[np.ndarray]
     return pp._clustered_maps(count, grid, dim, seed=0)
 
 
+def test_mask_values_are_float64_cosines_rounded_to_float32():
+    # the same values whatever BLAS, thread count or order computes them: both loops (and any machine) agree
+    f = clustered(1)[0]
+    x = torch.tensor(f.reshape(-1, f.shape[-1]))
+    unit = torch.nn.functional.normalize(x, dim=1).numpy()
+    free = np.ones(len(unit), bool)
+    free[::3] = False
+    taken, values = pp._anchor_mask(unit, free, 5, np.float32(0.4))
+    cosines = (unit.astype(np.float64) @ unit[5].astype(np.float64)).astype(np.float32)
+    cosines[~free] = 0
+    peak = cosines.max()
+    expected = np.flatnonzero(free & (cosines >= np.float32(0.4) * peak) & (cosines > 0))
+    assert np.array_equal(taken, expected) and len(taken) > 1
+    assert np.array_equal(values, cosines[expected] / peak)
+
+
 @pytest.mark.parametrize("maps", [clustered(), [np.random.default_rng(0).standard_normal((16, 16, 64))
                                                .astype(np.float32)]], ids=["clustered", "noise"])
 def test_the_incremental_loop_gives_the_straightforward_loops_masks(maps):
@@ -131,11 +147,20 @@ def test_the_inertia_counts_the_eigenvalues_above_a_shift():
         for tau in (*np.linspace(exact[0] - 1, exact[-1] + 1, 15), lam[-1], lam[3]):  # also on poles
             assert pdir.eigenvalues_above(lam, p, tau) == int((exact > tau).sum()), (seed, tau)
     rng = np.random.default_rng(0)
-    for k in (1, 2, 7, 40):  # symmetric indefinite: 2x2 Bunch-Kaufman blocks included
+    pivots = set()
+    for k in (1, 2, 7, 40):  # symmetric indefinite: 2x2 Bunch-Kaufman blocks and interchanges included
         for _ in range(20):
             m = rng.standard_normal((k, k))
             m = m + m.T + rng.standard_normal() * np.eye(k)
             assert pdir.negative_eigenvalues(m) == int((np.linalg.eigvalsh(m) < 0).sum())
+            a, blocks, order, _ = pdir._bunch_kaufman(m)  # the same factors solve: the Lanczos operator's M^-1
+            b = rng.standard_normal(k)
+            assert np.allclose(pdir._ldl_solve(a, blocks, order, b), np.linalg.solve(m, b), rtol=1e-8, atol=1e-10)
+            pivots |= set(blocks.tolist()) | ({"swapped"} if (order != np.arange(k)).any() else set())
+    assert pivots >= {1, 2, "swapped"}
+    zero = np.zeros((3, 3))
+    zero[0, 0], zero[2, 2] = -1.0, 2.0  # a zero pivot: neither sign
+    assert pdir.negative_eigenvalues(zero) == 1
 
 
 def test_the_trackers_estimate_is_within_its_proven_bound_of_the_exact_direction():

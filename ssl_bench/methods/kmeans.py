@@ -59,8 +59,14 @@ def run(ctx):
                         f"-p max_fit_patches (default 200000)")
     fit = ctx.features("patch", p["fit_split"])
     rows = sample_rows(len(fit.flat), p["max_fit_patches"], ctx.seed)
-    with ctx.timed("fit"):
-        centroids = fit_centroids(as_float32(fit.flat[rows]), ctx.k, ctx.seed, p["iterations"], copy=False)
+    pool = CRFPool().start() if p["crf"] else None  # the CRF workers start while the fit runs
+    try:
+        with ctx.timed("fit"):
+            centroids = fit_centroids(as_float32(fit.flat[rows]), ctx.k, ctx.seed, p["iterations"], copy=False)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
     feats = ctx.features("patch")
 
     def predictions():
@@ -70,7 +76,7 @@ def run(ctx):
             return
         jobs = ((ctx.image(i), crf_probabilities(cluster_scores(feats[i], centroids), ctx.label_size(i),
                                                  p["crf_alpha"])) for i in range(len(feats)))
-        for i, labels in enumerate(CRFPool().map(crf_argmax, jobs)):  # images refined in parallel, in order
+        for i, labels in enumerate(pool.map(crf_argmax, jobs)):  # images refined in parallel, in order
             yield Prediction(i, labels)
 
     return TaskResult(predictions(), stats={"fit_patches": int(len(rows))})

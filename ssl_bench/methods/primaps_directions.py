@@ -19,6 +19,11 @@ lies above it. Where that fails (larger masks), the shift goes just above the to
 bounds it: downdates only lower eigenvalues), with a separate count and Rayleigh-quotient polishing. Either way,
 "exactly one eigenvalue above tau" means every other is at most tau, and by Davis-Kahan the vector is within
 sqrt(2) r / (gap - r) of the exact one (r: the residual norm, gap: theta - tau).
+
+The kernels (Woodbury operator, Bunch-Kaufman factorisation with its inertia and solves, Lanczos) are compiled
+with numba: on k x d arrays this small (k <= 96, d = 384) numpy's per-call overhead, not arithmetic, was most of
+their time. Per mask of a noise map what remains is arithmetic and memory: the capacitance matrix (k^2 d), the
+amortised refresh (~17 ms every 96 masks) and two passes over Q (1.2 MB) and over the unassigned features.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from typing import Callable
 
 import numpy as np
 import scipy.linalg
-import scipy.linalg.lapack
 import torch
+from numba import njit
 
 LOWRANK_RANK, LOWRANK_ITERATIONS = 3, 100  # the reference code's torch.pca_lowrank(q=3, niter=100)
 
@@ -105,7 +110,7 @@ class DirectionTracker:
         self.n, self.d = self.rows.shape
         self.sum_xx, self.sum_x, self.count = self.rows.T @ self.rows, self.rows.sum(0), self.n
         self.mean = self.sum_x / self.count
-        self.removed: list[np.ndarray] = []  # rows taken out of sum_xx lazily (one GEMM, not one outer product each)
+        self.removed: list[np.ndarray] = []  # indices of rows to take out of sum_xx (one GEMM, not one outer product each)
         self.max_pending, self.lanczos_steps = max_pending, lanczos_steps
         self.basis: tuple[np.ndarray, np.ndarray] | None = None  # (lam, Q) of the scatter at the last refresh
         self.pending = np.empty((max_pending, self.d))  # downdates since, in Q's basis
@@ -117,30 +122,32 @@ class DirectionTracker:
 
     def scatter(self) -> np.ndarray:
         if self.removed:
-            gone = np.concatenate(self.removed)
+            gone = self.rows[np.concatenate(self.removed)]
             self.sum_xx -= gone.T @ gone
             self.sum_x -= gone.sum(0)
             self.removed = []
         return self.sum_xx - np.outer(self.sum_x, self.sum_x / self.count)
 
     def remove(self, taken: np.ndarray) -> None:
-        """Take the rows where ``taken`` (n,) is true out of the scatter."""
-        rows = self.rows[taken]
-        m, n = len(rows), self.count
-        self.removed.append(rows)
+        """Take the rows ``taken`` (indices, or a boolean mask) out of the scatter."""
+        taken = np.flatnonzero(taken) if taken.dtype == bool else taken
+        m, n = len(taken), self.count
+        self.removed.append(taken)
         self.count -= m
+        rows = self.rows[taken]
+        mean = self.mean
+        self.mean = (n * mean - rows.sum(0)) / self.count if self.count else mean
         if self.basis is not None and m <= 4 and self.count > 0 and self.k + m + 1 <= self.max_pending:
-            # removing set B (mean b) from n rows (mean mu): scatter -= sum (r - b)(r - b)^T + m (n - m) / n ...
-            b = rows.mean(0)
-            rest_mean = (n * self.mean - m * b) / self.count
-            vectors = [np.sqrt(m * self.count / n) * (rest_mean - b)] + [r - b for r in rows] * (m > 1)
-            lam, q = self.basis
-            for vector in vectors:
-                self.pending[self.k] = q.T @ vector
-                self.k += 1
+            # removing set B (mean b) from n rows takes sum (r - b)(r - b)^T and m (n - m) / n (rest mean - b)
+            # (rest mean - b)^T off the scatter: m + 1 rank-one downdates (one for m = 1)
+            b = rows.mean(0) if m > 1 else rows[0]
+            vectors = np.sqrt(m * self.count / n) * (self.mean - b)[None]
+            if m > 1:
+                vectors = np.concatenate([vectors, rows - b])
+            np.dot(vectors, self.basis[1], out=self.pending[self.k:self.k + len(vectors)])  # Q^T v, in Q's basis
+            self.k += len(vectors)
         else:
             self.basis, self.k, self.warm = None, 0, None
-        self.mean = (n * self.mean - rows.sum(0)) / self.count if self.count else self.mean
         self.small_steps = self.small_steps + 1 if m <= 4 else 0
 
     # -- the exact direction -----------------------------------------------------------------------------------
@@ -174,7 +181,10 @@ class DirectionTracker:
         # most the old second. The old second eigenvalue is thus a shift between the new first two: one
         # factorisation there gives both the proof (its inertia) and the operator whose largest eigenvalue is the
         # top one.
-        found = interior_lanczos(lam, p, y, second, self.lanczos_steps) if second < theta else None
+        found = None
+        if second < theta and self.k:
+            proven, *interior = _interior_top(lam, p, y, second, self.lanczos_steps, 1e-4)
+            found = interior if proven else None
         if found is None:  # the shift from above the spectrum, and a separate count for the proof
             y, theta, residual, second = lanczos_top(lam, p, y, theta, self.lanczos_steps)
             bound = proven_bound(lam, p, theta, residual, second)
@@ -190,60 +200,101 @@ class DirectionTracker:
 
 
 # ---- the kernels: the top eigenpair of A = diag(lam) - P^T P --------------------------------------------------
+# Compiled (numba): a noise map calls them ~1,500 times per image on k x d arrays small enough (k <= 96) that
+# numpy's per-call overhead, not arithmetic, was most of their time.
 
+@njit(cache=True)
 def _times(lam: np.ndarray, p: np.ndarray, y: np.ndarray) -> np.ndarray:
     return lam * y - p.T @ (p @ y)
 
 
+@njit(cache=True)
+def _rayleigh(lam: np.ndarray, p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    ay = _times(lam, p, y)
+    theta = y @ ay
+    return theta, np.sqrt(np.sum((ay - theta * y) ** 2))
+
+
+@njit(cache=True)
 def _capacitance(lam: np.ndarray, p: np.ndarray, sigma: float):
     """(D^-1, P D^-1, M) at the shift sigma, D = diag(lam) - sigma: M = I - P D^-1 P^T is the Woodbury
     identity's capacitance matrix, and its inertia counts A's eigenvalues above sigma (``eigenvalues_above``)."""
     inv_d = 1.0 / (lam - sigma)
     pd = p * inv_d
-    return inv_d, pd, np.eye(len(p)) - pd @ p.T
+    return inv_d, pd, np.eye(p.shape[0]) - pd @ p.T
 
 
-def _woodbury(inv_d: np.ndarray, pd: np.ndarray, capacitance: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """y -> (A - sigma)^-1 y: (D - P^T P)^-1 = D^-1 + D^-1 P^T M^-1 P D^-1 (``_capacitance``'s parts)."""
-    inverse = np.linalg.inv(capacitance)
-    return lambda y: inv_d * y + pd.T @ (inverse @ (pd @ y))
+@njit(cache=True)
+def _shifted_inverse(inv_d, pd, a, blocks, order, y: np.ndarray) -> np.ndarray:
+    """(A - sigma)^-1 y by the Woodbury identity: (D - P^T P)^-1 = D^-1 + D^-1 P^T M^-1 P D^-1 (``_capacitance``'s
+    D^-1 and P D^-1; M^-1 from M's factors, ``_bunch_kaufman``)."""
+    return inv_d * y + pd.T @ _ldl_solve(a, blocks, order, pd @ y)
 
 
-def _shift_solver(lam: np.ndarray, p: np.ndarray, sigma: float) -> Callable[[np.ndarray], np.ndarray]:
-    """y -> (A - sigma)^-1 y."""
-    if len(p) == 0:
-        inv_d = 1.0 / (lam - sigma)
-        return lambda y: inv_d * y
-    return _woodbury(*_capacitance(lam, p, sigma))
+@njit(cache=True)
+def _shift_operator(lam: np.ndarray, p: np.ndarray, sigma: float):
+    """What ``_shifted_inverse`` needs at sigma, and the number of negative eigenvalues of M."""
+    inv_d, pd, capacitance = _capacitance(lam, p, sigma)
+    a, blocks, order, negative = _bunch_kaufman(capacitance)
+    return (inv_d, pd, a, blocks, order), negative
 
 
-def _rayleigh(lam, p, y):
-    ay = _times(lam, p, y)
-    theta = float(y @ ay)
-    return theta, float(np.linalg.norm(ay - theta * y))
+@njit(cache=True)
+def _interior_result(lam: np.ndarray, p: np.ndarray, sigma: float, ritz: np.ndarray, vectors: np.ndarray):
+    """(y, theta, bound, second) from the Ritz pairs of (A - sigma)^-1 where exactly one eigenvalue of A exceeds
+    sigma: every other is then at most sigma, so the gap theta - sigma bounds the vector (Davis-Kahan); bound is
+    inf where the gap is too small to prove anything (or so small that rounding could change the count)."""
+    y = vectors[:, -1] / np.sqrt(np.sum(vectors[:, -1] ** 2))
+    theta, residual = _rayleigh(lam, p, y)
+    gap = theta - sigma
+    second = sigma + 1.0 / ritz[0] if ritz[0] < 0 else -np.inf
+    proven = gap > 2 * residual and gap > 1e-7 * abs(theta)
+    bound = np.sqrt(2.0) * residual / (gap - residual) if proven else np.inf
+    return y, theta, bound, second
 
 
-def _lanczos(solve: Callable[[np.ndarray], np.ndarray], y: np.ndarray, steps: int,
-             enough: Callable[[np.ndarray, np.ndarray], bool] | None = None):
-    """Lanczos with full re-orthogonalisation on the operator ``solve`` from the unit vector y: the Ritz values
-    (ascending) and the Ritz vectors (d, m), after ``steps`` steps or, from the 4th, once ``enough`` of them
-    (asked every second step and at the last)."""
-    basis = np.empty((steps, len(y)))
-    alpha, beta = np.empty(steps), np.empty(steps)
+@njit(cache=True)
+def _lanczos(operator, y, steps, lam, p, sigma, target):
+    """Lanczos with full re-orthogonalisation on (A - sigma)^-1 from the unit vector y: the Ritz values
+    (ascending) and Ritz vectors (d, m) after ``steps`` steps or, where ``target`` > 0, from the 6th step on
+    once ``_interior_result``'s bound is at most ``target`` (asked every second step and at the last)."""
+    d = y.shape[0]
+    basis = np.empty((steps, d))
+    alpha, beta = np.zeros(steps), np.zeros(steps)
     basis[0] = y
     for j in range(steps):
-        w = solve(basis[j])
+        w = _shifted_inverse(*operator, basis[j])
         alpha[j] = basis[j] @ w
         w -= basis[:j + 1].T @ (basis[:j + 1] @ w)  # once: the proof does not rest on Lanczos' accuracy
-        beta[j] = np.linalg.norm(w)
+        beta[j] = np.sqrt(np.sum(w ** 2))
+        if not (np.isfinite(alpha[j]) and np.isfinite(beta[j])):  # a singular M (sigma an eigenvalue): no answer
+            return np.zeros(0), np.zeros((d, 0))
         last = j + 1 == steps or not beta[j] > 1e-14 * abs(alpha[j])
-        if last or (enough is not None and j >= 3 and j % 2 == 1):
-            ritz, vectors = scipy.linalg.eigh_tridiagonal(alpha[:j + 1], beta[:j], check_finite=False)
-            vectors = basis[:j + 1].T @ vectors
-            if (enough is not None and enough(ritz, vectors)) or last:
+        if last or (target > 0 and j >= 5 and j % 2 == 1):
+            tridiagonal = np.diag(alpha[:j + 1])
+            for i in range(j):
+                tridiagonal[i, i + 1] = tridiagonal[i + 1, i] = beta[i]
+            ritz, small = np.linalg.eigh(tridiagonal)
+            vectors = basis[:j + 1].T @ small
+            if last or _interior_result(lam, p, sigma, ritz, vectors)[2] <= target:
                 return ritz, vectors
         basis[j + 1] = w / beta[j]
-    raise AssertionError("unreachable")
+    return np.zeros(0), np.zeros((d, 0))  # not reached: the last step returns
+
+
+@njit(cache=True)
+def _interior_top(lam, p, y, sigma, steps, target):
+    """``interior_lanczos`` compiled: (proven, y, theta, bound, second)."""
+    if np.any(lam == sigma):
+        return False, y, 0.0, np.inf, -np.inf
+    operator, negative = _shift_operator(lam, p, sigma)
+    if np.sum(lam > sigma) - negative != 1:
+        return False, y, 0.0, np.inf, -np.inf
+    ritz, vectors = _lanczos(operator, y / np.sqrt(np.sum(y ** 2)), steps, lam, p, sigma, target)
+    if len(ritz) == 0:
+        return False, y, 0.0, np.inf, -np.inf
+    y, theta, bound, second = _interior_result(lam, p, sigma, ritz, vectors)
+    return np.isfinite(bound), y, theta, bound, second
 
 
 def lanczos_top(lam: np.ndarray, p: np.ndarray, y: np.ndarray, upper: float, steps: int):
@@ -255,7 +306,9 @@ def lanczos_top(lam: np.ndarray, p: np.ndarray, y: np.ndarray, upper: float, ste
     if len(p) == 0 or residual <= 1e-13 * abs(theta):
         return y, theta, residual, -np.inf
     sigma = upper + 1e-9 * abs(upper) + 1e-12
-    ritz, vectors = _lanczos(_shift_solver(lam, p, sigma), y, steps)
+    ritz, vectors = _lanczos(_shift_operator(lam, p, sigma)[0], y, steps, lam, p, sigma, -1.0)
+    if len(ritz) == 0:
+        return y, theta, residual, -np.inf
     y = vectors[:, 0] / np.linalg.norm(vectors[:, 0])
     theta, residual = _rayleigh(lam, p, y)
     second = sigma + 1.0 / ritz[1] if len(ritz) > 1 and ritz[1] < 0 else -np.inf
@@ -272,25 +325,8 @@ def interior_lanczos(lam: np.ndarray, p: np.ndarray, y: np.ndarray, sigma: float
     anything."""
     if len(p) == 0:
         return None
-    inv_d, pd, capacitance = _capacitance(lam, p, sigma)
-    if not np.all(np.isfinite(inv_d)):
-        return None
-    if int((lam > sigma).sum()) - negative_eigenvalues(capacitance) != 1:
-        return None
-    found = []
-
-    def enough(ritz: np.ndarray, vectors: np.ndarray) -> bool:
-        y = vectors[:, -1] / np.linalg.norm(vectors[:, -1])
-        theta, residual = _rayleigh(lam, p, y)
-        gap = theta - sigma  # every other eigenvalue is at most sigma
-        second = sigma + 1.0 / ritz[0] if ritz[0] < 0 else -np.inf
-        proven = gap > 2 * residual and gap > 1e-7 * abs(theta)  # far from where rounding could change the count
-        bound = float(np.sqrt(2) * residual / (gap - residual)) if proven else np.inf
-        found[:] = [(y, theta, bound, second)]
-        return bound <= target
-
-    _lanczos(_woodbury(inv_d, pd, capacitance), y / np.linalg.norm(y), steps, enough)
-    return found[0] if np.isfinite(found[0][2]) else None
+    proven, *found = _interior_top(lam, p, y, float(sigma), steps, target)
+    return tuple(found) if proven else None
 
 
 def rayleigh_polish(lam: np.ndarray, p: np.ndarray, y: np.ndarray, iterations: int = 6):
@@ -298,7 +334,7 @@ def rayleigh_polish(lam: np.ndarray, p: np.ndarray, y: np.ndarray, iterations: i
     for _ in range(iterations):
         if residual <= 1e-12 * abs(theta):
             break
-        z = _shift_solver(lam, p, theta)(y)
+        z = _shifted_inverse(*_shift_operator(lam, p, theta)[0], y) if len(p) else y / (lam - theta)
         y = z / np.linalg.norm(z)
         theta, residual = _rayleigh(lam, p, y)
     return y, theta, residual
@@ -319,21 +355,116 @@ def eigenvalues_above(lam: np.ndarray, p: np.ndarray, tau: float) -> int:
     return above - negative_eigenvalues(_capacitance(lam, p, tau)[2])
 
 
+@njit(cache=True)
+def _bunch_kaufman(m: np.ndarray):
+    """The Bunch-Kaufman factorisation P m P^T = L D L^T of a symmetric m, with LAPACK's pivot rule (dsytf2,
+    lower triangle): (a, blocks, order, negative). ``a`` holds L below the diagonal and D's 1x1 and 2x2 pivots
+    on and next to it, ``blocks[k]`` is the size of the pivot starting at k (0 inside a 2x2), ``order`` is P
+    (row i of P m P^T is row ``order[i]`` of m), and ``negative`` counts D's negative eigenvalues: m's, by
+    Sylvester's law of inertia. O(k^3 / 3), no eigenvalues computed."""
+    a = m.copy()
+    n = a.shape[0]
+    order, blocks = np.arange(n), np.zeros(n, np.int64)
+    alpha = (1.0 + np.sqrt(17.0)) / 8.0  # the rule's constant: bounds the growth of the entries
+    negative, k = 0, 0
+    while k < n:
+        diagonal, largest, row = abs(a[k, k]), 0.0, k
+        for i in range(k + 1, n):
+            if abs(a[i, k]) > largest:
+                largest, row = abs(a[i, k]), i
+        step, swap = 1, k
+        if diagonal < alpha * largest:
+            row_largest = 0.0  # the largest off-diagonal entry of row ``row`` in the part left to factor
+            for j in range(k, row):
+                row_largest = max(row_largest, abs(a[row, j]))
+            for i in range(row + 1, n):
+                row_largest = max(row_largest, abs(a[i, row]))
+            if diagonal * row_largest >= alpha * largest * largest:
+                pass  # a 1x1 pivot at k after all
+            elif abs(a[row, row]) >= alpha * row_largest:
+                swap = row
+            else:
+                step, swap = 2, row
+        into = k + step - 1
+        if swap != into:
+            _interchange(a, into, swap)
+            order[into], order[swap] = order[swap], order[into]
+        blocks[k] = step
+        if step == 1:
+            pivot = a[k, k]
+            negative += pivot < 0
+            if pivot != 0.0:  # else a zero column: a zero pivot, neither sign (solves then give inf)
+                column = a[k + 1:, k].copy()
+                for i in range(k + 1, n):
+                    factor = column[i - k - 1] / pivot
+                    rest = a[i, k + 1:i + 1]  # a view: the loop below vectorises
+                    for j in range(rest.shape[0]):
+                        rest[j] -= factor * column[j]
+                    a[i, k] = factor  # L
+        else:
+            e00, e01, e11 = a[k, k], a[k + 1, k], a[k + 1, k + 1]
+            det = e00 * e11 - e01 * e01
+            # a 2x2 block with a negative determinant has one negative eigenvalue, else two of its trace's sign
+            negative += 1 if det < 0 else 2 * (e00 + e11 < 0)
+            first, second = a[k + 2:, k].copy(), a[k + 2:, k + 1].copy()
+            for i in range(k + 2, n):
+                c0, c1 = first[i - k - 2], second[i - k - 2]
+                w0, w1 = (e11 * c0 - e01 * c1) / det, (e00 * c1 - e01 * c0) / det
+                rest = a[i, k + 2:i + 1]
+                for j in range(rest.shape[0]):
+                    rest[j] -= w0 * first[j] + w1 * second[j]
+                a[i, k], a[i, k + 1] = w0, w1  # L
+        k += step
+    return a, blocks, order, negative
+
+
+@njit(cache=True)
+def _interchange(a: np.ndarray, r: int, s: int) -> None:
+    """Rows and columns r < s of a symmetric matrix swapped, in its lower triangle (with L's rows left of them)."""
+    for j in range(r):
+        a[r, j], a[s, j] = a[s, j], a[r, j]
+    a[r, r], a[s, s] = a[s, s], a[r, r]
+    for j in range(r + 1, s):
+        a[j, r], a[s, j] = a[s, j], a[j, r]
+    for i in range(s + 1, a.shape[0]):
+        a[i, r], a[i, s] = a[i, s], a[i, r]
+
+
+@njit(cache=True)
 def negative_eigenvalues(m: np.ndarray) -> int:
-    """The number of negative eigenvalues of the symmetric matrix m: those of the 1x1 and 2x2 blocks of its
-    Bunch-Kaufman factorisation m = L D L^T (Sylvester's law of inertia)."""
-    ldu, pivots, info = scipy.linalg.lapack.dsytrf(m, lower=1)
-    if info < 0:
-        raise ValueError(f"dsytrf: argument {-info} is invalid")
-    diag, sub = np.diag(ldu), np.diag(ldu, -1)
-    # a 2x2 block spans two consecutive negative pivot entries (lower storage), and blocks follow each other
-    starts = np.flatnonzero(pivots < 0)[0::2]
-    single = np.ones(len(m), bool)
-    single[starts] = single[starts + 1] = False
-    det = diag[starts] * diag[starts + 1] - sub[starts] ** 2
-    # a 2x2 block with a negative determinant has one negative eigenvalue, else two of its trace's sign
-    doubles = np.where(det < 0, 1, 2 * (diag[starts] + diag[starts + 1] < 0))
-    return int((diag[single] < 0).sum() + doubles.sum())
+    """The number of negative eigenvalues of the symmetric matrix m (``_bunch_kaufman``)."""
+    return _bunch_kaufman(m)[3]
+
+
+@njit(cache=True)
+def _ldl_solve(a: np.ndarray, blocks: np.ndarray, order: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """m^-1 b from ``_bunch_kaufman``'s factors: permute, L, D, L^T, permute back. L's entries are those of
+    ``a`` below the diagonal, except the one inside each 2x2 pivot (D's), which every loop takes back out."""
+    n = b.shape[0]
+    z = b[order].copy()
+    for i in range(1, n):  # L z = z, row by row
+        total = 0.0
+        for j in range(i):
+            total += a[i, j] * z[j]
+        z[i] -= total - (a[i, i - 1] * z[i - 1] if blocks[i] == 0 else 0.0)
+    k = 0
+    while k < n:  # D z = z
+        if blocks[k] == 1:
+            z[k] /= a[k, k]
+            k += 1
+        else:
+            e00, e01, e11 = a[k, k], a[k + 1, k], a[k + 1, k + 1]
+            det = e00 * e11 - e01 * e01
+            z[k], z[k + 1] = (e11 * z[k] - e01 * z[k + 1]) / det, (e00 * z[k + 1] - e01 * z[k]) / det
+            k += 2
+    for i in range(n - 1, 0, -1):  # L^T z = z, a row of L at a time
+        for j in range(i):
+            z[j] -= a[i, j] * z[i]
+        if blocks[i] == 0:
+            z[i - 1] += a[i, i - 1] * z[i]
+    x = np.empty(n)
+    x[order] = z
+    return x
 
 
 def proven_bound(lam: np.ndarray, p: np.ndarray, theta: float, residual: float, second: float) -> float:
