@@ -132,6 +132,13 @@ class DirectionTracker:
         """Take the rows ``taken`` (indices, or a boolean mask) out of the scatter."""
         taken = np.flatnonzero(taken) if taken.dtype == bool else taken
         m, n = len(taken), self.count
+        if m == 1 and self.basis is not None and n > 2 and self.k + 2 <= self.max_pending:  # a noise map's case
+            self.removed.append(taken)
+            self.count -= 1
+            _downdate_one(self.basis[1], self.rows[taken[0]], self.mean, n, self.pending[self.k])
+            self.k += 1
+            self.small_steps += 1
+            return
         self.removed.append(taken)
         self.count -= m
         rows = self.rows[taken]
@@ -197,6 +204,16 @@ class DirectionTracker:
             return None
         self.warm = (y, theta, second)
         return q @ y, bound
+
+
+@njit(cache=True)
+def _downdate_one(q: np.ndarray, row: np.ndarray, mean: np.ndarray, n: int, out: np.ndarray) -> None:
+    """``DirectionTracker.remove`` of one row of n, compiled: ``mean`` becomes the other rows' mean (in place),
+    and ``out`` the rank-one downdate in Q's basis, Q^T u with u = sqrt((n - 1) / n) (new mean - row)."""
+    scale = np.sqrt((n - 1) / n)
+    for t in range(mean.shape[0]):
+        mean[t] = (n * mean[t] - row[t]) / (n - 1)
+    out[:] = np.dot(scale * (mean - row), q)
 
 
 # ---- the kernels: the top eigenpair of A = diag(lam) - P^T P --------------------------------------------------
