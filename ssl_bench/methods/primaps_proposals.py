@@ -32,6 +32,7 @@ Where the paper is silent we follow the reference code, and say so:
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -101,36 +102,49 @@ def proposal_soft_masks(features: np.ndarray, psi: float = 0.4, coverage: float 
     masks: list[tuple[np.ndarray, np.ndarray]] = []  # (patches, values) of each mask
     psi32, signed = np.float32(psi), anchor == "signed"
     assigned = 0
-    while len(masks) < limit and assigned < target:
-        best = -1
-        if tracker is not None and nn_anchor:  # the anchor alone decides the mask: take it where it is proven
-            estimate = tracker.estimate()
-            if estimate is not None:
-                v, bound = estimate
-                best = proven_anchor(unit, rows, free, v, bound + FLOAT32_SLACK, tracker.mean, signed,
-                                     SVD_FLIPS_FROM_WIDTH)
-        if best >= 0:  # the common case on weak features (~1,500 times per image): kept lean
-            taken, values = _anchor_mask(unit, free, best, psi32)
-        else:
-            if iterative:
-                v = principal_directions(x[torch.from_numpy(free)], 1, principal, seed,
-                                         tracker.top if tracker else top_directions)[:, 0]
-            elif len(masks) < fixed.shape[1]:
-                v = fixed[:, len(masks)]  # ablation: next component of the whole image, not recomputed
+    with _one_blas_thread():  # ~1,500 small products on a noise map: a second BLAS thread only waits (2x slower)
+        while len(masks) < limit and assigned < target:
+            best = -1
+            if tracker is not None and nn_anchor:  # the anchor alone decides the mask: take it where it is proven
+                estimate = tracker.estimate()
+                if estimate is not None:
+                    v, bound = estimate
+                    best = proven_anchor(unit, rows, free, v, bound + FLOAT32_SLACK, tracker.mean, signed,
+                                         SVD_FLIPS_FROM_WIDTH)
+            if best >= 0:  # the common case on weak features (~1,500 times per image): kept lean
+                taken, values = _anchor_mask(unit, free, best, psi32)
             else:
+                if iterative:
+                    v = principal_directions(x[torch.from_numpy(free)], 1, principal, seed,
+                                             tracker.top if tracker else top_directions)[:, 0]
+                elif len(masks) < fixed.shape[1]:
+                    v = fixed[:, len(masks)]  # ablation: next component of the whole image, not recomputed
+                else:
+                    break
+                taken, values = _cut(xn, v, free, psi, nn_anchor, anchor)
+            if len(taken) == 0:  # nothing similar enough to form a mask
                 break
-            taken, values = _cut(xn, v, free, psi, nn_anchor, anchor)
-        if len(taken) == 0:  # nothing similar enough to form a mask
-            break
-        masks.append((taken, values))  # a mask of one patch is the common case: keep its entries only
-        if tracker is not None:
-            tracker.remove(taken)
-        free[taken] = False
-        assigned += len(taken)
+            masks.append((taken, values))  # a mask of one patch is the common case: keep its entries only
+            if tracker is not None:
+                tracker.remove(taken)
+            free[taken] = False
+            assigned += len(taken)
     soft = np.zeros((len(masks), h * w), dtype=np.float32)
     for m, (taken, values) in enumerate(masks):
         soft[m, taken] = values
     return soft.reshape(-1, h, w)
+
+
+@functools.cache
+def _blas_controller():
+    """threadpoolctl's handle on the loaded BLAS libraries, found once per process (2 ms; a limit then costs 40 us)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 # Scores the exact loop computes in float32 (a 384-term dot product of unit vectors, in any order) are off by at
