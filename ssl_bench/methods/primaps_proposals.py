@@ -102,7 +102,10 @@ def proposal_soft_masks(features: np.ndarray, psi: float = 0.4, coverage: float 
     masks: list[tuple[np.ndarray, np.ndarray]] = []  # (patches, values) of each mask
     psi32, signed = np.float32(psi), anchor == "signed"
     assigned = 0
-    with _one_blas_thread():  # ~1,500 small products on a noise map: a second BLAS thread only waits (2x slower)
+    # ~1,500 small products on a noise map, where a second BLAS thread only waits (2.2 s instead of 1 s on two
+    # threads), and BLAS threads spinning between calls slow torch's (the one-thread limit for just the
+    # tracker's part of the loop made structured maps 3x slower)
+    with _one_blas_thread():
         while len(masks) < limit and assigned < target:
             best = -1
             if tracker is not None and nn_anchor:  # the anchor alone decides the mask: take it where it is proven
