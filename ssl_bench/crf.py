@@ -10,6 +10,7 @@ CRF is deterministic and sees the same arrays).
 from __future__ import annotations
 
 import os
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
@@ -106,6 +107,7 @@ class CRFPool:
         return self.start()
 
     def __exit__(self, *exc) -> None:
+        self._kept = False
         self.close()
 
     def start(self) -> "CRFPool":
@@ -117,12 +119,15 @@ class CRFPool:
         from concurrent.futures import ProcessPoolExecutor
 
         self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        # a pool dropped unused (its stream never read, e.g. a failed cell) still stops its workers
+        self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
         for _ in range(self.workers):
             self._executor.submit(_warm_up)
         return self
 
     def close(self) -> None:
         if self._executor is not None:
+            self._finalizer.detach()
             self._executor.shutdown()
             self._executor = None
 

@@ -153,14 +153,17 @@ def test_the_inertia_counts_the_eigenvalues_above_a_shift():
             m = rng.standard_normal((k, k))
             m = m + m.T + rng.standard_normal() * np.eye(k)
             assert pdir.negative_eigenvalues(m) == int((np.linalg.eigvalsh(m) < 0).sum())
-            a, blocks, order, _ = pdir._bunch_kaufman(m)  # the same factors solve: the Lanczos operator's M^-1
+            a, blocks, order, _, _ = pdir._bunch_kaufman(m)  # the same factors solve: the Lanczos operator's M^-1
             b = rng.standard_normal(k)
             assert np.allclose(pdir._ldl_solve(a, blocks, order, b), np.linalg.solve(m, b), rtol=1e-8, atol=1e-10)
             pivots |= set(blocks.tolist()) | ({"swapped"} if (order != np.arange(k)).any() else set())
     assert pivots >= {1, 2, "swapped"}
-    zero = np.zeros((3, 3))
-    zero[0, 0], zero[2, 2] = -1.0, 2.0  # a zero pivot: neither sign
-    assert pdir.negative_eigenvalues(zero) == 1
+    singular = np.zeros((3, 3))
+    singular[0, 0], singular[2, 2] = -1.0, 2.0  # a zero pivot: a zero eigenvalue, which the proof counts too
+    assert pdir._bunch_kaufman(singular)[3:] == (1, 1)
+    assert pdir._bunch_kaufman(np.array([[0.0, 1.0], [1.0, 0.0]]))[3:] == (1, 0)  # a 2x2 pivot
+    lam, p = np.array([1.0, 2.0]), np.array([[0.0, 1.0]])  # A = diag(1, 1): none above 1, where M is singular
+    assert pdir.eigenvalues_above(lam, p, 1.0 + 1e-6) == 0 and pdir.eigenvalues_above(lam, p, 0.5) == 2
 
 
 def test_the_trackers_estimate_is_within_its_proven_bound_of_the_exact_direction():

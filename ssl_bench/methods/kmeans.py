@@ -59,6 +59,7 @@ def run(ctx):
                         f"-p max_fit_patches (default 200000)")
     fit = ctx.features("patch", p["fit_split"])
     rows = sample_rows(len(fit.flat), p["max_fit_patches"], ctx.seed)
+    feats = ctx.features("patch")
     pool = CRFPool().start() if p["crf"] else None  # the CRF workers start while the fit runs
     try:
         with ctx.timed("fit"):
@@ -67,7 +68,6 @@ def run(ctx):
         if pool is not None:
             pool.close()
         raise
-    feats = ctx.features("patch")
 
     def predictions():
         if not p["crf"]:

@@ -108,8 +108,12 @@ class DirectionTracker:
     def __init__(self, x: torch.Tensor, max_pending: int = 96, lanczos_steps: int = 12):
         self.rows = x.double().numpy()
         self.n, self.d = self.rows.shape
-        self.sum_xx, self.sum_x, self.count = self.rows.T @ self.rows, self.rows.sum(0), self.n
-        self.mean = self.sum_x / self.count
+        # the sums are kept about the first mean: the scatter is then sum_xx - n (mean - c)(mean - c)^T with a
+        # small second term, not the difference of two large ones (features far from the origin lose digits)
+        self.center = self.rows.mean(0)
+        centered = self.rows - self.center
+        self.sum_xx, self.sum_x, self.count = centered.T @ centered, centered.sum(0), self.n
+        self.mean = self.center + self.sum_x / self.count
         self.removed: list[np.ndarray] = []  # indices of rows to take out of sum_xx (one GEMM, not one outer product each)
         self.max_pending, self.lanczos_steps = max_pending, lanczos_steps
         self.basis: tuple[np.ndarray, np.ndarray] | None = None  # (lam, Q) of the scatter at the last refresh
@@ -122,7 +126,7 @@ class DirectionTracker:
 
     def scatter(self) -> np.ndarray:
         if self.removed:
-            gone = self.rows[np.concatenate(self.removed)]
+            gone = self.rows[np.concatenate(self.removed)] - self.center
             self.sum_xx -= gone.T @ gone
             self.sum_x -= gone.sum(0)
             self.removed = []
@@ -250,10 +254,11 @@ def _shifted_inverse(inv_d, pd, a, blocks, order, y: np.ndarray) -> np.ndarray:
 
 @njit(cache=True)
 def _shift_operator(lam: np.ndarray, p: np.ndarray, sigma: float):
-    """What ``_shifted_inverse`` needs at sigma, and the number of negative eigenvalues of M."""
+    """What ``_shifted_inverse`` needs at sigma, and the number of eigenvalues of M that are not positive (A's
+    above sigma are #(lam > sigma) minus those: ``eigenvalues_above``)."""
     inv_d, pd, capacitance = _capacitance(lam, p, sigma)
-    a, blocks, order, negative = _bunch_kaufman(capacitance)
-    return (inv_d, pd, a, blocks, order), negative
+    a, blocks, order, negative, zero = _bunch_kaufman(capacitance)
+    return (inv_d, pd, a, blocks, order), negative + zero
 
 
 @njit(cache=True)
@@ -302,10 +307,10 @@ def _lanczos(operator, y, steps, lam, p, sigma, target):
 @njit(cache=True)
 def _interior_top(lam, p, y, sigma, steps, target):
     """``interior_lanczos`` compiled: (proven, y, theta, bound, second)."""
-    if np.any(lam == sigma):
+    if np.min(np.abs(lam - sigma)) < 1e-9 * max(np.max(np.abs(lam)), 1.0):  # too near a pole: as eigenvalues_above
         return False, y, 0.0, np.inf, -np.inf
-    operator, negative = _shift_operator(lam, p, sigma)
-    if np.sum(lam > sigma) - negative != 1:
+    operator, nonpositive = _shift_operator(lam, p, sigma)
+    if np.sum(lam > sigma) - nonpositive != 1:
         return False, y, 0.0, np.inf, -np.inf
     ritz, vectors = _lanczos(operator, y / np.sqrt(np.sum(y ** 2)), steps, lam, p, sigma, target)
     if len(ritz) == 0:
@@ -360,7 +365,7 @@ def rayleigh_polish(lam: np.ndarray, p: np.ndarray, y: np.ndarray, iterations: i
 def eigenvalues_above(lam: np.ndarray, p: np.ndarray, tau: float) -> int:
     """How many eigenvalues of A = diag(lam) - P^T P exceed tau, by Sylvester's law of inertia: with
     D = diag(lam) - tau, both A - tau and M = I - P D^-1 P^T are Schur complements of [[D, P^T], [P, I]], hence
-    #(A > tau) = #(lam > tau) - #(M < 0); M's negative eigenvalues are counted from its LDL^T factorisation
+    #(A > tau) = #(lam > tau) - #(M <= 0); M's eigenvalues are counted from its LDL^T factorisation
     (Bunch-Kaufman: O(k^3 / 3), no eigenvalues computed)."""
     margin = 1e-9 * max(float(np.abs(lam).max()), 1.0)
     near = np.abs(lam - tau) < margin
@@ -369,21 +374,22 @@ def eigenvalues_above(lam: np.ndarray, p: np.ndarray, tau: float) -> int:
     above = int((lam > tau).sum())
     if len(p) == 0:
         return above
-    return above - negative_eigenvalues(_capacitance(lam, p, tau)[2])
+    _, _, _, negative, zero = _bunch_kaufman(_capacitance(lam, p, tau)[2])
+    return above - negative - zero
 
 
 @njit(cache=True)
 def _bunch_kaufman(m: np.ndarray):
     """The Bunch-Kaufman factorisation P m P^T = L D L^T of a symmetric m, with LAPACK's pivot rule (dsytf2,
-    lower triangle): (a, blocks, order, negative). ``a`` holds L below the diagonal and D's 1x1 and 2x2 pivots
+    lower triangle): (a, blocks, order, negative, zero). ``a`` holds L below the diagonal and D's 1x1 and 2x2 pivots
     on and next to it, ``blocks[k]`` is the size of the pivot starting at k (0 inside a 2x2), ``order`` is P
-    (row i of P m P^T is row ``order[i]`` of m), and ``negative`` counts D's negative eigenvalues: m's, by
-    Sylvester's law of inertia. O(k^3 / 3), no eigenvalues computed."""
+    (row i of P m P^T is row ``order[i]`` of m), and ``negative`` and ``zero`` count D's negative and zero
+    eigenvalues: m's, by Sylvester's law of inertia. O(k^3 / 3), no eigenvalues computed."""
     a = m.copy()
     n = a.shape[0]
     order, blocks = np.arange(n), np.zeros(n, np.int64)
     alpha = (1.0 + np.sqrt(17.0)) / 8.0  # the rule's constant: bounds the growth of the entries
-    negative, k = 0, 0
+    negative, zero, k = 0, 0, 0
     while k < n:
         diagonal, largest, row = abs(a[k, k]), 0.0, k
         for i in range(k + 1, n):
@@ -410,7 +416,8 @@ def _bunch_kaufman(m: np.ndarray):
         if step == 1:
             pivot = a[k, k]
             negative += pivot < 0
-            if pivot != 0.0:  # else a zero column: a zero pivot, neither sign (solves then give inf)
+            zero += pivot == 0.0
+            if pivot != 0.0:  # else a zero column: a zero pivot (solves then give inf)
                 column = a[k + 1:, k].copy()
                 for i in range(k + 1, n):
                     factor = column[i - k - 1] / pivot
@@ -422,7 +429,11 @@ def _bunch_kaufman(m: np.ndarray):
             e00, e01, e11 = a[k, k], a[k + 1, k], a[k + 1, k + 1]
             det = e00 * e11 - e01 * e01
             # a 2x2 block with a negative determinant has one negative eigenvalue, else two of its trace's sign
-            negative += 1 if det < 0 else 2 * (e00 + e11 < 0)
+            if det != 0:
+                negative += 1 if det < 0 else 2 * (e00 + e11 < 0)
+            else:  # one eigenvalue 0, the other the trace
+                zero += 1 + (e00 + e11 == 0)
+                negative += e00 + e11 < 0
             first, second = a[k + 2:, k].copy(), a[k + 2:, k + 1].copy()
             for i in range(k + 2, n):
                 c0, c1 = first[i - k - 2], second[i - k - 2]
@@ -432,7 +443,7 @@ def _bunch_kaufman(m: np.ndarray):
                     rest[j] -= w0 * first[j] + w1 * second[j]
                 a[i, k], a[i, k + 1] = w0, w1  # L
         k += step
-    return a, blocks, order, negative
+    return a, blocks, order, negative, zero
 
 
 @njit(cache=True)

@@ -100,7 +100,7 @@ def proposal_soft_masks(features: np.ndarray, psi: float = 0.4, coverage: float 
     fixed = None if iterative else principal_directions(x, min(limit, d, len(x)), "exact")
     tracker = DirectionTracker(x) if iterative and incremental and principal == "exact" else None
     masks: list[tuple[np.ndarray, np.ndarray]] = []  # (patches, values) of each mask
-    psi32, signed = np.float32(psi), anchor == "signed"
+    psi32, signed, slack = np.float32(psi), anchor == "signed", float32_slack(d)
     assigned = 0
     # ~1,500 small products on a noise map, where a second BLAS thread only waits (2.2 s instead of 1 s on two
     # threads), and BLAS threads spinning between calls slow torch's (the one-thread limit for just the
@@ -112,7 +112,7 @@ def proposal_soft_masks(features: np.ndarray, psi: float = 0.4, coverage: float 
                 estimate = tracker.estimate()
                 if estimate is not None:
                     v, bound = estimate
-                    best = proven_anchor(unit, rows, free, v, bound + FLOAT32_SLACK, tracker.mean, signed,
+                    best = proven_anchor(unit, rows, free, v, bound + slack, tracker.mean, signed,
                                          SVD_FLIPS_FROM_WIDTH)
             if best >= 0:  # the common case on weak features (~1,500 times per image): kept lean
                 taken, values = _anchor_mask(unit, free, best, psi32)
@@ -150,11 +150,13 @@ def _one_blas_thread():
     return _blas_controller().limit(limits=1, user_api="blas")
 
 
-# Scores the exact loop computes in float32 (a 384-term dot product of unit vectors, in any order) are off by at
-# most 384 * 2^-24 = 2.3e-5, its float32 direction moves them by at most 6e-8, and its float64 eigenvector is
-# within 1e-6 of the exact one wherever the tracker's proof holds (a gap above 1e-7 of the eigenvalue): decisions
-# closer than this slack are left to the exact direction.
-FLOAT32_SLACK = 3e-5
+def float32_slack(dim: int) -> float:
+    """How far the exact loop's float32 scores can be from exact ones: a dim-term dot product of unit vectors in
+    float32, in any order, errs by at most dim * 2^-24 (2.3e-5 at 384, 1.2e-4 at 2048), its float32 direction
+    moves them by at most 6e-8, and its float64 eigenvector is within ~1e-6 of the exact one wherever the
+    tracker's proof holds (a gap above 1e-7 of the eigenvalue); a quarter more for safety. Decisions closer than
+    this are left to the exact direction."""
+    return 1.25 * dim * 2.0 ** -24 + 2e-6
 
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
@@ -184,7 +186,10 @@ def proven_anchor(xn, x, free, v, slack, mean, signed, flips_from_width):
     if signed:  # the sign first: the direction the exact loop uses is +v or -v (``sign_pivot``'s two rules)
         if count >= d:
             offset = x[first].astype(np.float64) - mean
-            pivot, narrow, scale = offset @ v, d < flips_from_width, np.sqrt(np.sum(offset ** 2))
+            # the exact loop forms the offset in float32 too: its error scales with the row and the mean
+            scale = np.sqrt(np.sum(offset ** 2)) + np.sqrt(np.sum(x[first].astype(np.float64) ** 2)) + \
+                np.sqrt(np.sum(mean ** 2))
+            pivot, narrow = offset @ v, d < flips_from_width
         else:
             pivot, narrow, scale = v[0], count < flips_from_width, 1.0
         if not abs(pivot) > slack * scale:
