@@ -162,7 +162,7 @@ def test_the_inertia_counts_the_eigenvalues_above_a_shift():
     singular[0, 0], singular[2, 2] = -1.0, 2.0  # a zero pivot: a zero eigenvalue, which the proof counts too
     assert pdir._bunch_kaufman(singular)[3:] == (1, 1)
     assert pdir._bunch_kaufman(np.array([[0.0, 1.0], [1.0, 0.0]]))[3:] == (1, 0)  # a 2x2 pivot
-    lam, p = np.array([1.0, 2.0]), np.array([[0.0, 1.0]])  # A = diag(1, 1): none above 1, where M is singular
+    lam, p = np.array([1.0, 2.0]), np.array([[0.0, 1.0]])  # A = diag(1, 1): none just above 1 (M nearly singular)
     assert pdir.eigenvalues_above(lam, p, 1.0 + 1e-6) == 0 and pdir.eigenvalues_above(lam, p, 0.5) == 2
 
 

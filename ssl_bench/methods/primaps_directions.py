@@ -136,7 +136,7 @@ class DirectionTracker:
         """Take the rows ``taken`` (indices, or a boolean mask) out of the scatter."""
         taken = np.flatnonzero(taken) if taken.dtype == bool else taken
         m, n = len(taken), self.count
-        if m == 1 and self.basis is not None and n > 2 and self.k + 2 <= self.max_pending:  # a noise map's case
+        if m == 1 and self.basis is not None and n > 1 and self.k + 2 <= self.max_pending:  # a noise map's case
             self.removed.append(taken)
             self.count -= 1
             _downdate_one(self.basis[1], self.rows[taken[0]], self.mean, n, self.pending[self.k])
@@ -151,7 +151,7 @@ class DirectionTracker:
         if self.basis is not None and m <= 4 and self.count > 0 and self.k + m + 1 <= self.max_pending:
             # removing set B (mean b) from n rows takes sum (r - b)(r - b)^T and m (n - m) / n (rest mean - b)
             # (rest mean - b)^T off the scatter: m + 1 rank-one downdates (one for m = 1)
-            b = rows.mean(0) if m > 1 else rows[0]
+            b = rows.mean(0)
             vectors = np.sqrt(m * self.count / n) * (self.mean - b)[None]
             if m > 1:
                 vectors = np.concatenate([vectors, rows - b])
@@ -192,10 +192,7 @@ class DirectionTracker:
         # most the old second. The old second eigenvalue is thus a shift between the new first two: one
         # factorisation there gives both the proof (its inertia) and the operator whose largest eigenvalue is the
         # top one.
-        found = None
-        if second < theta and self.k:
-            proven, *interior = _interior_top(lam, p, y, second, self.lanczos_steps, 1e-4)
-            found = interior if proven else None
+        found = interior_lanczos(lam, p, y, second, self.lanczos_steps) if second < theta else None
         if found is None:  # the shift from above the spectrum, and a separate count for the proof
             y, theta, residual, second = lanczos_top(lam, p, y, theta, self.lanczos_steps)
             bound = proven_bound(lam, p, theta, residual, second)
@@ -356,7 +353,7 @@ def rayleigh_polish(lam: np.ndarray, p: np.ndarray, y: np.ndarray, iterations: i
     for _ in range(iterations):
         if residual <= 1e-12 * abs(theta):
             break
-        z = _shifted_inverse(*_shift_operator(lam, p, theta)[0], y) if len(p) else y / (lam - theta)
+        z = _shifted_inverse(*_shift_operator(lam, p, theta)[0], y)
         y = z / np.linalg.norm(z)
         theta, residual = _rayleigh(lam, p, y)
     return y, theta, residual

@@ -32,6 +32,7 @@ Where the paper is silent we follow the reference code, and say so:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from fractions import Fraction
@@ -42,7 +43,6 @@ import torch.nn.functional as F
 from numba import njit
 
 from ..kernels import dot64
-
 from ..ops import softmax, upsample_scores
 from .primaps_directions import (SVD_FLIPS_FROM_WIDTH, DirectionTracker, principal_directions,  # noqa: F401
                                  routine_signs, sign_pivot, top_directions)
@@ -102,10 +102,10 @@ def proposal_soft_masks(features: np.ndarray, psi: float = 0.4, coverage: float 
     masks: list[tuple[np.ndarray, np.ndarray]] = []  # (patches, values) of each mask
     psi32, signed, slack = np.float32(psi), anchor == "signed", float32_slack(d)
     assigned = 0
-    # ~1,500 small products on a noise map, where a second BLAS thread only waits (2.2 s instead of 1 s on two
-    # threads), and BLAS threads spinning between calls slow torch's (the one-thread limit for just the
-    # tracker's part of the loop made structured maps 3x slower)
-    with _one_blas_thread():
+    # the tracker makes ~1,500 small products on a noise map, where a second BLAS thread only waits (2.2 s
+    # instead of 1 s on two threads), and BLAS threads spinning between calls slow torch's (a limit entered only
+    # once the tracker took over made structured maps 3x slower); the other loops keep the run's threads
+    with _one_blas_thread() if tracker is not None else contextlib.nullcontext():
         while len(masks) < limit and assigned < target:
             best = -1
             if tracker is not None and nn_anchor:  # the anchor alone decides the mask: take it where it is proven
@@ -159,15 +159,6 @@ def float32_slack(dim: int) -> float:
     return 1.25 * dim * 2.0 ** -24 + 2e-6
 
 
-@njit(fastmath={"reassoc", "contract"}, cache=True)
-def _dot_mixed(a, b):
-    """A float32 row times a float64 vector, summed in float64 in the vector width's order (errs by ~1e-16)."""
-    total = 0.0
-    for t in range(a.shape[0]):
-        total += a[t] * b[t]
-    return total
-
-
 @njit(cache=True)
 def proven_anchor(xn, x, free, v, slack, mean, signed, flips_from_width):
     """The anchor ``_cut`` would pick with the exact direction, where the estimate v (unsigned, at most ``slack``
@@ -198,7 +189,7 @@ def proven_anchor(xn, x, free, v, slack, mean, signed, flips_from_width):
     best, top, runner_up = -1, -np.inf, -np.inf
     for i in range(n):
         if free[i]:
-            score = _dot_mixed(xn[i], v)
+            score = dot64(xn[i], v)  # float64 sum: errs by ~1e-16
             score = sign * score if signed else abs(score)
             if score > top:
                 best, top, runner_up = i, score, top
