@@ -99,15 +99,88 @@ def test_mask_values_are_float64_cosines_rounded_to_float32():
     f = clustered(1)[0]
     x = torch.tensor(f.reshape(-1, f.shape[-1]))
     unit = torch.nn.functional.normalize(x, dim=1).numpy()
-    free = np.ones(len(unit), bool)
-    free[::3] = False
-    taken, values = pp._anchor_mask(unit, free, 5, np.float32(0.4))
+    patches = pp.FreePatches(unit)
+    patches.remove(np.arange(0, len(unit), 3))
+    free = patches.free
+    taken, values = pp._anchor_mask(unit, patches.packed, patches.patch, patches.count, 5, np.float32(0.4))
     cosines = (unit.astype(np.float64) @ unit[5].astype(np.float64)).astype(np.float32)
     cosines[~free] = 0
     peak = cosines.max()
     expected = np.flatnonzero(free & (cosines >= np.float32(0.4) * peak) & (cosines > 0))
     assert np.array_equal(taken, expected) and len(taken) > 1
     assert np.array_equal(values, cosines[expected] / peak)
+    # rows whose cosines lie a float32 step or so either side of the threshold: the product only picks rows
+    rng = np.random.default_rng(1)
+    anchor = rng.standard_normal(64)
+    anchor /= np.linalg.norm(anchor)
+    cosines = np.float32(0.4) + rng.integers(-40, 40, 200) * 2.0 ** -25  # the threshold 0.4 * peak, peak = 1
+    other = rng.standard_normal((200, 64))
+    other -= np.outer(other @ anchor, anchor)
+    other /= np.linalg.norm(other, axis=1, keepdims=True)
+    unit = np.vstack([anchor, cosines[:, None] * anchor + np.sqrt(1 - cosines[:, None] ** 2) * other])
+    unit = unit.astype(np.float32)
+    patches = pp.FreePatches(unit)
+    taken, values = pp._anchor_mask(unit, patches.packed, patches.patch, patches.count, 0, np.float32(0.4))
+    exact = (unit.astype(np.float64) @ unit[0].astype(np.float64)).astype(np.float32)
+    expected = np.flatnonzero(exact >= np.float32(0.4) * exact.max())
+    assert 20 < len(expected) < 180 and np.array_equal(taken, expected)
+    assert np.array_equal(values, exact[expected] / exact.max())
+
+
+def _anchor_by_the_rule(unit, rows, free, v, slack, mean, signed):
+    """``proven_anchor``'s rule over every free row in float64, without the float32 product that picks the few
+    rows it sums exactly: -1 where the margin (or the sign) is within the slack."""
+    n, d = unit.shape
+    count, first = int(free.sum()), int(np.flatnonzero(free)[0])
+    sign = 1.0
+    if signed:
+        if count >= d:
+            offset = rows[first].astype(np.float64) - mean
+            scale = np.linalg.norm(offset) + np.linalg.norm(rows[first].astype(np.float64)) + np.linalg.norm(mean)
+            pivot, narrow = offset @ v, d < pp.SVD_FLIPS_FROM_WIDTH
+        else:
+            pivot, narrow, scale = v[0], count < pp.SVD_FLIPS_FROM_WIDTH, 1.0
+        if not abs(pivot) > slack * scale:
+            return -1
+        sign = 1.0 if (pivot > 0) != narrow else -1.0
+    scores = unit.astype(np.float64) @ v
+    scores = sign * scores if signed else np.abs(scores)
+    order = np.flatnonzero(free)[np.argsort(-scores[free], kind="stable")]
+    top, runner_up = scores[order[0]], scores[order[1]] if len(order) > 1 else -np.inf
+    if signed and count < n:
+        if top < -slack:
+            return int(np.flatnonzero(~free)[0])
+        if top <= slack:
+            return -1
+    return int(order[0]) if top - runner_up > 2 * slack else -1
+
+
+def test_the_anchor_from_the_float32_product_is_the_rules_anchor():
+    # the float32 product only picks which rows to sum exactly: near-ties and every sign case decide the same
+    rng = np.random.default_rng(2)
+    decided = undecided = 0
+    for trial in range(300):
+        n, d = int(rng.integers(20, 120)), int(rng.choice([8, 48, 100]))
+        rows = rng.standard_normal((n, d)).astype(np.float32)
+        unit = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+        patches = pp.FreePatches(unit)
+        patches.remove(np.flatnonzero(rng.random(n) < rng.choice([0.0, 0.3, 0.9]))[: n - 2])
+        assert sorted(patches.patch[:patches.count]) == list(np.flatnonzero(patches.free))
+        assert np.array_equal(patches.packed[:patches.count], unit[patches.patch[:patches.count]])
+        v = rng.standard_normal(d)
+        v /= np.linalg.norm(v)
+        if trial % 3 == 0:  # a near-tie: the two best free rows' cosines a slack or so apart
+            best = np.flatnonzero(patches.free)[:2]
+            v = unit[best[0]].astype(np.float64) + unit[best[1]] + rng.normal(0, 1e-5, d)
+            v /= np.linalg.norm(v)
+        mean = rows[patches.free].astype(np.float64).mean(0)
+        slack = float(rng.choice([0.0, 1e-6, 3e-5, 1e-3, 0.05]))
+        for signed in (True, False):
+            got = pp.proven_anchor(unit, rows, patches.free, patches.packed, patches.patch, patches.count, v, slack,
+                                   mean, signed, pp.SVD_FLIPS_FROM_WIDTH)
+            assert got == _anchor_by_the_rule(unit, rows, patches.free, v, slack, mean, signed), (trial, signed)
+            decided, undecided = decided + (got >= 0), undecided + (got < 0)
+    assert decided > 100 and undecided > 50
 
 
 @pytest.mark.parametrize("maps", [clustered(), [np.random.default_rng(0).standard_normal((16, 16, 64))

@@ -94,7 +94,8 @@ def proposal_soft_masks(features: np.ndarray, psi: float = 0.4, coverage: float 
     x = feats.reshape(-1, d)
     xn = F.normalize(x, dim=1)
     rows, unit = x.numpy(), xn.numpy()
-    free = np.ones(len(x), dtype=bool)
+    patches = FreePatches(unit)
+    free = patches.free
     target = coverage_target(coverage, len(x))
     limit = len(x) if max_masks is None else max_masks
     fixed = None if iterative else principal_directions(x, min(limit, d, len(x)), "exact")
@@ -112,10 +113,10 @@ def proposal_soft_masks(features: np.ndarray, psi: float = 0.4, coverage: float 
                 estimate = tracker.estimate()
                 if estimate is not None:
                     v, bound = estimate
-                    best = proven_anchor(unit, rows, free, v, bound + slack, tracker.mean, signed,
-                                         SVD_FLIPS_FROM_WIDTH)
+                    best = proven_anchor(unit, rows, free, patches.packed, patches.patch, patches.count, v,
+                                         bound + slack, tracker.mean, signed, SVD_FLIPS_FROM_WIDTH)
             if best >= 0:  # the common case on weak features (~1,500 times per image): kept lean
-                taken, values = _anchor_mask(unit, free, best, psi32)
+                taken, values = _anchor_mask(unit, patches.packed, patches.patch, patches.count, best, psi32)
             else:
                 if iterative:
                     v = principal_directions(x[torch.from_numpy(free)], 1, principal, seed,
@@ -124,13 +125,13 @@ def proposal_soft_masks(features: np.ndarray, psi: float = 0.4, coverage: float 
                     v = fixed[:, len(masks)]  # ablation: next component of the whole image, not recomputed
                 else:
                     break
-                taken, values = _cut(xn, v, free, psi, nn_anchor, anchor)
+                taken, values = _cut(xn, v, patches, psi, nn_anchor, anchor)
             if len(taken) == 0:  # nothing similar enough to form a mask
                 break
             masks.append((taken, values))  # a mask of one patch is the common case: keep its entries only
             if tracker is not None:
                 tracker.remove(taken)
-            free[taken] = False
+            patches.remove(taken)
             assigned += len(taken)
     soft = np.zeros((len(masks), h * w), dtype=np.float32)
     for m, (taken, values) in enumerate(masks):
@@ -159,20 +160,60 @@ def float32_slack(dim: int) -> float:
     return 1.25 * dim * 2.0 ** -24 + 2e-6
 
 
+class FreePatches:
+    """The unassigned patches' unit features, packed into the first ``count`` rows of one array (a removed row's
+    place goes to the last one), so that a pass over them is one float32 BLAS product over exactly those rows
+    (on a noise map the loop passes over them twice per mask, ~1,500 times per image)."""
+
+    def __init__(self, unit: np.ndarray):
+        self.packed, self.count = unit.copy(), len(unit)
+        self.patch = np.arange(len(unit))  # packed row -> patch
+        self.slot = np.arange(len(unit))  # patch -> packed row (-1: assigned)
+        self.free = np.ones(len(unit), dtype=bool)
+
+    def remove(self, taken: np.ndarray) -> None:
+        self.count = _unpack(self.packed, self.patch, self.slot, self.count, taken)
+        self.free[taken] = False
+
+
 @njit(cache=True)
-def proven_anchor(xn, x, free, v, slack, mean, signed, flips_from_width):
+def _unpack(packed, patch, slot, count, taken):
+    for i in taken:
+        row, last = slot[i], count - 1
+        packed[row], patch[row] = packed[last], patch[last]
+        slot[patch[row]], slot[i] = row, -1
+        count -= 1
+    return count
+
+
+@njit(cache=True)
+def float32_product_error(dim, norm):
+    """A bound on how far a float32 BLAS product of a (nearly) unit row with a float64 vector of this norm,
+    rounded to float32, is from the exact dot product: gamma_(dim + 2) |x| |v| in any summation order (the
+    +2: the vector's rounding), a percent more for rows normalised in float32."""
+    gamma = (dim + 2) * 2.0 ** -24
+    return 1.01 * gamma / (1.0 - gamma) * norm
+
+
+@njit(cache=True)
+def proven_anchor(xn, x, free, packed, patch, count, v, slack, mean, signed, flips_from_width):
     """The anchor ``_cut`` would pick with the exact direction, where the estimate v (unsigned, at most ``slack``
     from the exact direction, float32 slack included) proves it; -1 where it does not. Every score moves by at
-    most the slack, so a decision with a margin wider than twice that is the exact loop's. Compiled (numba): a
-    noise map asks ~1,500 times per image."""
+    most the slack, so a decision with a margin wider than twice that is the exact loop's. ``packed``,
+    ``patch``, ``count``: ``FreePatches``. The scores come from one float32 product over the free rows; only
+    those within its error bound of deciding are summed exactly (float64), in raster order, as before. Compiled
+    (numba): a noise map asks ~1,500 times per image."""
     n, d = xn.shape
-    count, first, first_assigned = 0, -1, -1
+    if count == 0:
+        return -1
+    first, first_assigned = -1, -1
     for i in range(n):
         if free[i]:
-            count += 1
             first = i if first < 0 else first
         elif first_assigned < 0:
             first_assigned = i
+        if first >= 0 and first_assigned >= 0:
+            break
     sign = 1.0
     if signed:  # the sign first: the direction the exact loop uses is +v or -v (``sign_pivot``'s two rules)
         if count >= d:
@@ -186,15 +227,21 @@ def proven_anchor(xn, x, free, v, slack, mean, signed, flips_from_width):
         if not abs(pivot) > slack * scale:
             return -1
         sign = 1.0 if (pivot > 0) != narrow else -1.0
+    rough = packed[:count] @ v.astype(np.float32)
+    error = float32_product_error(d, np.sqrt(np.sum(v ** 2)))
+    for j in range(count):
+        rough[j] = sign * rough[j] if signed else abs(rough[j])
+    # a row more than 4 error + 2 slack below the rough top can neither be the anchor nor come within 2 slack of it
+    floor = np.max(rough) - 4 * error - 2 * slack
+    near = np.sort(patch[:count][rough >= floor])
     best, top, runner_up = -1, -np.inf, -np.inf
-    for i in range(n):
-        if free[i]:
-            score = dot64(xn[i], v)  # float64 sum: errs by ~1e-16
-            score = sign * score if signed else abs(score)
-            if score > top:
-                best, top, runner_up = i, score, top
-            elif score > runner_up:
-                runner_up = score
+    for i in near:
+        score = dot64(xn[i], v)  # float64 sum: errs by ~1e-16
+        score = sign * score if signed else abs(score)
+        if score > top:
+            best, top, runner_up = i, score, top
+        elif score > runner_up:
+            runner_up = score
     if signed and count < n:  # assigned patches score 0
         if top < -slack:  # no unassigned patch is positive: the first assigned patch is the anchor
             return first_assigned
@@ -203,10 +250,11 @@ def proven_anchor(xn, x, free, v, slack, mean, signed, flips_from_width):
     return best if top - runner_up > 2 * slack else -1
 
 
-def _cut(xn: torch.Tensor, v: torch.Tensor, free: np.ndarray, psi: float, nn_anchor: bool,
+def _cut(xn: torch.Tensor, v: torch.Tensor, patches: FreePatches, psi: float, nn_anchor: bool,
          anchor: str) -> tuple[np.ndarray, np.ndarray]:
     """One mask from direction v: the anchor, its similarities to the unassigned rows, the threshold. Returns the
     mask's rows and values (``_threshold``); the anchor's mask where the anchor is already known: ``_anchor_mask``."""
+    free = patches.free
     cos_v, free_t = xn @ v, torch.from_numpy(free)
     if anchor == "signed":
         best = int(torch.where(free_t, cos_v, torch.zeros(())).argmax())  # assigned ones score 0, as in the code
@@ -216,18 +264,32 @@ def _cut(xn: torch.Tensor, v: torch.Tensor, free: np.ndarray, psi: float, nn_anc
         sim = None if nn_anchor else cos_v * torch.sign(cos_v[best])
     if sim is not None:  # the ablation: the direction's own cosines
         return _threshold(sim.numpy(), free, np.float32(psi))
-    return _anchor_mask(xn.numpy(), free, best, np.float32(psi))
+    return _anchor_mask(xn.numpy(), patches.packed, patches.patch, patches.count, best, np.float32(psi))
 
 
 @njit(cache=True)
-def _anchor_mask(xn, free, best, psi):
-    """The mask of the unassigned rows whose cosine to row ``best`` reaches ``psi`` times the largest one. The
-    cosines are float64 sums rounded to float32 (``dot64``): the same values whatever the BLAS or order."""
-    sim = np.zeros(xn.shape[0], np.float32)
-    for i in range(xn.shape[0]):
-        if free[i]:
-            sim[i] = np.float32(dot64(xn[i], xn[best]))
-    return _threshold(sim, free, psi)
+def _anchor_mask(xn, packed, patch, count, best, psi):
+    """The mask of the unassigned rows (``FreePatches``) whose cosine to row ``best`` reaches ``psi`` times the
+    largest one: (patches in raster order, values), as ``_threshold`` makes it from all cosines. The cosines are
+    float64 sums rounded to float32 (``dot64``), the same values whatever the BLAS or order; a float32 product
+    finds the few rows near the peak or the threshold, and only those are summed exactly."""
+    rough = packed[:count] @ xn[best]
+    # rough and exact (rounded) cosines differ by the product's error and half a float32 step at most
+    error = float32_product_error(xn.shape[1], np.sqrt(np.sum(xn[best].astype(np.float64) ** 2))) + 2.0 ** -24
+    peak = np.float32(0.0)  # assigned rows count as 0
+    if count > 0:
+        for j in np.flatnonzero(rough >= np.max(rough) - 2 * error):
+            peak = max(peak, np.float32(dot64(packed[j], xn[best])))
+    if not peak > 1e-6:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    level = psi * peak
+    near = np.flatnonzero(rough >= level - error)
+    sims = np.empty(len(near), np.float32)
+    for c in range(len(near)):
+        sims[c] = np.float32(dot64(packed[near[c]], xn[best]))
+    keep = (sims >= level) & (sims > 0)
+    order = np.argsort(patch[near[keep]])
+    return patch[near[keep]][order], sims[keep][order] / peak
 
 
 @njit(cache=True)
