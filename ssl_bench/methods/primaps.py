@@ -41,7 +41,8 @@ Deliberate differences from the reference code:
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+import os
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -522,6 +523,37 @@ def image_proposals(features: np.ndarray, size: tuple[int, int], image: np.ndarr
     return proposals_to_image(soft, size, image, crf=p["proposal_crf"], gain=p["mask_gain"])
 
 
+def _worker_image_proposals(features, size, image, p: dict, seed: int) -> np.ndarray:
+    """``image_proposals`` as a ``CRFPool`` job. In a worker process torch and BLAS keep one thread: the workers
+    are the parallelism (one per core), and more threads would only contend with the other workers."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None and torch.get_num_threads() > 1:
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(1)
+        threadpool_limits(1)  # BLAS too (kept for the worker's life): its spinning threads cost more than they give
+    return image_proposals(features, size, image, p, seed)
+
+
+def stream_image_proposals(ctx, features, split: str, p: dict, labels: bool = False,
+                           fewest_for_workers: int = 16) -> Iterator:
+    """(index, proposal ids) of every image of ``split``, in order: ``image_proposals`` over the images in
+    parallel worker processes (``CRFPool``: streaming, the same ids as one at a time; the proposal CRF is most of
+    an image's time). ``labels``: ids at the size of the ground truth (the oracle), else of ``label_size``.
+    Fewer than ``fewest_for_workers`` images run in this process: a worker's start-up (spawn, torch, the
+    compiled kernels: ~4 s to its first result here) is worth ~8 images of a core's work."""
+    from ..crf import CRFPool, default_workers
+
+    def jobs():
+        for i in range(len(features)):
+            size = ctx.label(i, split).shape if labels else tuple(ctx.label_size(i, split))
+            yield np.asarray(features[i]), size, ctx.image(i, split) if p["proposal_crf"] else None, p, ctx.seed
+
+    workers = default_workers() if len(features) >= fewest_for_workers else 1
+    yield from enumerate(CRFPool(workers).map(_worker_image_proposals, jobs()))
+
+
 def run(ctx):
     """Task adapter (parameters: tasks/primaps-em.yaml). mode: em | baseline | linear-probe | oracle."""
     from ..runner import Prediction, TaskResult
@@ -534,10 +566,9 @@ def run(ctx):
     if mode == "oracle":  # pseudo-label quality with ground truth (paper Table 5): uses labels by design
         def oracle():
             coverage = []
-            for i in range(len(evaluated)):  # the runner shows progress while it consumes predictions
+            # the runner shows progress while it consumes predictions
+            for i, ids in stream_image_proposals(ctx, evaluated, ctx.split, p, labels=True):
                 gt = ctx.label(i)
-                image = ctx.image(i) if p["proposal_crf"] else None
-                ids = image_proposals(evaluated[i], gt.shape, image, p, ctx.seed)
                 coverage.append(float((ids >= 0).mean()))
                 stats["proposal_pixel_fraction"] = float(np.mean(coverage))  # filled while streaming
                 yield Prediction(index=i, labels=oracle_pseudo_labels(ids, gt))
@@ -571,15 +602,13 @@ def run(ctx):
         stats["final_loss"] = model.losses[-1] if model.losses else None
     else:
         proposals, counts, covered = [], [], []
-        for i in ctx.progress(range(n), desc="PriMaPs proposals", total=n, unit="images"):
-            size = tuple(ctx.label_size(i, fit_split))
-            with ctx.timed("proposals"):
-                ids = image_proposals(fit[i], size, ctx.image(i, fit_split) if p["proposal_crf"] else None, p,
-                                      ctx.seed)
-            counts.append(int(ids.max()) + 1)
-            covered.append(float((ids >= 0).mean()))
-            grid = _train_grid(p["train_resolution"], fit.grid(i), size)
-            proposals.append(resize_label_map(ids, grid).astype(np.int16))  # int16: memory of many images
+        with ctx.timed("proposals"):  # the stream's wall time: the images run in parallel
+            for i, ids in ctx.progress(stream_image_proposals(ctx, fit, fit_split, p), desc="PriMaPs proposals",
+                                       total=n, unit="images"):
+                counts.append(int(ids.max()) + 1)
+                covered.append(float((ids >= 0).mean()))
+                grid = _train_grid(p["train_resolution"], fit.grid(i), ids.shape)
+                proposals.append(resize_label_map(ids, grid).astype(np.int16))  # int16: memory of many images
         stats.update(proposals_per_image=float(np.mean(counts)), proposal_pixel_fraction=float(np.mean(covered)))
         augmented = _image_augmenter(ctx, fit, fit_split) if p["augment"] == "image" else None
         if augmented is not None and head is not None:
@@ -644,7 +673,7 @@ def _image_augmenter(ctx, fit, split, chunk: int = 8) -> Callable:
 
 
 def benchmark(images: int = 6, k: int = 27, batch: int = 32, steps: int = 3, augmented: int = 4,
-              threads: int | None = 1, seed: int = 0) -> dict:
+              threads: int | None = 1, workers: int | None = None, seed: int = 0) -> dict:
     """Pseudo-label generation per image (with and without CRF) and EM step time on CPU, on ViT-S/8-sized
     feature maps (40 x 40 x 384: dino-vits8 at 320 pixels, random weights, real CamVid images).
 
@@ -652,18 +681,22 @@ def benchmark(images: int = 6, k: int = 27, batch: int = 32, steps: int = 3, aug
     setting) and on the patch grid (speed substitute); the student's photometric augmentation adds one
     backbone pass per image, measured separately (``augmented_view_s_per_image``). ``threads``: torch
     intra-op threads while measuring (1 by default: on a shared, loaded machine more threads mostly spin;
-    None keeps torch's setting)."""
+    None keeps torch's setting). The pseudo labels with CRF are also made as a run makes them (``stream_*``: the
+    maps four times over, in this process and streamed through ``workers`` processes, ``CRFPool``; default: one
+    per core; started inside the timing, and started and past their first job) and compared."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _measure(images, k, batch, steps, augmented, seed)
+        return _measure(images, k, batch, steps, augmented, workers or os.cpu_count() or 1, seed)
     finally:
         torch.set_num_threads(before)
 
 
-def _measure(images: int, k: int, batch: int, steps: int, augmented: int, seed: int) -> dict:
+def _measure(images: int, k: int, batch: int, steps: int, augmented: int, workers: int, seed: int) -> dict:
     import time
+
+    from ..crf import CRFPool
 
     from .. import registry
     from ..features import benchmark_inputs
@@ -683,6 +716,25 @@ def _measure(images: int, k: int, batch: int, steps: int, augmented: int, seed: 
         t0 = time.perf_counter()
         proposals = [image_proposals(f, im.shape[:2], im, {**p, "proposal_crf": crf}) for f, im in zip(maps, imgs)]
         out[f"pseudo_label_s_per_image_{'crf' if crf else 'nocrf'}"] = (time.perf_counter() - t0) / len(maps)
+    # the stage as a run streams it (the maps 4 times over: a worker's start-up is paid once per stream)
+    jobs = [(f, im.shape[:2], im, {**p, "proposal_crf": True}, 0) for f, im in zip(maps, imgs)] * 4
+    t0 = time.perf_counter()
+    serial = [_worker_image_proposals(*job) for job in jobs]
+    serial_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pooled = list(CRFPool(workers).map(_worker_image_proposals, jobs))
+    pooled_s = time.perf_counter() - t0
+    with CRFPool(workers) as pool:  # started, and each worker past its first job, before the clock
+        list(pool.map(_worker_image_proposals, jobs[:workers]))
+        t0 = time.perf_counter()
+        warm = list(pool.map(_worker_image_proposals, jobs))
+        warm_s = time.perf_counter() - t0
+    out.update(stream_images=len(jobs), stream_s_per_image_in_process=serial_s / len(jobs),
+               stream_s_per_image_workers=pooled_s / len(jobs), stream_workers=workers,
+               stream_speedup=serial_s / pooled_s, stream_speedup_started_workers=serial_s / warm_s,
+               stream_identical=all(np.array_equal(a, b) and np.array_equal(a, c)
+                                    for a, b, c in zip(serial, pooled, warm))
+               and all(np.array_equal(a, b) for a, b in zip(serial, proposals * 4)))
     out["proposals_per_image"] = float(np.mean([len(s) for s in soft]))
     out["proposal_pixel_fraction"] = float(np.mean([(q >= 0).mean() for q in proposals]))
 
