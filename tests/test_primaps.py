@@ -418,7 +418,7 @@ def test_the_proposals_stream_from_worker_processes_equal_one_at_a_time(runner_m
     streams = {}
     for workers in ("1", "2"):
         monkeypatch.setenv("SSL_BENCH_CRF_WORKERS", workers)
-        streams[workers] = list(pm.stream_image_proposals(ctx, ctx.store, "val", ctx.params, fewest_for_workers=0))
+        streams[workers] = list(pm.stream_image_proposals(ctx, ctx.store, "val", ctx.params, start_up_s=0))
     assert [i for i, _ in streams["2"]] == list(range(12))
     assert all(np.array_equal(a, b) and a.shape == (32, 32) for (_, a), (_, b) in zip(streams["1"], streams["2"]))
     assert len({int(ids.max()) for _, ids in streams["1"]}) > 1  # proposals, not one constant map

@@ -536,22 +536,30 @@ def _worker_image_proposals(features, size, image, p: dict, seed: int) -> np.nda
     return image_proposals(features, size, image, p, seed)
 
 
-def stream_image_proposals(ctx, features, split: str, p: dict, labels: bool = False,
-                           fewest_for_workers: int = 16) -> Iterator:
-    """(index, proposal ids) of every image of ``split``, in order: ``image_proposals`` over the images in
-    parallel worker processes (``CRFPool``: streaming, the same ids as one at a time; the proposal CRF is most of
-    an image's time). ``labels``: ids at the size of the ground truth (the oracle), else of ``label_size``.
-    Fewer than ``fewest_for_workers`` images run in this process: a worker's start-up (spawn, torch, the
-    compiled kernels: ~4 s to its first result here) is worth ~8 images of a core's work."""
+def stream_image_proposals(ctx, features, split: str, p: dict, labels: bool = False, probe: int = 4,
+                           start_up_s: float = 8.0) -> Iterator:
+    """(index, proposal ids) of every image of ``split``, in order: ``image_proposals``, the first ``probe``
+    images in this process, the rest in parallel worker processes (``CRFPool``: streaming, the same ids as one
+    process makes) where the probe's pace says they would take more than 3x a worker's start-up here (spawn,
+    torch, the compiled kernels: 5-8 s to a first result on 2 cores), the break-even of two workers with a
+    margin; else in this process too. ``labels``: ids at the size of the ground truth (the oracle), else of
+    ``label_size``."""
+    import time
+
     from ..crf import CRFPool, default_workers
 
-    def jobs():
-        for i in range(len(features)):
-            size = ctx.label(i, split).shape if labels else tuple(ctx.label_size(i, split))
-            yield np.asarray(features[i]), size, ctx.image(i, split) if p["proposal_crf"] else None, p, ctx.seed
+    def job(i):
+        size = ctx.label(i, split).shape if labels else tuple(ctx.label_size(i, split))
+        return np.asarray(features[i]), size, ctx.image(i, split) if p["proposal_crf"] else None, p, ctx.seed
 
-    workers = default_workers() if len(features) >= fewest_for_workers else 1
-    yield from enumerate(CRFPool(workers).map(_worker_image_proposals, jobs()))
+    n, first = len(features), min(probe, len(features))
+    t0 = time.perf_counter()
+    for i in range(first):
+        yield i, _worker_image_proposals(*job(i))
+    pace = (time.perf_counter() - t0) / max(first, 1)
+    workers = default_workers() if (n - first) * pace > 3 * start_up_s else 1
+    stream = CRFPool(workers).map(_worker_image_proposals, (job(i) for i in range(first, n)))
+    yield from enumerate(stream, start=first)
 
 
 def run(ctx):
