@@ -118,7 +118,8 @@ class CRFPool:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_mark_worker)
         # a pool dropped unused (its stream never read, e.g. a failed cell) still stops its workers
         self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
         for _ in range(self.workers):
@@ -148,6 +149,19 @@ class CRFPool:
         finally:
             if not self._kept:
                 self.close()
+
+
+_WORKER_FLAG = "SSL_BENCH_CRF_WORKER"
+
+
+def _mark_worker() -> None:
+    """Each worker's initializer: marks the process as one (``in_worker``)."""
+    os.environ[_WORKER_FLAG] = "1"
+
+
+def in_worker() -> bool:
+    """Whether this process is a ``CRFPool`` worker (not merely some process's child: a run may be one)."""
+    return os.environ.get(_WORKER_FLAG) == "1"
 
 
 def _warm_up() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ssl_bench.crf import CRFPool, crf_argmax, label_crf
+from ssl_bench.crf import CRFPool, crf_argmax, in_worker, label_crf
 from ssl_bench.ops import softmax
 
 
@@ -79,3 +79,10 @@ def test_head_predictions_refine_in_the_pool_what_predict_refines_in_process():
                 for name, labels in Model().predict(f, (24, 32), images[i]).items()]
     assert [(i, s) for i, s, _ in got] == [(i, s) for i, s, _ in expected]
     assert all((a == b).all() for (_, _, a), (_, _, b) in zip(got, expected))
+
+
+def test_a_worker_knows_it_is_one_and_this_process_does_not():
+    # jobs that shape themselves for a worker (one thread each) must not do so in a run that is merely a child
+    assert not in_worker()
+    assert list(CRFPool(2).map(in_worker, [()] * 2)) == [True, True]
+    assert list(CRFPool(1).map(in_worker, [()])) == [False]  # one worker: the job runs in this process

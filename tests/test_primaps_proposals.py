@@ -181,6 +181,16 @@ def test_the_anchor_from_the_float32_product_is_the_rules_anchor():
             assert got == _anchor_by_the_rule(unit, rows, patches.free, v, slack, mean, signed), (trial, signed)
             decided, undecided = decided + (got >= 0), undecided + (got < 0)
     assert decided > 100 and undecided > 50
+    # a NaN row is never picked and hides no other (no comparison is true for it), as in the float64 loop
+    unit[3] = np.nan
+    patches, without = pp.FreePatches(unit), pp.FreePatches(unit)
+    without.remove(np.array([3]))
+    free = patches.free.copy()
+    v = unit[5].astype(np.float64)
+    got = pp.proven_anchor(unit, rows, free, patches.packed, patches.patch, patches.count, v, 0.0, mean, False, 60)
+    assert got == 5
+    masks = [pp._anchor_mask(unit, f.packed, f.patch, f.count, 5, np.float32(0.4)) for f in (patches, without)]
+    assert np.array_equal(masks[0][0], masks[1][0]) and np.array_equal(masks[0][1], masks[1][1])
 
 
 @pytest.mark.parametrize("maps", [clustered(), [np.random.default_rng(0).standard_normal((16, 16, 64))

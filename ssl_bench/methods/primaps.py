@@ -525,10 +525,10 @@ def image_proposals(features: np.ndarray, size: tuple[int, int], image: np.ndarr
 
 def _worker_image_proposals(features, size, image, p: dict, seed: int) -> np.ndarray:
     """``image_proposals`` as a ``CRFPool`` job. In a worker process torch and BLAS keep one thread: the workers
-    are the parallelism (one per core), and more threads would only contend with the other workers."""
-    import multiprocessing
+    are the parallelism (one per thread of the run), and more threads would only contend with each other."""
+    from ..crf import in_worker
 
-    if multiprocessing.parent_process() is not None and torch.get_num_threads() > 1:
+    if in_worker() and torch.get_num_threads() > 1:
         from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(1)
@@ -539,10 +539,10 @@ def _worker_image_proposals(features, size, image, p: dict, seed: int) -> np.nda
 def stream_image_proposals(ctx, features, split: str, p: dict, labels: bool = False, probe: int = 4,
                            start_up_s: float = 8.0) -> Iterator:
     """(index, proposal ids) of every image of ``split``, in order: ``image_proposals``, the first ``probe``
-    images in this process, the rest in parallel worker processes (``CRFPool``: streaming, the same ids as one
-    process makes) where the probe's pace says they would take more than 3x a worker's start-up here (spawn,
-    torch, the compiled kernels: 5-8 s to a first result on 2 cores), the break-even of two workers with a
-    margin; else in this process too. ``labels``: ids at the size of the ground truth (the oracle), else of
+    images in this process, the rest in parallel worker processes (``CRFPool``, as many as the run's threads:
+    streaming, the same ids as one process makes) where the probe's pace (images 2 to ``probe``) says they would
+    take more than 3x a worker's start-up here (spawn, torch, the compiled kernels: 5-8 s to a first result on
+    2 cores), the break-even of two workers with a margin; else in this process too. ``labels``: ids at the size of the ground truth (the oracle), else of
     ``label_size``."""
     import time
 
@@ -555,8 +555,10 @@ def stream_image_proposals(ctx, features, split: str, p: dict, labels: bool = Fa
     n, first = len(features), min(probe, len(features))
     t0 = time.perf_counter()
     for i in range(first):
-        yield i, _worker_image_proposals(*job(i))
-    pace = (time.perf_counter() - t0) / max(first, 1)
+        if i == 1:  # the pace leaves out the first image, which pays this process's one-time loads
+            t0 = time.perf_counter()
+        yield i, image_proposals(*job(i))
+    pace = (time.perf_counter() - t0) / max(first - 1, 1)
     workers = default_workers() if (n - first) * pace > 3 * start_up_s else 1
     stream = CRFPool(workers).map(_worker_image_proposals, (job(i) for i in range(first, n)))
     yield from enumerate(stream, start=first)

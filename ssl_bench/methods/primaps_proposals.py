@@ -204,8 +204,6 @@ def proven_anchor(xn, x, free, packed, patch, count, v, slack, mean, signed, fli
     those within its error bound of deciding are summed exactly (float64), in raster order, as before. Compiled
     (numba): a noise map asks ~1,500 times per image."""
     n, d = xn.shape
-    if count == 0:
-        return -1
     first, first_assigned = -1, -1
     for i in range(n):
         if free[i]:
@@ -232,7 +230,8 @@ def proven_anchor(xn, x, free, packed, patch, count, v, slack, mean, signed, fli
     for j in range(count):
         rough[j] = sign * rough[j] if signed else abs(rough[j])
     # a row more than 4 error + 2 slack below the rough top can neither be the anchor nor come within 2 slack of it
-    floor = np.max(rough) - 4 * error - 2 * slack
+    # (NaN rows, which no comparison picks, are left out as before)
+    floor = np.nanmax(rough) - 4 * error - 2 * slack if count > 0 else np.inf
     near = np.sort(patch[:count][rough >= floor])
     best, top, runner_up = -1, -np.inf, -np.inf
     for i in near:
@@ -272,13 +271,14 @@ def _anchor_mask(xn, packed, patch, count, best, psi):
     """The mask of the unassigned rows (``FreePatches``) whose cosine to row ``best`` reaches ``psi`` times the
     largest one: (patches in raster order, values), as ``_threshold`` makes it from all cosines. The cosines are
     float64 sums rounded to float32 (``dot64``), the same values whatever the BLAS or order; a float32 product
-    finds the few rows near the peak or the threshold, and only those are summed exactly."""
+    finds the rows that matter (the mask's own and those within its error of the peak or the threshold), and
+    only those are summed exactly: on a noise map, one."""
     rough = packed[:count] @ xn[best]
     # rough and exact (rounded) cosines differ by the product's error and half a float32 step at most
     error = float32_product_error(xn.shape[1], np.sqrt(np.sum(xn[best].astype(np.float64) ** 2))) + 2.0 ** -24
     peak = np.float32(0.0)  # assigned rows count as 0
     if count > 0:
-        for j in np.flatnonzero(rough >= np.max(rough) - 2 * error):
+        for j in np.flatnonzero(rough >= np.nanmax(rough) - 2 * error):
             peak = max(peak, np.float32(dot64(packed[j], xn[best])))
     if not peak > 1e-6:
         return np.empty(0, np.int64), np.empty(0, np.float32)
