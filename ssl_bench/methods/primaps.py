@@ -542,8 +542,8 @@ def stream_image_proposals(ctx, features, split: str, p: dict, labels: bool = Fa
     images in this process, the rest in parallel worker processes (``CRFPool``, as many as the run's threads:
     streaming, the same ids as one process makes) where the probe's pace (images 2 to ``probe``) says they would
     take more than 3x a worker's start-up here (spawn, torch, the compiled kernels: 5-8 s to a first result on
-    2 cores), the break-even of two workers with a margin; else in this process too. ``labels``: ids at the size of the ground truth (the oracle), else of
-    ``label_size``."""
+    2 cores), the break-even of two workers with a margin; else in this process too. ``labels``: ids at the size
+    of the ground truth (the oracle), else of ``label_size``."""
     import time
 
     from ..crf import CRFPool, default_workers
@@ -706,9 +706,8 @@ def benchmark(images: int = 6, k: int = 27, batch: int = 32, steps: int = 3, aug
 def _measure(images: int, k: int, batch: int, steps: int, augmented: int, workers: int, seed: int) -> dict:
     import time
 
-    from ..crf import CRFPool
-
     from .. import registry
+    from ..crf import CRFPool
     from ..features import benchmark_inputs
     from ..models import build_backbone, resolve
 
@@ -729,7 +728,7 @@ def _measure(images: int, k: int, batch: int, steps: int, augmented: int, worker
     # the stage as a run streams it (the maps 4 times over: a worker's start-up is paid once per stream)
     jobs = [(f, im.shape[:2], im, {**p, "proposal_crf": True}, 0) for f, im in zip(maps, imgs)] * 4
     t0 = time.perf_counter()
-    serial = [_worker_image_proposals(*job) for job in jobs]
+    serial = [image_proposals(*job) for job in jobs]
     serial_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     pooled = list(CRFPool(workers).map(_worker_image_proposals, jobs))
