@@ -86,3 +86,34 @@ def test_a_worker_knows_it_is_one_and_this_process_does_not():
     assert not in_worker()
     assert list(CRFPool(2).map(in_worker, [()] * 2)) == [True, True]
     assert list(CRFPool(1).map(in_worker, [()])) == [False]  # one worker: the job runs in this process
+
+
+def test_the_crf_benchmark_takes_each_way_at_its_best_round_and_compares_every_stream(monkeypatch):
+    from ssl_bench import crf
+
+    names = ["serial", "cold", "fit", "early", "warm", "ceiling", "arithmetic_one", "arithmetic_all",
+             "memory_one", "memory_all"]
+    rounds = iter([dict.fromkeys(names, 4.0) | {"serial": 2.0, "arithmetic_all": 3.0},   # a slow spell of the pool
+                   dict.fromkeys(names, 1.0) | {"serial": 3.0, "memory_all": 0.5}])      # a slow spell of serial
+    calls = []
+
+    def one_round(jobs, count):
+        calls.append(len(jobs))
+        labels = [crf_argmax(*job) for job in jobs]
+        changed = [label.copy() for label in labels]
+        changed[-1][0, 0] += 1  # the second round's started pool returns another label map
+        return next(rounds), [labels, labels, labels, changed if len(calls) == 2 else labels]
+
+    monkeypatch.setattr(crf, "_one_round", one_round)
+    [row] = crf.benchmark(images=2, labels=(3,), rounds=2, size=32)["rows"]
+    assert calls == [2, 2] and row["rounds"] == 2
+    assert row["speedup"] == 2.0 / 1.0 and row["serial_s_per_image"] == 1.0  # best serial (2) over best cold (1)
+    assert row["speedup_started_before_fit"] == (1.0 + 2.0) / 1.0
+    assert row["cores_now_arithmetic"] == 2 * 1.0 / 1.0 and row["cores_now_memory"] == 2 * 1.0 / 0.5
+    assert row["identical_labels"] is False
+
+
+def test_the_crf_benchmark_controls_time_a_fixed_workload():
+    from ssl_bench.crf import _timed_control
+
+    assert _timed_control("arithmetic") > 0 and _timed_control("memory", 0, 2) > 0

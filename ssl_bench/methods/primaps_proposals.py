@@ -419,7 +419,8 @@ def _measure(images: int, noise_maps: int, grid: int, dim: int, repeats: int, au
     t0 = time.perf_counter()
     proposal_soft_masks(np.random.default_rng(seed).standard_normal((8, 8, 16)).astype(np.float32))
     out: dict = {"camvid_features": source, "threads": torch.get_num_threads(),
-                 "kernel_load_s": time.perf_counter() - t0, "sets": {}}
+                 "kernel_load_s": time.perf_counter() - t0, "sets": {},
+                 "machine_speed": {"refresh_ms_before": _refresh_ms(dim)}}
     for name, maps in sets.items():
         row: dict = {"maps": len(maps), "shape": list(maps[0].shape)}
         masks = {}
@@ -444,8 +445,30 @@ def _measure(images: int, noise_maps: int, grid: int, dim: int, repeats: int, au
         if name == "camvid":
             row["abs_anchor"]["oracle"] = _oracle_scores(camvid_images, masks["incremental"], absolute)
         out["sets"][name] = row
+    out["machine_speed"]["refresh_ms_after"] = _refresh_ms(dim)
+    out["machine_speed"]["note"] = ("the tracker's refresh alone (float64 eigendecomposition of a dim x dim scatter "
+                                    "on one BLAS thread, best of 10) before and after the sets: how fast this "
+                                    "machine ran")
     out["load_average_1min"] = os.getloadavg()[0]
     return out
+
+
+def _refresh_ms(dim: int) -> float:
+    """Milliseconds of one eigendecomposition of a fixed dim x dim scatter as the tracker refreshes it, best of 10:
+    a yardstick of the machine's speed during the benchmark (a shared virtual machine's varies by tens of %)."""
+    import time
+
+    import scipy.linalg
+
+    rows = np.random.default_rng(0).standard_normal((4 * dim, dim))
+    scatter = rows.T @ rows
+    seconds = []
+    with _one_blas_thread():  # as the tracker runs it
+        for _ in range(10):
+            t0 = time.perf_counter()
+            scipy.linalg.eigh(scatter, driver="evd", check_finite=False)
+            seconds.append(time.perf_counter() - t0)
+    return 1e3 * min(seconds)
 
 
 def _oracle_scores(images: list[np.ndarray], signed: list[np.ndarray], absolute: list[np.ndarray]) -> dict:
