@@ -10,8 +10,12 @@ Checks (tolerances are the pass criteria written into the result):
 - extraction (fp32): patch features on the device vs the CPU, max |difference| of float16 rows;
 - extraction (bf16 / fp16 autocast, the protocol's ``precision``): cosine of each patch to its fp32 row;
 - PriMaPs-EM: the same steps on both, final prototypes' max |difference| and seconds per step;
-- DatUS^2 de-noiser (and every head trained with ``stages.denoise``): one short training on both, loss
-  path and predictions' agreement, seconds per batch.
+- DatUS^2 de-noiser (and every head trained with ``stages.denoise``: COMUS' self-training): one short
+  training on both, loss path and predictions' agreement, seconds per batch;
+- STEGO and HP heads, ACSeg's concept generator: a few training steps on both from the same features and
+  seed, the loss paths' and the trained models' outputs' largest relative difference, seconds per step. The
+  checks turn off what draws from the device's own generator (feature dropout; HP's random share ``rho`` of
+  the denominator, set to all patches), whose stream differs between a GPU and the CPU by design.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 # Pass criteria. Float32 sums in another order on another device: features agree to float16 resolution,
 # short trainings to a few 1e-3 of their scale; autocast features keep nearly every patch's direction.
 TOLERANCES = {"extraction_fp32_max_abs": 2e-2, "autocast_min_cosine": 0.98, "primaps_prototypes_max_abs": 1e-3,
-              "denoiser_prediction_agreement": 0.95}
+              "denoiser_prediction_agreement": 0.95, "head_training_max_relative": 1e-3}
 
 
 def _seconds(fn, repeats: int = 1):
@@ -139,13 +143,103 @@ def denoiser_check(device, images: int = 8, k: int = 4) -> dict:
             "cpu_s_per_batch": cpu_s / batches, "device_s_per_batch": dev_s / batches}
 
 
+def _clustered_grids(views: int, grid: int = 12, dim: int = 64, k: int = 5) -> list[np.ndarray]:
+    """Patch grids (grid, grid, dim) float32 of ``k`` noisy clusters in square blocks: features with structure."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(k, dim)).astype(np.float32)
+    return [centres[np.repeat(np.repeat(rng.integers(0, k, (3, 3)), grid // 3, 0), grid // 3, 1)]
+            + 0.3 * rng.normal(size=(grid, grid, dim)).astype(np.float32) for _ in range(views)]
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest |a - b| over the largest |a|: one number for a loss path or a model's outputs."""
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(float(np.abs(a).max()), 1e-12))
+
+
+def _head_row(name: str, train, steps: int, device) -> dict:
+    """``train(where)`` -> (loss path, the trained model's outputs) on the CPU and on the device, compared;
+    each side trained once untimed first (imports, allocator, kernel selection)."""
+    train("cpu"), train(device)
+    (cpu_losses, cpu_out), cpu_s = _seconds(lambda: train("cpu"))
+    (dev_losses, dev_out), dev_s = _seconds(lambda: train(device))
+    worst = max(_relative(cpu_losses, dev_losses), _relative(cpu_out, dev_out))
+    return {"check": name, "steps": steps, "losses_max_relative": _relative(cpu_losses, dev_losses),
+            "outputs_max_relative": _relative(cpu_out, dev_out),
+            "passed": bool(np.isfinite(worst) and worst <= TOLERANCES["head_training_max_relative"]),
+            "cpu_s_per_step": cpu_s / steps, "device_s_per_step": dev_s / steps}
+
+
+def _codes(head, views: list[np.ndarray]) -> np.ndarray:
+    import torch
+
+    from .methods import heads
+
+    device = next(head.parameters()).device
+    with torch.no_grad():
+        return head.eval()(heads.as_batch(views, range(len(views)), device)).cpu().numpy()
+
+
+def stego_check(device, views: int = 8, steps: int = 4, batch: int = 4) -> dict:
+    from . import registry
+    from .methods import heads, stego
+
+    p = {**registry.task("stego").params, "dropout": False}
+    grids = _clustered_grids(views)
+    neighbours = heads.nearest_neighbours(heads.global_features(grids), min(p["neighbours"], views - 1))
+
+    def train(where):
+        head, history = stego.train_head(grids, neighbours, p, steps, batch, 0, where)
+        _sync(where)
+        return history["loss"], _codes(head, grids)
+
+    return _head_row("stego head", train, steps, device)
+
+
+def hp_check(device, views: int = 8, steps: int = 4, batch: int = 4) -> dict:
+    from . import registry
+    from .methods import hp
+
+    p = {**registry.task("hp").params, "dropout": False, "rho": 1.0, "augment": "none", "pool_size": views,
+         "dim": 32}
+    grids = _clustered_grids(views)
+    grid = tuple(grids[0].shape[:2])
+
+    def train(where):
+        plan = {"name": "cpu", "device": str(where), "steps": steps, "batch_size": batch}
+        head, history = hp.train_head(grids, lambda idx: hp.uniform_weights(len(idx), grid, p["attention_sigma"]),
+                                      None, p, plan, 0, where)
+        _sync(where)
+        return history["loss"], _codes(head, grids)
+
+    return _head_row("hp head", train, steps, device)
+
+
+def acseg_check(device, views: int = 8, steps: int = 4, batch: int = 4) -> dict:
+    import torch
+
+    from .stages.segmenters.acseg import assignment, train_generator
+
+    grids = _clustered_grids(views)
+
+    def train(where):
+        model, record = train_generator(grids, iterations=steps, batch_size=batch, seed=0, device=where)
+        with torch.no_grad():
+            x = torch.from_numpy(np.stack([g.reshape(-1, g.shape[-1]) for g in grids])).to(where)
+            out = assignment(x, model(x)).cpu().numpy()
+        _sync(where)
+        return [record["first_loss"], record["final_loss"]], out
+
+    return _head_row("acseg concept generator", train, steps, device)
+
+
 def gpu(device: str | None = None, backbone: str = "dino-vits16", images: int = 8) -> dict:
     """Every GPU check (see the module docstring); ``device`` defaults to cuda when present, else the CPU."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
-    checks = [*extraction_checks(device, backbone, images), primaps_check(device), denoiser_check(device)]
+    checks = [*extraction_checks(device, backbone, images), primaps_check(device), denoiser_check(device),
+              stego_check(device), hp_check(device), acseg_check(device)]
     name = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else "none"
     return {"device": device, "gpu": name,
             "note": None if name != "none" else "no GPU here: the device side is the CPU, so these figures only "

@@ -1,5 +1,6 @@
 """The committed benchmarks run end to end (their figures are read from results/bench, never asserted)."""
 
+import numpy as np
 import pytest
 
 from ssl_bench.bench import k_sweep
@@ -64,3 +65,18 @@ def test_kmeans_benchmark_compares_the_bounded_fit_with_the_plain_loop_and_faiss
         assert row["labels_differing_from_plain"] == 0
         assert min(row["bounded_s"], row["plain_s"], row["faiss_s"]) > 0
         assert 0 < row["objective"] <= 1 and 0 < row["objective_faiss"] <= 1
+
+
+def test_the_gpu_script_trains_each_head_on_both_sides_and_fails_a_difference():
+    from ssl_bench import bench_gpu
+
+    for check in (bench_gpu.stego_check, bench_gpu.hp_check, bench_gpu.acseg_check):
+        row = check("cpu", views=6, steps=2, batch=3)
+        assert row["passed"] and row["losses_max_relative"] == 0.0 and row["outputs_max_relative"] == 0.0, row
+    outputs = np.ones((2, 3))
+
+    def drifting(where):  # a device whose training ends 1% away from the CPU's
+        return [1.0, 0.5], outputs * (1.01 if where != "cpu" else 1.0)
+
+    row = bench_gpu._head_row("drift", drifting, 2, "other")
+    assert not row["passed"] and abs(row["outputs_max_relative"] - 0.01) < 1e-9
