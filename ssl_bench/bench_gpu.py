@@ -97,7 +97,7 @@ def extraction_checks(device, backbone: str = "dino-vits16", images: int = 8) ->
 
 
 def primaps_check(device, images: int = 16, k: int = 8, steps: int = 10) -> dict:
-    from .methods.primaps import PrimapsEM
+    from .methods.primaps_em import PrimapsEM
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(k, 64)).astype(np.float32)

@@ -15,6 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from ssl_bench import registry
 from ssl_bench.data.protocol import Protocol
 from ssl_bench.methods import primaps as pm
+from ssl_bench.methods import primaps_em as em
 
 DEFAULTS = registry.task("primaps-em").params  # the paper's setting, as the task file declares it
 
@@ -175,10 +176,10 @@ def test_proposals_to_image_with_crf_follows_image_edges():
 def test_resize_label_map_majority():
     lab = np.full((8, 8), 2)
     lab[:, :1] = -1
-    small = pm.resize_label_map(lab, (2, 2))
+    small = em.resize_label_map(lab, (2, 2))
     assert np.array_equal(small, np.full((2, 2), 2))  # ignore is a minority in every cell
     lab[:, :7] = -1
-    assert np.array_equal(pm.resize_label_map(lab, (2, 2)), np.full((2, 2), -1))
+    assert np.array_equal(em.resize_label_map(lab, (2, 2)), np.full((2, 2), -1))
 
 
 # ---------------------------------------------------------------------------------------------- pseudo labels & EM
@@ -187,23 +188,23 @@ def test_resize_label_map_majority():
 def test_majority_per_proposal():
     votes = torch.tensor([[0, 0, 1, 2], [1, 1, 1, -1]])
     props = torch.tensor([[0, 0, 0, -1], [1, 1, 2, 2]])
-    out = pm.majority_per_proposal(votes, props)
+    out = em.majority_per_proposal(votes, props)
     assert out.tolist() == [[0, 0, 0, -1], [1, 1, 1, 1]]
 
 
 def test_oracle_pseudo_labels():
     gt = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, -1, -1]])
     aligned = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, -1, -1]])
-    assert np.array_equal(pm.oracle_pseudo_labels(aligned, gt), gt)  # perfect when masks align with GT
+    assert np.array_equal(em.oracle_pseudo_labels(aligned, gt), gt)  # perfect when masks align with GT
     merged = np.array([[0, 0, 0, 1], [0, 0, 0, 1], [-1, -1, 1, 1]])
-    out = pm.oracle_pseudo_labels(merged, gt)
+    out = em.oracle_pseudo_labels(merged, gt)
     assert out.tolist() == [[0, 0, 0, 1], [0, 0, 0, 1], [-1, -1, 1, 1]]
 
 
 def test_focal_loss_weights_unconfident_classes():
     logits = torch.tensor([[4.0, 0.0], [4.0, 0.0], [4.0, 0.0], [0.0, 0.0]])
     target = torch.tensor([0, 0, 0, 1])
-    loss = pm.focal_loss(logits, target, gamma=2.0)
+    loss = em.focal_loss(logits, target, gamma=2.0)
     chi = logits.softmax(1).mean(0)
     ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
     w = (1 - chi) ** 2
@@ -222,26 +223,26 @@ def test_em_step_fits_student_to_proposal_majority():
     corrupted = clean.copy()
     flip = rng.random(truth.shape) < 0.3
     corrupted[flip] = protos[(truth[flip] + 1) % k]
-    teacher = pm.PrototypeHead(protos, cosine=False).requires_grad_(False)
-    assert 0.6 < (pm._scores(teacher, corrupted).argmax(0) == truth).mean() < 0.8
-    student = pm.PrototypeHead(rng.standard_normal((k, d)), cosine=False)
+    teacher = em.PrototypeHead(protos, cosine=False).requires_grad_(False)
+    assert 0.6 < (em._scores(teacher, corrupted).argmax(0) == truth).mean() < 0.8
+    student = em.PrototypeHead(rng.standard_normal((k, d)), cosine=False)
     opt = torch.optim.Adam(student.parameters(), lr=0.1)
     for _ in range(60):
-        out = pm.em_step(student, teacher, opt, [corrupted], [truth], student_features=[clean])
+        out = em.em_step(student, teacher, opt, [corrupted], [truth], student_features=[clean])
     assert out["pseudo_fraction"] == 1.0
-    assert (pm._scores(student, clean).argmax(0) == truth).all()
+    assert (em._scores(student, clean).argmax(0) == truth).all()
 
 
 def test_ema_decay_follows_reference_warmup():
     # first two updates copy the student, then 1 - 1/n until the decay (0.98 at n = 50)
-    assert [pm.ema_decay_at(n, 0.98) for n in (1, 2, 3, 4)] == [0.0, 0.0, pytest.approx(2 / 3), 0.75]
-    assert pm.ema_decay_at(50, 0.98) == pytest.approx(0.98) and pm.ema_decay_at(500, 0.98) == 0.98
+    assert [em.ema_decay_at(n, 0.98) for n in (1, 2, 3, 4)] == [0.0, 0.0, pytest.approx(2 / 3), 0.75]
+    assert em.ema_decay_at(50, 0.98) == pytest.approx(0.98) and em.ema_decay_at(500, 0.98) == 0.98
 
 
 def test_ema_update():
-    a = pm.PrototypeHead(np.zeros((2, 3)), cosine=False)
-    b = pm.PrototypeHead(np.ones((2, 3)), cosine=False)
-    pm.ema_update(a, b, 0.75)
+    a = em.PrototypeHead(np.zeros((2, 3)), cosine=False)
+    b = em.PrototypeHead(np.ones((2, 3)), cosine=False)
+    em.ema_update(a, b, 0.75)
     assert torch.allclose(a.v, torch.full((2, 3), 0.25))
 
 
@@ -250,15 +251,15 @@ def test_primaps_em_recovers_classes_on_synthetic_features():
     feats, labels = synthetic_set(k=k, seed=2)
     proposals = [pm.principal_mask_proposals(f) for f in feats]
     settings = dict(pretrain_epochs=2, batch_size=8, ema_every=2)
-    init = pm.PrimapsEM(k, epochs=0, **settings).fit(feats, proposals, seed=0)  # Eq. 9 pre-training only
-    model = pm.PrimapsEM(k, epochs=6, **settings).fit(feats, proposals, seed=0)
+    init = em.PrimapsEM(k, epochs=0, **settings).fit(feats, proposals, seed=0)  # Eq. 9 pre-training only
+    model = em.PrimapsEM(k, epochs=6, **settings).fit(feats, proposals, seed=0)
     assert model.predict_scores(feats[0]).shape == (k, 8, 8)
     acc_init = hungarian_accuracy([init.predict_scores(f).argmax(0) for f in feats], labels, k)
     acc = hungarian_accuracy([model.predict_scores(f).argmax(0) for f in feats], labels, k)
     assert acc > 0.85, acc  # chance (largest class) is ~0.3
     assert acc > acc_init + 0.01, (acc_init, acc)  # proposal-level pseudo labels beat the noisy patches
     assert model.steps == 6 * 4 and not torch.equal(model.theta_t.v, model.theta_s.v)  # EMA teacher lags
-    again = pm.PrimapsEM(k, epochs=6, **settings).fit(feats, proposals, seed=0)
+    again = em.PrimapsEM(k, epochs=6, **settings).fit(feats, proposals, seed=0)
     assert np.allclose(again.predict_scores(feats[0]), model.predict_scores(feats[0]))  # seeded
 
 
@@ -272,24 +273,24 @@ def test_primaps_em_ablation_switches_and_augmentation_hook():
         seen.append(list(idx))
         return [feats[i] * rng.uniform(0.9, 1.1) for i in idx]
 
-    no_ema = pm.PrimapsEM(k, epochs=2, batch_size=8, ema=False, augment=False).fit(feats, proposals, seed=1)
+    no_ema = em.PrimapsEM(k, epochs=2, batch_size=8, ema=False, augment=False).fit(feats, proposals, seed=1)
     assert no_ema.theta_t is no_ema.theta_s
-    hooked = pm.PrimapsEM(k, epochs=2, batch_size=8, augmented_features=augmented).fit(feats, proposals, seed=1)
+    hooked = em.PrimapsEM(k, epochs=2, batch_size=8, augmented_features=augmented).fit(feats, proposals, seed=1)
     assert len(seen) == hooked.steps == 4 and all(len(b) == 8 for b in seen)
-    capped = pm.PrimapsEM(k, epochs=5, max_steps=3, batch_size=8).fit(feats, proposals, seed=1)
+    capped = em.PrimapsEM(k, epochs=5, max_steps=3, batch_size=8).fit(feats, proposals, seed=1)
     assert capped.steps == 3
 
 
 def test_baseline_and_linear_probe():
     k = 4
     feats, labels = synthetic_set(k=k, noise=0.15, seed=5)
-    base = pm.PrototypeBaseline(k, epochs=3, batch_size=8).fit(feats, seed=0)
+    base = em.PrototypeBaseline(k, epochs=3, batch_size=8).fit(feats, seed=0)
     scores = base.predict_scores(feats[0])
     assert scores.shape == (k, 8, 8) and np.abs(scores).max() <= 1.0 + 1e-5  # cosine similarities
     assert hungarian_accuracy([base.predict_scores(f).argmax(0) for f in feats], labels, k) > 0.6
     # supervised probe, labels given on a 2x finer grid than the features (logits get upsampled)
     fine = [np.kron(lab, np.ones((2, 2), np.int64)) for lab in labels]
-    probe = pm.LinearProbe(k, epochs=10, batch_size=8, lr=0.05).fit(feats, fine, seed=0)
+    probe = em.LinearProbe(k, epochs=10, batch_size=8, lr=0.05).fit(feats, fine, seed=0)
     acc = np.mean([(probe.predict_scores(f).argmax(0) == lab).mean() for f, lab in zip(feats, labels)])
     assert acc > 0.95  # no matching needed: the probe predicts class ids
 
@@ -297,17 +298,17 @@ def test_baseline_and_linear_probe():
 def test_pca_prototypes_are_principal_directions():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 50, 5)) * np.array([5.0, 3.0, 1.0, 0.5, 0.1])
-    protos = pm.pca_prototypes(list(x[:, :, None, :]), k=2)
+    protos = em.pca_prototypes(list(x[:, :, None, :]), k=2)
     assert np.allclose(np.abs(protos), np.eye(5)[:2], atol=0.1)
 
 
 def test_augmentations():
     gen = torch.Generator().manual_seed(0)
     f = torch.randn(5, 6, 7)
-    out = pm.feature_space_augment(f, gen)
+    out = em.feature_space_augment(f, gen)
     assert out.shape == f.shape and not torch.allclose(out, f)
     image = np.random.default_rng(0).integers(0, 255, (24, 20, 3), dtype=np.uint8)
-    aug = pm.photometric_augment(image, np.random.default_rng(0))
+    aug = em.photometric_augment(image, np.random.default_rng(0))
     assert aug.shape == image.shape and aug.dtype == np.uint8 and not np.array_equal(aug, image)
 
 

@@ -167,7 +167,7 @@ def test_a_training_stage_has_one_bar_over_all_its_epochs():
     """PriMaPs drew a bar per epoch: its time left was one epoch's, never the training's."""
     import numpy as np
 
-    from ssl_bench.methods.primaps import PrimapsEM
+    from ssl_bench.methods.primaps_em import PrimapsEM
 
     rng = np.random.default_rng(0)
     features = [rng.standard_normal((3, 3, 8)).astype(np.float32) for _ in range(10)]

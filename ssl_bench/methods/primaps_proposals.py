@@ -478,7 +478,7 @@ def _oracle_scores(images: list[np.ndarray], signed: list[np.ndarray], absolute:
     from ..data.protocol import Protocol
     from ..data.shared import shared_data_dir
     from ..metrics import StreamingConfusion
-    from .primaps import oracle_pseudo_labels
+    from .primaps_em import oracle_pseudo_labels
 
     shared = shared_data_dir()
     if shared is None or not (shared / "camvid").is_dir():
