@@ -60,7 +60,8 @@ def parse_pairs(pairs: Iterable[str], what: str) -> tuple:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise UserError(f"{what} '{pair}' is not key=value -- e.g. {what} {EXAMPLE_PAIRS.get(what, 'key=1')}")
+            example = f"{key}=VALUE" if key and not sep else EXAMPLE_PAIRS.get(what, "key=1")
+            raise UserError(f"{what} '{pair}' is not key=value -- e.g. {what} {example}")
         try:
             parsed[key.replace("-", "_")] = registry.parse_yaml_value(value)
         except yaml.YAMLError as err:
@@ -167,7 +168,10 @@ def run(
     rec = outcome.record
     tag = "computed" if outcome.computed else "already stored; --force recomputes"
     random_note = "  (RANDOM WEIGHTS: smoke run, not a result)" if rec["random_weights"] else ""
-    out.print(f"{model_label(rec)} / {rec['task']} / {rec['dataset']}:{rec['split']} K={rec['k']} seed={rec['seed']}: "
+    from .data import subset_text
+
+    out.print(f"{model_label(rec)} / {rec['task']} / {rec['dataset']}:{rec['split']}{subset_text(rec['config'])} "
+              f"K={rec['k']} seed={rec['seed']}: "
               f"{headline_text(rec)}  ({tag}){random_note}")
     for key, m in rec["metrics"].items():
         if m.get("labelled_fraction", 1.0) < 1.0:
@@ -258,6 +262,9 @@ def sweep(
         data["protocol"] = {**(data.get("protocol") or {}), **protocol_flags}
     if not file and (task or dataset) and not backbone:
         raise UserError("--backbone missing -- give the backbones to sweep, e.g. --backbone reference")
+    for flag, given, example in (("--task", task, "kmeans"), ("--dataset", dataset, "synthetic")):
+        if not file and backbone and not given:
+            raise UserError(f"{flag} missing -- give the {flag[2:]}s to sweep, e.g. {flag} {example}")
     if not file and not backbone:
         raise UserError("give a sweep file or grid flags -- e.g. ssl-bench sweep --backbone reference --task kmeans "
                         "--dataset synthetic --k C --k 2C --seed 0 --seed 1")
@@ -568,6 +575,7 @@ def runs(
     store: Optional[Path] = StoreOpt,
 ):
     """List stored runs (filtered by the options), or delete them with --delete."""
+    from .data import subset_text
     from .housekeeping import RunFilter, delete_runs, select_runs
     from .report.tables import model_label, task_label
 
@@ -580,7 +588,7 @@ def runs(
     for r in found:
         table.add_row(r["config_hash"][:12], str(r.get("created_at", ""))[:16], model_label(r)
                       + (" (random)" if r["random_weights"] else ""), task_label(r["config"]),
-                      f"{r['dataset']}:{r['split']}", str(r["k"]), str(r["seed"]),
+                      f"{r['dataset']}:{r['split']}{subset_text(r['config'])}", str(r["k"]), str(r["seed"]),
                       *("-" if r[m] is None else f"{r[m]:.2f}" for m in ("miou", "acc", "f1")), f"{sum(r['timings'].values()):.1f}")
     if found:
         _print_wide(table)
@@ -626,7 +634,7 @@ def cache(
     for e in sorted(entries, key=lambda e: -e.size):
         key = e.key
         table.add_row(human_size(e.size), key.get("backbone", "?") if e.kind == "features" else "(labels)",
-                      f"{key.get('dataset', '?')}:{key.get('split', '?')}", str(e.images), ", ".join(e.kinds),
+                      f"{key.get('dataset', '?')}:{key.get('split', '?')}", _entry_images(e), ", ".join(e.kinds),
                       str(key.get("weights", ""))[:14] if e.kind == "features" else "",
                       f"{e.needed_by} run(s)" if e.needed_by else "-", str(e.path.relative_to(root)))
     if entries:
@@ -646,6 +654,12 @@ def cache(
     console.print(f"deleted {len(removed)} entries ({human_size(sum(e.size for e in removed))})"
                   + (f" and {len(temporaries)} temporary file(s)" if temporaries else "")
                   + (f"; kept {len(busy)} being extracted right now" if busy else ""))
+
+
+def _entry_images(entry) -> str:
+    """Images of a cache entry, saying when they are views (five crops of each image: a head's training views)."""
+    crops = dict(entry.key.get("options", [])).get("crops")
+    return f"{entry.images} ({crops} crops)" if crops and crops != "none" else str(entry.images)
 
 
 NORMALISATIONS = {(0.485, 0.456, 0.406): "ImageNet", (0.48145466, 0.4578275, 0.40821073): "CLIP",
@@ -705,7 +719,8 @@ def _user_source(spec) -> str:
 
 
 @command("list")
-def list_(what: str = typer.Argument(..., help="backbones | tasks | stages | datasets"),
+def list_(what: str = typer.Argument(..., help="backbones | tasks | stages (or one kind: segmenters, filters, "
+                                     "embeddings, clusterers) | datasets"),
           wide: bool = typer.Option(False, "--wide", help="backbones: all details (needs a wide terminal)"),
           registries: list[Path] = RegistryOpt):
     """List registered backbones, tasks or datasets (entries of your own registries with the file that made them)."""
@@ -727,9 +742,10 @@ def list_(what: str = typer.Argument(..., help="backbones | tasks | stages | dat
             table.add_row(spec.name, str(spec.version), spec.title, ", ".join(features),
                           params if base is spec else f"as {base.name}, with {params or 'the same parameters'}",
                           *([_user_source(spec) or "built-in"] if own else []))
-    elif what == "stages":
+    elif what == "stages" or what in registry.STAGE_KINDS.values():
         table = Table("kind", "name", "title", "features", "parameters (-p SLOT.NAME=VALUE)")
-        specs = [spec for kind in registry.STAGE_KINDS for spec in registry.stages(kind).values()]
+        kinds = [kind for kind, plural in registry.STAGE_KINDS.items() if what in ("stages", plural)]
+        specs = [spec for kind in kinds for spec in registry.stages(kind).values()]
         own = any(_user_source(spec) for spec in specs)
         if own:
             table.add_column("source (your registries)", overflow="fold")
@@ -745,7 +761,8 @@ def list_(what: str = typer.Argument(..., help="backbones | tasks | stages | dat
             table.add_row(name, cls.title, str(cls.num_classes or "classes.txt"), ", ".join(cls.splits),
                           cls.default_root)
     else:
-        raise UserError(f"cannot list '{what}' -- choose backbones, tasks, stages or datasets")
+        raise UserError(f"cannot list '{what}' -- choose backbones, tasks, stages (or one kind: "
+                        f"{', '.join(registry.STAGE_KINDS.values())}) or datasets")
     for column in table.columns[1:]:
         column.overflow = "fold"  # wrapped whole, never cut to "No…" (parameters are what users copy)
     out.print(table)
@@ -778,6 +795,9 @@ def report(
     """Tables, figures and an HTML page from the stored runs (random-weight runs are marked)."""
     from . import report as reports
 
+    if weights is not None and rows is None:
+        raise UserError("--weights chooses a --rows table's cells -- add --rows SWEEP.yaml, or leave --weights out "
+                        "(the other tables show every stored run, random-weight ones marked)")
     if rows is not None:
         from .report.rows import rows_table
         from .report.tables import to_csv, to_latex, to_markdown

@@ -161,6 +161,7 @@ class FeatureCache:
         self.root = Path(root) if root else default_cache_dir()
         self.labels = LabelCache(self.root / "_labels")  # no backbone is called "_labels"
         self._verified: dict[tuple, int] = {}  # (file signatures) -> images whose rows were checked
+        self.opened: set[str] = set()  # entry folders (relative to root) opened since the runner last cleared it
 
     def key(self, backbone: str, weights_identity: str, dataset: SegDataset, protocol: Protocol) -> CacheKey:
         image_options = {k: v for k, v in dataset.options.items() if k in dataset.image_options}
@@ -211,6 +212,7 @@ class FeatureCache:
         backbone.check_kinds(kinds)
         key = self.key(backbone.spec.name, weights_identity, dataset, protocol)
         folder = self.entry_dir(key)
+        self.opened.add(folder.relative_to(self.root).as_posix())
         what = f"the {', '.join(kinds)} features of {backbone.spec.name} on {dataset.name}/{dataset.split}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -441,12 +443,14 @@ class LabelCache:
     def __init__(self, root: Path):
         self.root = root
         self._verified: set[tuple] = set()  # signatures of label files checked in this process
+        self.opened: set[str] = set()  # entry folders (relative to the feature cache) opened, as FeatureCache's
 
     def ensure(self, dataset: SegDataset, protocol: Protocol, multiple: int,
                progress: Callable = lambda it, **_: it) -> LabelStore:
         key = FeatureCache._key("labels", f"multiple={multiple}", dataset, protocol.for_labels(),
                                 {**dataset.options, **dataset.identity, "label_files": _label_file_stamp(dataset)})
         folder = self.root / f"{dataset.name}-{dataset.split}" / key.digest()
+        self.opened.add(folder.relative_to(self.root.parent).as_posix())
         try:
             labels, problem = self._open(folder, dataset)
             if labels is None:

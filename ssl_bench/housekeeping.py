@@ -2,9 +2,9 @@
 
 Runs are selected by what a user remembers of them (backbone, task, dataset, K, seed, random weights,
 an older task version, a hash prefix); deleting one removes its row and its panel samples. A cache entry
-is *needed* when some stored run read it: its own split's features (same backbone, weights, dataset,
-image list, protocol and image options), or another split's that one of its parameters names (a
-``fit_split``). Pruning removes the other entries, and temporary files a killed process left behind.
+is *needed* when some stored run read it: a run records the entries it opened (training views included);
+for runs stored before that record: its own split's features (same backbone, weights, dataset, image list,
+protocol and image options), or another split's that one of its parameters names (a ``fit_split``). Pruning removes the other entries, and temporary files a killed process left behind.
 """
 
 from __future__ import annotations
@@ -171,8 +171,12 @@ def _image_options(config: dict) -> dict:
     return {**defaults, **(config.get("dataset_options") or {}), **(config.get("dataset_identity") or {})}
 
 
-def reads(config: dict, entry: CacheEntry) -> bool:
-    """Whether a run with this config reads this cache entry (see the module docstring)."""
+def reads(config: dict, entry: CacheEntry, opened: list | None = None) -> bool:
+    """Whether a run with this config reads this cache entry: one of the entries it recorded opening
+    (``opened``, the run's ``stats["cache_entries"]``: views a method trains on included), or, for runs stored
+    before that record, one the module docstring's rule names."""
+    if opened and any(entry.path.as_posix().endswith("/" + folder) for folder in opened):
+        return True
     key = entry.key
     if not key:
         return False
@@ -196,7 +200,7 @@ def reads(config: dict, entry: CacheEntry) -> bool:
 
 def count_needs(entries: list[CacheEntry], records: list[dict]) -> None:
     for entry in entries:
-        entry.needed_by = sum(reads(r["config"], entry) for r in records)
+        entry.needed_by = sum(reads(r["config"], entry, (r.get("stats") or {}).get("cache_entries")) for r in records)
 
 
 def stale_temporaries(root: Path, now: float | None = None) -> list[Path]:

@@ -7,10 +7,12 @@ that makes the items does (``stages/segmenters/*.yaml``)::
     k_bound: {items: segments, larger_than: tau}      # of segments of more than ``tau`` patches each
     k_bound: {items: proposals, per_image: max_masks} # at most ``max_masks`` per image (null: no cap)
     k_bound: {items: proposals, per_image: 1, reserved: 1}  # one per image; one cluster (background) needs none
+    k_bound: {items: segments, per_image: segments, unless: adaptive}  # a cap that a true ``adaptive`` lifts
 
 ``items`` names the things clustered (shown in the error), ``larger_than`` a parameter (or a number) of
 patches an item must exceed, ``per_image`` a parameter (or a number) capping the items of one image,
-``reserved`` the clusters that need no item (a background cluster), ``split`` the parameter naming the split
+``reserved`` the clusters that need no item (a background cluster), ``unless`` a true/false parameter that
+lifts the ``per_image`` cap while true, ``split`` the parameter naming the split
 they come from (default ``fit_split`` where the task has one;
 null there means the evaluated split). The patch grid of every
 image follows from the protocol and the image headers, so a K above the most items the split can hold
@@ -33,6 +35,7 @@ class KBound:
     split: str | None = None  # parameter naming the split the items come from (None: the evaluated split)
     per_image: str | int | None = None  # the most items one image gives: a number or a parameter name (None: no cap)
     reserved: int = 0  # clusters that take no item (the background cluster of a segmenter that marks background)
+    unless: str | None = None  # a true/false parameter that lifts the per_image cap while true
 
     @classmethod
     def parse(cls, value, params: dict, where: str) -> "KBound":
@@ -40,9 +43,10 @@ class KBound:
         example = "k_bound: patches, or k_bound: {items: segments, larger_than: tau}"
         if value is None or isinstance(value, str):
             value = {"items": value or "patches"}
-        if not isinstance(value, dict) or set(value) - {"items", "larger_than", "split", "per_image", "reserved"}:
+        if not isinstance(value, dict) or set(value) - {"items", "larger_than", "split", "per_image", "reserved",
+                                                        "unless"}:
             raise UserError(f"{where}: k_bound must be a word or a mapping of items, larger_than, per_image, "
-                            f"reserved, split "
+                            f"reserved, unless, split "
                             f"-- e.g. {example}")
         bound = cls(**{"split": "fit_split" if "fit_split" in params else None, **value})
         for key, value, lowest in (("larger_than", bound.larger_than, 0), ("per_image", bound.per_image, 1)):
@@ -53,6 +57,9 @@ class KBound:
         if not isinstance(bound.reserved, int) or isinstance(bound.reserved, bool) or bound.reserved < 0:
             raise UserError(f"{where}: k_bound reserved={bound.reserved!r} must be a whole number >= 0 (clusters that "
                             f"need no item, e.g. 1 for a background cluster)")
+        if bound.unless is not None and bound.unless not in params:
+            raise UserError(f"{where}: k_bound unless={bound.unless!r} is not a parameter of the task -- "
+                            f"known: {sorted(params)}")
         if bound.split is not None and bound.split not in params:
             raise UserError(f"{where}: k_bound split={bound.split!r} is not a parameter of the task -- "
                             f"known: {sorted(params)}")
@@ -61,7 +68,8 @@ class KBound:
     def in_slot(self, slot: str, split: str | None) -> "KBound":
         """A stage's bound inside a composed task: its parameters are named ``slot.name`` there."""
         named = lambda value: f"{slot}.{value}" if isinstance(value, str) else value  # noqa: E731
-        return KBound(self.items, named(self.larger_than), split, named(self.per_image), self.reserved)
+        return KBound(self.items, named(self.larger_than), split, named(self.per_image), self.reserved,
+                      named(self.unless))
 
     def minimum_size(self, params: dict) -> int:
         """Patches an item must exceed (the parameter's value when it names one)."""
@@ -70,6 +78,8 @@ class KBound:
 
     def cap(self, params: dict) -> int | None:
         """The most items one image gives (None: no cap)."""
+        if self.unless is not None and params.get(self.unless) is True:
+            return None
         value = params.get(self.per_image) if isinstance(self.per_image, str) else self.per_image
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -98,7 +100,7 @@ def _unit_rows(sums: np.ndarray) -> np.ndarray:
 
 
 def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bounds: bool = True,
-                     init: np.ndarray | None = None) -> np.ndarray:
+                     init: np.ndarray | None = None, progress: Callable = lambda it, **_: it) -> np.ndarray:
     """Cosine k-means (Lloyd) on the rows of ``x`` (n, d), normalised first unless they are unit-norm already:
     unit-norm centroids (k, d).
 
@@ -115,7 +117,8 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bou
     change cluster instead of being summed afresh: they differ by float64 rounding (~1e-15), which reaches
     a float32 centroid only at a rounding boundary (not seen on features; rows whose components span 14
     orders of magnitude show it). ``bounds=False`` compares every row with every centroid and sums afresh
-    at every step (the plain loop, for tests and benchmarks)."""
+    at every step (the plain loop, for tests and benchmarks). ``progress`` wraps the steps (a run's bar: a
+    large K takes minutes)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     squared_norms = np.einsum("ij,ij->i", x, x)  # one pass: NaN and inf reach the sums, zero rows sum to 0
     if not np.isfinite(squared_norms).all():
@@ -140,7 +143,7 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 50, bou
     lower = np.empty((n, k), dtype=np.float32)  # <= distance to every other centroid (own: unused)
     kernels.kmeans_assign_all(x, centroids, labels, upper, lower, _SIMILARITY_SLACK)
     sums = kernels.cluster_sums(x, labels, k)
-    for step in range(1, iterations + 1):
+    for step in progress(range(1, iterations + 1), desc="k-means", total=iterations, unit="steps"):
         if _fill_empty_clusters(x, centroids, labels, sums, upper, lower) and not bounds:
             sums = kernels.cluster_sums(x, labels, k)  # the plain loop sums afresh
         if step == iterations:

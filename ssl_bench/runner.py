@@ -444,7 +444,7 @@ class Runner:
         options = dict(cfg.dataset_options)
         probe = self.open_dataset(cfg.dataset, cfg.data_root, cfg.split, options)
         if cfg.k is None and not probe.has_labels:
-            raise UserError(f"{probe.title} has no ground truth, so no number of classes for K -- give K, e.g. "
+            raise UserError(f"{probe.title}: no ground truth, so no class count to set K from -- give K, e.g. "
                             f"--k 8 (ssl_bench.evaluate: k=8)")
         if "limit" in options and not getattr(probe, "limit_cuts", True):
             for key in SUBSET_OPTIONS:  # limit=5000 on 101 images: the whole split, stored and reported as such
@@ -523,6 +523,8 @@ class Runner:
     def compute(self, run: ResolvedRun, progress: Callable = lambda it, **_: it, fresh: bool = False) -> "Computed":
         """One resolved cell computed without touching the store (Ray workers return it to the driver)."""
         timings: dict[str, float] = {}
+        self.cache.opened.clear()  # what this cell reads, for `ssl-bench cache` (training views included)
+        self.cache.labels.opened.clear()
         t0 = time.perf_counter()
         if run.features:  # one extraction pass for every kind the task (and its stages) read
             self.features(run, run.dataset, list(run.features), progress)
@@ -549,6 +551,7 @@ class Runner:
         stats = {**(result.stats or {}), **({"stage_seconds": ctx.stage_seconds} if ctx.stage_seconds else {})}
         if not labelled:  # no metrics: what the predictions look like instead
             stats["predictions"] = counts.summary()
+        stats["cache_entries"] = sorted(self.cache.opened | self.cache.labels.opened)
         # without ground truth the stored predictions (and files) keep the cluster ids
         cluster_to_class = headline["cluster_to_class"] if labelled else list(range(run.config["k"]))
         scores = {m: headline[m] if headline else None for m in ("miou", "acc", "f1")}

@@ -99,6 +99,8 @@ def resolve_k(k: int | str, num_classes: int) -> int:
     if match is None:
         if str(k).strip().isdigit():
             return resolve_k(int(k), num_classes)
+        if str(k).strip().lstrip("-").isdigit():  # a negative number: say what is wrong with it
+            return resolve_k(int(k), num_classes)
         raise UserError(f"K value {brief(k)} is not a number or a multiple of C -- use C, 2C, 3C ... or a number (--k 2C)")
     multiple = int(match.group(1) or 1)
     if multiple < 1:
@@ -390,7 +392,10 @@ class Cell:
     def label(self) -> str:
         c = self.run.config
         task = registry.task_label(c)  # two parameter sets of one task are two cells
-        return f"{_backbone_label(c)} / {task} / {c['dataset']}:{c['split']} K={c['k']} seed={c['seed']}"
+        from .data import subset_text
+
+        return (f"{_backbone_label(c)} / {task} / {c['dataset']}:{c['split']}{subset_text(c)} K={c['k']} "
+                f"seed={c['seed']}")
 
 
 @dataclass

@@ -181,3 +181,27 @@ main()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == "error: this needs the package open_clip -- pip install ssl-bench[hub]"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["run", "--k", "-3"], "K must be at least 1, got -3"),  # was: "is not a number or a multiple of C"
+    (["run", "-p", "iterations"], "--param 'iterations' is not key=value -- e.g. --param iterations=VALUE"),
+    (["sweep", "--backbone", "reference", "--task", "kmeans", "--plan"], "--dataset missing -- give the datasets"),
+    (["sweep", "--backbone", "reference", "--dataset", "synthetic", "--plan"], "--task missing -- give the tasks"),
+    (["report", "--weights", "random"], "--weights chooses a --rows table's cells -- add --rows"),
+    (["list", "segmenter"], "cannot list 'segmenter' -- choose backbones, tasks, stages (or one kind: segmenters"),
+])
+def test_what_a_first_user_mistyped_is_one_line_that_points_the_right_way(cli, args, line):
+    code, output = cli(*args)
+    assert code == 2 and line in output and "Traceback" not in output, output
+    assert len([row for row in output.splitlines() if row.startswith("error:")]) == 1
+
+
+def test_the_stage_list_an_error_points_to_exists_and_an_empty_checkpoint_says_so(cli, tmp_path):
+    code, output = cli("run", "--task", "dsm", "-p", "segmenter=foo")
+    assert code == 2 and "see `ssl-bench list segmenters`" in output, output
+    code, output = cli("list", "segmenters")
+    assert code == 0 and "dsm" in output and "louvain" in output and "sinkhorn" not in output  # a clusterer
+    (tmp_path / "empty.pth").write_bytes(b"")
+    code, output = cli("run", "--backbone", "dino-vits16", "--weights", tmp_path / "empty.pth")
+    assert code == 2 and "(EOFError: the file is empty)" in output, output

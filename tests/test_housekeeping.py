@@ -91,6 +91,33 @@ def test_cache_sizes_and_prune_keep_what_stored_runs_need(tmp_path):
     assert again == kept
 
 
+def test_a_heads_training_views_count_as_needed_and_survive_a_prune(tmp_path):
+    # STEGO reads five-crop training views (features and labels) beside the evaluated split's: four entries
+    run_cell(tmp_path, "--task", "stego", "-p", "cpu_steps=1", "-p", "crf=false", "-p", "train_resize=64")
+    store = ["--store", tmp_path / "s.sqlite", "--cache", tmp_path / "cache"]
+    [record] = ResultStore(tmp_path / "s.sqlite").query()
+    assert len(record["stats"]["cache_entries"]) == 4
+    listing = invoke("cache", *store)
+    assert listing.output.count("1 run(s)") == 4 and "0 needed by no run" in listing.output, listing.output
+    assert listing.output.count("(five crops)") == 2
+    assert "deleted 0 entries" in invoke("cache", "--prune", *store).output
+    assert len(list((tmp_path / "cache").glob("*/*/*"))) == 4
+
+
+def test_a_run_on_fewer_images_says_so_wherever_it_is_named(tmp_path):
+    from ssl_bench.data import subset_text
+
+    assert subset_text({"dataset": "camvid", "dataset_options": {"limit": 4}}) == " [limit=4]"
+    assert subset_text({"dataset": "camvid", "dataset_options": {"limit": 4, "subset": "stride"}}) == \
+        " [limit=4, subset=stride]"
+    assert subset_text({"dataset": "synthetic", "dataset_options": {"n": 4, "size": 64}}) == " [n=4]"
+    assert subset_text({"dataset": "camvid", "dataset_options": {"subset": "first"}}) == ""  # the default: all
+    result = invoke("run", "--dataset", "synthetic", "-o", "n=4", "--resize", "64", "--store", tmp_path / "s.sqlite",
+                    "--cache", tmp_path / "cache")
+    assert "synthetic:val [n=4] K=" in result.output, result.output
+    assert "synthetic:val [n=4]" in invoke("runs", "--store", tmp_path / "s.sqlite").output
+
+
 def test_version_quiet_verbose_and_log_file(tmp_path):
     from ssl_bench import __version__
 

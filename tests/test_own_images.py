@@ -100,7 +100,7 @@ def test_a_folder_of_photos_without_masks_is_segmented_and_saved(photos, tmp_pat
 def test_a_folder_of_photos_needs_k(photos, tmp_path):
     result = CliRunner().invoke(app, ["run", "--dataset", "images", "--data-root", str(photos),
                                       "--store", str(tmp_path / "r.sqlite"), "--cache", str(tmp_path / "cache")])
-    assert result.exit_code != 0 and "no ground truth, so no number of classes for K -- give K" in str(result.exception)
+    assert result.exit_code != 0 and "no ground truth, so no class count to set K from -- give K" in str(result.exception)
 
 
 def test_with_ground_truth_the_files_hold_class_ids_after_the_matching(shared_dataset, tmp_path):

@@ -281,6 +281,10 @@ def test_bad_input_is_one_clear_error(runner, cfg, message):
                                                       "lower -p segmenter.tau"),
     ("segment-cluster", (("segmenter", "primaps"), ("segmenter.max_masks", 3)), 6,
      "K=7 clusters need at least 7 proposals, at most 3 per image \\(segmenter.max_masks=3\\)"),
+    ("dsm", (("segmenter.feature", "patch"), ("segmenter.segments", 7)), 15,  # 2 x 7 segments + a background
+     "K=16 clusters need at least 15 segments, at most 7 per image \\(segmenter.segments=7\\) \\(besides 1"),
+    ("segment-cluster", (("segmenter", "acseg"),), 11, "K=12 clusters need at least 11 regions, at most 5 per "
+                                                        "image \\(segmenter.prototypes=5\\)"),
 ])
 def test_every_task_refuses_a_k_its_split_cannot_hold_before_any_work(runner, task, params, k, message):
     """Synthetic images give 40 x 40 = 1,600 patches each at /8; the bound is exact: K passes, K + 1 fails."""
@@ -316,7 +320,13 @@ def test_a_task_file_says_what_bounds_k_or_clusters_patches():
     datus2 = registry.task("datus2")
     assert datus2.k_bound_for(datus2.params) == KBound("segments", "segmenter.tau", "fit_split")  # its segmenter's
     dsm = datus2.resolve_params({"segmenter": "dsm"})
-    assert datus2.k_bound_for(dsm) == KBound("segments", 0, "fit_split")  # another segmenter, another bound
+    # another segmenter, another bound: DSM's `segments` per image, unless adaptive (its background needs none)
+    assert datus2.k_bound_for(dsm) == KBound("segments", 0, "fit_split", "segmenter.segments", 1, "segmenter.adaptive")
+    bound = datus2.k_bound_for(dsm)
+    assert bound.cap({**dsm, "segmenter.segments": 7}) == 7
+    assert bound.cap({**dsm, "segmenter.segments": 7, "segmenter.adaptive": True}) is None  # the eigengap decides
+    with pytest.raises(UserError, match="unless='adaptive' is not a parameter of the task"):
+        KBound.parse({"items": "segments", "per_image": 3, "unless": "adaptive"}, {"tau": 5}, "x.yaml")
     assert registry.task("kmeans").k_bound == KBound("patches", 0, "fit_split")
     assert KBound.parse(None, {}, "x.yaml") == KBound("patches", 0, None)
     with pytest.raises(UserError, match="larger_than='size' must be a whole number >= 0 or one of the parameters"):

@@ -56,6 +56,17 @@ def subset_options(cls: type[SegDataset]) -> tuple[str, ...]:
     return SUBSET_OPTIONS + tuple(getattr(cls, "count_options", ()))
 
 
+def subset_text(config: dict) -> str:
+    """`` [limit=4]``: the options of a stored run's config that chose fewer images than its split's (none: "");
+    a line naming a run says so, so that a smoke run never reads like a whole split's result."""
+    cls = DATASETS.get(config.get("dataset"))
+    defaults = {"subset": "first", "subset_seed": 0, **(dataset_options(cls) if cls else {})}
+    names = subset_options(cls) if cls else SUBSET_OPTIONS
+    chosen = {k: v for k, v in (config.get("dataset_options") or {}).items()
+              if k in names and (k not in defaults or defaults[k] != v)}
+    return f" [{', '.join(f'{k}={v}' for k, v in chosen.items())}]" if chosen else ""
+
+
 def open_dataset(name: str, root: str | Path | None, split: str | None, **options) -> SegDataset:
     """Open split ``split`` (None: the dataset's evaluation split) of dataset ``name`` at ``root``;
     every failure is one clear UserError. The option ``limit=N`` (any reader) keeps N images, for small

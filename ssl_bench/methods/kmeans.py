@@ -7,6 +7,8 @@ by the dense CRF those papers share.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ..crf import CRFPool, crf_argmax
@@ -15,10 +17,11 @@ from ..ops import (as_float32, l2_normalize, sample_rows, softmax, spherical_kme
                    upsample_scores)
 
 
-def fit_centroids(features: np.ndarray, k: int, seed: int, iterations: int = 50, copy: bool = True) -> np.ndarray:
+def fit_centroids(features: np.ndarray, k: int, seed: int, iterations: int = 50, copy: bool = True,
+                  progress: Callable = lambda it, **_: it) -> np.ndarray:
     """Unit-norm centroids (k, d) of cosine k-means on feature rows (n, d) (``copy=False``: a float32 scratch
-    array the caller gives up, normalised in place)."""
-    return spherical_kmeans(l2_normalize(features, copy=copy), k, seed=seed, iterations=iterations)
+    array the caller gives up, normalised in place; ``progress``: a run's bar over the steps)."""
+    return spherical_kmeans(l2_normalize(features, copy=copy), k, seed=seed, iterations=iterations, progress=progress)
 
 
 def cluster_scores(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -63,7 +66,8 @@ def run(ctx):
     pool = CRFPool().start() if p["crf"] else None  # the CRF workers start while the fit runs
     try:
         with ctx.timed("fit"):
-            centroids = fit_centroids(as_float32(fit.flat[rows]), ctx.k, ctx.seed, p["iterations"], copy=False)
+            centroids = fit_centroids(as_float32(fit.flat[rows]), ctx.k, ctx.seed, p["iterations"], copy=False,
+                                      progress=ctx.progress)
     except BaseException:
         if pool is not None:
             pool.close()

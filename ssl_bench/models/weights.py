@@ -142,7 +142,10 @@ def read_checkpoint(path: Path) -> dict:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 -- any unreadable file gets the same advice
         reason = (str(err).strip().splitlines() or [""])[0][:100]
-        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}: {reason}) -- is it a "
+        if not reason and path.is_file() and path.stat().st_size == 0:
+            reason = "the file is empty"
+        reason = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+        raise UserError(f"cannot read checkpoint {path} ({reason}) -- is it a "
                         f"{'safetensors' if path.suffix == '.safetensors' else 'PyTorch'} file?") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict -- save "
