@@ -159,8 +159,8 @@ def test_cell_labels_tell_parameter_sets_and_weight_seeds_apart(runner):
                            "tasks": ["kmeans", {"name": "kmeans", "params": {"iterations": 20}}],
                            "datasets": [{"name": "synthetic", "options": {"n": 2}}]})
     labels = [cell.label for cell in make_plan(g, runner).cells]
-    assert labels == ["dino-vits16 (random weights, seed 7) / kmeans / synthetic:val K=5 seed=0",
-                      "dino-vits16 (random weights, seed 7) / kmeans (iterations=20) / synthetic:val K=5 seed=0"]
+    assert labels == ["dino-vits16 (random weights, seed 7) / kmeans / synthetic:val [n=2] K=5 seed=0",
+                      "dino-vits16 (random weights, seed 7) / kmeans (iterations=20) / synthetic:val [n=2] K=5 seed=0"]
 
 
 @pytest.mark.slow
