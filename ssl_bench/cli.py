@@ -765,7 +765,10 @@ def list_(what: str = typer.Argument(..., help="backbones | tasks | stages (or o
                         f"{', '.join(registry.STAGE_KINDS.values())}) or datasets")
     for column in table.columns[1:]:
         column.overflow = "fold"  # wrapped whole, never cut to "No…" (parameters are what users copy)
-    out.print(table)
+    if out.is_terminal:
+        out.print(table)
+    else:  # a file or pipe: whole lines (grep finds a parameter, not half of it)
+        _print_wide(table)
 
 
 @command()

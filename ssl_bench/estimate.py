@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .features import TIMING_FILE
 from .integrity import Damaged, read_checked_json
-from .sweep import Plan
+from .sweep import Plan, counted
 
 CELL_STAGES = ("labels", "task", "evaluate")  # an extraction is priced on its own, once per cache entry
 
@@ -33,15 +33,21 @@ class Estimate:
         if not (self.cells_priced or self.extractions_priced):
             return ("estimated time: unknown (no stored run or cached extraction of these tasks and backbones to "
                     "go by yet)")
-        parts = [f"{self.cells_priced} cells from stored runs",
-                 f"{self.extractions_priced} extractions from cached timings"]
-        missing = [f"{n} {what}" for n, what in ((self.cells_unpriced, "cells"),
-                                                 (self.extractions_unpriced, "extractions")) if n]
+        parts = [f"{counted(self.cells_priced, 'cell')} from stored runs",
+                 f"{counted(self.extractions_priced, 'extraction')} from cached timings"]
+        missing = [counted(n, what) for n, what in ((self.cells_unpriced, "cell"),
+                                                    (self.extractions_unpriced, "extraction")) if n]
         tail = f"; not counted: {', '.join(missing)} with nothing measured to go by" if missing else ""
-        return f"estimated time: about {duration(self.seconds)} ({', '.join(parts)}{tail})"
+        return f"estimated time: {_about(self.seconds)} ({', '.join(parts)}{tail})"
+
+
+def _about(seconds: float) -> str:
+    return duration(seconds) if seconds < 1 else f"about {duration(seconds)}"
 
 
 def duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:

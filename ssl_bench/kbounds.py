@@ -1,13 +1,15 @@
 """What bounds K: a task declares what its K clusters are made of, and every run is checked before any work.
 
 A task file says what it clusters (``k_bound`` in ``tasks/*.yaml``), or, in a composed task, the stage
-that makes the items does (``stages/segmenters/*.yaml``)::
+that makes the items does (``stages/segmenters/*.yaml``; a later stage's declaration wins: a clusterer that
+names the classes)::
 
     k_bound: patches                                  # K clusters of the fit split's patches
     k_bound: {items: segments, larger_than: tau}      # of segments of more than ``tau`` patches each
     k_bound: {items: proposals, per_image: max_masks} # at most ``max_masks`` per image (null: no cap)
     k_bound: {items: proposals, per_image: 1, reserved: 1}  # one per image; one cluster (background) needs none
     k_bound: {items: segments, per_image: segments, unless: adaptive}  # a cap that a true ``adaptive`` lifts
+    k_bound: classes                                  # a clusterer naming the dataset's classes: K is C, unbounded
 
 ``items`` names the things clustered (shown in the error), ``larger_than`` a parameter (or a number) of
 patches an item must exceed, ``per_image`` a parameter (or a number) capping the items of one image,
@@ -88,6 +90,8 @@ class KBound:
         """Refuse ``k`` above the most items the split can hold. ``open_split(name)`` gives a dataset,
         ``grid_of(dataset)`` its patches per image (header reads); ``least_per_image``: the fewest patches
         the protocol gives any image, so most K values pass without reading a header."""
+        if self.items == "classes":  # the clusters are the dataset's classes, whatever the regions
+            return
         split = (params.get(self.split) if self.split else None) or evaluated_split
         dataset = open_split(split)
         size, cap = self.minimum_size(params), self.cap(params)

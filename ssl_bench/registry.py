@@ -154,8 +154,9 @@ class TaskSpec:
 
     def k_bound_for(self, params: dict) -> KBound:
         """What bounds K for a run with these (resolved) parameters: the task's own ``k_bound`` or, in a
-        composed task, that of the stage in a slot that declares one (its parameters named by the slot)."""
-        for slot, kind in self.stages.items():
+        composed task, that of the last stage in its slots that declares one (its parameters named by the slot):
+        the segmenter's regions, unless a later stage (a clusterer that names the classes) says otherwise."""
+        for slot, kind in reversed(self.stages.items()):
             stage = stages(kind).get(params.get(slot))
             if stage is not None and stage.k_bound is not None:
                 return stage.k_bound.in_slot(slot, self.k_bound.split)

@@ -505,6 +505,9 @@ class Runner:
         if not force and (stored := self.store.get(run.config_hash)) and not self.predictions_missing(run):
             return Outcome(run.config_hash, stored, computed=False)
         if self.device.type == "cpu" and (note := run.task.cpu_note(run.config["params"])):
+            # a backbone that cannot give the features refuses first: no warning of hours that never come
+            _LazyBackbone(lambda: self.backbone(run.spec, run.weights, run.config["weights_seed"]),
+                          run.spec).check_kinds(list(run.features))
             warnings.warn(note, stacklevel=2)  # before the hours it announces, not after
         self.persist(self.compute(run, progress, fresh=force), replace=force)
         return Outcome(run.config_hash, self.store.get(run.config_hash), computed=True)

@@ -538,6 +538,11 @@ def describe(plan: Plan) -> list[str]:
 
 # ---- outcome ------------------------------------------------------------------------------------------
 
+def counted(n: int, thing: str) -> str:
+    """``1 cell``, ``2 cells``."""
+    return f"{n} {thing}" + ("" if n == 1 else "s")
+
+
 @dataclass
 class SweepSummary:
     computed: int = 0
@@ -547,8 +552,9 @@ class SweepSummary:
     task_seconds: float = 0.0  # Ray: seconds spent inside the tasks, as the workers timed them
 
     def lines(self) -> list[str]:
-        out = [f"computed {self.computed} cells, {self.extractions} feature extractions"
-               + (f"; {self.already_stored} cells were stored meanwhile by another sweep" if self.already_stored else "")]
+        out = [f"computed {counted(self.computed, 'cell')}, {counted(self.extractions, 'feature extraction')}"
+               + (f"; {counted(self.already_stored, 'cell')} stored meanwhile by another sweep"
+                  if self.already_stored else "")]
         out += [f"FAILED {label}: {reason}" for label, reason in self.failed]
         return out
 

@@ -81,7 +81,7 @@ def test_the_plan_estimates_the_time_from_stored_runs_and_cached_extractions(run
     expected = 2 * per_image * 6 + extraction["seconds"] / extraction["images"] * 6
     assert (found.cells_priced, found.extractions_priced) == (2, 1)
     assert found.seconds == pytest.approx(expected)
-    assert "2 cells from stored runs, 1 extractions from cached timings" in found.text()
+    assert "2 cells from stored runs, 1 extraction from cached timings" in found.text()
 
 
 def test_a_method_that_takes_hours_on_a_cpu_says_so_before_starting(runner):

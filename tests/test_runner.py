@@ -325,6 +325,9 @@ def test_a_task_file_says_what_bounds_k_or_clusters_patches():
     bound = datus2.k_bound_for(dsm)
     assert bound.cap({**dsm, "segmenter.segments": 7}) == 7
     assert bound.cap({**dsm, "segmenter.segments": 7, "segmenter.adaptive": True}) is None  # the eigengap decides
+    acseg, knn = registry.task("acseg"), registry.task("acseg-labelled-knn")
+    assert acseg.k_bound_for(acseg.params).items == "regions"  # the generator's, 5 per image
+    assert knn.k_bound_for(knn.params).items == "classes"  # a clusterer naming the classes: K = C, whatever the regions
     with pytest.raises(UserError, match="unless='adaptive' is not a parameter of the task"):
         KBound.parse({"items": "segments", "per_image": 3, "unless": "adaptive"}, {"tau": 5}, "x.yaml")
     assert registry.task("kmeans").k_bound == KBound("patches", 0, "fit_split")

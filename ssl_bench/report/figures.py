@@ -214,18 +214,23 @@ def timing_bars(records: list[dict]) -> dict[str, dict[str, float]]:
 @_styled
 def timings_figure(bars: dict[str, dict[str, float]]) -> Figure:
     """One horizontal stacked bar per run label (``timing_bars``): where its seconds went."""
+    import textwrap
+
     names = list(dict.fromkeys(k for parts in bars.values() for k in parts))
     cmap = matplotlib.colormaps["tab20"]
-    fig = Figure(figsize=(12, 1.2 + 0.45 * len(bars)), layout="constrained")
+    # long run labels wrapped (unwrapped, they squeeze the bars and push the axis label off the figure)
+    shown = {label: textwrap.fill(label, 48) for label in bars}
+    lines = sum(text.count("\n") + 1 for text in shown.values())
+    fig = Figure(figsize=(12, 1.6 + 0.22 * lines + 0.2 * len(bars)), layout="constrained")
     ax = fig.subplots()
     labels = list(bars)
     left = np.zeros(len(labels))
     for i, name in enumerate(names):
         widths = np.array([bars[label].get(name, 0.0) for label in labels])
-        ax.barh(labels, widths, left=left, color=cmap(i % cmap.N), label=name)
+        ax.barh([shown[label] for label in labels], widths, left=left, color=cmap(i % cmap.N), label=name)
         left += widths
     ax.invert_yaxis()  # the first run on top, as in the tables
-    ax.set_xlabel("seconds (mean over the runs of a row; the machine's load changes them)")
+    ax.set_xlabel("seconds (mean over the runs of a row; the machine's load changes them)", loc="left")
     ax.set_title("Where each run's time goes")
     ax.grid(axis="x", alpha=0.3)
     fig.legend(loc="outside lower center", ncol=min(len(names), 5), frameon=False)
