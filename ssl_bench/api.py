@@ -43,7 +43,8 @@ def evaluate(model: torch.nn.Module, task: str = "kmeans", dataset: str = "synth
              patch_size: int | None = None, mean=None, std=None, input_size: int | None = None,
              resize: int = 320, crop: str = "center", store: str | Path | None = None,
              cache: str | Path | None = None, keep_features: bool = False, force: bool = False,
-             save_predictions: str | Path | None = None, progress: Callable | None = None) -> dict:
+             save_predictions: str | Path | None = None, progress: Callable | None = None,
+             precision: str = "fp32") -> dict:
     """Evaluate an in-memory ``model`` on ``task`` x ``dataset`` with ``k`` clusters (None: the number of classes;
     ``"2C"`` as on the command line) and store the result like ``ssl-bench run``; returns the stored row (``miou``,
     ``acc``, ``f1``, ``metrics`` per stream, ``config``, ...).
@@ -54,6 +55,8 @@ def evaluate(model: torch.nn.Module, task: str = "kmeans", dataset: str = "synth
     (default: its timm config's, else ImageNet's). ``keep_features``: keep this model's cached features (off:
     a training loop would fill the disk with features no later step can use; on: other tasks or K on the same
     weights reuse them). ``store`` / ``cache``: as ``--store`` / ``--cache`` (defaults: ``.ssl-bench/``).
+    ``precision``: as ``--precision`` (fp32, or bf16 / fp16 autocast of the forward pass, recorded with the run).
+    The model computes where its parameters are (move it to the GPU first to run there).
     """
     from .features import FeatureCache
     from .runner import RunConfig, Runner
@@ -80,7 +83,7 @@ def evaluate(model: torch.nn.Module, task: str = "kmeans", dataset: str = "synth
         runner.adopt(backbone, WeightsSource(None, identity, IN_MEMORY), {"model": described})
         cfg = RunConfig(backbone=label, task=task, dataset=dataset, split=split, k=k, seed=seed, data_root=root,
                         dataset_options=opts, params=tuple(sorted((params or {}).items())),
-                        protocol=Protocol(resize=resize, crop=crop))
+                        protocol=Protocol(resize=resize, crop=crop, precision=precision))
         run = runner.resolve(cfg)
         try:
             outcome = runner.run(cfg, force=force, progress=progress or (lambda it, **_: it))

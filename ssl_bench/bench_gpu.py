@@ -236,7 +236,9 @@ def gpu(device: str | None = None, backbone: str = "dino-vits16", images: int = 
     """Every GPU check (see the module docstring); ``device`` defaults to cuda when present, else the CPU."""
     import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .runner import usable_device
+
+    device = str(usable_device(device))  # a device this machine lacks: one line, as run --device says it
     started = time.perf_counter()
     checks = [*extraction_checks(device, backbone, images), primaps_check(device), denoiser_check(device),
               stego_check(device), hp_check(device), acseg_check(device)]

@@ -94,6 +94,12 @@ def options(
     display.configure(QUIET if quiet else VERBOSE if verbose else NORMAL, log_file)
 
 
+def _precision_text(config: dict) -> str:
+    """`` [bf16]`` for a run whose forward pass was autocast; nothing for fp32 (the default)."""
+    precision = (config.get("protocol") or {}).get("precision", "fp32")
+    return "" if precision == "fp32" else f" [{precision}]"
+
+
 def _runner(store: Optional[Path], cache: Optional[Path], device: Optional[str] = None,
             save_predictions: Optional[Path] = None):
     from .features import FeatureCache
@@ -588,7 +594,8 @@ def runs(
     for r in found:
         table.add_row(r["config_hash"][:12], str(r.get("created_at", ""))[:16], model_label(r)
                       + (" (random)" if r["random_weights"] else ""), task_label(r["config"]),
-                      f"{r['dataset']}:{r['split']}{subset_text(r['config'])}", str(r["k"]), str(r["seed"]),
+                      f"{r['dataset']}:{r['split']}{subset_text(r['config'])}{_precision_text(r['config'])}",
+                      str(r["k"]), str(r["seed"]),
                       *("-" if r[m] is None else f"{r[m]:.2f}" for m in ("miou", "acc", "f1")), f"{sum(r['timings'].values()):.1f}")
     if found:
         _print_wide(table)

@@ -10,6 +10,8 @@ CRF is deterministic and sees the same arrays).
 from __future__ import annotations
 
 import os
+import sys
+import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -75,15 +77,22 @@ def refine_scores(image: np.ndarray, scores: np.ndarray, size: tuple[int, int]) 
 
 def default_workers() -> int:
     """CRF worker processes: ``$SSL_BENCH_CRF_WORKERS``, else this process's torch threads (its share of the
-    machine: a Ray task's --cpus-per-task, all cores on a workstation). 1 runs in this process."""
+    machine: a Ray task's --cpus-per-task, all cores on a workstation); never more than the cores this process
+    may use (more only take turns on them, each costing a start-up). 1 runs in this process."""
     import torch
 
     value = os.environ.get("SSL_BENCH_CRF_WORKERS")
-    if value is not None:
-        if not value.isdigit():
-            raise UserError(f"SSL_BENCH_CRF_WORKERS={value!r} must be a whole number (1: no worker processes)")
-        return max(1, int(value))
-    return max(1, torch.get_num_threads())
+    if value is not None and not value.isdigit():
+        raise UserError(f"SSL_BENCH_CRF_WORKERS={value!r} must be a whole number (1: no worker processes)")
+    wanted = int(value) if value is not None else torch.get_num_threads()
+    return max(1, min(wanted, _usable_cores()))
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
 
 
 class CRFPool:
@@ -123,8 +132,20 @@ class CRFPool:
         # a pool dropped unused (its stream never read, e.g. a failed cell) still stops its workers
         self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
         for _ in range(self.workers):
-            self._executor.submit(_warm_up)
+            self._submit(_warm_up)
         return self
+
+    def _submit(self, function: Callable, *args):
+        """``executor.submit``, which is where a spawned worker starts. A spawned process imports the parent's
+        main script first; a user's training script that calls ``ssl_bench.evaluate`` without an
+        ``if __name__ == "__main__"`` guard would then run again in every worker. The jobs are ssl_bench
+        functions, which need nothing from that script: the workers start without it."""
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")  # no __file__, no __spec__: nothing to re-import
+        try:
+            return self._executor.submit(function, *args)
+        finally:
+            sys.modules["__main__"] = main
 
     def close(self) -> None:
         if self._executor is not None:
@@ -141,14 +162,24 @@ class CRFPool:
         try:
             pending: deque = deque()
             for job in jobs:
-                pending.append(self._executor.submit(function, *job))
+                pending.append(self._submit(function, *job))
                 if len(pending) >= 2 * self.workers:
-                    yield pending.popleft().result()
+                    yield _result(pending.popleft())
             while pending:
-                yield pending.popleft().result()
+                yield _result(pending.popleft())
         finally:
             if not self._kept:
                 self.close()
+
+
+def _result(future):
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return future.result()
+    except BrokenProcessPool as err:  # killed from outside (out of memory, most often): say so in one line
+        raise UserError("a CRF worker process died (out of memory?) -- fewer workers: SSL_BENCH_CRF_WORKERS=1 runs "
+                         "the CRF in this process") from err
 
 
 _WORKER_FLAG = "SSL_BENCH_CRF_WORKER"
@@ -220,6 +251,10 @@ def benchmark(images: int = 8, labels: tuple[int, ...] = (6, 27), workers: tuple
     from .data.shared import shared_data_dir
     from .ops import softmax, upsample_scores
 
+    workers = (workers,) if isinstance(workers, int) else tuple(workers)
+    if not workers or min(workers) < 2:
+        raise UserError(f"bench crf compares worker processes with the in-process CRF: workers={list(workers)} "
+                        "must each be at least 2 (-a workers=2)")
     camvid = shared_data_dir() / "camvid" if shared_data_dir() else None
     dataset = open_dataset("camvid", camvid, "val") if camvid and camvid.is_dir() else open_dataset("synthetic", None, "val")
     protocol = Protocol(resize=size)
@@ -296,5 +331,5 @@ def _one_round(jobs: list[tuple], count: int) -> tuple[dict[str, float], list[li
 def _concurrently(pool: CRFPool, count: int, function: Callable, *args) -> float:
     """The longest of ``count`` runs of ``function(*args, share, count)`` started at once in the pool's workers
     (each returns its own seconds)."""
-    shares = [pool._executor.submit(function, *args, share, count) for share in range(count)]
-    return max(share.result() for share in shares)
+    shares = [pool._submit(function, *args, share, count) for share in range(count)]
+    return max(_result(share) for share in shares)

@@ -35,6 +35,7 @@ from .models import Backbone, WeightsSource, build_backbone, resolve
 from .store import MAX_INTEGER, ResultStore, RunRecord, config_hash, file_lock
 
 FINAL = "final"
+_END = object()  # the end of a stream (``Context.timed_stream``)
 
 
 # ---- what a task receives and returns ---------------------------------------------------------------
@@ -172,6 +173,17 @@ class TaskContext:
             yield
         finally:
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    def timed_stream(self, stage: str, items: Iterable):
+        """The items of a stream (e.g. ``CRFPool.map``), timing as ``stage`` only the waits for them: what the
+        stage costs this process while the runner scores each item between them."""
+        iterator = iter(items)
+        while True:
+            with self.timed(stage):
+                item = next(iterator, _END)
+            if item is _END:
+                return
+            yield item
 
     @property
     def backbone(self) -> Backbone:
@@ -345,7 +357,7 @@ def _environment(device: torch.device) -> dict:
             "host": platform.node(), "device": device}
 
 
-def _usable_device(name: str | None) -> torch.device:
+def usable_device(name: str | None) -> torch.device:
     """The torch device to compute on (default: cuda if present, else cpu); a device this machine lacks is
     one clear line now, not an error in the middle of an extraction."""
     if name is None:
@@ -373,7 +385,7 @@ class Runner:
                  device: str | None = None, save_predictions: str | Path | None = None):
         self._store = store  # opened on first use: a Ray worker computes records and never opens one
         self.cache = cache or FeatureCache()
-        self.device = _usable_device(device)
+        self.device = usable_device(device)
         self.save_predictions = Path(save_predictions).expanduser().resolve() if save_predictions else None
         if self.save_predictions is not None and self.save_predictions.is_file():
             raise UserError(f"--save-predictions {save_predictions} is a file -- give a folder")

@@ -46,6 +46,19 @@ def test_benchmark_arguments_follow_the_signature():
         _as_declared(k_sweep, {"imagecounts": 3})
 
 
+def test_benchmarks_refuse_what_they_cannot_measure_in_one_line():
+    import pytest
+
+    from ssl_bench.bench_gpu import gpu
+    from ssl_bench.crf import benchmark as crf_benchmark
+    from ssl_bench.errors import UserError
+
+    with pytest.raises(UserError, match="unknown device 'bogus'"):
+        gpu("bogus")  # before any check runs
+    with pytest.raises(UserError, match=r"workers=\[1\] must each be at least 2"):
+        crf_benchmark(workers=1)
+
+
 def test_kmeans_benchmark_compares_the_bounded_fit_with_the_plain_loop_and_faiss(one_thread):
     import warnings
 

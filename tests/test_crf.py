@@ -73,7 +73,7 @@ def test_head_predictions_refine_in_the_pool_what_predict_refines_in_process():
     feats = [rng.normal(size=(2, 3, 24, 32)).astype(np.float32) * 3 for _ in images]
     ctx = SimpleNamespace(features=lambda kind: feats, image=lambda i: images[i], label_size=lambda i: (24, 32),
                           dataset=SimpleNamespace(num_classes=3), label=lambda i: np.zeros((24, 32), np.int64),
-                          split="val")
+                          split="val", timed_stream=lambda stage, items: items)
     got = [(p.index, p.stream, p.labels) for p in head_predictions(Model(), ctx, True, {})]
     expected = [(i, name, labels) for i, f in enumerate(feats)
                 for name, labels in Model().predict(f, (24, 32), images[i]).items()]
@@ -117,3 +117,43 @@ def test_the_crf_benchmark_controls_time_a_fixed_workload():
     from ssl_bench.crf import _timed_control
 
     assert _timed_control("arithmetic") > 0 and _timed_control("memory", 0, 2) > 0
+
+
+def test_workers_start_without_rerunning_the_callers_script(tmp_path):
+    # a training script calling ssl_bench.evaluate has no `if __name__ == "__main__"` guard: spawned workers
+    # used to import it again (each re-ran the script, and the pool broke)
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from ssl_bench.crf import CRFPool, crf_argmax\n"
+        "print('script body', flush=True)\n"
+        "image = np.zeros((8, 8, 3), np.uint8)\n"
+        "probs = np.full((2, 8, 8), 0.5, np.float32)\n"
+        "print(len(list(CRFPool(2).map(crf_argmax, [(image, probs)] * 3))), 'labels')\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.count("script body") == 1 and "3 labels" in out.stdout
+
+
+def test_a_worker_that_dies_ends_the_stream_in_one_line():
+    import os
+
+    import pytest
+
+    from ssl_bench.errors import UserError
+
+    with pytest.raises(UserError, match="CRF worker process died .* SSL_BENCH_CRF_WORKERS=1"):
+        list(CRFPool(2).map(os._exit, [(3,)]))
+
+
+def test_crf_workers_never_outnumber_the_cores(monkeypatch):
+    import ssl_bench.crf as crf
+
+    monkeypatch.setattr(crf, "_usable_cores", lambda: 4)
+    monkeypatch.setenv("SSL_BENCH_CRF_WORKERS", "999")
+    assert crf.default_workers() == 4
+    monkeypatch.setenv("SSL_BENCH_CRF_WORKERS", "3")
+    assert crf.default_workers() == 3

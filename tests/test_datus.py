@@ -117,18 +117,35 @@ def test_on_structured_keys_every_backend_finds_the_reference_modularity(weighte
         assert mean_modularity(backend, 2.0, weighted=weighted) == pytest.approx(reference, abs=0.002)
 
 
-def test_on_noise_keys_restarts_bring_scikit_network_to_igraphs_modularity():
-    one_run, best_of_three = mean_modularity("sknetwork", 100.0), mean_modularity("sknetwork", 100.0, restarts=3)
-    igraph = mean_modularity("igraph", 100.0)
-    assert one_run >= 0.95 * igraph  # the default: a few percent below on pure noise
-    assert best_of_three >= igraph - 0.0005 and best_of_three >= one_run
+def test_on_noise_keys_scikit_network_reaches_the_authors_pipelines_modularity():
+    # noise keys: Louvain's local optima differ between backends and node orders by a few percent; the default
+    # must not fall below what the authors' pipeline (scikit-network with the library's tolerances) finds
+    keys = [np.random.default_rng(seed).standard_normal((14, 14, 64)).astype(np.float32) for seed in range(3)]
+    ours, theirs = [], []
+    for key in keys:
+        graph = louvain.key_graph(key)
+        ours.append(louvain.graph_modularity(graph, louvain.detect_communities(graph)))
+        theirs.append(louvain.graph_modularity(graph, louvain.reference_discovery(key)[0]))
+    assert np.mean(ours) >= np.mean(theirs) - 1e-4
+
+
+def test_restarts_shuffle_the_node_order_by_seed_and_keep_the_best():
+    keys = np.random.default_rng(0).standard_normal((16, 16, 64)).astype(np.float32)
+    graph = louvain.key_graph(keys)
+    plain = [louvain.detect_communities(graph, seed) for seed in (0, 1)]
+    np.testing.assert_array_equal(*plain)  # the authors' run: nodes in order, no seed involved
+    shuffled = [louvain.detect_communities(graph, seed, shuffle=True) for seed in (1, 2, 3)]
+    assert any(not np.array_equal(plain[0], s) for s in shuffled)  # the seed reaches scikit-network now
+    best = louvain.detect_communities(graph, 0, restarts=4)
+    scores = [louvain.graph_modularity(graph, c) for c in [plain[0]] + shuffled]
+    assert louvain.graph_modularity(graph, best) == pytest.approx(max(scores))
 
 
 def test_the_csr_key_graph_is_the_dense_adjacency():
     keys, _ = louvain.synthetic_keys(9, 11, noise=1.5, seed=0)
     for weighted in (False, True):
         dense = louvain.key_adjacency(keys.reshape(99, -1), weighted=weighted)
-        graph = louvain.key_graph(keys, weighted).toarray()
+        graph = louvain.key_graph(keys, weighted, block=16).toarray()  # blocks that do not divide 99 rows
         np.testing.assert_array_equal(graph != 0, dense != 0)
         np.testing.assert_allclose(graph, dense, rtol=1e-5)
 

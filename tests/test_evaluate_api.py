@@ -111,3 +111,13 @@ def test_a_task_reading_a_kind_the_adapter_lacks_is_refused_before_extraction(pa
     with pytest.raises(UserError, match="key"):  # Louvain segments on the last block's keys
         ssl_bench.evaluate(model, "segment-cluster", "synthetic", k=3, options=SMALL, **paths)
     assert model.calls == 0  # the probe only
+
+
+def test_a_training_loop_can_evaluate_in_bf16_as_the_cli_does(paths, one_thread):
+    torch.manual_seed(0)
+    model = PatchEmbedder()
+    fp32 = ssl_bench.evaluate(model, "kmeans", "synthetic", k=3, name="net", options=SMALL, **paths)
+    bf16 = ssl_bench.evaluate(model, "kmeans", "synthetic", k=3, name="net", options=SMALL, precision="bf16", **paths)
+    assert bf16["config"]["protocol"]["precision"] == "bf16" and fp32["config_hash"] != bf16["config_hash"]
+    with pytest.raises(UserError, match="unknown precision rule 'fp8'"):
+        ssl_bench.evaluate(model, "kmeans", "synthetic", k=3, name="net", options=SMALL, precision="fp8", **paths)

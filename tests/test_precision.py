@@ -2,6 +2,7 @@
 runs keep their hashes); bf16 / fp16 autocast the backbone's forward pass, cache their features apart, share
 the labels, and are named in the run's configuration and the report."""
 
+import numpy as np
 import pytest
 
 from ssl_bench.data.protocol import Protocol
@@ -50,3 +51,26 @@ def test_a_bf16_run_is_its_own_cell_and_column(tmp_path):
     assert abs(rows[0]["miou"] - rows[1]["miou"]) < 5  # random-weight features: nearly the same clusters
     report = CliRunner().invoke(app, ["report", "--store", str(store)], env={"COLUMNS": "300"})
     assert "precision=bf16" in report.output
+    runs = CliRunner().invoke(app, ["runs", "--store", str(store)], env={"COLUMNS": "300"})
+    assert runs.output.count("synthetic:val [n=2] [bf16]") == 1 and runs.output.count("synthetic:val [n=2] ") == 2
+
+
+def test_segment_crops_go_through_the_backbone_in_the_runs_precision():
+    # DatUS^2 / COMUS crop embeddings are backbone passes too: a bf16 run's crops run in bf16, as its features
+    import torch
+
+    from ssl_bench.stages.embeddings import CropEmbedding, RegionImage
+
+    layer = torch.nn.Linear(3, 2)
+    dtypes = []
+    model = type("M", (), {"spec": type("S", (), {"embed_dim": 2})(),
+                           "normalize": staticmethod(lambda x: torch.from_numpy(x).float()),
+                           "embed": staticmethod(lambda x: dtypes.append(layer(x.mean((1, 2))).dtype) or
+                                                 layer(x.mean((1, 2))))})()
+    segments = np.zeros((4, 4), np.int64)
+    image = np.full((16, 16, 3), 100, np.uint8)
+    ctx = type("C", (), {"backbone": model, "protocol": Protocol(precision="bf16")})()
+    model.spec.input_size = 8
+    CropEmbedding.from_context(ctx).embed([RegionImage(segments, image)])
+    CropEmbedding(model, 8).embed([RegionImage(segments, image)])  # outside a run: float32
+    assert dtypes == [torch.bfloat16, torch.float32]

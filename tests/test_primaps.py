@@ -239,6 +239,12 @@ def test_ema_decay_follows_reference_warmup():
     assert em.ema_decay_at(50, 0.98) == pytest.approx(0.98) and em.ema_decay_at(500, 0.98) == 0.98
 
 
+def test_prototype_head_lives_where_its_prototypes_do():
+    # the EM student is built from the trained init head's prototypes: a gain left on the CPU broke GPU training
+    head = em.PrototypeHead(torch.zeros(3, 4, device="meta"), cosine=False)
+    assert {name: p.device.type for name, p in head.named_parameters()} == {"v": "meta", "g": "meta"}
+
+
 def test_ema_update():
     a = em.PrototypeHead(np.zeros((2, 3)), cosine=False)
     b = em.PrototypeHead(np.ones((2, 3)), cosine=False)
@@ -369,6 +375,9 @@ class _Ctx:
 
     def timed(self, stage):
         return contextlib.nullcontext()
+
+    def timed_stream(self, stage, items):
+        return items
 
 
 @pytest.fixture

@@ -213,7 +213,7 @@ def test_per_class_iou_and_stage_timings_tables():
     cells = [c.text() for c in classes.rows[0]]
     assert cells[:4] == ["reference", "2", "20.0 ± 14.1", "20.0 ± 0.0"] and cells[4] == "–"  # absent class: a dash
     timing = [c.text() for c in tables["timings"].rows[0]]
-    assert timing == ["reference", "kmeans", "synthetic", "5", "2", "100", "3.0", "0.5", "2.0", "0.5", "6.0", "0.060"]
+    assert timing == ["reference", "kmeans", "synthetic", "5", "2", "100", "3.0", "0.5", "2.0", "0.5", "6.0", "0.060", "-"]
     csv = pd.read_csv(io.StringIO(report.text_report(rows, "csv", "timings")))
     assert csv["Total (s)"].iloc[0] == pytest.approx(6.0) and csv["Runs"].dtype.kind == "i"
 

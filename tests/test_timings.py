@@ -22,3 +22,32 @@ def test_a_tasks_own_stages_are_stored_and_drawn(runner, tmp_path):
     assert tmp_path / "report" / "timings.png" in written
     assert "Where each run&#x27;s time goes" in html_report(runner.store.query(), runner.store.path) or \
         "Where each run's time goes" in html_report(runner.store.query(), runner.store.path)
+
+
+def test_a_streamed_crf_is_timed_as_the_tasks_crf_stage_and_shown_in_the_table(runner, monkeypatch):
+    from ssl_bench.report import build_tables
+
+    monkeypatch.setenv("SSL_BENCH_CRF_WORKERS", "1")  # in this process: quick, and the same time accounting
+    record = runner.run(RunConfig(backbone="reference", task="kmeans-crf", dataset="synthetic",
+                                  dataset_options=(("n", 3),))).record
+    own = record["stats"]["stage_seconds"]
+    assert set(own) == {"fit", "crf"} and own["crf"] > 0
+    assert own["crf"] <= record["timings"]["task"]  # the waits for the stream, inside the task's time
+    row = [c.text() for c in build_tables([record])["timings"].rows[0]]
+    assert row[-1].startswith("fit ") and ", crf " in row[-1]
+
+
+def test_bars_keep_pipeline_order_whatever_run_comes_first():
+    from test_report import fake_record
+
+    def record(task, own):
+        return fake_record(task=task, stats={"stage_seconds": own},
+                           timings={"features": 1.0, "labels": 0.1, "task": 3.0, "evaluate": 0.5})
+
+    bars = figures.timing_bars([record("datus2-initial", {"segment": 1.0, "embed": 0.5}),
+                                record("kmeans", {"fit": 1.0, "crf": 0.5})])
+    legend = [text.get_text() for text in figures.timings_figure(bars).legends[0].get_texts()]  # drawn in this order
+    assert legend == ["features", "labels", "task: segment", "task: embed", "task: fit", "task: crf", "task, other",
+                     "evaluate"]
+    for parts in bars.values():
+        assert list(parts) == sorted(parts, key=figures.stage_rank)

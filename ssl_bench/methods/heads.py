@@ -285,7 +285,8 @@ def kept_head(ctx, name: str, identity: dict, split: str, view: dict, fit_head: 
     views ``view`` of ``split``. ``owner``: the registered task whose head it is when another task asks for it
     (``feature_source.trained_projection``). Everything kept is plain arrays, lists and numbers. Returns the
     trained head (its stats: losses, views) and what ``fit_head`` returned."""
-    kept = ctx.reuse(f"{name}-head", identity, fit_head, split=split, owner=owner)
+    with ctx.timed("training"):  # a head kept from an earlier run: the time to read it
+        kept = ctx.reuse(f"{name}-head", identity, fit_head, split=split, owner=owner)
     head = head_from_arrays(kept["head"], ctx.device)
     steps, batch_size = cluster_schedule(kept)
 
@@ -295,7 +296,8 @@ def kept_head(ctx, name: str, identity: dict, split: str, view: dict, fit_head: 
                                               ctx.progress)
         return {"clusters": centres, "losses": losses}
 
-    clusters = ctx.reuse(f"{name}-clusters", {**identity, "k": ctx.k}, fit_clusters, split=split, owner=owner)
+    with ctx.timed("cluster probe"):
+        clusters = ctx.reuse(f"{name}-clusters", {**identity, "k": ctx.k}, fit_clusters, split=split, owner=owner)
     linear = load_arrays(nn.Conv2d(head.linear.out_channels, ctx.dataset.num_classes, 1), kept["linear"], ctx.device)
     history = kept["history"]
     stats = {"fit_split": split, "training_views": kept["views"], "final_loss": last(history["loss"]),
@@ -397,7 +399,7 @@ def head_predictions(model: TrainedHead, ctx, crf: bool, stats: dict):
                     pending.append((i, name, raw_name, raw))
                     yield image, probs
 
-        for refined in CRFPool().map(crf_argmax, jobs()):  # images (and probes) in parallel, in order
+        for refined in ctx.timed_stream("crf", CRFPool().map(crf_argmax, jobs())):  # images (and probes) in parallel
             i, name, raw_name, raw = pending.popleft()
             yield Prediction(index=i, labels=raw, stream=raw_name)
             yield Prediction(index=i, labels=refined, stream=name)

@@ -366,8 +366,9 @@ def _augmented(ctx, p: dict, split: str, view: dict):
     def features(idx):
         images = [torch.tensor(ctx.image(i, split, **view)).permute(2, 0, 1).float() / 255 for i in idx]
         batch = torch.stack([jitter(im) for im in images]).permute(0, 2, 3, 1) * 255
-        with torch.inference_mode():
-            out = backbone.extract(backbone.normalize(batch.round().byte().numpy()), {"patch"})["patch"]
+        x = backbone.normalize(batch.round().byte().numpy())
+        with torch.inference_mode(), ctx.protocol.autocast(x.device):  # as the cached features were made
+            out = backbone.extract(x, {"patch"})["patch"]
         return list(out.float().cpu().numpy())
 
     return features

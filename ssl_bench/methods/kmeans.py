@@ -80,7 +80,7 @@ def run(ctx):
             return
         jobs = ((ctx.image(i), crf_probabilities(cluster_scores(feats[i], centroids), ctx.label_size(i),
                                                  p["crf_alpha"])) for i in range(len(feats)))
-        for i, labels in enumerate(pool.map(crf_argmax, jobs)):  # images refined in parallel, in order
+        for i, labels in enumerate(ctx.timed_stream("crf", pool.map(crf_argmax, jobs))):  # in parallel, in order
             yield Prediction(i, labels)
 
     return TaskResult(predictions(), stats={"fit_patches": int(len(rows))})

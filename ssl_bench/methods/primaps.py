@@ -262,7 +262,7 @@ def run(ctx):
 
         jobs = ((ctx.image(i), model.predict_scores(evaluated_input[i]), ctx.label_size(i))
                 for i in range(len(evaluated)))
-        for i, (plain, refined) in enumerate(CRFPool().map(refine_scores, jobs)):  # images in parallel, in order
+        for i, (plain, refined) in enumerate(ctx.timed_stream("crf", CRFPool().map(refine_scores, jobs))):
             yield Prediction(index=i, labels=plain, stream="nocrf")
             yield Prediction(index=i, labels=refined, stream="final")
 

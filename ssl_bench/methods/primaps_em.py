@@ -62,7 +62,7 @@ class PrototypeHead(nn.Module):
         v = _t(prototypes)
         self.cosine = cosine
         self.v = nn.Parameter(v)
-        self.g = nn.Parameter(torch.ones(len(v)), requires_grad=not cosine)
+        self.g = nn.Parameter(torch.ones(len(v), device=v.device), requires_grad=not cosine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = F.normalize(self.v, dim=1)
@@ -364,7 +364,7 @@ class PrimapsEM:
         else:
             init, self.pretrain_losses = PrototypeHead(init_prototypes, cosine=True).to(self.device), []
         self.initial_prototypes = init.prototypes()
-        self.theta_s = PrototypeHead(init.v.detach(), cosine=False)
+        self.theta_s = PrototypeHead(init.v.detach().clone(), cosine=False).to(self.device)
         # Without EMA the pseudo labels come from the current student itself.
         self.theta_t = copy.deepcopy(self.theta_s).requires_grad_(False) if self.ema else self.theta_s
         opt = torch.optim.Adam(self.theta_s.parameters(), lr=self.lr)

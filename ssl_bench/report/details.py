@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..data import DATASETS
 from .tables import Cell, Column, Table, _largest_subsets, _mean_std, mark_best, runs_frame, select_k
 
@@ -72,7 +74,8 @@ def timings_table(records: list[dict], task: str | None = None) -> Table:
                                                                                           count=True)]
     columns += [Column(name, group="seconds per stage", flat=f"{name} (s)") for name in STAGES.values()]
     columns += [Column("Total", group="seconds per stage", flat="Total (s)"),
-                Column("Per image", group="seconds per stage", flat="Per image (s)")]
+                Column("Per image", group="seconds per stage", flat="Per image (s)"),
+                Column("Task's own stages (s)", numeric=False)]
     table = Table("Stage timings (seconds; mean over the runs of a row)", columns)
     rows = [r for r in records if r.get("timings") and (not task or r["task"] == task)]
     if not rows:
@@ -87,11 +90,22 @@ def timings_table(records: list[dict], task: str | None = None) -> Table:
         cells = [Cell(model), Cell(method), Cell(column), Cell(str(k)), Cell(len(runs)), Cell(images)]
         cells += [Cell(_mean_std(runs[stage])[0], digits=1) for stage in STAGES]  # means: a std of timings is noise
         total = _mean_std(runs.total)[0]
-        cells += [Cell(total, digits=1), Cell(total / images if images else float("nan"), digits=3)]
+        cells += [Cell(total, digits=1), Cell(total / images if images else float("nan"), digits=3),
+                  Cell(_own_stages([rows[i] for i in runs.index]))]
         table.add(cells, random=bool(random))
     return table.finish(["Features: the feature extraction where ssl-bench run made it, else opening the cache (a "
                          "sweep extracts before its cells; sweep --plan prices extractions from the cache). The "
                          "machine's load changes these figures."])
+
+
+def _own_stages(runs: list[dict]) -> str:
+    """The task's own stages (``ctx.timed``: fit, training, crf, ...) in pipeline order, mean seconds over the
+    runs: the part of "task" a method times itself, e.g. ``fit 0.8, crf 4.0``."""
+    from .figures import stage_rank
+
+    own = [(r.get("stats") or {}).get("stage_seconds") or {} for r in runs]
+    names = sorted({name for stages in own for name in stages}, key=lambda name: stage_rank(f"task: {name}"))
+    return ", ".join(f"{name} {np.mean([stages.get(name, 0.0) for stages in own]):.1f}" for name in names) or "-"
 
 
 def predictions_table(records: list[dict], task: str | None = None) -> Table:

@@ -184,8 +184,18 @@ def image_bytes(fig: Figure, dpi: int = 110, fmt: str = "png") -> bytes:
 
 
 # The order of the stages methods time (``ctx.timed``) in a pipeline; others follow by name.
-STAGE_ORDER = ["segmenter training", "proposals", "segment", "embed", "fit", "training", "cluster", "crf",
-               "de-noiser training"]
+STAGE_ORDER = ["segmenter training", "proposals", "segment", "embed", "fit", "training", "cluster probe", "cluster",
+               "crf", "de-noiser training"]
+
+
+def stage_rank(name: str) -> tuple[int, str]:
+    """Where a part of a run's bar goes (``timing_bars``' names): features, labels, the task's own stages in
+    ``STAGE_ORDER`` (others by name), the rest of the task, evaluate."""
+    if name.startswith("task: "):
+        stage = name[len("task: "):]
+        return 2, f"{STAGE_ORDER.index(stage):03d}" if stage in STAGE_ORDER else f"~{stage}"
+    return {"features": (0, ""), "labels": (1, ""), "task, other": (3, ""), "task": (3, ""),
+            "evaluate": (4, "")}.get(name, (3, name))
 
 
 def timing_bars(records: list[dict]) -> dict[str, dict[str, float]]:
@@ -201,12 +211,10 @@ def timing_bars(records: list[dict]) -> dict[str, dict[str, float]]:
         label = f"{row.model}{DAGGER if r['random_weights'] else ''} / {row.method} / {row.column} / K={r['k']}"
         t, own = r["timings"], (r.get("stats") or {}).get("stage_seconds") or {}
         seconds = {"features": t.get("features", 0.0), "labels": t.get("labels", 0.0)}
-        rank = {name: i for i, name in enumerate(STAGE_ORDER)}  # the store keeps keys sorted: pipeline order
-        order = sorted(own, key=lambda name: (rank.get(name, len(rank)), name))
-        seconds.update({f"task: {name}": own[name] for name in order})
+        seconds.update({f"task: {name}": value for name, value in own.items()})
         seconds["task, other" if own else "task"] = max(t.get("task", 0.0) - sum(own.values()), 0.0)
         seconds["evaluate"] = t.get("evaluate", 0.0)
-        parts.setdefault(label, []).append(seconds)
+        parts.setdefault(label, []).append(dict(sorted(seconds.items(), key=lambda item: stage_rank(item[0]))))
     return {label: {key: float(np.mean([s.get(key, 0.0) for s in runs])) for key in dict.fromkeys(
         k for s in runs for k in s)} for label, runs in parts.items()}
 
@@ -216,7 +224,8 @@ def timings_figure(bars: dict[str, dict[str, float]]) -> Figure:
     """One horizontal stacked bar per run label (``timing_bars``): where its seconds went."""
     import textwrap
 
-    names = list(dict.fromkeys(k for parts in bars.values() for k in parts))
+    # pipeline order across all bars (a stage first seen in a later bar must not land after "evaluate")
+    names = sorted(dict.fromkeys(k for parts in bars.values() for k in parts), key=stage_rank)
     cmap = matplotlib.colormaps["tab20"]
     # long run labels wrapped (unwrapped, they squeeze the bars and push the axis label off the figure)
     shown = {label: textwrap.fill(label, 48) for label in bars}

@@ -103,6 +103,7 @@ class CropEmbedding:
 
     uses_image = True
     reads: tuple[str, ...] = ()
+    protocol = None  # the run's (``from_context``): crops go through the backbone in its precision, as features do
 
     def __init__(self, model, size: int, fill: int = 0, mask: bool = True, fit: str = "stretch", erode: int = 0,
                  dilate: int = 0, batch_size: int = 64):
@@ -113,7 +114,15 @@ class CropEmbedding:
     def from_context(cls, ctx, backbone: str | None = None, size: int | None = None, **params):
         """The run's own backbone (CLS of its ViT), or the registered ``backbone`` (e.g. a CNN's pooled feature)."""
         model = ctx.build_backbone(backbone) if backbone else ctx.backbone
-        return cls(model, int(size or model.spec.input_size), **params)
+        embedder = cls(model, int(size or model.spec.input_size), **params)
+        embedder.protocol = getattr(ctx, "protocol", None)  # a stand-in context (tests, benchmarks) may lack one
+        return embedder
+
+    def _precision(self, device):
+        """The run's autocast (bf16 / fp16 protocols) around a forward pass; none outside a run."""
+        import contextlib
+
+        return self.protocol.autocast(device) if self.protocol is not None else contextlib.nullcontext()
 
     @staticmethod
     def identity(ctx, backbone: str | None = None, **_) -> dict:
@@ -151,8 +160,9 @@ class CropEmbedding:
     def _forward(self, crops: list[np.ndarray]) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
-            return self.model.embed(self.model.normalize(np.stack(crops))).float().cpu().numpy()
+        x = self.model.normalize(np.stack(crops))
+        with torch.inference_mode(), self._precision(x.device):
+            return self.model.embed(x).float().cpu().numpy()
 
 
 class MaskedAttentionEmbedding(CropEmbedding):
@@ -199,8 +209,9 @@ class MaskedAttentionEmbedding(CropEmbedding):
 
         hook = vit.blocks[-1].register_forward_pre_hook(with_mask, with_kwargs=True)
         try:
-            with torch.inference_mode():
-                tokens = vit.forward_features(self.model.normalize(np.stack(crops)))
+            x = self.model.normalize(np.stack(crops))
+            with torch.inference_mode(), self._precision(x.device):
+                tokens = vit.forward_features(x)
         finally:
             hook.remove()
         return tokens[:, 0].float().cpu().numpy()
@@ -235,7 +246,8 @@ class NormalizedMaskCrop(CropEmbedding):
         with torch.inference_mode():
             x = self.model.normalize(np.stack(crops))
             x = x * torch.from_numpy(np.stack(masks)).to(x.device)[:, None]
-            return self.model.embed(x).float().cpu().numpy()
+            with self._precision(x.device):
+                return self.model.embed(x).float().cpu().numpy()
 
 
 def _area_fractions(mask: np.ndarray, grid: int) -> np.ndarray:

@@ -11,10 +11,11 @@ Reading of the authors' code (github.com/SonalKumar95/DatUS), followed unless no
 - their Louvain is scikit-network's, and so is ours by default (``backend: sknetwork``, tolerances 1e-6
   instead of the library's 1e-3); igraph's C multilevel Louvain and python-louvain (the reference algorithm)
   are the alternatives, all scored by the same ``modularity``. On keys with structure the three find the same
-  modularity; on noise-like keys (random or early-training backbones) one scikit-network run stays ~2-3%
-  below igraph's, and ``restarts: 3`` (the best of three seeded runs) reaches it (tested; ``ssl-bench bench
-  louvain`` measures time and modularity of each beside the authors' pipeline). The graph is built from
-  float32 key products into a CSR matrix directly.
+  modularity; on noise-like keys (random or early-training backbones) Louvain's local optima differ by a few
+  percent between backends and node orders, none ahead on every graph, and scikit-network's reaches at least
+  the authors' pipeline's (tested; ``ssl-bench bench louvain`` measures time and modularity of each beside
+  that pipeline and says which is the fastest to reach it). ``restarts`` adds runs on shuffled node orders.
+  The graph goes from float32 key products into a CSR matrix a block of rows at a time.
 - grouping uses 8-neighbourhood BFS on the grid, validity is ``len(segment) > 5``.
 """
 
@@ -61,19 +62,27 @@ def modularity(adjacency: np.ndarray, communities: np.ndarray, resolution: float
     return float((internal / total - resolution * (degree / total) ** 2).sum())
 
 
-def key_graph(keys: np.ndarray, weighted: bool = False):
+def key_graph(keys: np.ndarray, weighted: bool = False, block: int = 256):
     """The key graph of one image as a symmetric CSR matrix (n, n) float32 without its diagonal: an edge where
-    k_i . k_j > 0 (float32 products, one BLAS call), weight 1, or the dot product when ``weighted``."""
+    k_i . k_j > 0 (float32 products), weight 1, or the dot product when ``weighted``. Built ``block`` rows at a
+    time, straight into CSR: no n x n matrix is formed (the igraph backend alone makes one, its fastest input)."""
     from scipy import sparse
 
     k = np.ascontiguousarray(np.asarray(keys, dtype=np.float32).reshape(-1, np.shape(keys)[-1]))
-    affinity = k @ k.T
-    edges = affinity > 0
-    np.fill_diagonal(edges, False)
-    rows, cols = np.nonzero(edges)  # row-major: already in CSR order
-    data = affinity[rows, cols] if weighted else np.ones(len(cols), dtype=np.float32)
-    indptr = np.concatenate([[0], np.cumsum(edges.sum(1))])
-    return sparse.csr_matrix((data, cols, indptr), shape=edges.shape)
+    n = len(k)
+    cols, data, counts = [], [], []
+    for start in range(0, n, block):
+        affinity = k[start:start + block] @ k.T
+        edges = affinity > 0
+        edges[np.arange(len(edges)), np.arange(start, start + len(edges))] = False  # no self-loops
+        rows, block_cols = np.nonzero(edges)  # row-major: already in CSR order
+        cols.append(block_cols)
+        data.append(affinity[rows, block_cols] if weighted else np.ones(len(block_cols), dtype=np.float32))
+        counts.append(edges.sum(1))
+    indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))]) if n else np.zeros(1, np.int64)
+    cols = np.concatenate(cols) if n else np.zeros(0, np.int64)
+    data = np.concatenate(data) if n else np.zeros(0, np.float32)
+    return sparse.csr_matrix((data, cols, indptr), shape=(n, n))
 
 
 def graph_modularity(graph, communities: np.ndarray, resolution: float = 1.0) -> float:
@@ -89,15 +98,17 @@ def graph_modularity(graph, communities: np.ndarray, resolution: float = 1.0) ->
 
 
 def detect_communities(graph, seed: int = 0, backend: str = "sknetwork", resolution: float = 1.0,
-                       restarts: int = 1) -> np.ndarray:
+                       restarts: int = 1, shuffle: bool = False) -> np.ndarray:
     """Modularity communities of a graph (``key_graph``'s CSR matrix, or a dense symmetric adjacency):
     int64 (n,), ids 0..C-1. With ``restarts`` > 1 the backend runs again with the seeds that follow and the
-    partition of the highest modularity wins (the first on ties)."""
+    partition of the highest modularity wins (the first on ties). scikit-network's run is deterministic as the
+    authors ran it (nodes in their order: the seed changes nothing); its further restarts visit the nodes in a
+    seeded random order (``shuffle_nodes``), the first stays the authors' run."""
     from scipy import sparse
 
     graph = sparse.csr_matrix(graph)
     if restarts > 1:
-        runs = [detect_communities(graph, seed + r, backend, resolution) for r in range(restarts)]
+        runs = [detect_communities(graph, seed + r, backend, resolution, shuffle=r > 0) for r in range(restarts)]
         scores = [graph_modularity(graph, run, resolution) for run in runs]
         return runs[int(np.argmax(scores))]
     n = graph.shape[0]
@@ -107,7 +118,7 @@ def detect_communities(graph, seed: int = 0, backend: str = "sknetwork", resolut
 
         # tolerances below the library's 1e-3: the same modularity as python-louvain on noise-like graphs
         labels = SknLouvain(resolution=resolution, random_state=seed, tol_optimization=1e-6,
-                            tol_aggregation=1e-6).fit_predict(graph)
+                            tol_aggregation=1e-6, shuffle_nodes=shuffle).fit_predict(graph)
     elif backend == "louvain":
         import community as community_louvain
         import networkx as nx
@@ -289,7 +300,8 @@ def benchmark(grids: tuple[int, ...] = (28, 40), images: int = 2, key_dim: int =
                   "noise": [rng.standard_normal((side, side, key_dim), dtype=np.float32) for _ in range(images)]}
         inputs.update(vit_keys(side, images))
         for name, keys in inputs.items():
-            for backend in BACKENDS + (("reference",) if reference else ()):
+            ways = [(backend, 1) for backend in BACKENDS] + [("sknetwork", 3)] + ([("reference", 1)] if reference else [])
+            for backend, restarts in ways:
                 seconds, scores, valid = [], [], []
                 for key in keys:
                     best = None
@@ -299,14 +311,14 @@ def benchmark(grids: tuple[int, ...] = (28, 40), images: int = 2, key_dim: int =
                             communities = reference_discovery(key)[0]
                             segments = split_into_segments(communities.reshape(side, side))[1]
                         else:  # discover_segments, step by step, to keep the communities for scoring
-                            communities = detect_communities(key_graph(key), backend=backend)
+                            communities = detect_communities(key_graph(key), backend=backend, restarts=restarts)
                             segments = split_into_segments(communities.reshape(side, side))[1]
                         elapsed = time.perf_counter() - t0
                         best = elapsed if best is None else min(best, elapsed)
                     seconds.append(best)
                     scores.append(modularity(key_adjacency(key.reshape(side * side, -1)), communities))
                     valid.append(segments["n_valid"])
-                rows.append({"grid": f"{side}x{side}", "keys": name, "backend": backend,
+                rows.append({"grid": f"{side}x{side}", "keys": name, "backend": backend, "restarts": restarts,
                              "s_per_image": float(np.mean(seconds)), "modularity": float(np.mean(scores)),
                              "valid_segments_per_image": float(np.mean(valid)), "images": len(keys)})
     for row in rows:
@@ -315,5 +327,26 @@ def benchmark(grids: tuple[int, ...] = (28, 40), images: int = 2, key_dim: int =
                         and r["keys"] == row["keys"]), None)
             if ref:
                 row["speedup_vs_reference"] = ref["s_per_image"] / row["s_per_image"]
-    return {"threads": threads, "rows": rows,
-            "note": "non-reference timings include building the graph; modularity is of the loop-free graph"}
+                row["modularity_vs_reference"] = row["modularity"] - ref["modularity"]
+    return {"threads": threads, "rows": rows, "default": _default_verdict(rows),
+            "note": "non-reference timings include building the graph; modularity is of the loop-free graph; "
+                    "restarts 3: scikit-network's own run, then two on seeded shuffled node orders, the best kept"}
+
+
+def _default_verdict(rows: list[dict]) -> dict:
+    """Per grid and key set: the fastest single run among the backends whose modularity reaches the authors'
+    pipeline's (to 1e-4), and whether that is the default (scikit-network)."""
+    verdict = {}
+    for row in rows:
+        if row["backend"] == "reference" or row["restarts"] != 1 or "modularity_vs_reference" not in row:
+            continue
+        key = f'{row["grid"]} {row["keys"]}'
+        reaches = row["modularity_vs_reference"] >= -1e-4
+        best = verdict.get(key)
+        if reaches and (best is None or row["s_per_image"] < best["s_per_image"]):
+            verdict[key] = {"fastest_reaching_reference_modularity": row["backend"], "s_per_image": row["s_per_image"]}
+    for entry in verdict.values():
+        entry["is_default"] = entry["fastest_reaching_reference_modularity"] == "sknetwork"
+    return verdict
+
+
