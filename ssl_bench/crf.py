@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import types
 import weakref
 from collections import deque
@@ -78,7 +79,8 @@ def refine_scores(image: np.ndarray, scores: np.ndarray, size: tuple[int, int]) 
 def default_workers() -> int:
     """CRF worker processes: ``$SSL_BENCH_CRF_WORKERS``, else this process's torch threads (its share of the
     machine: a Ray task's --cpus-per-task, all cores on a workstation); never more than the cores this process
-    may use (more only take turns on them, each costing a start-up). 1 runs in this process."""
+    may run on (its CPU affinity; a container's CPU quota is not seen): more only take turns on them, each
+    costing a start-up. 1 runs in this process."""
     import torch
 
     value = os.environ.get("SSL_BENCH_CRF_WORKERS")
@@ -138,14 +140,27 @@ class CRFPool:
     def _submit(self, function: Callable, *args):
         """``executor.submit``, which is where a spawned worker starts. A spawned process imports the parent's
         main script first; a user's training script that calls ``ssl_bench.evaluate`` without an
-        ``if __name__ == "__main__"`` guard would then run again in every worker. The jobs are ssl_bench
-        functions, which need nothing from that script: the workers start without it."""
-        main = sys.modules["__main__"]
-        sys.modules["__main__"] = types.ModuleType("__main__")  # no __file__, no __spec__: nothing to re-import
+        ``if __name__ == "__main__"`` guard would then run again in every worker. The jobs are functions of
+        importable modules (ssl_bench's), which need nothing from that script: workers start without it, the
+        swap held under a lock and made only while the pool may still start a worker (``max_tasks_per_child``
+        stays unset: with it, replacements would start from the executor's own thread, outside the swap)."""
+        if getattr(function, "__module__", None) == "__main__":
+            raise UserError(f"the CRF pool runs functions it can import by module name; {function.__name__} is "
+                            "defined in the script itself -- move it into a module")
+        from concurrent.futures.process import BrokenProcessPool
+
         try:
-            return self._executor.submit(function, *args)
-        finally:
-            sys.modules["__main__"] = main
+            if len(getattr(self._executor, "_processes", None) or ()) >= self.workers:
+                return self._executor.submit(function, *args)  # every worker started: nothing to spawn
+            with _MAIN_SWAP:
+                main = sys.modules["__main__"]
+                sys.modules["__main__"] = types.ModuleType("__main__")  # no __file__, no __spec__: no re-import
+                try:
+                    return self._executor.submit(function, *args)
+                finally:
+                    sys.modules["__main__"] = main
+        except BrokenProcessPool as err:  # a worker died between two jobs
+            raise UserError(_DIED) from err
 
     def close(self) -> None:
         if self._executor is not None:
@@ -178,8 +193,12 @@ def _result(future):
     try:
         return future.result()
     except BrokenProcessPool as err:  # killed from outside (out of memory, most often): say so in one line
-        raise UserError("a CRF worker process died (out of memory?) -- fewer workers: SSL_BENCH_CRF_WORKERS=1 runs "
-                         "the CRF in this process") from err
+        raise UserError(_DIED) from err
+
+
+_DIED = ("a CRF worker process died (killed, out of memory, or failed to start: see the lines above) -- "
+         "SSL_BENCH_CRF_WORKERS=1 runs the CRF in this process")
+_MAIN_SWAP = threading.Lock()  # ``CRFPool._submit``: one swap of __main__ at a time
 
 
 _WORKER_FLAG = "SSL_BENCH_CRF_WORKER"

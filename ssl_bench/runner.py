@@ -160,6 +160,7 @@ class TaskContext:
         self.device = runner.device
         self.fresh = fresh  # --force: recompute what ``reuse`` kept too
         self.stage_seconds: dict[str, float] = {}  # the method's own stages (``timed``), stored with the result
+        self._open_stages: list[list[float]] = []  # [seconds of stages nested in it] per ``timed`` block running
         # a stage that builds a model of its own (a CLIP) follows the run: random weights when the run's are
         self.random_weights: bool = run.weights.is_random
         self.weights_seed: int = run.config["weights_seed"]
@@ -167,16 +168,24 @@ class TaskContext:
     @contextlib.contextmanager
     def timed(self, stage: str):
         """Time one of the method's own stages (summed over calls): stored with the result as
-        ``stats["stage_seconds"]``, and drawn as parts of the task's bar in the report's timings figure."""
+        ``stats["stage_seconds"]``, and drawn as parts of the task's bar in the report's timings figure. A stage
+        timed inside another counts for itself only (the parts add up to no more than the task's time)."""
+        nested = [0.0]
+        self._open_stages.append(nested)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            self._open_stages.pop()
+            if self._open_stages:
+                self._open_stages[-1][0] += elapsed
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + elapsed - nested[0]
 
     def timed_stream(self, stage: str, items: Iterable):
         """The items of a stream (e.g. ``CRFPool.map``), timing as ``stage`` only the waits for them: what the
-        stage costs this process while the runner scores each item between them."""
+        stage costs this process while the runner scores each item between them (stages timed inside the stream,
+        e.g. the jobs it pulls, count for themselves)."""
         iterator = iter(items)
         while True:
             with self.timed(stage):

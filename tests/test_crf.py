@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from ssl_bench.crf import CRFPool, crf_argmax, in_worker, label_crf
@@ -73,7 +75,8 @@ def test_head_predictions_refine_in_the_pool_what_predict_refines_in_process():
     feats = [rng.normal(size=(2, 3, 24, 32)).astype(np.float32) * 3 for _ in images]
     ctx = SimpleNamespace(features=lambda kind: feats, image=lambda i: images[i], label_size=lambda i: (24, 32),
                           dataset=SimpleNamespace(num_classes=3), label=lambda i: np.zeros((24, 32), np.int64),
-                          split="val", timed_stream=lambda stage, items: items)
+                          split="val", timed_stream=lambda stage, items: items,
+                          timed=lambda stage: contextlib.nullcontext())
     got = [(p.index, p.stream, p.labels) for p in head_predictions(Model(), ctx, True, {})]
     expected = [(i, name, labels) for i, f in enumerate(feats)
                 for name, labels in Model().predict(f, (24, 32), images[i]).items()]
@@ -147,6 +150,27 @@ def test_a_worker_that_dies_ends_the_stream_in_one_line():
 
     with pytest.raises(UserError, match="CRF worker process died .* SSL_BENCH_CRF_WORKERS=1"):
         list(CRFPool(2).map(os._exit, [(3,)]))
+    # dying between jobs: the next submit finds the pool broken (the runner was scoring the previous labels)
+    import operator
+    import time
+
+    jobs = [(time.sleep, 0), (os._exit, 3)] + [(time.sleep, 0)] * 6
+    with pytest.raises(UserError, match="CRF worker process died"):
+        for _ in CRFPool(2).map(operator.call, jobs):
+            time.sleep(0.5)
+
+
+def test_a_function_of_the_callers_script_is_refused_in_one_line():
+    import pytest
+
+    from ssl_bench.errors import UserError
+
+    def double(x):
+        return 2 * x
+
+    double.__module__ = "__main__"  # as if the caller's script defined it
+    with pytest.raises(UserError, match="double is defined in the script itself -- move it into a module"):
+        list(CRFPool(2).map(double, [(1,)]))
 
 
 def test_crf_workers_never_outnumber_the_cores(monkeypatch):

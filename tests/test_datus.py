@@ -146,6 +146,7 @@ def test_the_csr_key_graph_is_the_dense_adjacency():
     for weighted in (False, True):
         dense = louvain.key_adjacency(keys.reshape(99, -1), weighted=weighted)
         graph = louvain.key_graph(keys, weighted, block=16).toarray()  # blocks that do not divide 99 rows
+        np.testing.assert_array_equal(graph, graph.T)  # exactly: one product per pair, mirrored
         np.testing.assert_array_equal(graph != 0, dense != 0)
         np.testing.assert_allclose(graph, dense, rtol=1e-5)
 

@@ -463,7 +463,7 @@ def test_head_task_runs_end_to_end_and_keeps_plain_arrays(runner, task, params, 
     assert stats["schedule"]["name"] == "cpu" and stats["schedule"]["device"] == "cpu"
     assert stats["training_views"] == 30  # five crops of six images
     assert set(stats["class_id_scores"]) == {"linear"}
-    assert set(stats["stage_seconds"]) == {"training", "cluster probe"}  # where the time goes (crf: False here)
+    assert set(stats["stage_seconds"]) == {"training", "cluster probe", "predict"}  # where the time goes (no crf here)
     assert kept and all(_plain(v) for v in kept.values()), {k: type(v) for k, v in kept.items()}
     # a second K reuses the head (trained once) and trains only its cluster probe
     kept.clear()

@@ -12,7 +12,7 @@ def test_a_tasks_own_stages_are_stored_and_drawn(runner, tmp_path):
                                   dataset_options=(("n", 4),))).record
     composed = runner.run(RunConfig(backbone="reference", task="segment-cluster", dataset="synthetic",
                                     dataset_options=(("n", 4),), params=(("segmenter", "image-kmeans"),))).record
-    assert set(kmeans["stats"]["stage_seconds"]) == {"fit"}
+    assert set(kmeans["stats"]["stage_seconds"]) == {"fit", "predict"}
     assert {"segment", "embed", "cluster"} <= set(composed["stats"]["stage_seconds"])
     bars = figures.timing_bars([kmeans, composed])
     parts = next(p for label, p in bars.items() if "segment-cluster" in label)
@@ -31,10 +31,35 @@ def test_a_streamed_crf_is_timed_as_the_tasks_crf_stage_and_shown_in_the_table(r
     record = runner.run(RunConfig(backbone="reference", task="kmeans-crf", dataset="synthetic",
                                   dataset_options=(("n", 3),))).record
     own = record["stats"]["stage_seconds"]
-    assert set(own) == {"fit", "crf"} and own["crf"] > 0
-    assert own["crf"] <= record["timings"]["task"]  # the waits for the stream, inside the task's time
+    assert set(own) == {"fit", "predict", "crf"} and own["crf"] > 0
+    assert sum(own.values()) <= record["timings"]["task"]  # each counted once, inside the task's time
     row = [c.text() for c in build_tables([record])["timings"].rows[0]]
-    assert row[-1].startswith("fit ") and ", crf " in row[-1]
+    assert row[-1].startswith("fit ") and ", predict " in row[-1] and row[-1].index("predict") < row[-1].index("crf")
+
+
+def test_a_stream_is_timed_by_its_waits_and_a_stage_inside_it_for_itself():
+    import time
+
+    from ssl_bench.runner import TaskContext
+
+    ctx = object.__new__(TaskContext)  # only its timing state: no run behind it
+    ctx.stage_seconds, ctx._open_stages = {}, []
+
+    def jobs():
+        for _ in range(3):
+            with ctx.timed("predict"):
+                time.sleep(0.05)
+            yield
+
+    def stream():  # a pool's map: pulls a job, then waits for its labels
+        for _ in jobs():
+            time.sleep(0.1)
+            yield
+
+    for _ in ctx.timed_stream("crf", stream()):
+        time.sleep(0.2)  # the runner scoring the labels: neither stage
+    assert ctx.stage_seconds["predict"] == pytest.approx(0.15, abs=0.04)
+    assert ctx.stage_seconds["crf"] == pytest.approx(0.3, abs=0.06)
 
 
 def test_bars_keep_pipeline_order_whatever_run_comes_first():

@@ -387,15 +387,19 @@ def head_predictions(model: TrainedHead, ctx, crf: bool, stats: dict):
     def stream():
         if not crf:
             for i in range(len(feats)):
-                for name, labels in model.predict(feats[i], ctx.label_size(i), None).items():
+                with ctx.timed("predict"):
+                    labels = model.predict(feats[i], ctx.label_size(i), None)
+                for name, labels in labels.items():
                     yield Prediction(index=i, labels=labels, stream=name)
             return
         pending: deque = deque()  # what each CRF job refines, in the order the pool returns them
 
-        def jobs():
+        def jobs():  # pulled by the pool as it streams: timed as "predict", the waits for labels as "crf"
             for i in range(len(feats)):
-                image = ctx.image(i)
-                for name, raw_name, raw, probs in model.crf_inputs(feats[i], ctx.label_size(i), True):
+                with ctx.timed("predict"):
+                    image = ctx.image(i)
+                    inputs = list(model.crf_inputs(feats[i], ctx.label_size(i), True))
+                for name, raw_name, raw, probs in inputs:
                     pending.append((i, name, raw_name, raw))
                     yield image, probs
 

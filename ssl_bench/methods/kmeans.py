@@ -76,11 +76,19 @@ def run(ctx):
     def predictions():
         if not p["crf"]:
             for i in range(len(feats)):
-                yield Prediction(i, predict(cluster_scores(feats[i], centroids), ctx.label_size(i)))
+                with ctx.timed("predict"):
+                    labels = predict(cluster_scores(feats[i], centroids), ctx.label_size(i))
+                yield Prediction(i, labels)
             return
-        jobs = ((ctx.image(i), crf_probabilities(cluster_scores(feats[i], centroids), ctx.label_size(i),
-                                                 p["crf_alpha"])) for i in range(len(feats)))
-        for i, labels in enumerate(ctx.timed_stream("crf", pool.map(crf_argmax, jobs))):  # in parallel, in order
+
+        def jobs():  # pulled by the pool as it streams: timed as "predict", the waits for labels as "crf"
+            for i in range(len(feats)):
+                with ctx.timed("predict"):
+                    job = ctx.image(i), crf_probabilities(cluster_scores(feats[i], centroids), ctx.label_size(i),
+                                                          p["crf_alpha"])
+                yield job
+
+        for i, labels in enumerate(ctx.timed_stream("crf", pool.map(crf_argmax, jobs()))):  # in parallel, in order
             yield Prediction(i, labels)
 
     return TaskResult(predictions(), stats={"fit_patches": int(len(rows))})

@@ -255,14 +255,19 @@ def run(ctx):
     def predictions():
         if not p["crf"]:
             for i in range(len(evaluated)):  # the runner shows progress while it consumes predictions
-                yield Prediction(index=i, labels=upsample_argmax(model.predict_scores(evaluated_input[i]),
-                                                                 ctx.label_size(i)), stream="final")
+                with ctx.timed("predict"):
+                    labels = upsample_argmax(model.predict_scores(evaluated_input[i]), ctx.label_size(i))
+                yield Prediction(index=i, labels=labels, stream="final")
             return
         from ..crf import CRFPool, refine_scores
 
-        jobs = ((ctx.image(i), model.predict_scores(evaluated_input[i]), ctx.label_size(i))
-                for i in range(len(evaluated)))
-        for i, (plain, refined) in enumerate(ctx.timed_stream("crf", CRFPool().map(refine_scores, jobs))):
+        def jobs():  # pulled by the pool as it streams: timed as "predict", the waits for labels as "crf"
+            for i in range(len(evaluated)):
+                with ctx.timed("predict"):
+                    job = ctx.image(i), model.predict_scores(evaluated_input[i]), ctx.label_size(i)
+                yield job
+
+        for i, (plain, refined) in enumerate(ctx.timed_stream("crf", CRFPool().map(refine_scores, jobs()))):
             yield Prediction(index=i, labels=plain, stream="nocrf")
             yield Prediction(index=i, labels=refined, stream="final")
 

@@ -185,7 +185,7 @@ def image_bytes(fig: Figure, dpi: int = 110, fmt: str = "png") -> bytes:
 
 # The order of the stages methods time (``ctx.timed``) in a pipeline; others follow by name.
 STAGE_ORDER = ["segmenter training", "proposals", "segment", "embed", "fit", "training", "cluster probe", "cluster",
-               "crf", "de-noiser training"]
+               "predict", "crf", "de-noiser training"]
 
 
 def stage_rank(name: str) -> tuple[int, str]:
