@@ -9,6 +9,7 @@ CRF is deterministic and sees the same arrays).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -147,9 +148,7 @@ class CRFPool:
         if getattr(function, "__module__", None) == "__main__":
             raise UserError(f"the CRF pool runs functions it can import by module name; {function.__name__} is "
                             "defined in the script itself -- move it into a module")
-        from concurrent.futures.process import BrokenProcessPool
-
-        try:
+        with _worker_deaths_in_one_line():  # a worker that died since the last job breaks the pool here
             if len(getattr(self._executor, "_processes", None) or ()) >= self.workers:
                 return self._executor.submit(function, *args)  # every worker started: nothing to spawn
             with _MAIN_SWAP:
@@ -159,8 +158,6 @@ class CRFPool:
                     return self._executor.submit(function, *args)
                 finally:
                     sys.modules["__main__"] = main
-        except BrokenProcessPool as err:  # a worker died between two jobs
-            raise UserError(_DIED) from err
 
     def close(self) -> None:
         if self._executor is not None:
@@ -188,16 +185,21 @@ class CRFPool:
 
 
 def _result(future):
+    with _worker_deaths_in_one_line():
+        return future.result()
+
+
+@contextlib.contextmanager
+def _worker_deaths_in_one_line():
+    """A pool broken by a dead worker (killed from outside: out of memory, most often) as one line."""
     from concurrent.futures.process import BrokenProcessPool
 
     try:
-        return future.result()
-    except BrokenProcessPool as err:  # killed from outside (out of memory, most often): say so in one line
-        raise UserError(_DIED) from err
+        yield
+    except BrokenProcessPool as err:
+        raise UserError("a CRF worker process died (killed, out of memory, or failed to start: see the lines "
+                        "above) -- SSL_BENCH_CRF_WORKERS=1 runs the CRF in this process") from err
 
-
-_DIED = ("a CRF worker process died (killed, out of memory, or failed to start: see the lines above) -- "
-         "SSL_BENCH_CRF_WORKERS=1 runs the CRF in this process")
 _MAIN_SWAP = threading.Lock()  # ``CRFPool._submit``: one swap of __main__ at a time
 
 

@@ -388,8 +388,8 @@ def head_predictions(model: TrainedHead, ctx, crf: bool, stats: dict):
         if not crf:
             for i in range(len(feats)):
                 with ctx.timed("predict"):
-                    labels = model.predict(feats[i], ctx.label_size(i), None)
-                for name, labels in labels.items():
+                    by_stream = model.predict(feats[i], ctx.label_size(i), None)
+                for name, labels in by_stream.items():
                     yield Prediction(index=i, labels=labels, stream=name)
             return
         pending: deque = deque()  # what each CRF job refines, in the order the pool returns them

@@ -214,9 +214,9 @@ def timing_bars(records: list[dict]) -> dict[str, dict[str, float]]:
         seconds.update({f"task: {name}": value for name, value in own.items()})
         seconds["task, other" if own else "task"] = max(t.get("task", 0.0) - sum(own.values()), 0.0)
         seconds["evaluate"] = t.get("evaluate", 0.0)
-        parts.setdefault(label, []).append(dict(sorted(seconds.items(), key=lambda item: stage_rank(item[0]))))
-    return {label: {key: float(np.mean([s.get(key, 0.0) for s in runs])) for key in dict.fromkeys(
-        k for s in runs for k in s)} for label, runs in parts.items()}
+        parts.setdefault(label, []).append(seconds)
+    return {label: {key: float(np.mean([s.get(key, 0.0) for s in runs]))
+                    for key in sorted({k for s in runs for k in s}, key=stage_rank)} for label, runs in parts.items()}
 
 
 @_styled
