@@ -12,6 +12,8 @@ Checks (tolerances are the pass criteria written into the result):
 - PriMaPs-EM: the same steps on both, final prototypes' max |difference| and seconds per step;
 - DatUS^2 de-noiser (and every head trained with ``stages.denoise``: COMUS' self-training): one short
   training on both, loss path and predictions' agreement, seconds per batch;
+- the training loops' photometric augmentations (PriMaPs-EM's student views, HP's consistency views), which
+  run where the training runs: the grey levels of the augmented images from the same draws, images per second;
 - STEGO and HP heads, ACSeg's concept generator: a few training steps on both from the same features and
   seed, the loss paths' and the trained models' outputs' largest relative difference, seconds per step. The
   checks turn off what draws from the device's own generator (feature dropout; HP's random share ``rho`` of
@@ -26,9 +28,11 @@ import time
 import numpy as np
 
 # Pass criteria. Float32 sums in another order on another device: features agree to float16 resolution,
-# short trainings to a few 1e-3 of their scale; autocast features keep nearly every patch's direction.
+# short trainings to a few 1e-3 of their scale; autocast features keep nearly every patch's direction;
+# augmented images round to the same grey level but where a float sum lands on a half level.
 TOLERANCES = {"extraction_fp32_max_abs": 2e-2, "autocast_min_cosine": 0.98, "primaps_prototypes_max_abs": 1e-3,
-              "denoiser_prediction_agreement": 0.95, "head_training_max_relative": 1e-3}
+              "denoiser_prediction_agreement": 0.95, "head_training_max_relative": 1e-3,
+              "augmentation_within_one_level": 0.999}
 
 
 def _seconds(fn, repeats: int = 1):
@@ -143,6 +147,35 @@ def denoiser_check(device, images: int = 8, k: int = 4) -> dict:
             "cpu_s_per_batch": cpu_s / batches, "device_s_per_batch": dev_s / batches}
 
 
+def augmentation_check(device, images: int = 8, size: int = 224) -> dict:
+    """The training loops' photometric augmentations (PriMaPs-EM's student views, HP's consistency views) on the
+    CPU and on the device from the same draws: the augmented images' grey levels, and images per second."""
+    import torch
+
+    from .data import open_dataset
+    from .methods import hp
+    from .methods.primaps_em import photometric_augment
+
+    data = open_dataset("synthetic", None, "val", n=images, size=size)
+    pics = [np.asarray(data.load_image(i).convert("RGB").resize((size, size))) for i in range(images)]
+
+    def augment(where):
+        rng = np.random.default_rng(0)  # PriMaPs-EM draws from numpy, HP from torch's CPU generator
+        torch.manual_seed(0)
+        primaps = torch.stack([photometric_augment(torch.tensor(p, device=where), rng) for p in pics])
+        views = hp.photometric_views([torch.tensor(p, device=where) for p in pics])
+        _sync(where)
+        return torch.cat([primaps, views]).cpu().numpy().astype(np.int16)
+
+    cpu, cpu_s = _seconds(lambda: augment("cpu"), repeats=3)
+    dev, dev_s = _seconds(lambda: augment(device), repeats=3)
+    levels = np.abs(cpu - dev)
+    within = float((levels <= 1).mean())
+    return {"check": "training augmentations", "within_one_grey_level": within, "max_grey_levels": int(levels.max()),
+            "passed": within >= TOLERANCES["augmentation_within_one_level"],
+            "cpu_images_per_s": 2 * images / cpu_s, "device_images_per_s": 2 * images / dev_s}
+
+
 def _clustered_grids(views: int, grid: int = 12, dim: int = 64, k: int = 5) -> list[np.ndarray]:
     """Patch grids (grid, grid, dim) float32 of ``k`` noisy clusters in square blocks: features with structure."""
     rng = np.random.default_rng(0)
@@ -241,7 +274,7 @@ def gpu(device: str | None = None, backbone: str = "dino-vits16", images: int = 
     device = str(usable_device(device))  # a device this machine lacks: one line, as run --device says it
     started = time.perf_counter()
     checks = [*extraction_checks(device, backbone, images), primaps_check(device), denoiser_check(device),
-              stego_check(device), hp_check(device), acseg_check(device)]
+              augmentation_check(device), stego_check(device), hp_check(device), acseg_check(device)]
     name = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else "none"
     return {"device": device, "gpu": name,
             "note": None if name != "none" else "no GPU here: the device side is the CPU, so these figures only "

@@ -113,6 +113,7 @@ class StageSpec:
     paper: str = ""
     validate: str | None = None  # "module:function(params)" raising UserError
     version: int = 1  # raised when the stage's numbers change (a run of another version is not reused)
+    value_versions: dict = field(default_factory=dict)  # versions of some values only (see ValueVersion)
     benchmark: str | None = None  # "module:function" measured by `ssl-bench bench` (see bench.available_benchmarks)
     k_bound: KBound | None = None  # a segmenter's items (segments, proposals): what bounds K in a task using it
     source: str = field(default="", compare=False)  # the registry file (or entry point) that registered it
@@ -135,6 +136,7 @@ class TaskSpec:
     benchmark: str | None = None  # "module:function" measured by `ssl-bench bench TASK`
     validate: str | None = None  # "module:function(params)" raising UserError, called before any work
     version: int = 1  # raised when the method's numbers change: stored cells of other versions are not reused
+    value_versions: dict = field(default_factory=dict)  # versions of some values only (see ValueVersion)
     stages: dict = field(default_factory=dict)  # stage slots: parameter name -> stage kind (composed tasks)
     gpu: bool = True  # runs a model (backbone passes, training): on a Ray cluster with GPUs its cells hold one;
     # false: it computes on cached features with the CPU, and its cells run on the CPU and never hold a GPU
@@ -428,6 +430,46 @@ def _check_version(path: Path, version) -> None:
         raise UserError(f"{path}: version must be a whole number, 1 or more, got {version!r} -- e.g. version: 2")
 
 
+def _check_value_versions(spec, path: Path) -> None:
+    """``value_versions: {NAME: {version: N, except: VALUE}}``: NAME a parameter of the entry or ``protocol.FIELD``,
+    N at least 2 (1 is every value's version before a change)."""
+    example = "value_versions: {restarts: {version: 2, except: 1}}"
+    for name, entry in spec.value_versions.items():
+        field_name = name.removeprefix("protocol.")
+        known = field_name in _protocol_defaults() if name.startswith("protocol.") else name in spec.params
+        if not known:
+            raise UserError(f"{path}: value_versions names '{name}', neither a parameter ({sorted(spec.params)}) nor "
+                            f"protocol.FIELD ({', '.join(_protocol_defaults())}) -- e.g. {example}")
+        if (not isinstance(entry, dict) or set(entry) != {"version", "except"} or type(entry["version"]) is not int
+                or entry["version"] < 2):
+            raise UserError(f"{path}: value_versions.{name} needs version (2 or more) and except (the value the change "
+                            f"left alone) -- e.g. {example}")
+
+
+@cache
+def _protocol_defaults() -> dict:
+    from .data.protocol import Protocol  # the datasets package: imported when a registry file first needs it
+    return {f.name: f.default for f in dataclasses.fields(Protocol)}
+
+
+def value_versions(spec: TaskSpec, params: dict, protocol: dict) -> dict[str, int]:
+    """The versions a run's values have where a change of numbers touched some values only (``value_versions``
+    of its task and stages; the key is the parameter as the run names it): ``{"segmenter.restarts": 2}`` for a
+    DatUS^2 run with restarts 3; empty for a run of the values the change left alone, whose hash so stays."""
+    owners = [("", spec), *((slot + ".", stage) for slot, stage in spec.stage_specs(params).items())]
+    versions = {}
+    for prefix, owner in owners:
+        for name, entry in owner.value_versions.items():
+            if name.startswith("protocol."):
+                field_name = name.removeprefix("protocol.")
+                value = protocol.get(field_name, _protocol_defaults()[field_name])
+            else:
+                value = params.get(prefix + name)
+            if value != entry["except"]:
+                versions[prefix + name] = entry["version"]
+    return versions
+
+
 # ---- where registry documents come from -----------------------------------------------------------------
 
 REGISTRY_ENV = "SSL_BENCH_REGISTRY"
@@ -614,6 +656,7 @@ def tasks_in(documents: Iterable[tuple[str, dict]]) -> dict[str, TaskSpec]:
         data["k_bound"] = KBound.parse(data.get("k_bound"), data["params"], str(path))
         _check_version(path, data.get("version", 1))  # before the type check: its own message
         base = _spec(TaskSpec, {**data, "source": str(path)}, path, "task entry")
+        _check_value_versions(base, path)
         _check_slots(base, path)
         _check_gpu(base.gpu, path, base.name)
         _register(specs, base, path)
@@ -664,6 +707,7 @@ def stages_in(documents: Iterable[tuple[str, dict]], kind: str) -> dict[str, Sta
                             f"or fix its kind")
         base = _spec(StageSpec, {**data, "source": str(path)}, path, "stage entry")
         _check_version(path, base.version)
+        _check_value_versions(base, path)
         _register(specs, base, path)
         for variant in variants:
             _register(specs, _variant(base, variant, path), path)
@@ -750,15 +794,19 @@ def stage_versions(spec: TaskSpec, params: dict) -> dict[str, int]:
 
 
 def is_current_version(config: dict) -> bool:
-    """Whether a run's config was stored by the registered version of its task and stages (unknown tasks: yes)."""
+    """Whether a run's config was stored by the registered version of its task, its stages and the values they
+    version apart (unknown tasks: yes)."""
     spec = tasks().get(config["task"])
     if spec is None:
         return True
+    params = config.get("params") or {}
     try:
-        stages_now = stage_versions(spec, config.get("params") or {})
+        stages_now = stage_versions(spec, params)
+        values_now = value_versions(spec, params, config.get("protocol") or {})
     except UserError:  # a stage that is no longer registered
         return False
-    return config.get("task_version", 1) == spec.version and config.get("stage_versions", {}) == stages_now
+    return (config.get("task_version", 1) == spec.version and config.get("stage_versions", {}) == stages_now
+            and config.get("value_versions", {}) == values_now)
 
 
 def task_label(config: dict) -> str:

@@ -103,8 +103,16 @@ def with_task_version(config: dict, version: int) -> dict:
 
 
 def earlier_version_hashes(config: dict) -> list[str]:
-    """The hashes a run's config had under the earlier versions of its task (to tell a user why it recomputes)."""
-    return [run_hash(with_task_version(config, v)) for v in range(1, config.get("task_version", 1))]
+    """The hashes a run's config had under the earlier versions of its task, and of each of its value versions (to
+    tell a user why it recomputes)."""
+    hashes = [run_hash(with_task_version(config, v)) for v in range(1, config.get("task_version", 1))]
+    values = config.get("value_versions", {})
+    for key, version in values.items():
+        for earlier in range(1, version):  # version 1 of a value: absent
+            lowered = {k: v for k, v in values.items() if k != key} | ({key: earlier} if earlier > 1 else {})
+            hashes.append(run_hash({**{k: v for k, v in config.items() if k != "value_versions"},
+                                    **({"value_versions": lowered} if lowered else {})}))
+    return hashes
 
 
 def before_scoring_rules_hashes(config: dict) -> list[str]:
@@ -216,7 +224,7 @@ class TaskContext:
         return resolve(spec, wanted, self._run.config["weights_seed"])
 
     def reuse(self, name: str, identity: dict, compute: Callable[[], Any], split: str | None = None,
-              slots: Sequence[str] | None = None, owner: registry.TaskSpec | None = None) -> Any:
+              slots: Sequence[str] | None = None, owner: tuple[registry.TaskSpec, dict] | None = None) -> Any:
         """An intermediate of this task that does not depend on K (e.g. DatUS^2's segments and crop embeddings),
         computed once per (cached features of ``split``, seed, device, ``identity``, the method's source and version)
         and kept beside those features, so the cells of a sweep that differ only in K share it (a cell that
@@ -224,21 +232,23 @@ class TaskContext:
         beyond the features; ``slots`` (composed tasks) the stage slots whose code and version it depends on (None:
         all), so a value the segmenter alone makes is shared by runs with other clusterers. ``--force`` computes it
         again; a damaged copy is computed again, with a warning. ``owner``: another (non-composed) registered task
-        whose intermediate this is (a model that task trains and this one reads as its input, see
-        ``TaskSpec.projection``): keyed by that task's source and version, so both tasks share it.
+        and its parameters, whose intermediate this is (a model that task trains and this one reads as its input,
+        see ``TaskSpec.projection``): keyed by that task's source, version and value versions, so both tasks share it.
 
         The value is kept with ``integrity.save_value`` (never pickled: nothing read back from a cache can run
         code): nested dicts, lists and tuples of numbers, text, None and numeric numpy arrays or tensors."""
         dataset = self.dataset_for(split)
         entry = self._runner.cache.entry_dir(self._runner.cache.key(
             self._run.spec.name, self._run.weights.identity, dataset, self.protocol))
-        task = owner or self._run.task
+        task, params = owner or (self._run.task, self.params)
         stages = {} if owner is not None else {
-            slot: s for slot, s in task.stage_specs(self.params).items() if slots is None or slot in slots}
+            slot: s for slot, s in task.stage_specs(params).items() if slots is None or slot in slots}
         versions = {slot: v for slot, v in self._run.config.get("stage_versions", {}).items() if slot in stages}
+        values = {key: v for key, v in registry.value_versions(task, params, self._run.config["protocol"]).items()
+                  if key.split(".", 1)[0] in stages or key.split(".", 1)[0] not in task.stages}  # the task's, the slots'
         digest = config_hash({"task": task.entrypoint, "code": _module_digest(task.entrypoint, *(
                               s.entrypoint for s in stages.values())), "version": task.version,
-                              "stage_versions": versions,
+                              "stage_versions": versions, **({"value_versions": values} if values else {}),
                               "name": name, "seed": self.seed, "device": str(self.device), "identity": identity})
         path = entry / "reuse" / f"{name}-{digest}.npz"
         with contextlib.ExitStack() as guard:
@@ -505,6 +515,8 @@ class Runner:
         config = with_task_version({**config, **live_config}, task.version)
         if versions := registry.stage_versions(task, params):  # absent while every stage is at version 1
             config["stage_versions"] = versions
+        if values := registry.value_versions(task, params, config["protocol"]):  # absent for the untouched values
+            config["value_versions"] = values
         if source.path is not None:  # for `ssl-bench show`; a user's own file is labelled by its name in reports
             config["weights_file"] = str(source.path.resolve())
             if source.own:

@@ -461,6 +461,20 @@ def test_run_adapter_image_augmentation_uses_backbone(runner_module):
     assert len(list(result.predictions)) == 12
 
 
+def test_student_views_are_augmented_on_the_runs_device_and_stay_there(runner_module):
+    """torch's meta device stands in for a GPU: every image the backbone sees, and every feature map the student
+    gets, lies on the run's device (the augmentation ran there, nothing went back to the CPU)."""
+    ctx = _Ctx(dict(augment="image"))
+    ctx.device = torch.device("meta")
+    seen = []
+    fake = _FakeBackbone(d=16)
+    ctx.backbone = types.SimpleNamespace(normalize=lambda x: seen.append(x) or fake.normalize(x), extract=fake.extract)
+    fit = types.SimpleNamespace(grid=lambda i: (8, 8))
+    views = pm._image_augmenter(ctx, fit, "val")(list(range(4)), np.random.default_rng(0))
+    assert seen and all(isinstance(x, torch.Tensor) and x.device.type == "meta" for x in seen)
+    assert len(views) == 4 and all(v.device.type == "meta" and v.shape == (8, 8, 16) for v in views)
+
+
 def test_task_file_registers_valid_variants():
     variants = {name: spec for name, spec in registry.tasks().items() if spec.entrypoint == "ssl_bench.methods.primaps:run"}
     assert {"primaps-em", "primaps-baseline", "primaps-linear-probe", "primaps-oracle"} <= set(variants)

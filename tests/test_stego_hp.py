@@ -554,3 +554,32 @@ def test_bad_table_sections_are_one_line(tmp_path, table, message):
     with pytest.raises(UserError, match=message) as err:
         rows_table(path, runner=None)
     assert "\n" not in str(err.value)
+
+
+def test_hp_consistency_views_are_jittered_on_the_runs_device_and_train_from_there():
+    """torch's meta device stands in for a GPU: the backbone sees views made there and the features stay there;
+    a training step takes such a tensor as its augmented views (the consistency term)."""
+    import types
+
+    from ssl_bench.data.protocol import Protocol
+
+    seen = []
+
+    def extract(x, kinds):
+        return {"patch": torch.nn.functional.avg_pool2d(x, 8).permute(0, 2, 3, 1).repeat(1, 1, 1, 2)}
+
+    backbone = types.SimpleNamespace(normalize=lambda x: seen.append(x) or x.permute(0, 3, 1, 2).float() / 255,
+                                     extract=extract)
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    ctx = types.SimpleNamespace(device=torch.device("meta"), backbone=backbone, protocol=Protocol(),
+                                image=lambda i, split, **view: images[i])
+    p = {**registry.task("hp").params, "augment": "image", "alpha": 0.5}
+    views = hp._augmented(ctx, p, "val", {})([0, 2])
+    assert [x.device.type for x in seen] == ["meta"] and views.device.type == "meta" and views.shape == (2, 4, 4, 6)
+
+    ctx.device = torch.device("cpu")
+    feats = [f for f in hp._augmented(ctx, p, "val", {})(range(4)).numpy()]  # (4, 4, 6) views of the CPU
+    plan = {"name": "cpu", "device": "cpu", "steps": 2, "batch_size": 2}
+    p = {**p, "dim": 4, "local_weights": "none", "pool_size": 4, "dropout": False}
+    _, history = hp.train_head(feats, None, hp._augmented(ctx, p, "val", {}), p, plan, 0, "cpu")
+    assert len(history["consistency"]) == 2 and all(c > 0 for c in history["consistency"])

@@ -282,9 +282,9 @@ def kept_head(ctx, name: str, identity: dict, split: str, view: dict, fit_head: 
     """A method's head and linear probe (``fit_head()`` -> {"head", "linear": weights as arrays, "views",
     "history": {"loss": [...], ...}, "linear_losses"}), kept by ``ctx.reuse`` under ``identity``, and its cluster
     probe for K = ctx.k (kept per K), trained for ``cluster_schedule(kept)`` = (steps, batch size) on the training
-    views ``view`` of ``split``. ``owner``: the registered task whose head it is when another task asks for it
-    (``feature_source.trained_projection``). Everything kept is plain arrays, lists and numbers. Returns the
-    trained head (its stats: losses, views) and what ``fit_head`` returned."""
+    views ``view`` of ``split``. ``owner``: (the registered task whose head it is, its parameters) when another
+    task asks for it (``feature_source.trained_projection``). Everything kept is plain arrays, lists and numbers.
+    Returns the trained head (its stats: losses, views) and what ``fit_head`` returned."""
     with ctx.timed("training"):  # a head kept from an earlier run: the time to read it
         kept = ctx.reuse(f"{name}-head", identity, fit_head, split=split, owner=owner)
     head = head_from_arrays(kept["head"], ctx.device)
@@ -334,15 +334,21 @@ class TrainedHead:
     device: torch.device | str = "cpu"
     stats: dict = field(default_factory=dict)
 
-    def code(self, features: np.ndarray) -> torch.Tensor:
-        """(1, dim, h, w) code of one image's features (h, w, C), eval mode."""
+    def code(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(1, dim, h, w) code of one image's features (h, w, C; an array, or a tensor on any device), eval mode."""
         self.head.eval()
         with torch.no_grad():
+            if isinstance(features, torch.Tensor):
+                return self.head(features.float().permute(2, 0, 1)[None].contiguous().to(self.device))
             return self.head(as_batch([features], [0], self.device))
+
+    def code_map(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The code as an (h, w, dim) tensor on the head's device (a training loop's input: no trip to the CPU)."""
+        return self.code(features)[0].permute(1, 2, 0)
 
     def project(self, features: np.ndarray) -> np.ndarray:
         """The code as an (h, w, dim) array: the features another method reads (PriMaPs-EM's features_from)."""
-        return self.code(features)[0].permute(1, 2, 0).cpu().numpy()
+        return self.code_map(features).cpu().numpy()
 
     def scores(self, features: np.ndarray, size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Cluster cosines (K, H, W) and linear logits (C, H, W) of the code upsampled to ``size``."""

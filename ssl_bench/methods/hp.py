@@ -42,6 +42,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import copy
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -238,8 +239,8 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
 def train_head(features, local_weights, augmented, p: dict, plan: dict, seed: int, device, progress=None
                ) -> tuple[SegmentationHead, dict]:
     """The HP head trained on views ``features[i]`` (h, w, C). ``local_weights(idx)`` -> (B, N, 9) weights of the
-    local hidden positives (None: no local term); ``augmented(idx)`` -> features of photometrically augmented
-    views (None: no consistency term)."""
+    local hidden positives (None: no local term); ``augmented(idx)`` -> (B, h, w, C) tensor of the features of
+    photometrically augmented views (None: no consistency term)."""
     gen = torch.Generator().manual_seed(seed)
     device_gen = torch.Generator(device=device).manual_seed(seed)  # the large random denominator masks
     n, d = len(features), np.shape(features[0])[-1]
@@ -297,7 +298,7 @@ def _step(head, ema, project, optimizers, features, idx, local_weights, augmente
                                          gen, backward=True))
     consistency = 0.0
     if augmented is not None and p["alpha"] > 0:
-        z_aug = projected(head(heads.as_batch(augmented(idx), range(len(idx)), device)))
+        z_aug = projected(head(augmented(idx).to(device).permute(0, 3, 1, 2).contiguous()))
         term = F.pairwise_distance(z, z_aug).mean()
         (p["alpha"] * term).backward()
         consistency = float(term.detach())
@@ -353,23 +354,32 @@ def _local_weights(ctx, p: dict, split: str, view: dict, feats):
     return lambda idx: torch.from_numpy(weights[list(idx)])
 
 
-def _augmented(ctx, p: dict, split: str, view: dict):
-    """``idx -> features`` of HP's photometric augmentation of the training views (a backbone pass each)."""
-    if p["augment"] == "none" or p["alpha"] == 0:
-        return None
+def photometric_views(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """HP's photometric augmentation of uint8 images (H, W, 3), computed where they lie -> (B, H, W, 3) uint8:
+    colour jitter (0.3, 0.3, 0.3, 0.1), greyscale with p 0.2, a 5 x 5 Gaussian blur with p 0.5, each image
+    drawing its own parameters from torch's CPU generator."""
     import torchvision.transforms as T
 
     jitter = T.Compose([T.ColorJitter(brightness=.3, contrast=.3, saturation=.3, hue=.1), T.RandomGrayscale(.2),
                         T.RandomApply([T.GaussianBlur((5, 5))])])
+    batch = torch.stack([jitter(im.permute(2, 0, 1).float() / 255) for im in images]).permute(0, 2, 3, 1) * 255
+    return batch.round().byte()
+
+
+def _augmented(ctx, p: dict, split: str, view: dict):
+    """``idx -> (B, h, w, d)`` features of HP's photometric augmentation of the training views (a backbone pass
+    each), on the run's device: the views are jittered there and their features stay there. torchvision draws
+    each transform's parameters from torch's CPU generator, so a seed jitters alike on every device."""
+    if p["augment"] == "none" or p["alpha"] == 0:
+        return None
     backbone = ctx.backbone
 
     def features(idx):
-        images = [torch.tensor(ctx.image(i, split, **view)).permute(2, 0, 1).float() / 255 for i in idx]
-        batch = torch.stack([jitter(im) for im in images]).permute(0, 2, 3, 1) * 255
-        x = backbone.normalize(batch.round().byte().numpy())
+        x = backbone.normalize(photometric_views([torch.tensor(ctx.image(i, split, **view), device=ctx.device)
+                                                  for i in idx]))
         with torch.inference_mode(), ctx.protocol.autocast(x.device):  # as the cached features were made
             out = backbone.extract(x, {"patch"})["patch"]
-        return list(out.float().cpu().numpy())
+        return out.float().clone()  # a clone outside inference mode: a trainable input
 
     return features
 
@@ -405,7 +415,7 @@ def run(ctx):
 
 def trained_projection(ctx, spec: registry.TaskSpec, params: dict) -> heads.TrainedHead:
     """The head a run of ``spec`` (hp or a variant) with ``params`` trains, for another task to read."""
-    return trained_head(ctx, params, owner=spec)
+    return trained_head(ctx, params, owner=(spec, params))
 
 
 def benchmark(images: int = 8, steps: int = 2, batch: int = 8, threads: int | None = 1) -> dict:

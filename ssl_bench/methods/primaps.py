@@ -241,7 +241,7 @@ def run(ctx):
         stats.update(proposals_per_image=float(np.mean(counts)), proposal_pixel_fraction=float(np.mean(covered)))
         augmented = _image_augmenter(ctx, fit, fit_split) if p["augment"] == "image" else None
         if augmented is not None and head is not None:
-            augmented = _projected_views(augmented, head.project)
+            augmented = _projected_views(augmented, head)
         model = PrimapsEM(ctx.k, p["pretrain_epochs"], p["epochs"], p["max_steps"], p["batch_size"], p["lr"],
                           p["ema"], p["ema_every"], p["ema_decay"], p["augment"] != "none",
                           p["focal_gamma"], p["pca_images"], augmented, ctx.progress, ctx.device)
@@ -276,31 +276,34 @@ def run(ctx):
     return TaskResult(predictions=predictions(), stats=stats)
 
 
-def _projected_views(augmented: Callable, project: Callable) -> Callable:
-    return lambda idx, rng: [project(f) for f in augmented(idx, rng)]
+def _projected_views(augmented: Callable, head) -> Callable:
+    return lambda idx, rng: [head.code_map(f) for f in augmented(idx, rng)]
 
 
 def _image_augmenter(ctx, fit, split, chunk: int = 8) -> Callable:
-    """Student features from backbone passes on photometrically augmented images (the paper's setting)."""
+    """Student features from backbone passes on photometrically augmented images (the paper's setting). The
+    images are augmented on the run's device and their features stay there: a GPU run moves each decoded image
+    there once and nothing back (the draws come from the CPU's ``rng``, the same on every device)."""
     backbone = ctx.backbone
 
     def augmented_features(idx, rng):
-        images = [photometric_augment(ctx.image(i, split), rng) for i in idx]
+        images = [photometric_augment(torch.tensor(np.asarray(ctx.image(i, split)), device=ctx.device), rng)
+                  for i in idx]
         feats: list = [None] * len(idx)
         by_shape: dict = {}  # images of a split may differ in size: one forward pass per shape and chunk
         for j, image in enumerate(images):
-            by_shape.setdefault(image.shape, []).append(j)
+            by_shape.setdefault(tuple(image.shape), []).append(j)
         for members in by_shape.values():
             for start in range(0, len(members), chunk):
                 part = members[start:start + chunk]
-                x = backbone.normalize(np.stack([images[j] for j in part]))
+                x = backbone.normalize(torch.stack([images[j] for j in part]))
                 with torch.inference_mode(), ctx.protocol.autocast(x.device):  # as the cached features were made
                     out = backbone.extract(x, {"patch"})
-                for j, f in zip(part, out["patch"].float().cpu().numpy()):
+                for j, f in zip(part, out["patch"].float().clone()):  # a clone outside inference mode: trainable input
                     feats[j] = f
         for f, i in zip(feats, idx):
-            if f.shape[:2] != tuple(fit.grid(i)):
-                raise ValueError(f"augmented features {f.shape[:2]} do not match the cached grid {fit.grid(i)}")
+            if tuple(f.shape[:2]) != tuple(fit.grid(i)):
+                raise ValueError(f"augmented features {tuple(f.shape[:2])} do not match the cached grid {fit.grid(i)}")
         return feats
 
     return augmented_features

@@ -173,12 +173,14 @@ def feature_space_augment(feats: torch.Tensor, gen: torch.Generator) -> torch.Te
     return x * gain + 0.1 * spread * torch.randn(x.shape, generator=gen)
 
 
-def photometric_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def photometric_augment(image: np.ndarray | torch.Tensor, rng: np.random.Generator) -> np.ndarray | torch.Tensor:
     """The reference student augmentation on a uint8 image (H, W, 3): Gaussian blur (sigma U[0.1, 2],
-    kernel 21) always, then with prob. 0.5 colour jitter (p=0.3, strength 0.1) else greyscale (p=0.1)."""
+    kernel 21) always, then with prob. 0.5 colour jitter (p=0.3, strength 0.1) else greyscale (p=0.1).
+    An array gives an array; a tensor is augmented where it lies (a training run's device) and gives a tensor
+    there. The draws come from ``rng`` either way, so a seed gives the same augmentation on every device."""
     import torchvision.transforms.functional as TF
 
-    x = _t(image).permute(2, 0, 1) / 255.0
+    x = (image.float() if isinstance(image, torch.Tensor) else _t(image)).permute(2, 0, 1) / 255.0
     x = TF.gaussian_blur(x, kernel_size=21, sigma=float(rng.uniform(0.1, 2.0)))
     if rng.random() < 0.5:
         if rng.random() < 0.3:
@@ -190,7 +192,8 @@ def photometric_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarr
                 x = op(x, float(factor))
     elif rng.random() < 0.1:
         x = TF.rgb_to_grayscale(x, num_output_channels=3)
-    return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    out = (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
+    return out if isinstance(image, torch.Tensor) else out.numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------

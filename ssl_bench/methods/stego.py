@@ -170,8 +170,8 @@ def check_params(p: dict) -> None:
 
 def trained_head(ctx, p: dict, owner=None) -> heads.TrainedHead:
     """The head of these parameters on this run's features, its linear probe and its cluster probe for K = ctx.k,
-    trained once per (backbone, dataset, fit split, seed, device, parameters) and kept (``ctx.reuse``; owner: the
-    registered task whose head it is when another task asks, see ``trained_projection``)."""
+    trained once per (backbone, dataset, fit split, seed, device, parameters) and kept (``ctx.reuse``; owner: (the
+    registered task whose head it is, its parameters) when another task asks, see ``trained_projection``)."""
     plan = schedule(p, ctx.device)
     split, view, identity = heads.head_setting(ctx, p, HEAD_KEYS, plan)
 
@@ -199,7 +199,7 @@ def run(ctx):
 
 def trained_projection(ctx, spec: registry.TaskSpec, params: dict) -> heads.TrainedHead:
     """The head a run of ``spec`` (stego or a variant) with ``params`` trains, for another task to read."""
-    return trained_head(ctx, params, owner=spec)
+    return trained_head(ctx, params, owner=(spec, params))
 
 
 def benchmark(images: int = 8, steps: int = 3, batch: int = 8, threads: int | None = 1) -> dict:

@@ -1,0 +1,115 @@
+"""Value versions: a change of numbers that only runs of some values see (Louvain restarts > 1, reduced-precision
+crop embeddings and HP views) makes those runs new runs, while runs of the untouched values keep their hashes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from ssl_bench import registry
+from ssl_bench.data.protocol import Protocol
+from ssl_bench.errors import UserError
+from ssl_bench.runner import RunConfig, TaskContext
+
+SMALL = (("n", 8),)
+
+
+def resolve(runner, task, params=(), precision="fp32"):
+    return runner.resolve(RunConfig(backbone="reference", task=task, dataset="synthetic", dataset_options=SMALL,
+                                    params=params, protocol=Protocol(precision=precision)))
+
+
+def test_runs_of_the_untouched_values_record_nothing_and_keep_their_hashes(runner):
+    for task in ("datus2", "comus", "hp", "kmeans"):
+        run = resolve(runner, task)
+        assert "value_versions" not in run.config, task  # so every hash stored before value versions stays
+        assert registry.is_current_version(run.config)
+    assert "value_versions" not in resolve(runner, "kmeans", precision="bf16").config  # k-means has none
+
+
+def test_a_run_of_a_changed_value_records_its_version_and_is_a_new_run(runner):
+    run = resolve(runner, "datus2", (("segmenter.restarts", 3),))
+    assert run.config["value_versions"] == {"segmenter.restarts": 2}
+    bf16 = resolve(runner, "datus2", precision="bf16")
+    assert bf16.config["value_versions"] == {"embed.protocol.precision": 2}
+    assert resolve(runner, "hp", precision="fp16").config["value_versions"] == {"protocol.precision": 2}
+
+    stored_before = {key: v for key, v in run.config.items() if key != "value_versions"}  # as a run of v1 stored it
+    assert registry.is_current_version(run.config) and not registry.is_current_version(stored_before)
+    assert registry.task_label(stored_before).endswith("not current]")
+    from ssl_bench.runner import run_hash
+
+    assert run_hash(stored_before) != run.config_hash  # so it is not reused
+
+
+def test_a_kept_intermediate_of_a_changed_value_is_computed_again(runner, monkeypatch):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": np.arange(3)}
+
+    def reuse(params):
+        run = resolve(runner, "datus2", params)
+        return TaskContext(runner, run, lambda it, **_: it).reuse("segments", {"a": 1}, compute, slots=("segmenter",))
+
+    reuse((("segmenter.restarts", 3),))
+    reuse(())
+    assert len(calls) == 2
+    louvain = registry.stages("segmenter")["louvain"]
+    later = dataclasses.replace(louvain, value_versions={"restarts": {"version": 3, "except": 1}})
+    segmenters = {**registry.stages("segmenter"), "louvain": later}
+    real = registry.stages
+    monkeypatch.setattr(registry, "stages", lambda kind: segmenters if kind == "segmenter" else real(kind))
+    reuse((("segmenter.restarts", 3),))  # restarts 3 changed again: computed again
+    reuse(())  # the default did not: kept
+    assert len(calls) == 3
+
+
+def test_a_head_another_task_reads_is_the_one_its_own_run_keeps(runner):
+    """PriMaPs-EM with features_from=hp asks for HP's head as its owner; under bf16 both must key it alike."""
+    seen = {}
+
+    def keep(ctx, owner):
+        ctx.reuse("hp-head", {"a": 1}, lambda: seen.setdefault(len(seen), {"x": np.arange(2)}), owner=owner)
+
+    hp = resolve(runner, "hp", precision="bf16")
+    keep(TaskContext(runner, hp, lambda it, **_: it), None)
+    other = resolve(runner, "primaps-em", precision="bf16")
+    keep(TaskContext(runner, other, lambda it, **_: it), (registry.task("hp"), hp.config["params"]))
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"restart": {"version": 2, "except": 1}}, "names 'restart', neither a parameter"),
+    ({"protocol.precison": {"version": 2, "except": "fp32"}}, "neither a parameter .* nor protocol.FIELD"),
+    ({"restarts": {"version": 1, "except": 1}}, r"needs version \(2 or more\) and except"),
+    ({"restarts": {"version": 2}}, r"needs version \(2 or more\) and except"),
+    ({"restarts": 2}, r"needs version \(2 or more\) and except"),
+])
+def test_a_bad_value_version_is_one_line_naming_the_file(entry, message):
+    document = {"name": "x", "title": "x", "entrypoint": "m:C", "params": {"restarts": 1}, "value_versions": entry}
+    with pytest.raises(UserError, match=f"x.yaml: value_versions.*{message}|x.yaml: .*{message}"):
+        registry.stages_in([("x.yaml", document)], "segmenter")
+
+
+def test_run_says_when_the_value_before_its_change_stored_the_cell(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ssl_bench.cli import app
+
+    args = ["run", "--backbone", "dino-vits16", "--weights", "random", "--task", "datus2-initial", "--dataset",
+            "synthetic", "-o", "n=4", "--k", "3", "--resize", "64", "-p", "segmenter.restarts=2",
+            "--store", str(tmp_path / "s.sqlite"), "--cache", str(tmp_path / "cache")]
+    louvain = registry.stages("segmenter")["louvain"]
+    segmenters = {**registry.stages("segmenter"), "louvain": dataclasses.replace(louvain, value_versions={})}
+    real = registry.stages
+    monkeypatch.setattr(registry, "stages", lambda kind: segmenters if kind == "segmenter" else real(kind))
+    before = CliRunner().invoke(app, args)  # restarts 2 as stored before the change
+    monkeypatch.setattr(registry, "stages", real)
+    now = CliRunner().invoke(app, args)
+    assert before.exit_code == 0 and "earlier version" not in before.output, before.output
+    assert now.exit_code == 0 and "(computed)" in now.output
+    assert "note: an earlier version of datus2-initial stored this cell too" in now.output
