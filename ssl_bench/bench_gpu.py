@@ -14,6 +14,8 @@ Checks (tolerances are the pass criteria written into the result):
   training on both, loss path and predictions' agreement, seconds per batch;
 - the training loops' photometric augmentations (PriMaPs-EM's student views, HP's consistency views), which
   run where the training runs: the grey levels of the augmented images from the same draws, images per second;
+- the heads' training batches: cached float16 features converted on the device (as the steps do) against
+  converted on the CPU first, seconds per batch, identical numbers;
 - STEGO and HP heads, ACSeg's concept generator: a few training steps on both from the same features and
   seed, the loss paths' and the trained models' outputs' largest relative difference, seconds per step. The
   checks turn off what draws from the device's own generator (feature dropout; HP's random share ``rho`` of
@@ -176,6 +178,36 @@ def augmentation_check(device, images: int = 8, size: int = 224) -> dict:
             "cpu_images_per_s": 2 * images / cpu_s, "device_images_per_s": 2 * images / dev_s}
 
 
+def batch_check(device, views: int = 32, grid: int = 40, dim: int = 384) -> dict:
+    """A training batch of cached float16 features moved to the device as the heads' steps do (``as_batch``:
+    stacked on the CPU, converted and transposed on the device) against converting on the CPU first (before):
+    seconds per batch, and the numbers (the same: the conversion is exact)."""
+    import torch
+
+    from .methods.heads import as_batch
+    from .ops import as_float32
+
+    rng = np.random.default_rng(0)
+    maps = [rng.standard_normal((grid, grid, dim)).astype(np.float16) for _ in range(views)]
+
+    def on_cpu_first():
+        batch = torch.from_numpy(np.stack([as_float32(m) for m in maps])).permute(0, 3, 1, 2).contiguous()
+        out = batch.to(device)
+        _sync(device)
+        return out
+
+    def as_the_heads_do():
+        out = as_batch(maps, range(views), device)
+        _sync(device)
+        return out
+
+    before, before_s = _seconds(on_cpu_first, repeats=5)
+    now, now_s = _seconds(as_the_heads_do, repeats=5)
+    same = bool(torch.equal(before, now))
+    return {"check": "training batches", "views": views, "shape": [grid, grid, dim], "identical": same,
+            "passed": same, "s_per_batch_converted_on_cpu": before_s, "s_per_batch_converted_on_device": now_s}
+
+
 def _clustered_grids(views: int, grid: int = 12, dim: int = 64, k: int = 5) -> list[np.ndarray]:
     """Patch grids (grid, grid, dim) float32 of ``k`` noisy clusters in square blocks: features with structure."""
     rng = np.random.default_rng(0)
@@ -274,7 +306,8 @@ def gpu(device: str | None = None, backbone: str = "dino-vits16", images: int = 
     device = str(usable_device(device))  # a device this machine lacks: one line, as run --device says it
     started = time.perf_counter()
     checks = [*extraction_checks(device, backbone, images), primaps_check(device), denoiser_check(device),
-              augmentation_check(device), stego_check(device), hp_check(device), acseg_check(device)]
+              augmentation_check(device), batch_check(device), stego_check(device), hp_check(device),
+              acseg_check(device)]
     name = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else "none"
     return {"device": device, "gpu": name,
             "note": None if name != "none" else "no GPU here: the device side is the CPU, so these figures only "

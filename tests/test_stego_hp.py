@@ -583,3 +583,13 @@ def test_hp_consistency_views_are_jittered_on_the_runs_device_and_train_from_the
     p = {**p, "dim": 4, "local_weights": "none", "pool_size": 4, "dropout": False}
     _, history = hp.train_head(feats, None, hp._augmented(ctx, p, "val", {}), p, plan, 0, "cpu")
     assert len(history["consistency"]) == 2 and all(c > 0 for c in history["consistency"])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_a_training_batch_is_the_cached_maps_exactly_converted_on_the_device(dtype):
+    maps = [np.random.default_rng(i).standard_normal((5, 4, 6)).astype(dtype) for i in range(3)]
+    batch = heads.as_batch(maps, [2, 0], "cpu")
+    expected = np.stack([maps[2], maps[0]]).astype(np.float32).transpose(0, 3, 1, 2)
+    assert batch.dtype == torch.float32 and batch.is_contiguous() and np.array_equal(batch.numpy(), expected)
+    on_meta = heads.as_batch(maps, [2, 0], "meta")  # a stand-in for a GPU: converted there
+    assert on_meta.device.type == "meta" and on_meta.dtype == torch.float32 and on_meta.shape == (2, 6, 5, 4)

@@ -111,12 +111,17 @@ def head_from_arrays(arrays: dict, device: torch.device | str = "cpu") -> Segmen
 
 
 def as_batch(features: Sequence, idx: Sequence[int], device) -> torch.Tensor:
-    """Cached features (h, w, C) of views ``idx`` as one (B, C, h, w) float32 tensor on ``device``."""
-    maps = [as_float32(features[int(i)]) for i in idx]
+    """Cached features (h, w, C) of views ``idx`` as one (B, C, h, w) float32 tensor on ``device``. The maps
+    travel in the cache's dtype (float16: half the bytes) and are converted and transposed on ``device`` in one
+    copy, so a GPU training step leaves the CPU only the stacking (``ssl-bench bench gpu``: training batches).
+    The conversion is exact: every device gets the same numbers."""
+    maps = [np.asarray(features[int(i)]) for i in idx]
     if len({m.shape for m in maps}) > 1:
         raise UserError("a segmentation head trains on equally sized views, but this split's training views differ "
                         f"in size ({sorted({m.shape[:2] for m in maps})}) -- keep the protocol's centre crop (--crop center)")
-    return torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).contiguous().to(device)
+    stacked = torch.from_numpy(np.stack(maps)).to(device)
+    batch = torch.empty(stacked.permute(0, 3, 1, 2).shape, dtype=torch.float32, device=stacked.device)
+    return batch.copy_(stacked.permute(0, 3, 1, 2))
 
 
 def global_features(features: Sequence) -> np.ndarray:

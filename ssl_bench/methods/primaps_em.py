@@ -75,8 +75,12 @@ class PrototypeHead(nn.Module):
 
 
 def _on(head: nn.Module, array, dtype=torch.float32) -> torch.Tensor:
-    """An array as a tensor on ``head``'s device (training runs on the run's device; arrays stay on the CPU)."""
-    return _t(array, dtype).to(next(head.parameters()).device)
+    """An array as a tensor on ``head``'s device (training runs on the run's device; arrays stay on the CPU).
+    To another device it travels in its own dtype (cached float16: half the bytes) and is converted there."""
+    device = next(head.parameters()).device
+    if device.type == "cpu" or isinstance(array, torch.Tensor):
+        return _t(array, dtype).to(device)
+    return torch.tensor(np.asarray(array)).to(device).to(dtype)
 
 
 def _grid_logits(head: nn.Module, feats: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
