@@ -146,6 +146,7 @@ class TaskSpec:
     # "module:function(ctx, params)" -> a trained feature projection of this method (a segmentation head), which
     # another task reads as its input features (a ``features_from`` parameter); see methods/feature_source.py
     projection: str | None = None
+    reads_projection: str | None = None  # its parameter naming a task whose projection it reads (whose versions count)
 
     def cpu_note(self, params: dict) -> str | None:
         """What to say before this task runs with ``params`` on a machine without a GPU (None: nothing)."""
@@ -431,19 +432,38 @@ def _check_version(path: Path, version) -> None:
 
 
 def _check_value_versions(spec, path: Path) -> None:
-    """``value_versions: {NAME: {version: N, except: VALUE}}``: NAME a parameter of the entry or ``protocol.FIELD``,
-    N at least 2 (1 is every value's version before a change)."""
-    example = "value_versions: {restarts: {version: 2, except: 1}}"
+    """``value_versions: {NAME: {version: N, except: VALUE, when: {PARAM: VALUE}}}``: NAME a parameter of the entry
+    or ``protocol.FIELD``, N at least 2 (1 is every value's version before a change), VALUE one NAME can take (a
+    mistyped one would make every run, defaults included, a new version), ``when`` optional."""
+    example = "value_versions: {restarts: {version: 2, except: 1, when: {backend: sknetwork}}}"
     for name, entry in spec.value_versions.items():
-        field_name = name.removeprefix("protocol.")
-        known = field_name in _protocol_defaults() if name.startswith("protocol.") else name in spec.params
+        field_name = name.removeprefix("protocol.") if isinstance(name, str) else None
+        known = (field_name in _protocol_defaults() if name.startswith("protocol.") else name in spec.params
+                 ) if isinstance(name, str) else False
         if not known:
-            raise UserError(f"{path}: value_versions names '{name}', neither a parameter ({sorted(spec.params)}) nor "
-                            f"protocol.FIELD ({', '.join(_protocol_defaults())}) -- e.g. {example}")
-        if (not isinstance(entry, dict) or set(entry) != {"version", "except"} or type(entry["version"]) is not int
-                or entry["version"] < 2):
-            raise UserError(f"{path}: value_versions.{name} needs version (2 or more) and except (the value the change "
-                            f"left alone) -- e.g. {example}")
+            raise UserError(f"{path}: value_versions names {brief(name)}, neither a parameter ({sorted(spec.params)}) "
+                            f"nor protocol.FIELD ({', '.join(_protocol_defaults())}) -- e.g. {example}")
+        when = entry.get("when", {}) if isinstance(entry, dict) else None
+        if (not isinstance(entry, dict) or not {"version", "except"} <= set(entry) <= {"version", "except", "when"}
+                or type(entry["version"]) is not int or entry["version"] < 2 or not isinstance(when, dict)
+                or set(when) - set(spec.params)):
+            raise UserError(f"{path}: value_versions.{name} needs version (2 or more), except (the value the change "
+                            f"left alone) and may have when (values of this file's parameters) -- e.g. {example}")
+        unchanged = entry["except"]
+        if name.startswith("protocol."):
+            from .data.protocol import Protocol
+
+            try:
+                Protocol(**{field_name: unchanged})
+            except UserError as err:
+                raise UserError(f"{path}: value_versions.{name}: except={brief(unchanged)} is no value of the "
+                                f"protocol ({err})") from None
+        elif isinstance(spec.params[name], str) and not isinstance(unchanged, str):
+            raise UserError(f"{path}: value_versions.{name}: except={brief(unchanged)} must be text, as its default "
+                            f"{spec.params[name]!r}")
+        else:
+            check_like_default(f"{path}: value_versions.{name}:", "except", unchanged, spec.params[name], "",
+                               counts_from=None)
 
 
 @cache
@@ -455,11 +475,15 @@ def _protocol_defaults() -> dict:
 def value_versions(spec: TaskSpec, params: dict, protocol: dict) -> dict[str, int]:
     """The versions a run's values have where a change of numbers touched some values only (``value_versions``
     of its task and stages; the key is the parameter as the run names it): ``{"segmenter.restarts": 2}`` for a
-    DatUS^2 run with restarts 3; empty for a run of the values the change left alone, whose hash so stays."""
+    DatUS^2 run with restarts 3; empty for a run of the values the change left alone, whose hash so stays. A task
+    that reads another's trained projection (``reads_projection``) adds that task's version (when not 1) and value
+    versions under the parameter's name: ``{"features_from.protocol.precision": 2}``."""
     owners = [("", spec), *((slot + ".", stage) for slot, stage in spec.stage_specs(params).items())]
     versions = {}
     for prefix, owner in owners:
         for name, entry in owner.value_versions.items():
+            if any(params.get(prefix + key) != value for key, value in entry.get("when", {}).items()):
+                continue
             if name.startswith("protocol."):
                 field_name = name.removeprefix("protocol.")
                 value = protocol.get(field_name, _protocol_defaults()[field_name])
@@ -467,7 +491,25 @@ def value_versions(spec: TaskSpec, params: dict, protocol: dict) -> dict[str, in
                 value = params.get(prefix + name)
             if value != entry["except"]:
                 versions[prefix + name] = entry["version"]
+    if read := _read_task(spec, params):
+        prefix = spec.reads_projection + "."
+        versions |= {prefix + "version": read[0].version} if read[0].version != 1 else {}
+        versions |= {prefix + key: v for key, v in value_versions(*read, protocol).items()}
     return versions
+
+
+def _read_task(spec: TaskSpec, params: dict) -> tuple[TaskSpec, dict] | None:
+    """(task, its resolved parameters) whose projection a run of ``spec`` reads: the value of its
+    ``reads_projection`` parameter, a task name or ``{task: NAME, params: {...}}`` (None: none)."""
+    value = params.get(spec.reads_projection) if spec.reads_projection else None
+    if value is None:
+        return None
+    name, overrides = (value, {}) if not isinstance(value, dict) else (value.get("task"), value.get("params") or {})
+    read = lookup(tasks(), name, "task") if isinstance(name, str) else None
+    if read is None or not isinstance(overrides, dict):
+        raise UserError(f"{spec.name}: {spec.reads_projection}={brief(value)} names no task -- e.g. "
+                        f"{spec.reads_projection}: stego")
+    return read, read.resolve_params(overrides)
 
 
 # ---- where registry documents come from -----------------------------------------------------------------
@@ -657,6 +699,9 @@ def tasks_in(documents: Iterable[tuple[str, dict]]) -> dict[str, TaskSpec]:
         _check_version(path, data.get("version", 1))  # before the type check: its own message
         base = _spec(TaskSpec, {**data, "source": str(path)}, path, "task entry")
         _check_value_versions(base, path)
+        if base.reads_projection is not None and base.reads_projection not in base.params:
+            raise UserError(f"{path}: reads_projection names '{base.reads_projection}', not one of its parameters "
+                            f"({sorted(base.params)}) -- e.g. reads_projection: features_from")
         _check_slots(base, path)
         _check_gpu(base.gpu, path, base.name)
         _register(specs, base, path)
@@ -784,7 +829,7 @@ def overrides_text(actual: dict, defaults: dict) -> str:
     return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in diff.items())
 
 
-NOT_CURRENT = "not current"  # in the label of a result of another version of its task
+NOT_CURRENT = "not current"  # in the label of a result of another version of its task, a stage or a value
 
 
 def stage_versions(spec: TaskSpec, params: dict) -> dict[str, int]:
@@ -793,30 +838,44 @@ def stage_versions(spec: TaskSpec, params: dict) -> dict[str, int]:
     return {slot: v for slot, v in versions.items() if v != 1}
 
 
+def outdated(config: dict) -> str | None:
+    """What of a stored run's config another version than the registered one made, as its label says it: ``v1``
+    (its task), ``segmenter v1`` (a stage), ``segmenter.restarts v1`` (a value); None for a current run (and
+    for a task no longer registered: nothing to compare with)."""
+    spec = tasks().get(config["task"])
+    if spec is None:
+        return None
+    if config.get("task_version", 1) != spec.version:
+        return f"v{config.get('task_version', 1)}"
+    params = config.get("params") or {}
+    try:
+        now = {"stage_versions": stage_versions(spec, params),
+               "value_versions": value_versions(spec, params, config.get("protocol") or {})}
+    except UserError:  # a stage (or a task it reads) that is no longer registered
+        return "unregistered stage"
+    for kind, current in now.items():
+        stored = config.get(kind, {})
+        for key in sorted(set(stored) | set(current)):
+            if stored.get(key, 1) != current.get(key, 1):
+                return f"{key} v{stored.get(key, 1)}"
+    return None
+
+
 def is_current_version(config: dict) -> bool:
     """Whether a run's config was stored by the registered version of its task, its stages and the values they
     version apart (unknown tasks: yes)."""
-    spec = tasks().get(config["task"])
-    if spec is None:
-        return True
-    params = config.get("params") or {}
-    try:
-        stages_now = stage_versions(spec, params)
-        values_now = value_versions(spec, params, config.get("protocol") or {})
-    except UserError:  # a stage that is no longer registered
-        return False
-    return (config.get("task_version", 1) == spec.version and config.get("stage_versions", {}) == stages_now
-            and config.get("value_versions", {}) == values_now)
+    return outdated(config) is None
 
 
 def task_label(config: dict) -> str:
     """A run's task name, plus the parameters that differ from the registry's defaults: ``kmeans (iterations=20)``;
-    a result of another version of the task than the registered one says so: ``kmeans [v1, not current]``."""
+    a result of another version than the registered one says which: ``kmeans [v1, not current]``, ``datus2
+    (segmenter.restarts=3) [segmenter.restarts v1, not current]``."""
     task, params = config["task"], config.get("params") or {}
     spec = tasks().get(task)
     extra = overrides_text(params, spec.defaults_like(params)) if spec else ""
     label = f"{task} ({extra})" if extra else task
-    return label if is_current_version(config) else f"{label} [v{config.get('task_version', 1)}, {NOT_CURRENT}]"
+    return label if (older := outdated(config)) is None else f"{label} [{older}, {NOT_CURRENT}]"
 
 
 def lookup(registry: dict[str, Any], name: str, what: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import itertools
 import platform
 import subprocess
 import time
@@ -103,15 +104,18 @@ def with_task_version(config: dict, version: int) -> dict:
 
 
 def earlier_version_hashes(config: dict) -> list[str]:
-    """The hashes a run's config had under the earlier versions of its task, and of each of its value versions (to
-    tell a user why it recomputes)."""
-    hashes = [run_hash(with_task_version(config, v)) for v in range(1, config.get("task_version", 1))]
-    values = config.get("value_versions", {})
-    for key, version in values.items():
-        for earlier in range(1, version):  # version 1 of a value: absent
-            lowered = {k: v for k, v in values.items() if k != key} | ({key: earlier} if earlier > 1 else {})
-            hashes.append(run_hash({**{k: v for k, v in config.items() if k != "value_versions"},
-                                    **({"value_versions": lowered} if lowered else {})}))
+    """The hashes a run's config had under the earlier versions of its task and of each of its value versions, in
+    every combination (to tell a user why it recomputes)."""
+    task_version, values = config.get("task_version", 1), config.get("value_versions", {})
+    base = {key: v for key, v in config.items() if key != "value_versions"}
+    hashes = []
+    for version in range(1, task_version + 1):
+        for earlier in itertools.product(*(range(1, v + 1) for v in values.values())):
+            lowered = {key: v for key, v in zip(values, earlier) if v > 1}  # version 1 of a value: absent
+            if version == task_version and lowered == values:
+                continue  # the run itself
+            hashes.append(run_hash(with_task_version({**base, **({"value_versions": lowered} if lowered else {})},
+                                                     version)))
     return hashes
 
 

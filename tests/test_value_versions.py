@@ -84,32 +84,57 @@ def test_a_head_another_task_reads_is_the_one_its_own_run_keeps(runner):
 
 @pytest.mark.parametrize("entry, message", [
     ({"restart": {"version": 2, "except": 1}}, "names 'restart', neither a parameter"),
+    ({5: {"version": 2, "except": 1}}, "names 5, neither a parameter"),
     ({"protocol.precison": {"version": 2, "except": "fp32"}}, "neither a parameter .* nor protocol.FIELD"),
-    ({"restarts": {"version": 1, "except": 1}}, r"needs version \(2 or more\) and except"),
-    ({"restarts": {"version": 2}}, r"needs version \(2 or more\) and except"),
-    ({"restarts": 2}, r"needs version \(2 or more\) and except"),
+    ({"restarts": {"version": 1, "except": 1}}, r"needs version \(2 or more\), except"),
+    ({"restarts": {"version": 2}}, r"needs version \(2 or more\), except"),
+    ({"restarts": 2}, r"needs version \(2 or more\), except"),
+    ({"restarts": {"version": 2, "except": 1, "when": {"backnd": "x"}}}, r"may have when"),
+    ({"restarts": {"version": 2, "except": "1"}}, r"restarts: except='1' must be a whole number"),
+    ({"backend": {"version": 2, "except": 1}}, r"backend: except=1 must be text"),
+    ({"protocol.precision": {"version": 2, "except": "FP32"}}, r"except='FP32' is no value of the protocol"),
 ])
 def test_a_bad_value_version_is_one_line_naming_the_file(entry, message):
-    document = {"name": "x", "title": "x", "entrypoint": "m:C", "params": {"restarts": 1}, "value_versions": entry}
+    """A mistyped ``except`` would make every run a new version, the defaults' included: refused at start-up."""
+    document = {"name": "x", "title": "x", "entrypoint": "m:C", "params": {"restarts": 1, "backend": "a"},
+                "value_versions": entry}
     with pytest.raises(UserError, match=f"x.yaml: value_versions.*{message}|x.yaml: .*{message}"):
         registry.stages_in([("x.yaml", document)], "segmenter")
 
 
-def test_run_says_when_the_value_before_its_change_stored_the_cell(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
+def test_a_value_version_limited_by_when_leaves_the_other_runs_alone(runner):
+    assert resolve(runner, "datus2", (("segmenter.backend", "igraph"), ("segmenter.restarts", 3))
+                   ).config.get("value_versions") is None  # igraph's restarts were seeded already
 
-    from ssl_bench.cli import app
 
-    args = ["run", "--backbone", "dino-vits16", "--weights", "random", "--task", "datus2-initial", "--dataset",
-            "synthetic", "-o", "n=4", "--k", "3", "--resize", "64", "-p", "segmenter.restarts=2",
-            "--store", str(tmp_path / "s.sqlite"), "--cache", str(tmp_path / "cache")]
-    louvain = registry.stages("segmenter")["louvain"]
-    segmenters = {**registry.stages("segmenter"), "louvain": dataclasses.replace(louvain, value_versions={})}
-    real = registry.stages
-    monkeypatch.setattr(registry, "stages", lambda kind: segmenters if kind == "segmenter" else real(kind))
-    before = CliRunner().invoke(app, args)  # restarts 2 as stored before the change
-    monkeypatch.setattr(registry, "stages", real)
-    now = CliRunner().invoke(app, args)
-    assert before.exit_code == 0 and "earlier version" not in before.output, before.output
-    assert now.exit_code == 0 and "(computed)" in now.output
-    assert "note: an earlier version of datus2-initial stored this cell too" in now.output
+def test_a_run_reading_another_tasks_head_carries_that_tasks_versions(runner, monkeypatch):
+    read = resolve(runner, "primaps-em", (("features_from", "hp"),), precision="bf16")
+    assert read.config["value_versions"] == {"features_from.protocol.precision": 2}
+    assert "value_versions" not in resolve(runner, "primaps-em", (("features_from", "hp"),)).config
+    assert "value_versions" not in resolve(runner, "primaps-em", (("features_from", "stego"),), precision="bf16").config
+    tasks = dict(registry.tasks())
+    tasks["stego"] = dataclasses.replace(tasks["stego"], version=2)  # a new version of the head it reads
+    monkeypatch.setattr(registry, "tasks", lambda: tasks)
+    again = resolve(runner, "primaps-em", (("features_from", {"task": "stego", "params": {"dim": 16}}),))
+    assert again.config["value_versions"] == {"features_from.version": 2}
+
+
+def test_a_label_names_what_is_older():
+    params = registry.task("datus2").resolve_params({"segmenter.restarts": 3})
+    stored = {"task": "datus2", "params": params, "task_version": registry.task("datus2").version,
+              "stage_versions": {"segmenter": 2}}  # stored before restarts had a value version
+    assert registry.task_label(stored) == "datus2 (segmenter.restarts=3) [segmenter.restarts v1, not current]"
+    assert registry.task_label({**stored, "value_versions": {"segmenter.restarts": 2}}) == \
+        "datus2 (segmenter.restarts=3)"
+    assert registry.task_label({**stored, "stage_versions": {}}).endswith("[segmenter v1, not current]")
+
+
+def test_the_hashes_before_every_combination_of_changes_are_known(runner):
+    from ssl_bench.runner import earlier_version_hashes, run_hash
+
+    run = resolve(runner, "datus2", (("segmenter.restarts", 3),), precision="bf16")
+    assert len(run.config["value_versions"]) == 2
+    before_both = {key: v for key, v in run.config.items() if key != "value_versions"}
+    earlier = earlier_version_hashes(run.config)
+    assert run_hash(before_both) in earlier and run.config_hash not in earlier
+    assert len(earlier) == 2 * 2 * run.config["task_version"] - 1

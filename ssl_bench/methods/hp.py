@@ -239,8 +239,8 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
 def train_head(features, local_weights, augmented, p: dict, plan: dict, seed: int, device, progress=None
                ) -> tuple[SegmentationHead, dict]:
     """The HP head trained on views ``features[i]`` (h, w, C). ``local_weights(idx)`` -> (B, N, 9) weights of the
-    local hidden positives (None: no local term); ``augmented(idx)`` -> (B, h, w, C) tensor of the features of
-    photometrically augmented views (None: no consistency term)."""
+    local hidden positives (None: no local term); ``augmented(idx)`` -> the (B, h, w, C) features of
+    photometrically augmented views, a tensor or a list of arrays (None: no consistency term)."""
     gen = torch.Generator().manual_seed(seed)
     device_gen = torch.Generator(device=device).manual_seed(seed)  # the large random denominator masks
     n, d = len(features), np.shape(features[0])[-1]
@@ -298,7 +298,10 @@ def _step(head, ema, project, optimizers, features, idx, local_weights, augmente
                                          gen, backward=True))
     consistency = 0.0
     if augmented is not None and p["alpha"] > 0:
-        z_aug = projected(head(augmented(idx).to(device).permute(0, 3, 1, 2).contiguous()))
+        views = augmented(idx)  # (B, h, w, C): a tensor (where the run's views lie), or a list of arrays
+        x = (views.to(device).permute(0, 3, 1, 2).contiguous() if isinstance(views, torch.Tensor)
+             else heads.as_batch(views, range(len(idx)), device))
+        z_aug = projected(head(x))
         term = F.pairwise_distance(z, z_aug).mean()
         (p["alpha"] * term).backward()
         consistency = float(term.detach())
@@ -368,8 +371,8 @@ def photometric_views(images: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _augmented(ctx, p: dict, split: str, view: dict):
     """``idx -> (B, h, w, d)`` features of HP's photometric augmentation of the training views (a backbone pass
-    each), on the run's device: the views are jittered there and their features stay there. torchvision draws
-    each transform's parameters from torch's CPU generator, so a seed jitters alike on every device."""
+    each), on the run's device: the views are jittered there and their features stay there (torchvision draws
+    each transform's parameters from torch's CPU generator)."""
     if p["augment"] == "none" or p["alpha"] == 0:
         return None
     backbone = ctx.backbone

@@ -506,8 +506,9 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     if table.superseded:
         current = ", ".join(sorted(f"{t} v{registry.tasks()[t].version}" for t in frame.task.unique()
                                    if t in registry.tasks()))
-        notes.append(f"[vN, {registry.NOT_CURRENT}]: stored by another version of the task, whose numbers may differ; "
-                     f"run or sweep again for the current one ({current}).")
+        notes.append(f"[vN, {registry.NOT_CURRENT}]: stored by another version of the task ([STAGE vN ...] of a "
+                     f"stage, [PARAMETER vN ...] of a value), whose numbers may differ; run or sweep again for the "
+                     f"current one ({current}).")
     notes += scoring_notes(frame)
     notes += [SEEDS_NOTE] if multi_seed else []
     notes += ["Seeds a–b: the fewest and most seeds over the row's datasets (per dataset: the n columns of the "
