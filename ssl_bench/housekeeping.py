@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from . import registry, samples
+from . import registry, samples, versions
 from .errors import UserError
 from .store import ResultStore, file_lock
 
@@ -96,7 +96,7 @@ class RunFilter:
         checks = [self.backbone in (None, record["backbone"]), self.task in (None, record["task"]),
                   self.dataset in (None, record["dataset"]), self.seed in (None, record["seed"]),
                   self.random in (None, record["random_weights"]),
-                  not self.superseded or not registry.is_current_version(config),
+                  not self.superseded or not versions.is_current_version(config),
                   not self.hashes or any(record["config_hash"].startswith(h.lower()) for h in self.hashes)]
         if self.k is not None:
             checks.append(record["k"] == resolve_k(self.k, int(config.get("num_classes") or 1)))

@@ -438,11 +438,11 @@ def _check_value_versions(spec, path: Path) -> None:
     example = "value_versions: {restarts: {version: 2, except: 1, when: {backend: sknetwork}}}"
     for name, entry in spec.value_versions.items():
         field_name = name.removeprefix("protocol.") if isinstance(name, str) else None
-        known = (field_name in _protocol_defaults() if name.startswith("protocol.") else name in spec.params
+        known = (field_name in protocol_defaults() if name.startswith("protocol.") else name in spec.params
                  ) if isinstance(name, str) else False
         if not known:
             raise UserError(f"{path}: value_versions names {brief(name)}, neither a parameter ({sorted(spec.params)}) "
-                            f"nor protocol.FIELD ({', '.join(_protocol_defaults())}) -- e.g. {example}")
+                            f"nor protocol.FIELD ({', '.join(protocol_defaults())}) -- e.g. {example}")
         when = entry.get("when", {}) if isinstance(entry, dict) else None
         if (not isinstance(entry, dict) or not {"version", "except"} <= set(entry) <= {"version", "except", "when"}
                 or type(entry["version"]) is not int or entry["version"] < 2 or not isinstance(when, dict)
@@ -467,49 +467,9 @@ def _check_value_versions(spec, path: Path) -> None:
 
 
 @cache
-def _protocol_defaults() -> dict:
+def protocol_defaults() -> dict:
     from .data.protocol import Protocol  # the datasets package: imported when a registry file first needs it
     return {f.name: f.default for f in dataclasses.fields(Protocol)}
-
-
-def value_versions(spec: TaskSpec, params: dict, protocol: dict) -> dict[str, int]:
-    """The versions a run's values have where a change of numbers touched some values only (``value_versions``
-    of its task and stages; the key is the parameter as the run names it): ``{"segmenter.restarts": 2}`` for a
-    DatUS^2 run with restarts 3; empty for a run of the values the change left alone, whose hash so stays. A task
-    that reads another's trained projection (``reads_projection``) adds that task's version (when not 1) and value
-    versions under the parameter's name: ``{"features_from.protocol.precision": 2}``."""
-    owners = [("", spec), *((slot + ".", stage) for slot, stage in spec.stage_specs(params).items())]
-    versions = {}
-    for prefix, owner in owners:
-        for name, entry in owner.value_versions.items():
-            if any(params.get(prefix + key) != value for key, value in entry.get("when", {}).items()):
-                continue
-            if name.startswith("protocol."):
-                field_name = name.removeprefix("protocol.")
-                value = protocol.get(field_name, _protocol_defaults()[field_name])
-            else:
-                value = params.get(prefix + name)
-            if value != entry["except"]:
-                versions[prefix + name] = entry["version"]
-    if read := _read_task(spec, params):
-        prefix = spec.reads_projection + "."
-        versions |= {prefix + "version": read[0].version} if read[0].version != 1 else {}
-        versions |= {prefix + key: v for key, v in value_versions(*read, protocol).items()}
-    return versions
-
-
-def _read_task(spec: TaskSpec, params: dict) -> tuple[TaskSpec, dict] | None:
-    """(task, its resolved parameters) whose projection a run of ``spec`` reads: the value of its
-    ``reads_projection`` parameter, a task name or ``{task: NAME, params: {...}}`` (None: none)."""
-    value = params.get(spec.reads_projection) if spec.reads_projection else None
-    if value is None:
-        return None
-    name, overrides = (value, {}) if not isinstance(value, dict) else (value.get("task"), value.get("params") or {})
-    read = lookup(tasks(), name, "task") if isinstance(name, str) else None
-    if read is None or not isinstance(overrides, dict):
-        raise UserError(f"{spec.name}: {spec.reads_projection}={brief(value)} names no task -- e.g. "
-                        f"{spec.reads_projection}: stego")
-    return read, read.resolve_params(overrides)
 
 
 # ---- where registry documents come from -----------------------------------------------------------------
@@ -827,55 +787,6 @@ def overrides_text(actual: dict, defaults: dict) -> str:
     """``key=value, ...`` of the entries of ``actual`` that differ from ``defaults`` (sorted)."""
     diff = {k: v for k, v in sorted(actual.items()) if k not in defaults or defaults[k] != v}
     return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in diff.items())
-
-
-NOT_CURRENT = "not current"  # in the label of a result of another version of its task, a stage or a value
-
-
-def stage_versions(spec: TaskSpec, params: dict) -> dict[str, int]:
-    """The versions of a composed run's stages that are not 1 (absent: the hashes of version-1 stages stay)."""
-    versions = {slot: stage.version for slot, stage in spec.stage_specs(params).items()} if spec.stages else {}
-    return {slot: v for slot, v in versions.items() if v != 1}
-
-
-def outdated(config: dict) -> str | None:
-    """What of a stored run's config another version than the registered one made, as its label says it: ``v1``
-    (its task), ``segmenter v1`` (a stage), ``segmenter.restarts v1`` (a value); None for a current run (and
-    for a task no longer registered: nothing to compare with)."""
-    spec = tasks().get(config["task"])
-    if spec is None:
-        return None
-    if config.get("task_version", 1) != spec.version:
-        return f"v{config.get('task_version', 1)}"
-    params = config.get("params") or {}
-    try:
-        now = {"stage_versions": stage_versions(spec, params),
-               "value_versions": value_versions(spec, params, config.get("protocol") or {})}
-    except UserError:  # a stage (or a task it reads) that is no longer registered
-        return "unregistered stage"
-    for kind, current in now.items():
-        stored = config.get(kind, {})
-        for key in sorted(set(stored) | set(current)):
-            if stored.get(key, 1) != current.get(key, 1):
-                return f"{key} v{stored.get(key, 1)}"
-    return None
-
-
-def is_current_version(config: dict) -> bool:
-    """Whether a run's config was stored by the registered version of its task, its stages and the values they
-    version apart (unknown tasks: yes)."""
-    return outdated(config) is None
-
-
-def task_label(config: dict) -> str:
-    """A run's task name, plus the parameters that differ from the registry's defaults: ``kmeans (iterations=20)``;
-    a result of another version than the registered one says which: ``kmeans [v1, not current]``, ``datus2
-    (segmenter.restarts=3) [segmenter.restarts v1, not current]``."""
-    task, params = config["task"], config.get("params") or {}
-    spec = tasks().get(task)
-    extra = overrides_text(params, spec.defaults_like(params)) if spec else ""
-    label = f"{task} ({extra})" if extra else task
-    return label if (older := outdated(config)) is None else f"{label} [{older}, {NOT_CURRENT}]"
 
 
 def lookup(registry: dict[str, Any], name: str, what: str) -> Any:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from . import __version__, predictions as saved, registry, samples
+from . import __version__, predictions as saved, registry, samples, versions
 from .data import SUBSET_OPTIONS, check_option_values, open_dataset
 from .data.base import SegDataset
 from .data.protocol import SCORING_FIELDS, Protocol
@@ -247,12 +247,12 @@ class TaskContext:
         task, params = owner or (self._run.task, self.params)
         stages = {} if owner is not None else {
             slot: s for slot, s in task.stage_specs(params).items() if slots is None or slot in slots}
-        versions = {slot: v for slot, v in self._run.config.get("stage_versions", {}).items() if slot in stages}
-        values = {key: v for key, v in registry.value_versions(task, params, self._run.config["protocol"]).items()
+        stage_numbers = {slot: v for slot, v in self._run.config.get("stage_versions", {}).items() if slot in stages}
+        values = {key: v for key, v in versions.value_versions(task, params, self._run.config["protocol"]).items()
                   if key.split(".", 1)[0] in stages or key.split(".", 1)[0] not in task.stages}  # the task's, the slots'
         digest = config_hash({"task": task.entrypoint, "code": _module_digest(task.entrypoint, *(
                               s.entrypoint for s in stages.values())), "version": task.version,
-                              "stage_versions": versions, **({"value_versions": values} if values else {}),
+                              "stage_versions": stage_numbers, **({"value_versions": values} if values else {}),
                               "name": name, "seed": self.seed, "device": str(self.device), "identity": identity})
         path = entry / "reuse" / f"{name}-{digest}.npz"
         with contextlib.ExitStack() as guard:
@@ -517,9 +517,9 @@ class Runner:
             "data_root": cfg.data_root,
         }
         config = with_task_version({**config, **live_config}, task.version)
-        if versions := registry.stage_versions(task, params):  # absent while every stage is at version 1
-            config["stage_versions"] = versions
-        if values := registry.value_versions(task, params, config["protocol"]):  # absent for the untouched values
+        if stages := versions.stage_versions(task, params):  # absent while every stage is at version 1
+            config["stage_versions"] = stages
+        if values := versions.value_versions(task, params, config["protocol"]):  # absent for the untouched values
             config["value_versions"] = values
         if source.path is not None:  # for `ssl-bench show`; a user's own file is labelled by its name in reports
             config["weights_file"] = str(source.path.resolve())

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from . import registry
+from . import registry, versions
 from .registry import brief
 from .data.protocol import Protocol
 from .errors import UserError
@@ -391,7 +391,7 @@ class Cell:
     @property
     def label(self) -> str:
         c = self.run.config
-        task = registry.task_label(c)  # two parameter sets of one task are two cells
+        task = versions.task_label(c)  # two parameter sets of one task are two cells
         from .data import subset_text
 
         return (f"{_backbone_label(c)} / {task} / {c['dataset']}:{c['split']}{subset_text(c)} K={c['k']} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ssl_bench import registry
+from ssl_bench import registry, versions
 from ssl_bench.errors import UserError
 from ssl_bench.methods import segment_cluster
 from ssl_bench.runner import RunConfig
@@ -48,9 +48,9 @@ def test_a_label_names_only_what_differs_from_the_chosen_stages_defaults():
     def label(overrides):
         spec = registry.task("segment-cluster")
         params = spec.resolve_params(overrides)
-        versions = registry.stage_versions(spec, params)  # as the runner stores them (louvain is at v2)
-        return registry.task_label({"task": "segment-cluster", "params": params,
-                                    **({"stage_versions": versions} if versions else {})})
+        stages = versions.stage_versions(spec, params)  # as the runner stores them (louvain is at v2)
+        return versions.task_label({"task": "segment-cluster", "params": params,
+                                    **({"stage_versions": stages} if stages else {})})
 
     assert label({}) == "segment-cluster"
     assert label({"clusterer": "sinkhorn"}) == "segment-cluster (clusterer=sinkhorn)"

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ssl_bench import registry
+from ssl_bench import registry, versions
 from ssl_bench.data.protocol import Protocol
 from ssl_bench.errors import UserError
 from ssl_bench.runner import RunConfig, TaskContext
@@ -25,7 +25,7 @@ def test_runs_of_the_untouched_values_record_nothing_and_keep_their_hashes(runne
     for task in ("datus2", "comus", "hp", "kmeans"):
         run = resolve(runner, task)
         assert "value_versions" not in run.config, task  # so every hash stored before value versions stays
-        assert registry.is_current_version(run.config)
+        assert versions.is_current_version(run.config)
     assert "value_versions" not in resolve(runner, "kmeans", precision="bf16").config  # k-means has none
 
 
@@ -37,8 +37,8 @@ def test_a_run_of_a_changed_value_records_its_version_and_is_a_new_run(runner):
     assert resolve(runner, "hp", precision="fp16").config["value_versions"] == {"protocol.precision": 2}
 
     stored_before = {key: v for key, v in run.config.items() if key != "value_versions"}  # as a run of v1 stored it
-    assert registry.is_current_version(run.config) and not registry.is_current_version(stored_before)
-    assert registry.task_label(stored_before).endswith("not current]")
+    assert versions.is_current_version(run.config) and not versions.is_current_version(stored_before)
+    assert versions.task_label(stored_before).endswith("not current]")
     from ssl_bench.runner import run_hash
 
     assert run_hash(stored_before) != run.config_hash  # so it is not reused
@@ -123,10 +123,10 @@ def test_a_label_names_what_is_older():
     params = registry.task("datus2").resolve_params({"segmenter.restarts": 3})
     stored = {"task": "datus2", "params": params, "task_version": registry.task("datus2").version,
               "stage_versions": {"segmenter": 2}}  # stored before restarts had a value version
-    assert registry.task_label(stored) == "datus2 (segmenter.restarts=3) [segmenter.restarts v1, not current]"
-    assert registry.task_label({**stored, "value_versions": {"segmenter.restarts": 2}}) == \
+    assert versions.task_label(stored) == "datus2 (segmenter.restarts=3) [segmenter.restarts v1, not current]"
+    assert versions.task_label({**stored, "value_versions": {"segmenter.restarts": 2}}) == \
         "datus2 (segmenter.restarts=3)"
-    assert registry.task_label({**stored, "stage_versions": {}}).endswith("[segmenter v1, not current]")
+    assert versions.task_label({**stored, "stage_versions": {}}).endswith("[segmenter v1, not current]")
 
 
 def test_the_hashes_before_every_combination_of_changes_are_known(runner):

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from ..registry import task_label
+from ..versions import task_label
 from .tables import Cell, Column, Table, _mean_std
 
 METRIC_HEADERS = {"acc": "Acc", "miou": "mIoU", "f1": "F1"}

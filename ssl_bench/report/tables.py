@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import registry
-from ..registry import overrides_text, task_label
+from .. import registry, versions
+from ..registry import overrides_text
+from ..versions import task_label
 from ..data import DATASETS, SUBSET_OPTIONS, dataset_options, subset_options
 from ..data.protocol import SCORING_FIELDS, Protocol, stored_protocol
 from ..errors import UserError
@@ -309,7 +310,7 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
         cfg = r["config"]
         rows.append({"backbone": r["backbone"], "weights": r["weights"], "random_weights": bool(r["random_weights"]),
                      "task": r["task"], "method": task_label(cfg),
-                     "current_version": registry.is_current_version(cfg),
+                     "current_version": versions.is_current_version(cfg),
                      "dataset": r["dataset"], "column": dataset_label(cfg), "split": r["split"], "k": r["k"],
                      "num_classes": cfg.get("num_classes"), "seed": r["seed"], "miou": r["miou"],
                      "acc": r["acc"], "f1": r["f1"], "config_hash": r["config_hash"],
@@ -506,7 +507,7 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
     if table.superseded:
         current = ", ".join(sorted(f"{t} v{registry.tasks()[t].version}" for t in frame.task.unique()
                                    if t in registry.tasks()))
-        notes.append(f"[vN, {registry.NOT_CURRENT}]: stored by another version of the task ([STAGE vN ...] of a "
+        notes.append(f"[vN, {versions.NOT_CURRENT}]: stored by another version of the task ([STAGE vN ...] of a "
                      f"stage, [PARAMETER vN ...] of a value), whose numbers may differ; run or sweep again for the "
                      f"current one ({current}).")
     notes += scoring_notes(frame)
