@@ -200,6 +200,7 @@ def _worker_deaths_in_one_line():
         raise UserError("a CRF worker process died (killed, out of memory, or failed to start: see the lines "
                         "above) -- SSL_BENCH_CRF_WORKERS=1 runs the CRF in this process") from err
 
+
 _MAIN_SWAP = threading.Lock()  # ``CRFPool._submit``: one swap of __main__ at a time
 
 

@@ -113,7 +113,7 @@ class StageSpec:
     paper: str = ""
     validate: str | None = None  # "module:function(params)" raising UserError
     version: int = 1  # raised when the stage's numbers change (a run of another version is not reused)
-    value_versions: dict = field(default_factory=dict)  # versions of some values only (see ValueVersion)
+    value_versions: dict = field(default_factory=dict)  # versions of some values only (see _check_value_versions)
     benchmark: str | None = None  # "module:function" measured by `ssl-bench bench` (see bench.available_benchmarks)
     k_bound: KBound | None = None  # a segmenter's items (segments, proposals): what bounds K in a task using it
     source: str = field(default="", compare=False)  # the registry file (or entry point) that registered it
@@ -136,7 +136,7 @@ class TaskSpec:
     benchmark: str | None = None  # "module:function" measured by `ssl-bench bench TASK`
     validate: str | None = None  # "module:function(params)" raising UserError, called before any work
     version: int = 1  # raised when the method's numbers change: stored cells of other versions are not reused
-    value_versions: dict = field(default_factory=dict)  # versions of some values only (see ValueVersion)
+    value_versions: dict = field(default_factory=dict)  # versions of some values only (see _check_value_versions)
     stages: dict = field(default_factory=dict)  # stage slots: parameter name -> stage kind (composed tasks)
     gpu: bool = True  # runs a model (backbone passes, training): on a Ray cluster with GPUs its cells hold one;
     # false: it computes on cached features with the CPU, and its cells run on the CPU and never hold a GPU
@@ -437,10 +437,9 @@ def _check_value_versions(spec, path: Path) -> None:
     mistyped one would make every run, defaults included, a new version), ``when`` optional."""
     example = "value_versions: {restarts: {version: 2, except: 1, when: {backend: sknetwork}}}"
     for name, entry in spec.value_versions.items():
-        field_name = name.removeprefix("protocol.") if isinstance(name, str) else None
-        known = (field_name in protocol_defaults() if name.startswith("protocol.") else name in spec.params
-                 ) if isinstance(name, str) else False
-        if not known:
+        protocol_field = isinstance(name, str) and name.startswith("protocol.")
+        field_name = name.removeprefix("protocol.") if protocol_field else None
+        if not (field_name in protocol_defaults() if protocol_field else name in spec.params):
             raise UserError(f"{path}: value_versions names {brief(name)}, neither a parameter ({sorted(spec.params)}) "
                             f"nor protocol.FIELD ({', '.join(protocol_defaults())}) -- e.g. {example}")
         when = entry.get("when", {}) if isinstance(entry, dict) else None
@@ -450,7 +449,7 @@ def _check_value_versions(spec, path: Path) -> None:
             raise UserError(f"{path}: value_versions.{name} needs version (2 or more), except (the value the change "
                             f"left alone) and may have when (values of this file's parameters) -- e.g. {example}")
         unchanged = entry["except"]
-        if name.startswith("protocol."):
+        if protocol_field:
             from .data.protocol import Protocol
 
             try:

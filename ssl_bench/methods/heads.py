@@ -111,15 +111,19 @@ def head_from_arrays(arrays: dict, device: torch.device | str = "cpu") -> Segmen
 
 
 def as_batch(features: Sequence, idx: Sequence[int], device) -> torch.Tensor:
-    """Cached features (h, w, C) of views ``idx`` as one (B, C, h, w) float32 tensor on ``device``. The maps
-    travel in the cache's dtype (float16: half the bytes) and are converted and transposed on ``device`` in one
-    copy, so a GPU training step leaves the CPU only the stacking (``ssl-bench bench gpu``: training batches).
-    The conversion is exact: every device gets the same numbers."""
-    maps = [np.asarray(features[int(i)]) for i in idx]
-    if len({m.shape for m in maps}) > 1:
+    """Features (h, w, C) of views ``idx`` as one (B, C, h, w) float32 tensor on ``device``: cached arrays, or
+    tensors on any device (a training loop's augmented views, made where it runs). The maps travel in their own
+    dtype (the cache's float16: half the bytes) and are converted and transposed on ``device`` in one copy, so a
+    GPU training step leaves the CPU only the stacking (``ssl-bench bench gpu``: training batches). The
+    conversion is exact: every device gets the same numbers."""
+    maps = [features[int(i)] for i in idx]
+    on_devices = all(isinstance(m, torch.Tensor) for m in maps)
+    maps = maps if on_devices else [np.asarray(m) for m in maps]
+    if len({tuple(m.shape) for m in maps}) > 1:
         raise UserError("a segmentation head trains on equally sized views, but this split's training views differ "
-                        f"in size ({sorted({m.shape[:2] for m in maps})}) -- keep the protocol's centre crop (--crop center)")
-    stacked = torch.from_numpy(np.stack(maps)).to(device)
+                        f"in size ({sorted({tuple(m.shape[:2]) for m in maps})}) -- keep the protocol's centre crop "
+                        "(--crop center)")
+    stacked = torch.stack([m.to(device) for m in maps]) if on_devices else torch.from_numpy(np.stack(maps)).to(device)
     batch = torch.empty(stacked.permute(0, 3, 1, 2).shape, dtype=torch.float32, device=stacked.device)
     return batch.copy_(stacked.permute(0, 3, 1, 2))
 
@@ -343,8 +347,6 @@ class TrainedHead:
         """(1, dim, h, w) code of one image's features (h, w, C; an array, or a tensor on any device), eval mode."""
         self.head.eval()
         with torch.no_grad():
-            if isinstance(features, torch.Tensor):
-                return self.head(features.float().permute(2, 0, 1)[None].contiguous().to(self.device))
             return self.head(as_batch([features], [0], self.device))
 
     def code_map(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:

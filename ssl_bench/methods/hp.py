@@ -298,10 +298,7 @@ def _step(head, ema, project, optimizers, features, idx, local_weights, augmente
                                          gen, backward=True))
     consistency = 0.0
     if augmented is not None and p["alpha"] > 0:
-        views = augmented(idx)  # (B, h, w, C): a tensor (where the run's views lie), or a list of arrays
-        x = (views.to(device).permute(0, 3, 1, 2).contiguous() if isinstance(views, torch.Tensor)
-             else heads.as_batch(views, range(len(idx)), device))
-        z_aug = projected(head(x))
+        z_aug = projected(head(heads.as_batch(augmented(idx), range(len(idx)), device)))
         term = F.pairwise_distance(z, z_aug).mean()
         (p["alpha"] * term).backward()
         consistency = float(term.detach())

@@ -81,14 +81,10 @@ def run(ctx):
                 yield Prediction(i, labels)
             return
 
-        def jobs():  # pulled by the pool as it streams: timed as "predict", the waits for labels as "crf"
-            for i in range(len(feats)):
-                with ctx.timed("predict"):
-                    job = ctx.image(i), crf_probabilities(cluster_scores(feats[i], centroids), ctx.label_size(i),
-                                                          p["crf_alpha"])
-                yield job
-
-        for i, labels in enumerate(ctx.timed_stream("crf", pool.map(crf_argmax, jobs()))):  # in parallel, in order
+        # pulled by the pool as it streams: making a job is timed as "predict", the waits for labels as "crf"
+        jobs = ctx.timed_stream("predict", ((ctx.image(i), crf_probabilities(
+            cluster_scores(feats[i], centroids), ctx.label_size(i), p["crf_alpha"])) for i in range(len(feats))))
+        for i, labels in enumerate(ctx.timed_stream("crf", pool.map(crf_argmax, jobs))):  # in parallel, in order
             yield Prediction(i, labels)
 
     return TaskResult(predictions(), stats={"fit_patches": int(len(rows))})

@@ -261,13 +261,10 @@ def run(ctx):
             return
         from ..crf import CRFPool, refine_scores
 
-        def jobs():  # pulled by the pool as it streams: timed as "predict", the waits for labels as "crf"
-            for i in range(len(evaluated)):
-                with ctx.timed("predict"):
-                    job = ctx.image(i), model.predict_scores(evaluated_input[i]), ctx.label_size(i)
-                yield job
-
-        for i, (plain, refined) in enumerate(ctx.timed_stream("crf", CRFPool().map(refine_scores, jobs()))):
+        # pulled by the pool as it streams: making a job is timed as "predict", the waits for labels as "crf"
+        jobs = ctx.timed_stream("predict", ((ctx.image(i), model.predict_scores(evaluated_input[i]),
+                                             ctx.label_size(i)) for i in range(len(evaluated))))
+        for i, (plain, refined) in enumerate(ctx.timed_stream("crf", CRFPool().map(refine_scores, jobs))):
             yield Prediction(index=i, labels=plain, stream="nocrf")
             yield Prediction(index=i, labels=refined, stream="final")
 

@@ -351,5 +351,3 @@ def _default_verdict(rows: list[dict]) -> dict:
     for entry in verdict.values():
         entry["is_default"] = entry["fastest_reaching_reference_modularity"] == "sknetwork"
     return verdict
-
-
