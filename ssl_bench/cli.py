@@ -934,6 +934,26 @@ def _out_of_memory(err: RuntimeError) -> bool:
 
 # Import names of the optional packages, and the extra that installs each (pyproject.toml).
 OPTIONAL_PACKAGES = {"transformers": "hub", "open_clip": "hub", "ray": "ray"}
+# Import names of ssl-bench's requirements (pyproject.toml), and the distribution pip installs each from: one
+# missing is a broken environment (an install with --no-deps, a machine's own image), said in one line.
+REQUIRED_PACKAGES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "safetensors": "safetensors",
+                     "numpy": "numpy", "numba": "numba", "scipy": "scipy", "sklearn": "scikit-learn",
+                     "threadpoolctl": "threadpoolctl", "faiss": "faiss-cpu", "community": "python-louvain",
+                     "networkx": "networkx", "igraph": "igraph", "sknetwork": "scikit-network", "pyamg": "pyamg",
+                     "pymatting": "pymatting", "pydensecrf": "pydensecrf2", "pandas": "pandas",
+                     "matplotlib": "matplotlib", "PIL": "pillow", "yaml": "pyyaml", "typer": "typer", "rich": "rich",
+                     "tabulate": "tabulate"}
+
+
+def missing_package_line(err: ModuleNotFoundError) -> str | None:
+    """The one line for a missing package ssl-bench knows (an extra's, a requirement's), else None (a bug)."""
+    module = (err.name or "").split(".")[0]
+    if module in OPTIONAL_PACKAGES:
+        return f"this needs the package {err.name} -- pip install ssl-bench[{OPTIONAL_PACKAGES[module]}]"
+    if module in REQUIRED_PACKAGES:
+        return (f"ssl-bench needs the package {REQUIRED_PACKAGES[module]} (module {module}), which is not installed "
+                f"-- pip install {REQUIRED_PACKAGES[module]} (one of ssl-bench's requirements)")
+    return None
 
 
 def main() -> None:
@@ -957,12 +977,11 @@ def main() -> None:
                       "parameter of the task) needs more memory than this machine has; use a smaller one",
                       highlight=False, soft_wrap=True)
         raise SystemExit(2)
-    except ModuleNotFoundError as err:  # an optional package a backbone, task or executor needs
-        extra = OPTIONAL_PACKAGES.get((err.name or "").split(".")[0])
-        if extra is None:
+    except ModuleNotFoundError as err:  # an optional package a backbone, task or executor needs, or a requirement
+        line = missing_package_line(err)
+        if line is None:
             raise
-        console.print(f"[bold red]error:[/] {escape(f'this needs the package {err.name} -- pip install ssl-bench[{extra}]')}",
-                      highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         raise SystemExit(2)
     except (KeyboardInterrupt, SystemExit) as stop:
         if not interrupted and not isinstance(stop, KeyboardInterrupt):

@@ -25,14 +25,15 @@ from .errors import UserError
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10, gauss_sxy: float = 1,
               gauss_compat: float = 3, bilateral_sxy: float = 67, bilateral_srgb: float = 3,
-              bilateral_compat: float = 4) -> np.ndarray:
+              bilateral_compat: float = 4, turned_off_by: str = "--no-crf") -> np.ndarray:
     """Refine class probabilities (C, H, W) on an RGB image (H, W, 3) uint8; returns (C, H, W) float32.
-    The defaults are the Gaussian (smoothness) and bilateral (appearance) kernels of STEGO, HP and PriMaPs."""
+    The defaults are the Gaussian (smoothness) and bilateral (appearance) kernels of STEGO, HP and PriMaPs.
+    ``turned_off_by``: the option that runs without this CRF, named when pydensecrf is missing."""
     try:
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax
     except ImportError as err:
-        raise UserError("dense CRF needs pydensecrf -- `pip install pydensecrf2`, or run with --no-crf") from err
+        raise _missing_library(turned_off_by) from err
     c, h, w = probs.shape
     if image.shape[:2] != (h, w):
         raise ValueError(f"CRF image {image.shape[:2]} and probabilities {(h, w)} differ in size")
@@ -44,6 +45,23 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10, gauss_
                              rgbim=np.array(image, dtype=np.uint8, order="C"))  # a writable copy: pydensecrf rejects read-only buffers
     q = crf.inference(iterations)
     return np.asarray(q, dtype=np.float32).reshape(c, h, w)
+
+
+def check_available(params: dict, switches: dict[str, str] | None = None) -> None:
+    """Refuse, in one line, a run whose dense CRF could not run (pydensecrf missing): a method calls it as it
+    starts, so its training does not end in the missing library (not at validation: reports and plans of stored
+    runs need no CRF). ``switches``: {parameter: the option that turns that CRF off} (default: ``crf``, --no-crf)."""
+    wanted = [option for key, option in (switches or {"crf": "--no-crf"}).items() if params.get(key)]
+    if not wanted:
+        return
+    try:
+        import pydensecrf.densecrf  # noqa: F401  (a broken build fails here too)
+    except ImportError as err:
+        raise _missing_library(" ".join(wanted)) from err
+
+
+def _missing_library(turned_off_by: str) -> UserError:
+    return UserError(f"dense CRF needs pydensecrf -- `pip install pydensecrf2`, or run with {turned_off_by}")
 
 
 # Deep Spectral Methods' CRF of hard label maps (SimpleCRF's densecrf with the authors' parameters: bilateral

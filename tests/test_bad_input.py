@@ -159,28 +159,90 @@ def test_sizes_that_cannot_fit_are_refused_with_the_memory_they_need(cli, machin
     assert code == 2 and re.search(message, one_error_line(out)), out[-2000:]
 
 
-def test_a_missing_optional_package_is_one_line_naming_the_extra(tmp_path):
-    """open_clip absent (hidden by an import hook): `ssl-bench run --backbone open_clip:...` says which extra."""
-    import subprocess
-    import sys
-
+def cli_without(module: str, args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """``ssl-bench ARGS`` in a new process where importing ``module`` fails as a missing package does (an import
+    hook), store and cache under tmp_path."""
     code = f"""
 import builtins, sys
 real = builtins.__import__
 def hidden(name, *args, **kwargs):
-    if name.split(".")[0] == "open_clip":
-        raise ModuleNotFoundError("No module named 'open_clip'", name="open_clip")
+    if name.split(".")[0] == {module!r}:
+        raise ModuleNotFoundError("No module named " + repr(name), name=name)
     return real(name, *args, **kwargs)
 builtins.__import__ = hidden
-sys.argv = ["ssl-bench", "run", "--backbone", "open_clip:ViT-B-16/laion2b_s34b_b88k", "--weights", "random",
-            "--task", "kmeans", "--dataset", "synthetic", "-o", "n=2", "--store", {str(tmp_path / 's.sqlite')!r},
-            "--cache", {str(tmp_path / 'cache')!r}]
+sys.argv = ["ssl-bench", *{args!r}, "--store", {str(tmp_path / 's.sqlite')!r}, "--cache", {str(tmp_path / 'cache')!r}]
 from ssl_bench.cli import main
 main()
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_a_missing_optional_package_is_one_line_naming_the_extra(tmp_path):
+    """open_clip absent: `ssl-bench run --backbone open_clip:...` says which extra."""
+    done = cli_without("open_clip", ["run", "--backbone", "open_clip:ViT-B-16/laion2b_s34b_b88k", "--weights", "random",
+                                     "--task", "kmeans", "--dataset", "synthetic", "-o", "n=2"], tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == "error: this needs the package open_clip -- pip install ssl-bench[hub]"
+
+
+def test_a_missing_requirement_is_one_line_naming_what_pip_installs(tmp_path):
+    """faiss absent (an install with --no-deps, a machine's own image): one line naming the distribution to
+    install (faiss-cpu, not the module's name), not a traceback."""
+    done = cli_without("faiss", ["run", "--task", "kmeans", "--dataset", "synthetic", "-o", "n=2"], tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("error: ssl-bench needs the package faiss-cpu (module faiss), which is not "
+                                   "installed -- pip install faiss-cpu (one of ssl-bench's requirements)")
+
+
+def test_every_requirement_has_its_missing_package_line():
+    """Each dependency in pyproject.toml is named by ``REQUIRED_PACKAGES`` (a new one without its import name
+    would be a traceback again when missing)."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python 3.11+")
+    import re
+
+    from ssl_bench.cli import REQUIRED_PACKAGES
+
+    pyproject = Path(ssl_bench.__file__).parents[1] / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("an installed ssl-bench without its pyproject.toml")
+    requirements = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    names = {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements}
+    assert names <= set(REQUIRED_PACKAGES.values())
+
+
+def hide_pydensecrf(monkeypatch) -> None:
+    """pydensecrf not importable in this process (None in sys.modules: an import raises ImportError)."""
+    for name in ("pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.mark.parametrize("task, args, switches", [
+    ("primaps-em", [], "-p proposal_crf=false --no-crf"),
+    ("primaps-em", ["--no-crf"], "-p proposal_crf=false"),
+    ("primaps-baseline", ["--crf"], "--no-crf"),  # no proposals in this mode: only the evaluation's CRF
+    ("stego", [], "--no-crf"),
+    ("kmeans", ["--crf"], "--no-crf"),
+    ("dsm", ["--backbone", "dino-vits16", "--weights", "random"], "--no-crf"),
+])
+def test_a_crf_the_library_cannot_run_is_refused_before_the_method_works(cli, monkeypatch, task, args, switches):
+    """pydensecrf absent: the run stops as its method starts, naming every option that turns off a CRF this run
+    would do (PriMaPs-EM's pseudo-label CRF too), not after the training (STEGO: 5,000 steps) or the clustering."""
+    from ssl_bench.methods import stego
+
+    def trained_head(*_):
+        raise AssertionError("trained before the CRF was found missing")
+
+    hide_pydensecrf(monkeypatch)
+    monkeypatch.setattr(stego, "trained_head", trained_head)
+    code, out = cli("run", "--task", task, *args, "-o", "n=2")
+    assert code == 2 and one_error_line(out) == (f"error: dense CRF needs pydensecrf -- `pip install pydensecrf2`, "
+                                                 f"or run with {switches}")
+
+
+def test_without_a_crf_the_missing_library_stops_nothing(cli, monkeypatch):
+    hide_pydensecrf(monkeypatch)
+    code, out = cli("run", "--task", "kmeans", "-o", "n=2")  # k-means' default: no CRF
+    assert code == 0, out
 
 
 @pytest.mark.parametrize("args, line", [

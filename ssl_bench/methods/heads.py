@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..crf import CRFPool, crf_argmax
+from ..crf import CRFPool, check_available as check_crf_available, crf_argmax
 from ..errors import UserError
 from ..ops import as_float32
 from ..registry import is_number, is_whole
@@ -323,6 +323,7 @@ def run_head_task(ctx, trained_head: Callable) -> object:
     """The ``run(ctx)`` of a head method: ``trained_head(ctx, params)`` -> its predictions and stats."""
     from ..runner import TaskResult
 
+    check_crf_available(ctx.params)  # before the training, not after it
     model = trained_head(ctx, ctx.params)
     stats = dict(model.stats)
     return TaskResult(predictions=head_predictions(model, ctx, ctx.params["crf"], stats), stats=stats)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..crf import CRFPool, crf_argmax
+from ..crf import CRFPool, check_available as check_crf_available, crf_argmax
 from ..errors import UserError
 from ..ops import (as_float32, l2_normalize, sample_rows, softmax, spherical_kmeans, upsample_argmax,
                    upsample_scores)
@@ -57,6 +57,7 @@ def run(ctx):
     from ..runner import Prediction, TaskResult
 
     p = ctx.params
+    check_crf_available(p)  # before the fit, not after it
     if p["max_fit_patches"] < ctx.k:
         raise UserError(f"max_fit_patches={p['max_fit_patches']} is fewer patches than K={ctx.k} clusters -- raise "
                         f"-p max_fit_patches (default 200000)")

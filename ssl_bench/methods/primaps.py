@@ -49,6 +49,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from ..crf import check_available as check_crf_available
 from ..metrics import with_class_id_scores
 from ..ops import upsample_argmax
 from .feature_source import ProjectedFeatures, parse_features_from, trained_projection
@@ -189,6 +190,8 @@ def run(ctx):
 
     p = ctx.params  # resolved and checked by the registry (check_params is the task file's validate hook)
     mode = p["mode"]
+    with_proposals = {"proposal_crf": "-p proposal_crf=false"} if mode in ("em", "oracle") else {}
+    check_crf_available(p, {**with_proposals, "crf": "--no-crf"})  # before any work, not after the training
     evaluated = ctx.features("patch")
     stats: dict = {"mode": mode, "substitutions": substitutions(p)}
 

@@ -356,7 +356,7 @@ def proposals_to_image(soft_masks: np.ndarray, size: tuple[int, int], image: np.
             raise ValueError("proposals_to_image(crf=True) needs the image")
         from ..crf import dense_crf
 
-        probs = dense_crf(np.asarray(image), probs.astype(np.float32))
+        probs = dense_crf(np.asarray(image), probs.astype(np.float32), turned_off_by="-p proposal_crf=false")
     return (probs.argmax(0) - 1).astype(np.int64)
 
 

@@ -31,6 +31,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from ..crf import check_available as check_crf_available
 from ..errors import UserError
 from ..metrics import with_class_id_scores
 from ..registry import load_entrypoint
@@ -86,6 +87,7 @@ def run(ctx):
     from ..runner import Prediction, TaskResult
 
     p = ctx.params
+    check_crf_available(p)  # before segmenting, clustering and self-training, not after them
     config = DenoiserConfig.from_params(p["denoiser"])
     name = {**{s: s for s in STREAMS}, **optional(p, "streams")}
     fit_split = p["fit_split"] or ctx.split
