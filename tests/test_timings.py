@@ -62,6 +62,20 @@ def test_a_stream_is_timed_by_its_waits_and_a_stage_inside_it_for_itself():
     assert ctx.stage_seconds["crf"] == pytest.approx(0.3, abs=0.06)
 
 
+def test_a_bar_of_several_runs_says_it_is_their_mean():
+    from test_report import fake_record
+
+    def record(seed, fit):
+        return fake_record(task="kmeans", seed=seed, stats={"stage_seconds": {"fit": fit}},
+                           timings={"features": 1.0, "labels": 0.0, "task": 3.0, "evaluate": 0.5})
+
+    bars = figures.timing_bars([record(0, 1.0), record(1, 2.0)])
+    (label, parts), = bars.items()
+    assert label.endswith("K=5 (mean of 2 runs)") and parts["task: fit"] == 1.5
+    (label, _), = figures.timing_bars([record(0, 1.0)]).items()
+    assert label.endswith("K=5")
+
+
 def test_bars_keep_pipeline_order_whatever_run_comes_first():
     from test_report import fake_record
 

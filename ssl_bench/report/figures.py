@@ -199,9 +199,9 @@ def stage_rank(name: str) -> tuple[int, str]:
 
 
 def timing_bars(records: list[dict]) -> dict[str, dict[str, float]]:
-    """Per run label (backbone / method / dataset / K; the mean over its runs): seconds per part of the run, in
-    pipeline order: features, labels, the task's own stages (``ctx.timed``; the rest of the task as
-    "task, other"), evaluate."""
+    """Per run label (backbone / method / dataset / K; the mean over its runs, e.g. seeds, which the label then
+    counts): seconds per part of the run, in pipeline order: features, labels, the task's own stages
+    (``ctx.timed``; the rest of the task as "task, other"), evaluate."""
     rows = [r for r in records if r.get("timings")]
     if not rows:
         return {}
@@ -215,8 +215,9 @@ def timing_bars(records: list[dict]) -> dict[str, dict[str, float]]:
         seconds["task, other" if own else "task"] = max(t.get("task", 0.0) - sum(own.values()), 0.0)
         seconds["evaluate"] = t.get("evaluate", 0.0)
         parts.setdefault(label, []).append(seconds)
-    return {label: {key: float(np.mean([s.get(key, 0.0) for s in runs]))
-                    for key in sorted({k for s in runs for k in s}, key=stage_rank)} for label, runs in parts.items()}
+    return {label + (f" (mean of {len(runs)} runs)" if len(runs) > 1 else ""):
+            {key: float(np.mean([s.get(key, 0.0) for s in runs])) for key in sorted({k for s in runs for k in s}, key=stage_rank)}
+            for label, runs in parts.items()}
 
 
 @_styled
