@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import registry
 from .errors import UserError
-from .registry import TaskSpec, brief
+from .registry import TaskSpec
 
 NOT_CURRENT = "not current"  # in the label of a result of another version of its task, a stage or a value
 
@@ -87,13 +87,11 @@ def value_versions(spec: TaskSpec, params: dict, protocol: dict) -> dict[str, in
 
 def _read_task(spec: TaskSpec, params: dict) -> tuple[TaskSpec, dict] | None:
     """(task, its resolved parameters) whose projection a run of ``spec`` reads: the value of its
-    ``reads_projection`` parameter, a task name or ``{task: NAME, params: {...}}`` (None: none)."""
-    value = params.get(spec.reads_projection) if spec.reads_projection else None
-    if value is None:
+    ``reads_projection`` parameter, read as ``features_from`` is (None: none)."""
+    from .methods.feature_source import parse_features_from
+
+    parsed = parse_features_from(params.get(spec.reads_projection), spec.name) if spec.reads_projection else None
+    if parsed is None:
         return None
-    name, overrides = (value, {}) if not isinstance(value, dict) else (value.get("task"), value.get("params") or {})
-    read = registry.lookup(registry.tasks(), name, "task") if isinstance(name, str) else None
-    if read is None or not isinstance(overrides, dict):
-        raise UserError(f"{spec.name}: {spec.reads_projection}={brief(value)} names no task -- e.g. "
-                        f"{spec.reads_projection}: stego")
-    return read, read.resolve_params(overrides)
+    read = registry.task(parsed[0])
+    return read, read.resolve_params(parsed[1])

@@ -216,8 +216,8 @@ def timing_bars(records: list[dict]) -> dict[str, dict[str, float]]:
         seconds["evaluate"] = t.get("evaluate", 0.0)
         parts.setdefault(label, []).append(seconds)
     return {label + (f" (mean of {len(runs)} runs)" if len(runs) > 1 else ""):
-            {key: float(np.mean([s.get(key, 0.0) for s in runs])) for key in sorted({k for s in runs for k in s}, key=stage_rank)}
-            for label, runs in parts.items()}
+            {key: float(np.mean([s.get(key, 0.0) for s in runs]))
+             for key in sorted({k for s in runs for k in s}, key=stage_rank)} for label, runs in parts.items()}
 
 
 @_styled
