@@ -192,6 +192,9 @@ def run(
         order = ["features", "labels", "task", "evaluate"]  # the pipeline's order (the store keeps them sorted)
         stages = sorted(rec["timings"].items(), key=lambda item: order.index(item[0]) if item[0] in order else 9)
         display.info("  seconds per stage: " + ", ".join(f"{stage} {t:.1f}" for stage, t in stages))
+        if kept := (rec.get("stats") or {}).get("kept_seconds"):
+            display.info("  read from earlier cells (seconds they took there, not in these): "
+                         + ", ".join(f"{name} {t:.1f}" for name, t in kept.items()))
     if outcome.computed and any(runner.store.has(h) for h in earlier_version_hashes(rec["config"])):
         out.print(f"  note: an earlier version of {rec['task']} stored this cell too; its row is kept, and reports "
                   f"label it [vN, not current]")

@@ -2,9 +2,9 @@
 stream of images in worker processes.
 
 pydensecrf refines one image at a time on one core (1-3 s at 320 px). ``CRFPool.map`` keeps a few images in
-flight in as many worker processes as this process has threads: the caller goes on producing the next
-images' probabilities meanwhile, and the labels come back in order, identical to the in-process call (the
-CRF is deterministic and sees the same arrays).
+flight in as many worker processes as this process has threads (each job one thread): the caller goes on
+producing the next images' jobs meanwhile, and the labels come back in order, identical to the in-process call
+(the CRF is deterministic and sees the same arrays).
 """
 
 from __future__ import annotations
@@ -140,20 +140,22 @@ class CRFPool:
         self._kept = False
         self.close()
 
-    def start(self) -> "CRFPool":
+    def start(self, job: Callable | None = None) -> "CRFPool":
         """Start the worker processes now, in the background (one warm-up job each: the executor spawns a
-        process per job it cannot place, and the job imports pydensecrf, so the first image does not)."""
+        process per job it cannot place, and the job imports pydensecrf, so the first image does not). ``job``:
+        the function the streams will run, whose module the warm-up imports too (e.g. torch for an upsampling
+        job: 2-3 s per worker, hidden behind what the caller does meanwhile)."""
         if self.workers == 1 or self._executor is not None:
             return self
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_mark_worker)
+                                             initializer=_one_thread_each)
         # a pool dropped unused (its stream never read, e.g. a failed cell) still stops its workers
         self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
         for _ in range(self.workers):
-            self._submit(_warm_up)
+            self._submit(_warm_up, getattr(job, "__module__", None))
         return self
 
     def _submit(self, function: Callable, *args):
@@ -188,7 +190,7 @@ class CRFPool:
             for job in jobs:
                 yield function(*job)
             return
-        self.start()
+        self.start(function)
         try:
             pending: deque = deque()
             for job in jobs:
@@ -222,25 +224,28 @@ def _worker_deaths_in_one_line():
 _MAIN_SWAP = threading.Lock()  # ``CRFPool._submit``: one swap of __main__ at a time
 
 
-_WORKER_FLAG = "SSL_BENCH_CRF_WORKER"
+# a worker's thread pools, fixed before its jobs import them: the workers are the parallelism (one per thread of
+# the run), and a job's torch / BLAS / numba threads would only contend with the other workers' CRFs (OpenMP's
+# spin-waiting threads take their core: an upsampling job on 2 cores ran its CRFs 1.26x in parallel, not 1.5x)
+_ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
-def _mark_worker() -> None:
-    """Each worker's initializer: marks the process as one (``in_worker``)."""
-    os.environ[_WORKER_FLAG] = "1"
+def _one_thread_each() -> None:
+    """Each worker's initializer: one thread for its jobs' torch, BLAS and numba."""
+    os.environ.update(dict.fromkeys(_ONE_THREAD, "1"))  # a spawned worker has imported neither torch nor numba yet
 
 
-def in_worker() -> bool:
-    """Whether this process is a ``CRFPool`` worker (not merely some process's child: a run may be one)."""
-    return os.environ.get(_WORKER_FLAG) == "1"
+def _warm_up(module: str | None = None) -> int:
+    """A worker's first job: import the CRF library, and the module of the jobs to come, now rather than with the
+    first image."""
+    import importlib
 
-
-def _warm_up() -> int:
-    """A worker's first job: import the CRF library now rather than with the first image."""
     try:
         import pydensecrf.densecrf  # noqa: F401
     except ImportError:  # the first real job says so, in one line
         pass
+    if module and module != "__main__":  # __main__ jobs are refused with their first submission
+        importlib.import_module(module)
     return os.getpid()
 
 
@@ -273,13 +278,18 @@ def _timed_control(kind: str, _share: int = 0, _shares: int = 1) -> float:
     return time.perf_counter() - t0
 
 
+JOB_KINDS = ("probabilities", "scores")  # ``benchmark``: what a job carries (STEGO / HP's; k-means')
+
+
 def benchmark(images: int = 8, labels: tuple[int, ...] = (6, 27), workers: tuple[int, ...] = (2,), size: int = 320,
-              rounds: int = 3) -> dict:
+              rounds: int = 3, jobs: tuple[str, ...] = JOB_KINDS) -> dict:
     """Dense CRF over a stream of images: in this process against ``CRFPool`` with each count of worker
     processes (cold: workers started inside the timing; started: before it), and the ceiling those processes
     reach with no communication at all, on CamVid val at size x size (synthetic images when ../shared/data is
-    absent), with smooth random class probabilities (6 and 27 labels: PriMaPs' proposals and COCO-Stuff);
-    labels compared.
+    absent), 6 and 27 labels (PriMaPs' proposals and COCO-Stuff); labels compared. ``jobs``: ``probabilities``,
+    smooth random class probabilities at full resolution (STEGO / HP's jobs: ``crf_argmax``); ``scores``, random
+    cosines at patch resolution (patch 8), which the job upsamples and softmaxes before its CRF (k-means' jobs:
+    ``kmeans.predict``, alpha 2).
 
     Each figure is the best of ``rounds`` rounds, every round timing each way once in turn, so that a slow spell
     of a shared machine lowers one round, not one column. The same rounds time two controls in the same worker
@@ -289,12 +299,17 @@ def benchmark(images: int = 8, labels: tuple[int, ...] = (6, 27), workers: tuple
     from .data import open_dataset
     from .data.protocol import Protocol
     from .data.shared import shared_data_dir
+    from .methods.kmeans import predict as kmeans_job
     from .ops import softmax, upsample_scores
 
     workers = (workers,) if isinstance(workers, int) else tuple(workers)
     if not workers or min(workers) < 2:
         raise UserError(f"bench crf compares worker processes with the in-process CRF: workers={list(workers)} "
                         "must each be at least 2 (-a workers=2)")
+    kinds = (jobs,) if isinstance(jobs, str) else tuple(jobs)
+    if not kinds or set(kinds) - set(JOB_KINDS):
+        raise UserError(f"bench crf: jobs={list(kinds)} -- each must be one of {', '.join(JOB_KINDS)} "
+                        "(-a jobs=scores)")
     camvid = shared_data_dir() / "camvid" if shared_data_dir() else None
     dataset = open_dataset("camvid", camvid, "val") if camvid and camvid.is_dir() else open_dataset("synthetic", None, "val")
     protocol = Protocol(resize=size)
@@ -302,29 +317,37 @@ def benchmark(images: int = 8, labels: tuple[int, ...] = (6, 27), workers: tuple
     rng = np.random.default_rng(0)
     rows = []
     for n_labels in labels:
-        jobs = [(frame, softmax(upsample_scores(rng.normal(size=(n_labels, 20, 20)).astype(np.float32) * 3,
-                                                frame.shape[:2]), 0)) for frame in frames]
-        reference = [crf_argmax(*job) for job in jobs]  # also loads the library before any clock
-        for count in workers:
-            best: dict[str, float] = {}
-            identical = True
-            for _ in range(max(1, rounds)):
-                seconds, streams = _one_round(jobs, count)
-                best = {name: min(best.get(name, np.inf), s) for name, s in seconds.items()}
-                identical &= all((a == b).all() for stream in streams for a, b in zip(reference, stream))
-            rows.append({"labels": n_labels, "workers": count, "images": images, "rounds": max(1, rounds),
-                         "size": list(frames[0].shape[:2]), "serial_s_per_image": best["serial"] / images,
-                         "parallel_s_per_image": best["cold"] / images, "speedup": best["serial"] / best["cold"],
-                         "speedup_started_before_fit": (best["fit"] + best["serial"]) / best["early"],
-                         "fit_s": best["fit"], "speedup_started_pool": best["serial"] / best["warm"],
-                         "speedup_ceiling_no_transfer": best["serial"] / best["ceiling"],
-                         "cores_now_arithmetic": count * best["arithmetic_one"] / best["arithmetic_all"],
-                         "cores_now_memory": count * best["memory_one"] / best["memory_all"],
-                         "identical_labels": identical})
+        for kind in kinds:
+            if kind == "probabilities":
+                function, stream = crf_argmax, [(frame, softmax(upsample_scores(
+                    rng.normal(size=(n_labels, 20, 20)).astype(np.float32) * 3, frame.shape[:2]), 0)) for frame in frames]
+            else:
+                function, stream = kmeans_job, [(rng.uniform(-1, 1, (n_labels, *(np.array(frame.shape[:2]) // 8)))
+                                                  .astype(np.float32), frame.shape[:2], frame, 2.0) for frame in frames]
+            reference = [function(*job) for job in stream]  # also loads the library before any clock
+            for count in workers:
+                best: dict[str, float] = {}
+                identical = True
+                for _ in range(max(1, rounds)):
+                    seconds, streams = _one_round(function, stream, count)
+                    best = {name: min(best.get(name, np.inf), s) for name, s in seconds.items()}
+                    identical &= all((a == b).all() for labels_of in streams for a, b in zip(reference, labels_of))
+                rows.append({"labels": n_labels, "job": kind, "workers": count, "images": images,
+                             "rounds": max(1, rounds), "size": list(frames[0].shape[:2]),
+                             "serial_s_per_image": best["serial"] / images,
+                             "parallel_s_per_image": best["cold"] / images, "speedup": best["serial"] / best["cold"],
+                             "speedup_started_before_fit": (best["fit"] + best["serial"]) / best["early"],
+                             "fit_s": best["fit"], "speedup_started_pool": best["serial"] / best["warm"],
+                             "speedup_ceiling_no_transfer": best["serial"] / best["ceiling"],
+                             "cores_now_arithmetic": count * best["arithmetic_one"] / best["arithmetic_all"],
+                             "cores_now_memory": count * best["memory_one"] / best["memory_all"],
+                             "identical_labels": identical})
     return {"dataset": f"{dataset.name}/{dataset.split}", "cores": os.cpu_count(), "rows": rows,
-            "note": "best of `rounds` interleaved rounds. speedup: workers started inside the timing, when the "
+            "note": "best of `rounds` interleaved rounds. job: probabilities, full-resolution class probabilities "
+                    "sent to the CRF (STEGO / HP); scores, patch-resolution cosines the job upsamples itself "
+                    "(k-means). speedup: workers started inside the timing, when the "
                     "stream begins; speedup_started_before_fit: as k-means runs it, workers started before its fit "
-                    "(stood in for by one in-process CRF of fit_s seconds), fit + stream against fit + serial "
+                    "(stood in for by one in-process job of fit_s seconds), fit + stream against fit + serial "
                     "stream; speedup_started_pool: workers started before the clock; speedup_ceiling_no_transfer: "
                     "each worker process refines its share of the images on its own (no jobs or results sent), "
                     "the most these processes give the CRF; cores_now_arithmetic / cores_now_memory: the same "
@@ -334,34 +357,34 @@ def benchmark(images: int = 8, labels: tuple[int, ...] = (6, 27), workers: tuple
             "load_average_1min": os.getloadavg()[0]}
 
 
-def _one_round(jobs: list[tuple], count: int) -> tuple[dict[str, float], list[list[np.ndarray]]]:
+def _one_round(function: Callable, jobs: list[tuple], count: int) -> tuple[dict[str, float], list[list[np.ndarray]]]:
     """One round of ``benchmark``: the seconds of each way and control, and the label streams to compare."""
     import time
 
     seconds = {}
     t0 = time.perf_counter()
-    serial = [crf_argmax(*job) for job in jobs]
+    serial = [function(*job) for job in jobs]
     seconds["serial"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cold = list(CRFPool(count).map(crf_argmax, jobs))
+    cold = list(CRFPool(count).map(function, jobs))
     seconds["cold"] = time.perf_counter() - t0
-    # as k-means runs it: workers started, the caller's own work (its fit; here one in-process CRF, timed alone
+    # as k-means runs it: workers started, the caller's own work (its fit; here one in-process job, timed alone
     # as ``fit``), then the stream; against the fit and the serial stream one after the other
     t0 = time.perf_counter()
-    crf_argmax(*jobs[0])
+    function(*jobs[0])
     seconds["fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pool = CRFPool(count).start()
-    crf_argmax(*jobs[0])
-    early = list(pool.map(crf_argmax, jobs))
+    pool = CRFPool(count).start(function)
+    function(*jobs[0])
+    early = list(pool.map(function, jobs))
     seconds["early"] = time.perf_counter() - t0
     with CRFPool(count) as pool:  # started and ready before the clock: the streaming itself
-        list(pool.map(os.getpid, [()] * count))
+        list(pool.map(function, jobs[:2 * count]))  # each worker past a first job (its imports)
         t0 = time.perf_counter()
-        warm = list(pool.map(crf_argmax, jobs))
+        warm = list(pool.map(function, jobs))
         seconds["warm"] = time.perf_counter() - t0
         # the ceiling: each worker refines its own share with no job or result crossing a process
-        seconds["ceiling"] = _concurrently(pool, count, _timed_share, crf_argmax, jobs)
+        seconds["ceiling"] = _concurrently(pool, count, _timed_share, function, jobs)
         for control in ("arithmetic", "memory"):
             seconds[f"{control}_one"] = _concurrently(pool, 1, _timed_control, control)
             seconds[f"{control}_all"] = _concurrently(pool, count, _timed_control, control)

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib
 import itertools
+import json
 import platform
 import subprocess
 import time
@@ -172,6 +173,8 @@ class TaskContext:
         self.device = runner.device
         self.fresh = fresh  # --force: recompute what ``reuse`` kept too
         self.stage_seconds: dict[str, float] = {}  # the method's own stages (``timed``), stored with the result
+        self.kept_seconds: dict[str, float] = {}  # what the values ``reuse`` read took the cells that computed them
+        self._computing: list[dict] = []  # per ``reuse`` computation running: the kept values inside it
         self._open_stages: list[list[float]] = []  # [seconds of stages nested in it] per ``timed`` block running
         # a stage that builds a model of its own (a CLIP) follows the run: random weights when the run's are
         self.random_weights: bool = run.weights.is_random
@@ -262,19 +265,44 @@ class TaskContext:
             except OSError as err:  # e.g. a shared read-only cache: this cell computes it for itself
                 if not self.fresh and path.exists():  # ... or reads what another machine kept there
                     with contextlib.suppress(Damaged):
-                        return load_value(path)
+                        return self._kept(name, path)
                 warnings.warn(f"cannot keep {name} in {path.parent} ({err}); computing it for this cell", stacklevel=2)
                 return compute()
             if path.exists() and not self.fresh:
                 try:
-                    return load_value(path)
+                    return self._kept(name, path)
                 except Damaged as err:  # a damaged copy costs a recomputation, nothing more
                     warnings.warn(f"{err}: computing {name} again", stacklevel=2)
-            value = compute()
+            frame = {"within": {}, "computed": 0.0}  # the kept values computed or read inside this computation
+            self._computing.append(frame)
+            t0 = time.perf_counter()
+            try:
+                value = compute()
+            finally:
+                self._computing.pop()
+            total = time.perf_counter() - t0
+            record = {"seconds": total - frame["computed"], "within": frame["within"]}  # its own seconds
+            if self._computing:
+                self._computing[-1]["within"].update({name: record["seconds"], **record["within"]})
+                self._computing[-1]["computed"] += total
             try:
                 save_value(path, value)
+                _seconds_file(path).write_text(json.dumps(record))
             except OSError as err:  # a full or read-only cache costs the reuse, not the computed cell
                 warnings.warn(f"could not keep {name} for other cells in {path.parent} ({err})", stacklevel=2)
+        return value
+
+    def _kept(self, name: str, path: Path) -> Any:
+        """A value ``reuse`` kept. Its computation's seconds, and those of the kept values it was made from, go to
+        ``kept_seconds`` (by name: each counted once), so that the cells of a K sweep that read it, and the next K
+        after one refused past that work, say what they rely on beside their own timings."""
+        value = load_value(path)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):  # kept before: unknown
+            record = json.loads(_seconds_file(path).read_text())
+            used = {name: float(record["seconds"]), **{k: float(v) for k, v in record["within"].items()}}
+            self.kept_seconds.update(used)
+            if self._computing:  # read while computing another kept value: that one was made from it too
+                self._computing[-1]["within"].update(used)
         return value
 
     # A *view* of a split: ``options`` are dataset options added to the run's (``{"crops": "five"}``: five-crop
@@ -332,6 +360,11 @@ class TaskContext:
     @cached_property
     def evaluated_labels(self) -> LabelStore:
         return self._runner.cache.labels.ensure(self.dataset, self.protocol, self.patch_size, self.progress)
+
+
+def _seconds_file(kept: Path) -> Path:
+    """Beside a value ``reuse`` kept: the seconds its computation took."""
+    return kept.with_name(kept.stem + ".seconds.json")
 
 
 def _module_digest(*entrypoints: str) -> str:
@@ -588,7 +621,8 @@ class Runner:
         headline = metrics.get(f"{FINAL}@{run.dataset.split}")
         if headline is None and (labelled or counts is None):
             raise RuntimeError(f"task {run.task.name} produced no '{FINAL}' predictions on {run.dataset.split}")
-        stats = {**(result.stats or {}), **({"stage_seconds": ctx.stage_seconds} if ctx.stage_seconds else {})}
+        stats = {**(result.stats or {}), **({"stage_seconds": ctx.stage_seconds} if ctx.stage_seconds else {}),
+                 **({"kept_seconds": ctx.kept_seconds} if ctx.kept_seconds else {})}
         if not labelled:  # no metrics: what the predictions look like instead
             stats["predictions"] = counts.summary()
         stats["cache_entries"] = sorted(self.cache.opened | self.cache.labels.opened)

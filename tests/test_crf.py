@@ -6,7 +6,7 @@ import contextlib
 
 import numpy as np
 
-from ssl_bench.crf import CRFPool, crf_argmax, in_worker, label_crf
+from ssl_bench.crf import CRFPool, crf_argmax, label_crf
 from ssl_bench.ops import softmax
 
 
@@ -84,11 +84,56 @@ def test_head_predictions_refine_in_the_pool_what_predict_refines_in_process():
     assert all((a == b).all() for (_, _, a), (_, _, b) in zip(got, expected))
 
 
-def test_a_worker_knows_it_is_one_and_this_process_does_not():
-    # jobs that shape themselves for a worker (one thread each) must not do so in a run that is merely a child
-    assert not in_worker()
-    assert list(CRFPool(2).map(in_worker, [()] * 2)) == [True, True]
-    assert list(CRFPool(1).map(in_worker, [()])) == [False]  # one worker: the job runs in this process
+def test_kmeans_jobs_carry_patch_scores_and_refine_as_in_process():
+    # k-means sends the patch-resolution cosines, upsampled in the worker (not 64x the bytes of probabilities)
+    from ssl_bench.methods.kmeans import predict
+    from ssl_bench.ops import upsample_scores
+
+    rng = np.random.default_rng(2)
+    stream = [(rng.uniform(-1, 1, (5, 3, 4)).astype(np.float32), (24, 32),
+               rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), 2.0) for _ in range(4)]
+    expected = [crf_argmax(image, softmax(alpha * upsample_scores(scores, size), 0))
+                for scores, size, image, alpha in stream]
+    with CRFPool(2) as pool:
+        got = list(pool.map(predict, stream))
+    assert all((a == b).all() for a, b in zip(got, expected))
+
+
+def test_a_pool_started_for_a_job_loads_its_module_in_each_worker_before_the_stream(monkeypatch):
+    # k-means' job needs torch (2-3 s to import): its workers load it while the fit runs, not with the first image
+    import subprocess
+    import sys
+
+    from ssl_bench import crf
+    from ssl_bench.methods.kmeans import predict
+
+    submitted = []
+    monkeypatch.setattr(crf.CRFPool, "_submit", lambda self, function, *args: submitted.append((function, args)))
+    crf.CRFPool(2).start(predict).close()
+    crf.CRFPool(2).start().close()
+    assert submitted == [(crf._warm_up, ("ssl_bench.methods.kmeans",))] * 2 + [(crf._warm_up, (None,))] * 2
+    check = ("import sys; from ssl_bench.crf import _warm_up; _warm_up({!r}); "
+             "print('torch' in sys.modules, 'ssl_bench.methods.kmeans' in sys.modules)")
+    run = [subprocess.run([sys.executable, "-c", check.format(module)], capture_output=True, text=True, check=True)
+           for module in ("ssl_bench.methods.kmeans", None)]
+    assert [r.stdout.split() for r in run] == [["True", "True"], ["False", "False"]]
+
+
+def test_a_workers_jobs_run_one_thread_and_this_process_keeps_its_own():
+    # the workers are the parallelism: a job's torch / OpenMP threads would spin on the other workers' cores
+    import torch
+
+    threads = torch.get_num_threads()
+    assert list(CRFPool(2).map(_threads, [()] * 2)) == [(1, "1", "1")] * 2
+    assert torch.get_num_threads() == threads and _threads()[0] == threads  # one worker: this process, untouched
+
+
+def _threads() -> tuple:
+    import os
+
+    import torch
+
+    return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), os.environ.get("NUMBA_NUM_THREADS")
 
 
 def test_the_crf_benchmark_takes_each_way_at_its_best_round_and_compares_every_stream(monkeypatch):
@@ -100,20 +145,20 @@ def test_the_crf_benchmark_takes_each_way_at_its_best_round_and_compares_every_s
                    dict.fromkeys(names, 1.0) | {"serial": 3.0, "memory_all": 0.5}])      # a slow spell of serial
     calls = []
 
-    def one_round(jobs, count):
+    def one_round(function, jobs, count):
         calls.append(len(jobs))
-        labels = [crf_argmax(*job) for job in jobs]
+        labels = [function(*job) for job in jobs]
         changed = [label.copy() for label in labels]
         changed[-1][0, 0] += 1  # the second round's started pool returns another label map
         return next(rounds), [labels, labels, labels, changed if len(calls) == 2 else labels]
 
     monkeypatch.setattr(crf, "_one_round", one_round)
-    [row] = crf.benchmark(images=2, labels=(3,), rounds=2, size=32)["rows"]
+    [row] = crf.benchmark(images=2, labels=(3,), rounds=2, size=32, jobs="probabilities")["rows"]
     assert calls == [2, 2] and row["rounds"] == 2
     assert row["speedup"] == 2.0 / 1.0 and row["serial_s_per_image"] == 1.0  # best serial (2) over best cold (1)
     assert row["speedup_started_before_fit"] == (1.0 + 2.0) / 1.0
     assert row["cores_now_arithmetic"] == 2 * 1.0 / 1.0 and row["cores_now_memory"] == 2 * 1.0 / 0.5
-    assert row["identical_labels"] is False
+    assert row["identical_labels"] is False and row["job"] == "probabilities"
 
 
 def test_the_crf_benchmark_controls_time_a_fixed_workload():

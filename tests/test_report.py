@@ -205,7 +205,8 @@ def test_per_class_iou_and_stage_timings_tables():
     rows = [fake_record(metrics=per_class, timings={"features": 2.0, "labels": 0.5, "task": 3.0, "evaluate": 0.5}),
             fake_record(seed=1, metrics={"final@val": {**per_class["final@val"],
                                                       "per_class_iou": [30.0, 20.0, None, 40.0, 50.0]}},
-                        timings={"features": 4.0, "labels": 0.5, "task": 1.0, "evaluate": 0.5})]
+                        timings={"features": 4.0, "labels": 0.5, "task": 1.0, "evaluate": 0.5},
+                        stats={"kept_seconds": {"segments-val": 8.0}})]  # e.g. read from another cell's keep
     tables = report.build_tables(rows)
     classes = tables["classes_synthetic"]
     assert [c.header for c in classes.columns] == ["Backbone", "Seeds", "calm water", "waves", "grass", "sand",
@@ -213,7 +214,9 @@ def test_per_class_iou_and_stage_timings_tables():
     cells = [c.text() for c in classes.rows[0]]
     assert cells[:4] == ["reference", "2", "20.0 ± 14.1", "20.0 ± 0.0"] and cells[4] == "–"  # absent class: a dash
     timing = [c.text() for c in tables["timings"].rows[0]]
-    assert timing == ["reference", "kmeans", "synthetic", "5", "2", "100", "3.0", "0.5", "2.0", "0.5", "6.0", "0.060", "-"]
+    assert timing == ["reference", "kmeans", "synthetic", "5", "2", "100", "3.0", "0.5", "2.0", "0.5", "6.0", "0.060", "-",
+                      "segments-val 4.0"]  # the mean over the row's runs, as the stages'
+    assert "which the row's own stages do not contain" in report.to_markdown(tables["timings"])
     csv = pd.read_csv(io.StringIO(report.text_report(rows, "csv", "timings")))
     assert csv["Total (s)"].iloc[0] == pytest.approx(6.0) and csv["Runs"].dtype.kind == "i"
 

@@ -131,8 +131,13 @@ def test_datus2_cells_that_differ_in_k_share_their_segments(runner, monkeypatch)
                     dataset_options=(("n", 3),))
     first = runner.run(cfg).record
     assert len(discovered) == 3  # one discovery per image
+    assert "kept_seconds" not in first["stats"]  # it computed them: in its own stages
     for k in (6, 8):  # over-clustering: the segments and crop embeddings are reused, only k-means runs again
-        assert runner.run(dataclasses.replace(cfg, k=k)).record["k"] == k
+        rec = runner.run(dataclasses.replace(cfg, k=k)).record
+        assert rec["k"] == k and set(rec["stats"]["kept_seconds"]) == {"segments-val", "regions-val"}
+    # the first cell's computation of them: its segment stage and more (reading features), within its task
+    assert first["stats"]["stage_seconds"]["segment"] <= rec["stats"]["kept_seconds"]["segments-val"] \
+        <= first["timings"]["task"]
     assert len(discovered) == 3
     runner.run(dataclasses.replace(cfg, seed=1))  # Louvain is seeded: another seed discovers again
     assert len(discovered) == 6
@@ -178,6 +183,44 @@ def test_reuse_computes_once_for_cells_running_at_once_and_survives_a_full_disk(
     monkeypatch.setattr(runner_module, "file_lock", lambda path: open("/proc/no-such-lock", "a"))  # read-only cache
     with pytest.warns(UserWarning, match="cannot keep probe .* computing it for this cell"):
         assert contexts[0].reuse("probe", {"a": 3}, slow)["x"].tolist() == [0, 1, 2]
+
+
+def test_a_cell_that_reads_kept_values_is_told_what_they_took_the_cell_that_computed_them(runner, monkeypatch):
+    # the next K of a sweep (or the K after one refused past that work) reads the segments in a second: the
+    # minutes their computation took go with them, each kept value counted once, into stats["kept_seconds"]
+    from types import SimpleNamespace
+
+    from ssl_bench import runner as runner_module
+    from ssl_bench.runner import TaskContext
+
+    now = [0.0]
+    monkeypatch.setattr(runner_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def work(seconds, value=1, then=None):
+        def compute():
+            now[0] += seconds
+            return {"x": np.asarray(then() if then else value)}
+        return compute
+
+    run = runner.resolve(RunConfig(backbone="reference", task="kmeans", dataset="synthetic", dataset_options=(("n", 2),)))
+    cell = lambda: TaskContext(runner, run, lambda it, **_: it)  # noqa: E731
+    first = cell()  # computes both: its own timings hold them
+    first.reuse("segments", {}, work(5.0, then=lambda: first.reuse("fit", {}, work(30.0))["x"]))
+    assert first.kept_seconds == {}
+    second = cell()  # reads the segments, made from the fit: both, by their own seconds
+    second.reuse("segments", {}, work(99.0))
+    assert second.kept_seconds == {"segments": 5.0, "fit": 30.0}
+    third = cell()  # computes the regions from the kept fit (read inside), then the segments again (kept): fit once
+    third.reuse("regions", {}, work(2.0, then=lambda: third.reuse("fit", {}, work(99.0))["x"]))
+    third.reuse("segments", {}, work(99.0))
+    assert third.kept_seconds == {"fit": 30.0, "segments": 5.0}
+    fourth = cell()
+    fourth.reuse("regions", {}, work(99.0))
+    assert fourth.kept_seconds == {"regions": 2.0, "fit": 30.0}
+    for seconds in next(runner.cache.root.rglob("reuse")).glob("*.seconds.json"):
+        seconds.unlink()  # kept before the seconds were: unknown, nothing claimed
+    fifth = cell()
+    assert fifth.reuse("regions", {}, work(99.0))["x"] == 1 and fifth.kept_seconds == {}
 
 
 def test_a_limit_that_cuts_nothing_is_the_same_run(runner):

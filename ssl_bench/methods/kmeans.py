@@ -64,7 +64,7 @@ def run(ctx):
     fit = ctx.features("patch", p["fit_split"])
     rows = sample_rows(len(fit.flat), p["max_fit_patches"], ctx.seed)
     feats = ctx.features("patch")
-    pool = CRFPool().start() if p["crf"] else None  # the CRF workers start while the fit runs
+    pool = CRFPool().start(predict) if p["crf"] else None  # the CRF workers start (and load torch) while the fit runs
     try:
         with ctx.timed("fit"):
             centroids = fit_centroids(as_float32(fit.flat[rows]), ctx.k, ctx.seed, p["iterations"], copy=False,
@@ -82,10 +82,12 @@ def run(ctx):
                 yield Prediction(i, labels)
             return
 
-        # pulled by the pool as it streams: making a job is timed as "predict", the waits for labels as "crf"
-        jobs = ctx.timed_stream("predict", ((ctx.image(i), crf_probabilities(
-            cluster_scores(feats[i], centroids), ctx.label_size(i), p["crf_alpha"])) for i in range(len(feats))))
-        for i, labels in enumerate(ctx.timed_stream("crf", pool.map(crf_argmax, jobs))):  # in parallel, in order
+        # pulled by the pool as it streams: making a job is timed as "predict", the waits for labels as "crf". A job
+        # carries the patch-resolution scores, which the worker upsamples: 1/64 of the probabilities' bytes at patch
+        # 8 (11 MB per 320 px image at 27 labels), and the upsampling runs in parallel too
+        jobs = ctx.timed_stream("predict", ((cluster_scores(feats[i], centroids), ctx.label_size(i), ctx.image(i),
+                                             p["crf_alpha"]) for i in range(len(feats))))
+        for i, labels in enumerate(ctx.timed_stream("crf", pool.map(predict, jobs))):  # in parallel, in order
             yield Prediction(i, labels)
 
     return TaskResult(predictions(), stats={"fit_patches": int(len(rows))})

@@ -143,19 +143,6 @@ def image_proposals(features: np.ndarray, size: tuple[int, int], image: np.ndarr
     return proposals_to_image(soft, size, image, crf=p["proposal_crf"], gain=p["mask_gain"])
 
 
-def _worker_image_proposals(features, size, image, p: dict, seed: int) -> np.ndarray:
-    """``image_proposals`` as a ``CRFPool`` job. In a worker process torch and BLAS keep one thread: the workers
-    are the parallelism (one per thread of the run), and more threads would only contend with each other."""
-    from ..crf import in_worker
-
-    if in_worker() and torch.get_num_threads() > 1:
-        from threadpoolctl import threadpool_limits
-
-        torch.set_num_threads(1)
-        threadpool_limits(1)  # BLAS too (kept for the worker's life): its spinning threads cost more than they give
-    return image_proposals(features, size, image, p, seed)
-
-
 def stream_image_proposals(ctx, features, split: str, p: dict, labels: bool = False, probe: int = 4,
                            start_up_s: float = 8.0) -> Iterator:
     """(index, proposal ids) of every image of ``split``, in order: ``image_proposals``, the first ``probe``
@@ -180,7 +167,7 @@ def stream_image_proposals(ctx, features, split: str, p: dict, labels: bool = Fa
         yield i, image_proposals(*job(i))
     pace = (time.perf_counter() - t0) / max(first - 1, 1)
     workers = default_workers() if (n - first) * pace > 3 * start_up_s else 1
-    stream = CRFPool(workers).map(_worker_image_proposals, (job(i) for i in range(first, n)))
+    stream = CRFPool(workers).map(image_proposals, (job(i) for i in range(first, n)))
     yield from enumerate(stream, start=first)
 
 
@@ -358,12 +345,12 @@ def _measure(images: int, k: int, batch: int, steps: int, augmented: int, worker
     serial = [image_proposals(*job) for job in jobs]
     serial_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pooled = list(CRFPool(workers).map(_worker_image_proposals, jobs))
+    pooled = list(CRFPool(workers).map(image_proposals, jobs))
     pooled_s = time.perf_counter() - t0
     with CRFPool(workers) as pool:  # started, and each worker past its first job, before the clock
-        list(pool.map(_worker_image_proposals, jobs[:workers]))
+        list(pool.map(image_proposals, jobs[:workers]))
         t0 = time.perf_counter()
-        warm = list(pool.map(_worker_image_proposals, jobs))
+        warm = list(pool.map(image_proposals, jobs))
         warm_s = time.perf_counter() - t0
     out.update(stream_images=len(jobs), stream_s_per_image_in_process=serial_s / len(jobs),
                stream_s_per_image_workers=pooled_s / len(jobs), stream_workers=workers,

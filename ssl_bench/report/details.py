@@ -75,7 +75,8 @@ def timings_table(records: list[dict], task: str | None = None) -> Table:
     columns += [Column(name, group="seconds per stage", flat=f"{name} (s)") for name in STAGES.values()]
     columns += [Column("Total", group="seconds per stage", flat="Total (s)"),
                 Column("Per image", group="seconds per stage", flat="Per image (s)"),
-                Column("Task's own stages (s)", numeric=False)]
+                Column("Task's own stages (s)", numeric=False),
+                Column("Kept values read (s)", numeric=False)]
     table = Table("Stage timings (seconds; mean over the runs of a row)", columns)
     rows = [r for r in records if r.get("timings") and (not task or r["task"] == task)]
     if not rows:
@@ -91,11 +92,14 @@ def timings_table(records: list[dict], task: str | None = None) -> Table:
         cells += [Cell(_mean_std(runs[stage])[0], digits=1) for stage in STAGES]  # means: a std of timings is noise
         total = _mean_std(runs.total)[0]
         cells += [Cell(total, digits=1), Cell(total / images if images else float("nan"), digits=3),
-                  Cell(_own_stages([rows[i] for i in runs.index]))]
+                  Cell(_own_stages([rows[i] for i in runs.index])),
+                  Cell(_named_seconds([rows[i] for i in runs.index], "kept_seconds"))]
         table.add(cells, random=bool(random))
     return table.finish(["Features: the feature extraction where ssl-bench run made it, else opening the cache (a "
                          "sweep extracts before its cells; sweep --plan prices extractions from the cache). The "
-                         "machine's load changes these figures."])
+                         "machine's load changes these figures. Kept values read: intermediates an earlier cell "
+                         "computed and kept (e.g. segments shared by every K), with the seconds they took there, "
+                         "which the row's own stages do not contain."])
 
 
 def _own_stages(runs: list[dict]) -> str:
@@ -103,9 +107,14 @@ def _own_stages(runs: list[dict]) -> str:
     runs: the part of "task" a method times itself, e.g. ``fit 0.8, crf 4.0``."""
     from .figures import stage_rank
 
-    own = [(r.get("stats") or {}).get("stage_seconds") or {} for r in runs]
-    names = sorted({name for stages in own for name in stages}, key=lambda name: stage_rank(f"task: {name}"))
-    return ", ".join(f"{name} {np.mean([stages.get(name, 0.0) for stages in own]):.1f}" for name in names) or "-"
+    return _named_seconds(runs, "stage_seconds", key=lambda name: stage_rank(f"task: {name}"))
+
+
+def _named_seconds(runs: list[dict], stat: str, key=None) -> str:
+    """``stats[stat]`` ({name: seconds}) of the runs as ``name mean, ...`` (sorted by ``key``, else by name)."""
+    named = [(r.get("stats") or {}).get(stat) or {} for r in runs]
+    names = sorted({name for seconds in named for name in seconds}, key=key)
+    return ", ".join(f"{name} {np.mean([seconds.get(name, 0.0) for seconds in named]):.1f}" for name in names) or "-"
 
 
 def predictions_table(records: list[dict], task: str | None = None) -> Table:
