@@ -287,14 +287,17 @@ def benchmark(images: int = 8, labels: tuple[int, ...] = (6, 27), workers: tuple
     processes (cold: workers started inside the timing; started: before it), and the ceiling those processes
     reach with no communication at all, on CamVid val at size x size (synthetic images when ../shared/data is
     absent), 6 and 27 labels (PriMaPs' proposals and COCO-Stuff); labels compared. ``jobs``: ``probabilities``,
-    smooth random class probabilities at full resolution (STEGO / HP's jobs: ``crf_argmax``); ``scores``, random
-    cosines at patch resolution (patch 8), which the job upsamples and softmaxes before its CRF (k-means' jobs:
-    ``kmeans.predict``, alpha 2).
+    class probabilities at full resolution (STEGO / HP's jobs: ``crf_argmax``), softmax(2 x upsampled random
+    cosines on the patch grid, patch 8); ``scores``, those cosines, which the job upsamples and softmaxes before
+    its CRF (k-means' jobs: ``kmeans.predict``, alpha 2). Also the caller's own seconds per job.
 
     Each figure is the best of ``rounds`` rounds, every round timing each way once in turn, so that a slow spell
     of a shared machine lowers one round, not one column. The same rounds time two controls in the same worker
     processes, one alone and then one in every worker at once: a pure-arithmetic loop (what the cores give now)
     and sums over an array larger than any cache (what memory bandwidth gives): read a speedup against them."""
+
+    import pickle
+    import time
 
     from .data import open_dataset
     from .data.protocol import Protocol
@@ -316,15 +319,24 @@ def benchmark(images: int = 8, labels: tuple[int, ...] = (6, 27), workers: tuple
     frames = [protocol.apply_image(dataset.load_image(i), 8) for i in range(images)]
     rng = np.random.default_rng(0)
     rows = []
+    labels_of_kinds: dict[int, list] = {}
     for n_labels in labels:
+        patches = [rng.uniform(-1, 1, (n_labels, frame.shape[0] // 8, frame.shape[1] // 8)).astype(np.float32)
+                   for frame in frames]  # random cosines on the patch grid: both kinds refine the same ones
+
+        def job(kind, frame, patch):
+            if kind == "probabilities":  # what the caller made before: softmax(alpha * upsampled) at full size
+                return frame, softmax(2.0 * upsample_scores(patch, frame.shape[:2]), 0)
+            return patch, frame.shape[:2], frame, 2.0
+
         for kind in kinds:
-            if kind == "probabilities":
-                function, stream = crf_argmax, [(frame, softmax(upsample_scores(
-                    rng.normal(size=(n_labels, 20, 20)).astype(np.float32) * 3, frame.shape[:2]), 0)) for frame in frames]
-            else:
-                function, stream = kmeans_job, [(rng.uniform(-1, 1, (n_labels, *(np.array(frame.shape[:2]) // 8)))
-                                                  .astype(np.float32), frame.shape[:2], frame, 2.0) for frame in frames]
-            reference = [function(*job) for job in stream]  # also loads the library before any clock
+            function = crf_argmax if kind == "probabilities" else kmeans_job
+            t0 = time.perf_counter()  # the caller's own seconds per job: making it and pickling it for a worker
+            for frame, patch in zip(frames, patches):
+                pickle.dumps(job(kind, frame, patch), protocol=pickle.HIGHEST_PROTOCOL)
+            caller_s = (time.perf_counter() - t0) / images
+            stream = [job(kind, frame, patch) for frame, patch in zip(frames, patches)]
+            reference = [function(*one) for one in stream]  # also loads the library before any clock
             for count in workers:
                 best: dict[str, float] = {}
                 identical = True
@@ -332,7 +344,11 @@ def benchmark(images: int = 8, labels: tuple[int, ...] = (6, 27), workers: tuple
                     seconds, streams = _one_round(function, stream, count)
                     best = {name: min(best.get(name, np.inf), s) for name, s in seconds.items()}
                     identical &= all((a == b).all() for labels_of in streams for a, b in zip(reference, labels_of))
-                rows.append({"labels": n_labels, "job": kind, "workers": count, "images": images,
+                identical &= all((a == b).all() for a, b in zip(labels_of_kinds.setdefault(n_labels, reference),
+                                                                  reference))  # either kind: the same labels
+                rows.append({"labels": n_labels, "job": kind, "caller_s_per_image": caller_s,
+                             "workers_one_caller_feeds": best["serial"] / images / caller_s,
+                             "workers": count, "images": images,
                              "rounds": max(1, rounds), "size": list(frames[0].shape[:2]),
                              "serial_s_per_image": best["serial"] / images,
                              "parallel_s_per_image": best["cold"] / images, "speedup": best["serial"] / best["cold"],
@@ -344,8 +360,12 @@ def benchmark(images: int = 8, labels: tuple[int, ...] = (6, 27), workers: tuple
                              "identical_labels": identical})
     return {"dataset": f"{dataset.name}/{dataset.split}", "cores": os.cpu_count(), "rows": rows,
             "note": "best of `rounds` interleaved rounds. job: probabilities, full-resolution class probabilities "
-                    "sent to the CRF (STEGO / HP); scores, patch-resolution cosines the job upsamples itself "
-                    "(k-means). speedup: workers started inside the timing, when the "
+                    "sent to the CRF (STEGO / HP, and k-means before it sent scores); scores, the same random "
+                    "patch-resolution cosines, which the job upsamples itself (k-means); identical_labels: every "
+                    "stream against the in-process one, and the two kinds against each other. caller_s_per_image: "
+                    "the caller's own seconds per job (making and pickling it); workers_one_caller_feeds: "
+                    "serial_s_per_image over that, the workers past which the caller, not the CRF, sets the pace. "
+                    "speedup: workers started inside the timing, when the "
                     "stream begins; speedup_started_before_fit: as k-means runs it, workers started before its fit "
                     "(stood in for by one in-process job of fit_s seconds), fit + stream against fit + serial "
                     "stream; speedup_started_pool: workers started before the clock; speedup_ceiling_no_transfer: "

@@ -161,6 +161,22 @@ def test_the_crf_benchmark_takes_each_way_at_its_best_round_and_compares_every_s
     assert row["identical_labels"] is False and row["job"] == "probabilities"
 
 
+def test_the_crf_benchmark_refines_the_same_cosines_as_either_job_to_the_same_labels(monkeypatch):
+    # k-means' jobs (patch scores, upsampled in the worker) against the probabilities its caller used to make
+    from ssl_bench import crf
+
+    def one_round(function, jobs, count):
+        labels = [function(*job) for job in jobs]
+        return dict.fromkeys(["serial", "cold", "fit", "early", "warm", "ceiling", "arithmetic_one",
+                              "arithmetic_all", "memory_one", "memory_all"], 1.0), [labels]
+
+    monkeypatch.setattr(crf, "_one_round", one_round)
+    rows = crf.benchmark(images=2, labels=(3,), rounds=1, size=32)["rows"]
+    assert [row["job"] for row in rows] == ["probabilities", "scores"]
+    assert all(row["identical_labels"] for row in rows)
+    assert rows[0]["caller_s_per_image"] > rows[1]["caller_s_per_image"] > 0  # the caller upsampled, or not
+
+
 def test_the_crf_benchmark_controls_time_a_fixed_workload():
     from ssl_bench.crf import _timed_control
 
