@@ -232,7 +232,10 @@ _ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NU
 
 def _one_thread_each() -> None:
     """Each worker's initializer: one thread for its jobs' torch, BLAS and numba."""
+    from threadpoolctl import threadpool_limits
+
     os.environ.update(dict.fromkeys(_ONE_THREAD, "1"))  # a spawned worker has imported neither torch nor numba yet
+    threadpool_limits(1)  # ... but numpy's BLAS is loaded (this module imports numpy), past reading its variable
 
 
 def _warm_up(module: str | None = None) -> int:

