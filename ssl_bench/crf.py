@@ -335,21 +335,22 @@ def benchmark(images: int = 8, labels: tuple[int, ...] = (6, 27), workers: tuple
 
         for kind in kinds:
             function = crf_argmax if kind == "probabilities" else kmeans_job
+            stream = []
             t0 = time.perf_counter()  # the caller's own seconds per job: making it and pickling it for a worker
             for frame, patch in zip(frames, patches):
-                pickle.dumps(job(kind, frame, patch), protocol=pickle.HIGHEST_PROTOCOL)
+                stream.append(job(kind, frame, patch))
+                pickle.dumps(stream[-1], protocol=pickle.HIGHEST_PROTOCOL)
             caller_s = (time.perf_counter() - t0) / images
-            stream = [job(kind, frame, patch) for frame, patch in zip(frames, patches)]
             reference = [function(*one) for one in stream]  # also loads the library before any clock
+            kinds_agree = all((a == b).all() for a, b in zip(labels_of_kinds.setdefault(n_labels, reference),
+                                                             reference))  # either kind: the same labels
             for count in workers:
                 best: dict[str, float] = {}
-                identical = True
+                identical = kinds_agree
                 for _ in range(max(1, rounds)):
                     seconds, streams = _one_round(function, stream, count)
                     best = {name: min(best.get(name, np.inf), s) for name, s in seconds.items()}
                     identical &= all((a == b).all() for labels_of in streams for a, b in zip(reference, labels_of))
-                identical &= all((a == b).all() for a, b in zip(labels_of_kinds.setdefault(n_labels, reference),
-                                                                  reference))  # either kind: the same labels
                 rows.append({"labels": n_labels, "job": kind, "caller_s_per_image": caller_s,
                              "workers_one_caller_feeds": best["serial"] / images / caller_s,
                              "workers": count, "images": images,
