@@ -588,8 +588,12 @@ def runs(
     from .housekeeping import RunFilter, delete_runs, select_runs
     from .report.tables import model_label, task_label
 
-    results = _existing_store(store, read_only=not delete)
     wanted = RunFilter(backbone, task, dataset, k, seed, random, superseded, list(hash_prefix))
+    filtered = wanted != RunFilter()
+    if delete and not filtered:  # before listing every run
+        raise UserError("--delete without a filter would delete every run -- name what to delete (e.g. --task, "
+                        "--backbone, --hash), or delete the store file itself")
+    results = _existing_store(store, read_only=not delete)
     found = select_runs(results, wanted)
     table = Table("run", "stored", "backbone", "task", "dataset", "K", "seed", "mIoU", "Acc", "F1", "seconds",
                   box=None, pad_edge=False, header_style="bold underline")
@@ -602,14 +606,10 @@ def runs(
                       *("-" if r[m] is None else f"{r[m]:.2f}" for m in ("miou", "acc", "f1")), f"{sum(r['timings'].values()):.1f}")
     if found:
         _print_wide(table)
-    filtered = wanted != RunFilter()
     console.print(f"{len(found)} run(s){' matching' if filtered else ''} in {results.path}"
                   + ("" if delete else "; ssl-bench show HASH prints one, --delete removes those listed"))
     if not delete or not found:
         return
-    if not filtered:
-        raise UserError("--delete without a filter would delete every run -- name what to delete (e.g. --task, "
-                        "--backbone, --hash), or delete the store file itself")
     if not yes:
         if not sys.stdin.isatty():
             raise UserError(f"--delete would remove {len(found)} run(s) and nobody is here to confirm -- add --yes")
@@ -643,7 +643,8 @@ def cache(
                   box=None, pad_edge=False, header_style="bold underline")
     for e in sorted(entries, key=lambda e: -e.size):
         key = e.key
-        table.add_row(human_size(e.size), key.get("backbone", "?") if e.kind == "features" else "(labels)",
+        labels = f"(labels, patch multiple {str(key.get('weights', '?')).removeprefix('multiple=')})"
+        table.add_row(human_size(e.size), key.get("backbone", "?") if e.kind == "features" else labels,
                       f"{key.get('dataset', '?')}:{key.get('split', '?')}", _entry_images(e), ", ".join(e.kinds),
                       str(key.get("weights", ""))[:14] if e.kind == "features" else "",
                       f"{e.needed_by} run(s)" if e.needed_by else "-", str(e.path.relative_to(root)))
@@ -661,7 +662,7 @@ def cache(
     removed, busy = prune_entries(entries)
     for path in temporaries:
         path.unlink(missing_ok=True)
-    console.print(f"deleted {len(removed)} entries ({human_size(sum(e.size for e in removed))})"
+    console.print(f"deleted {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} ({human_size(sum(e.size for e in removed))})"
                   + (f" and {len(temporaries)} temporary file(s)" if temporaries else "")
                   + (f"; kept {len(busy)} being extracted right now" if busy else ""))
 

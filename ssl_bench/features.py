@@ -159,6 +159,8 @@ class FeatureCache:
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else default_cache_dir()
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"--cache {self.root} is a file, not a folder -- give a folder (made if missing)")
         self.labels = LabelCache(self.root / "_labels")  # no backbone is called "_labels"
         self._verified: dict[tuple, int] = {}  # (file signatures) -> images whose rows were checked
         self.opened: set[str] = set()  # entry folders (relative to root) opened since the runner last cleared it

@@ -289,6 +289,7 @@ def open_npy(path: Path, dtype, shape: tuple[int | None, ...], mode: str = "r") 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+NOT_A_FOLDER = (errno.ENOTDIR, errno.ENOENT, errno.EEXIST)
 
 
 def open_reserved(path: Path, size: int, fresh: bool) -> int:
@@ -327,4 +328,8 @@ def disk_error(err: OSError, where: Path, what: str, fix: str) -> Exception:
                          f"there, or {fix}")
     if err.errno in NOT_WRITABLE:
         return UserError(f"{where} is not writable ({err.strerror}) and {what} must be written there -- {fix}")
+    if err.errno in NOT_A_FOLDER and err.filename and Path(where).is_relative_to(Path(os.fsdecode(err.filename))):
+        # the folder, or one above it, cannot be made: a file in its place, a path under /proc
+        return UserError(f"{where} cannot be made a folder ({err.strerror}: {os.fsdecode(err.filename)}) and "
+                         f"{what} must be written there -- {fix}")
     return err

@@ -60,7 +60,12 @@ def load_entrypoint(path: str) -> Callable[..., Any]:
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:
-        raise UserError(f"entrypoint '{path}' cannot be imported ({err}) -- check the registry file") from err
+        if isinstance(err, ModuleNotFoundError) and err.name and module.split(".")[0] == err.name.split(".")[0]:
+            fix = (f"make module {module} importable (pip install its package, or add the folder holding it to "
+                   f"PYTHONPATH: a registry folder is not on the import path), or fix the registry file")
+        else:
+            fix = "check the registry file"
+        raise UserError(f"entrypoint '{path}' cannot be imported ({err}) -- {fix}") from err
 
 
 @dataclass(frozen=True)
@@ -392,10 +397,17 @@ def _as_list(value, path: Path, key: str) -> list:
 def _spec(cls, entry: dict, path: Path, what: str):
     """A registry dataclass from a file's mapping, every field of its declared type (str, int, float, bool,
     tuple, dict, or None where optional): a mistyped value is one line naming it, not an error at run time."""
-    try:
-        spec = cls(**{str(k): v for k, v in entry.items()})
-    except TypeError as err:
-        raise UserError(f"{path}: bad {what} ({err})") from None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in entry if str(k) not in fields)
+    required = [name for name, f in fields.items() if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.init]
+    missing = [name for name in required if name not in entry]
+    if unknown or missing:
+        problem = "; ".join(([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+                            + ([f"missing key(s) {', '.join(missing)}"] if missing else []))
+        keys = [name for name, f in fields.items() if f.init and name != "source"]  # source: the loader's
+        raise UserError(f"{path}: bad {what}: {problem} -- keys: {', '.join(keys)} (required: {', '.join(required)})")
+    spec = cls(**{str(k): v for k, v in entry.items()})
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         value, hint = getattr(spec, f.name), hints[f.name]

@@ -167,7 +167,8 @@ class TaskContext:
         self.protocol: Protocol = run.protocol
         self.patch_size: int = run.spec.patch_size
         self.input_size: int = run.spec.input_size  # the backbone's pre-training resolution (crops etc.)
-        self.random_weights: bool = run.weights.is_random  # models a task loads itself are random too then
+        # a stage that builds a model of its own (a CLIP) follows the run: random weights when the run's are
+        self.random_weights: bool = run.weights.is_random
         self.weights_seed: int = run.config["weights_seed"]
         self.progress = progress
         self.device = runner.device
@@ -177,9 +178,6 @@ class TaskContext:
         self._computing: list[dict] = []  # per ``reuse`` computation running: the kept values inside it
         self._computed_here: set[str] = set()  # the kept values this cell computed
         self._open_stages: list[list[float]] = []  # [seconds of stages nested in it] per ``timed`` block running
-        # a stage that builds a model of its own (a CLIP) follows the run: random weights when the run's are
-        self.random_weights: bool = run.weights.is_random
-        self.weights_seed: int = run.config["weights_seed"]
 
     @contextlib.contextmanager
     def timed(self, stage: str):
@@ -519,6 +517,7 @@ class Runner:
         live_source, live_config = self._live.get(cfg.backbone, (None, {}))
         spec = self._backbones[(cfg.backbone, live_source.identity)].spec if live_source else registry.backbone(cfg.backbone)
         task = registry.task(cfg.task)
+        registry.load_entrypoint(task.entrypoint)  # a task whose code cannot be imported fails before any extraction
         params = task.resolve_params(dict(cfg.params))
         options = dict(cfg.dataset_options)
         probe = self.open_dataset(cfg.dataset, cfg.data_root, cfg.split, options)
@@ -547,11 +546,11 @@ class Runner:
         k = probe.num_classes if cfg.k is None else cfg.k
         if k < 1:
             raise UserError(f"--k must be at least 1, got {k}")
-        check_clusters(k, spec.embed_dim)  # sizes that cannot fit are refused now, saying what they would need
         check_extraction(protocol.resize, spec.patch_size, spec.embed_dim)
         task.k_bound_for(params).check(k, params, split, lambda name: self.open_dataset(cfg.dataset, cfg.data_root, name, options),
                            lambda dataset: self.patches_per_image(dataset, protocol, spec.patch_size),
                            least_per_image=(protocol.resize // spec.patch_size) ** 2)
+        check_clusters(k, spec.embed_dim)  # sizes that cannot fit are refused now, saying what they would need
         config = {
             "backbone": spec.name, "weights": source.identity, "random_weights": source.is_random,
             "weights_seed": weights_seed,  # random initialisation only (0 otherwise)

@@ -256,7 +256,13 @@ def grid_from_mapping(data: dict, source: str = "grid", env: Mapping[str, str] |
     seeds = seeds if isinstance(seeds, list) else [seeds]
     if not all(registry.is_whole(s) and 0 <= s <= MAX_INTEGER for s in seeds):
         raise UserError(f"{source}: seeds must be whole numbers from 0 to 2^63-1, got {brief(seeds)}")
-    return Grid(backbones, tasks, datasets, ks if isinstance(ks, list) else [ks], seeds, protocol)
+    ks = ks if isinstance(ks, list) else [ks]
+    for k in ks:
+        try:
+            resolve_k(k, 1)
+        except UserError as err:
+            raise UserError(f"{source}: k: {err}") from None
+    return Grid(backbones, tasks, datasets, ks, seeds, protocol)
 
 
 @dataclass(frozen=True)
@@ -563,6 +569,8 @@ def one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     if isinstance(err, MemoryError) and not text:  # numpy and Python say nothing more
         text = ["out of memory (a size, K or batch parameter too large for this machine)"]
+    if isinstance(err, UserError):  # already one line naming the problem and the fix
+        return text[-1] if text else ""
     return f"{type(err).__name__}: {text[-1] if text else ''}"
 
 

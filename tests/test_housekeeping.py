@@ -37,6 +37,7 @@ def test_runs_lists_filters_and_deletes_with_their_samples(tmp_path):
     assert invoke("runs", "--k", "C", *store).output.count("reference") == 1  # C = each run's classes (5)
     refused = invoke("runs", "--delete", "--yes", *store)
     assert refused.exit_code != 0 and "would delete every run" in str(refused.exception)
+    assert first[:12] not in refused.output  # refused before listing every run of the store
     unconfirmed = invoke("runs", "--k", "7", "--delete", *store)  # nobody at a terminal to say yes
     assert unconfirmed.exit_code != 0 and "add --yes" in str(unconfirmed.exception)
     samples = tmp_path / "samples" / f"{second}.npz"

@@ -245,6 +245,28 @@ def test_weights_this_path_whatever_it_holds_or_exactly_this_file(tmp_path):
     assert regress.check(suite, baselines).exit_status == 0
 
 
+def test_a_cells_name_keeps_the_weights_path_as_the_suite_writes_it_in_any_checkout(tmp_path, runner):
+    """A baseline made in one checkout holds in another (a CI runner's): the name is the file's text, not the
+    absolute path the run loads (read against the suite's own folder)."""
+    from ssl_bench.sweep import make_plan
+
+    names = []
+    for checkout in ("mine", "ci-runner"):
+        (tmp_path / checkout / "checkpoints").mkdir(parents=True)
+        _checkpoint(tmp_path / checkout / "checkpoints" / "latest.pth", seed=0)
+        suite = tmp_path / checkout / "ci" / "suite.yaml"
+        suite.parent.mkdir()
+        write_suite(suite, backbones=[{"name": "moco-resnet18", "weights": "../checkpoints/latest.pth"}], k=["C"])
+        read = regress.read_suite(suite)
+        [cell] = make_plan(read.grids, runner).cells
+        assert cell.run.weights.path == tmp_path / checkout / "checkpoints" / "latest.pth"  # the file it loads
+        entry = regress.cell_entry(cell, read.written)
+        assert entry["weights"] == "../checkpoints/latest.pth"
+        names.append(regress.cell_name(entry))
+    assert names[0] == names[1] == "moco-resnet18(../checkpoints/latest.pth)/kmeans/synthetic:val[n=6,size=64] K=5 " \
+                                   "seed=0 resize=64"
+
+
 def registry_sha(path: Path) -> str:
     from ssl_bench.models.weights import sha256_of
 
@@ -386,3 +408,19 @@ def test_example_suite_is_a_suite_and_names_its_cells(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     suite = regress.read_suite(example, {"DATA": str(tmp_path)})
     assert suite.grids and any(choice.weights_match == "exact" for grid in suite.grids for choice in grid.backbones)
+
+
+def test_the_example_suite_finds_the_checkpoints_where_the_example_workflow_puts_them(tmp_path):
+    """The workflow fetches into checkpoints/ and weights/ at the repository root and runs the suite from ci/:
+    the suite's paths are read against its own folder."""
+    from ssl_bench.sweep import read_grid_file
+
+    suite = tmp_path / "ci" / "ssl-bench-suite.yaml"
+    suite.parent.mkdir()
+    suite.write_text((ROOT / "examples" / "ci" / "ssl-bench-suite.yaml").read_text())
+    resolved: list = []
+    read_grid_file(suite, "suite file", resolved)
+    loaded = {Path(absolute).relative_to(tmp_path).as_posix() for _, absolute in resolved}
+    assert loaded == {"checkpoints/latest.pth", "weights/dino_deitsmall16_pretrain.pth"}
+    workflow = (ROOT / "examples" / "ci" / "ssl-bench-regress.yml").read_text()
+    assert "checkpoints/latest.pth" in workflow and "--suite ci/ssl-bench-suite.yaml" in workflow

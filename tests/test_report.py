@@ -169,12 +169,18 @@ def test_subset_columns_are_hidden_by_default_and_shown_on_request():
     header = text.splitlines()[2]
     assert "camvid mIoU" in header and "limit" not in header and "synthetic (n=6) mIoU" in header
     assert "(n=4)" not in header and "| 40.0 |" in text or "**40.0**" in text
-    assert "Not shown: camvid (limit=12) (1 runs), camvid (limit=25) (1 runs), synthetic (n=4) (1 runs): runs of " \
+    assert "Not shown: camvid (limit=12) (1 run), camvid (limit=25) (1 run), synthetic (n=4) (1 run): runs of " \
            "these rows on fewer images" in text
     # a backbone that ran on a subset only keeps that column: a sweep's results never vanish from the report
     smoke = report.to_markdown(report.leaderboard(rows + [fake_record("dino-vitb16", dataset="camvid",
                                                                       options={"limit": 12}, images=12)]))
     assert "camvid (limit=12) mIoU" in smoke.splitlines()[2] and "camvid (limit=25)" not in smoke.splitlines()[2]
+    # ... for that backbone only: the row shown on the full split does not show its smoke run beside it
+    full_row = markdown_row(smoke, "reference |")
+    assert "40.0" in full_row and "45.0" not in full_row and "camvid (limit=12) (1 run)" in smoke
+    long = report.to_markdown(report.leaderboard(rows + [fake_record("dino-vitb16", dataset="camvid",
+                                                                     options={"limit": 12}, images=12)], layout="long"))
+    assert [line.split("|")[1].strip() for line in long.splitlines() if "| camvid" in line].count("reference") == 1
     everything = report.to_markdown(report.leaderboard(rows, subsets="all", layout="wide"))
     assert "camvid (limit=12) mIoU" in everything and "synthetic (n=4) mIoU" in everything
     assert "Not shown" not in everything

@@ -125,6 +125,19 @@ def test_a_task_file_lacking_a_parameter_its_entrypoint_reads_is_one_line(own, t
                                      f"in {own / 'tasks' / 'short.yaml'}")
 
 
+def test_a_task_whose_module_cannot_be_imported_fails_before_any_extraction(own, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (own / "tasks" / "mine.yaml").write_text(TASK.replace("NAME", "my-method").replace("ssl_bench.methods.kmeans",
+                                                                                     "my_method_module"))
+    cache = tmp_path / "c"
+    result = CliRunner().invoke(app, ["run", "--task", "my-method", "--registry", str(own), "-o", "n=2", "--k", "2",
+                                      "--store", str(tmp_path / "r.sqlite"), "--cache", str(cache)])
+    assert isinstance(result.exception, UserError), result.output
+    assert "entrypoint 'my_method_module:run' cannot be imported" in str(result.exception)
+    assert "add the folder holding it to PYTHONPATH" in str(result.exception)
+    assert not any(cache.rglob("*.npy"))  # refused before the features were extracted
+
+
 def install_plugin(site, name="ssl_bench_plugin_demo"):
     """What ``pip install`` of a separate package leaves behind: its module and a dist-info with entry points."""
     package = site / name
@@ -185,3 +198,13 @@ def test_a_broken_plugin_is_one_line_naming_it(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=rf"entry point 'demo' \({name}:BACKBONES.*cannot be loaded .*torchgeo"):
         registry.backbones()
     sys.modules.pop(name, None)
+
+
+def test_a_task_file_with_a_missing_or_unknown_key_names_them(own, monkeypatch):
+    (own / "tasks" / "bad.yaml").write_text("name: bad\nfeatures: [patch]\nparams: {}\nfoo: 1\n")
+    monkeypatch.setenv(registry.REGISTRY_ENV, str(own))
+    with pytest.raises(UserError) as err:
+        registry.tasks()
+    message = str(err.value)
+    assert "bad.yaml: bad task entry: unknown key(s) foo; missing key(s) title, entrypoint -- keys: name," in message
+    assert "__init__" not in message and "source" not in message.split("keys:")[1]

@@ -38,6 +38,9 @@ class Suite:
     grids: list[Grid]
     skipped: list[SkippedGrid] = field(default_factory=list)  # optional grids whose data is absent here
     expected: Baselines | None = None  # values the file itself carries (a recipe); None: the --baselines file
+    # weight files as the file writes them, by the absolute path a run loads: a cell's name keeps the written
+    # form, so a baseline made in one checkout holds in another (a CI runner's)
+    written: dict[str, str] = field(default_factory=dict)
 
 
 # A reader: (path, parsed mapping, environment for $NAME) -> the suite, or None when the file is not its format.
@@ -56,19 +59,22 @@ def read_suite(path: Path, env: Mapping[str, str] | None = None) -> Suite:
     """The suite in ``path``, read by the first of ``SUITE_FORMATS`` that recognises it."""
     import os
 
-    data = read_grid_file(path, "suite file")
+    resolved: list[tuple[str, str]] = []
+    data = read_grid_file(path, "suite file", resolved)
     for _, reader in SUITE_FORMATS:
         suite = reader(Path(path), data, os.environ if env is None else env)
         if suite is not None:
+            suite.written = {absolute: written for written, absolute in resolved}
             return suite
     raise UserError(f"{path} is none of: {', '.join(name for name, _ in SUITE_FORMATS)} -- see examples/sweep.yaml")
 
 
 # ---- cell names --------------------------------------------------------------------------------------
 
-def cell_entry(cell: Cell) -> dict:
-    """A cell's configuration as its suite states it (K resolved; the dataset options the run kept): what
-    its baselines are keyed by. Defaults the suite did not state are left out, so the entry stays short."""
+def cell_entry(cell: Cell, written: Mapping[str, str] | None = None) -> dict:
+    """A cell's configuration as its suite states it (K resolved; the dataset options the run kept; a weights
+    file as ``written`` maps its absolute path back to the file's text): what its baselines are keyed by.
+    Defaults the suite did not state are left out, so the entry stays short."""
     asked, config = cell.config, cell.run.config
     entry: dict = {"backbone": config["backbone"]}
     if config["random_weights"]:
@@ -76,7 +82,7 @@ def cell_entry(cell: Cell) -> dict:
         if config["weights_seed"]:
             entry["weights_seed"] = config["weights_seed"]
     elif asked.weights:
-        entry["weights"] = asked.weights
+        entry["weights"] = (written or {}).get(asked.weights, asked.weights)
     entry["task"] = config["task"]
     if asked.params:
         entry["params"] = dict(asked.params)
@@ -162,7 +168,7 @@ def run_suite(suite: Suite, only: str | None = None, refuse: Callable[[SuiteCell
     refused: dict[str, str] = {}
 
     def select(cell: Cell) -> bool:
-        entry = cell_entry(cell)
+        entry = cell_entry(cell, suite.written)
         name = cell_name(entry)
         if only is not None and only not in name:
             return False

@@ -420,23 +420,24 @@ WIDE_DATASETS = 4  # more dataset columns than this: one row per (backbone, meth
 
 
 def _largest_subsets(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Per dataset (split, options, protocol), the column of the most images (the full split where it ran),
-    and a column of fewer images (``limit=``, synthetic ``n=``) only for rows that have no larger one: a
-    subset run of a backbone and method shown on more images is a smoke run of it. Returns the runs kept and
-    the labels of the columns left out."""
+    """Per dataset (split, options, protocol), every row's runs in the column of the most images it ran on (the
+    full split where it ran): a subset run of a backbone and method shown on more images is a smoke run of it,
+    left out, while a row that ran on a subset only keeps it. Returns the runs kept and, per column with runs
+    left out, its label and how many."""
     keep, hidden = [], []
     for _, runs in frame.groupby("full_column"):
         sizes = runs.groupby("column").images.max()
-        covered: set = set()
+        covered: set = set()  # rows shown in a larger column
         for column in sorted(sizes.index, key=lambda c: (-sizes[c], c != runs.full_column.iloc[0], c)):
             in_column = runs[runs.column == column]
-            rows = set(zip(in_column.model, in_column.method, in_column.random_weights))
-            if rows - covered:
-                keep.append(column)
-                covered |= rows
-            else:
-                hidden.append(f"{column} ({len(in_column)} runs)")
-    return frame[frame.column.isin(keep)], sorted(hidden)
+            rows = list(zip(in_column.model, in_column.method, in_column.random_weights))
+            shown = [row not in covered for row in rows]
+            keep += list(in_column.index[shown])
+            if not all(shown):
+                left_out = len(shown) - sum(shown)
+                hidden.append(f"{column} ({left_out} run{'' if left_out == 1 else 's'})")
+            covered |= set(rows)
+    return frame.loc[keep], sorted(hidden)
 
 
 def leaderboard(records: list[dict], k: str | int = "classes", task: str | None = None, subsets: str = "largest",
@@ -622,7 +623,9 @@ def discovered_table(records: list[dict]) -> Table:
                      Cell(*_mean_std(m.get("miou") for m in present))]
             for t in DISCOVERY_THRESHOLDS:
                 found = [m["discovered"][f"iou>{t:g}"] for m in present]
-                cells += [Cell(*_mean_std(f["classes"] for f in found)), Cell(*_mean_std(f["miou"] for f in found))]
+                classes = _mean_std(f["classes"] for f in found)
+                whole = not math.isnan(classes[0]) and classes[0].is_integer() and not classes[1]  # a count: "3"
+                cells += [Cell(*classes, digits=0 if whole else 1), Cell(*_mean_std(f["miou"] for f in found))]
             table.add(cells, random=bool(random), scoring=row_scoring(runs, [column]))
     return table.finish(["A class counts when its IoU (after the run's matching, unlabelled pixels counted wrong) "
                          "exceeds the threshold; its column's mIoU averages those classes only (COMUS Table 3: "

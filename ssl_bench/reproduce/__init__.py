@@ -95,7 +95,7 @@ def cannot_run(s: Setup) -> str | None:
     code_runnable = [c.measure for c in s.recipe.cells if needs.why_not_runnable(c.measure) is None]
     if not code_runnable:
         return f"nothing of recipe {name} can run in this ssl-bench ({_not_run_summary(s)})"
-    problems = []
+    problems, missing = [], []
     if s.weights_choice != "random":
         missing = [w.file for w in needs.weights(s.recipe, runnable_only=True) if w.found is None]
         if missing:
@@ -104,12 +104,19 @@ def cannot_run(s: Setup) -> str | None:
     wanted = {(e.dataset, e.split, e.options) for m in code_runnable for e in needs.splits_read(m)}
     absent = [n for n in s.data if n.key in wanted and not n.present]
     if absent:
-        problems.append("data not found: " + "; ".join(f"{n.label} ({n.problem})" for n in absent)
-                        + f" (give --data-root DATASET=PATH or put the folders under ${needs.DATA_ENV})")
+        problems.append("data not found: " + "; ".join(f"{n.label} ({n.problem})" for n in absent))
     if not problems:
         return None
-    return (f"recipe {name} needs " + " and ".join(problems) + " -- run the rows you have with --only, or "
-            "--weights random for a smoke run (never compared)")
+    present = {n.key for n in s.data if n.present}
+    fixes = []  # one per problem: both are needed when both are missing
+    if absent:
+        some_here = any(all((e.dataset, e.split, e.options) in present for e in needs.splits_read(m))
+                        for m in code_runnable)
+        fixes.append(f"give --data-root DATASET=PATH or put the folders under ${needs.DATA_ENV}"
+                     + (", or run the rows whose data is here with --only ROW" if some_here else ""))
+    if missing:
+        fixes.append("without the weights, --weights random makes a smoke run (never compared)")
+    return f"recipe {name} needs " + " and ".join(problems) + " -- " + "; ".join(fixes)
 
 
 def check_can_run(s: Setup) -> None:
@@ -185,7 +192,9 @@ def describe(s: Setup) -> list[str]:
         lines += [f"      {why}" for why in reasons] + [f"      not compared: {e}" for e in excluded]
     lines += [f"protocol difference: {d}" for d in r.differences]
     lines.append("weights:" if s.weights else "weights: none needed (non-learned backbones only)")
-    for w in s.weights:
+    if s.weights and s.weights_choice == "random":
+        lines[-1] = "weights: random (--weights random): no file is read; results marked, never compared"
+    for w in s.weights if s.weights_choice != "random" else ():
         where = f"found ({w.found})" if w.found else "MISSING" + (f" -- download: {w.source}" if w.source else "")
         lines.append(f"  {w.backbone}: {w.file}  {where}")
     lines.append("data:")
@@ -198,7 +207,7 @@ def describe(s: Setup) -> list[str]:
         else:
             lines.append(f"  {n.label} (folder '{n.folder}'): MISSING -- {n.problem}{paper}"
                          + (f"; looked in {', '.join(n.looked)}" if n.looked else ""))
-    backbones, passes = needs.work(r, s.data)
+    backbones, passes = needs.work(r, s.data, limited=s.limit is not None)
     lines.append(f"work: {backbones} backbone(s), {passes:,} image passes in all (images x backbones, one "
                  f"extraction per backbone and split; methods add their own passes, e.g. DatUS^2's crops)")
     return lines

@@ -240,9 +240,10 @@ def _locate(m: Measure, data_roots: dict[str, str], options: dict) -> DataNeed:
     return need
 
 
-def work(recipe: Recipe, needs: list[DataNeed], runnable_only: bool = False) -> tuple[int, int]:
+def work(recipe: Recipe, needs: list[DataNeed], runnable_only: bool = False, limited: bool = False) -> tuple[int, int]:
     """(backbones, image passes in all): one extraction pass per (backbone, dataset split), of the paper's image
-    count where the recipe gives it (else of the images found here)."""
+    count where the recipe gives it (else of the images found here); ``limited`` (--limit): of the images
+    found here, which the limit already cut."""
     found = {n.key: n for n in needs}
     passes, backbones = {}, set()
     for cell in recipe.cells:
@@ -250,7 +251,8 @@ def work(recipe: Recipe, needs: list[DataNeed], runnable_only: bool = False) -> 
         if m.backbone is None or m.dataset is None or (runnable_only and why_not_runnable(m)):
             continue
         need = found.get((m.dataset, m.split, m.options))
-        images = m.images or (need.images if need and need.present else None) or 0  # the paper's work first
+        found_here = need.images if need and need.present else None
+        images = (found_here if limited else m.images or found_here) or 0  # the paper's work, unless limited
         passes[(m.backbone, m.dataset, m.split, m.options)] = images
         backbones.add(m.backbone)
     return len(backbones), sum(passes.values())
