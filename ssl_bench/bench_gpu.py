@@ -298,7 +298,10 @@ def acseg_check(device, views: int = 8, steps: int = 4, batch: int = 4) -> dict:
 
 
 def gpu(device: str | None = None, backbone: str = "dino-vits16", images: int = 8) -> dict:
-    """Every GPU check (see the module docstring); ``device`` defaults to cuda when present, else the CPU."""
+    """Every stage on the CPU and on ``device`` from the same inputs (extraction fp32 / bf16 / fp16, PriMaPs-EM,
+    the de-noiser, training augmentations and batches, STEGO / HP heads, ACSeg's generator): agreement within
+    the stated tolerances, and each side's throughput. ``device`` defaults to cuda when present, else the CPU
+    (see the module docstring)."""
     import torch
 
     from .runner import usable_device

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import re
 import shlex
 import signal
 import sys
@@ -150,7 +152,7 @@ def run(
     """Run one backbone x task x dataset cell and store the result."""
     from .data.protocol import Protocol
     from .housekeeping import headline_text
-    from .report.tables import model_label
+    from .report.tables import model_label, uses_labels
     from .runner import RunConfig, before_scoring_rules_hashes, earlier_version_hashes
     from .sweep import resolve_k
 
@@ -158,6 +160,8 @@ def run(
 
     params = dict(parse_pairs(param, "--param"))
     if crf is not None:
+        if "crf" in params and params["crf"] != crf:
+            raise UserError(f"--{'' if crf else 'no-'}crf and -p crf={str(params['crf']).lower()} disagree -- give one")
         params["crf"] = crf
     options = parse_pairs(option, "--option")
     runner = _runner(store, cache, device, save_predictions)
@@ -174,6 +178,8 @@ def run(
     rec = outcome.record
     tag = "computed" if outcome.computed else "already stored; --force recomputes"
     random_note = "  (RANDOM WEIGHTS: smoke run, not a result)" if rec["random_weights"] else ""
+    if uses_labels(rec):
+        random_note += "  (USES GROUND-TRUTH LABELS: an upper bound, not an unsupervised result)"
     from .data import subset_text
 
     out.print(f"{model_label(rec)} / {rec['task']} / {rec['dataset']}:{rec['split']}{subset_text(rec['config'])} "
@@ -515,7 +521,7 @@ def regress(
             raise SystemExit(2)
         measured = len(report.cells("ok", "drift", "new", "weights"))
         kept = len(written.cells) - measured
-        out.print(f"wrote {measured} cells to {baselines_path} ({len(report.cells('drift'))} moved beyond tolerance, "
+        out.print(f"wrote {measured} cell{'' if measured == 1 else 's'} to {baselines_path} ({len(report.cells('drift'))} moved beyond tolerance, "
                   f"{len(report.cells('new'))} new, {len(report.cells('gone'))} gone and dropped, {kept} kept without "
                   f"running); review and commit it", highlight=False)
         return
@@ -882,7 +888,7 @@ def bench(
         table = Table("benchmark", "measures")
         for key, function in available.items():
             function = registry.load_entrypoint(function) if isinstance(function, str) else function
-            table.add_row(key, _first_sentence(function.__doc__ or ""))
+            table.add_row(key, _first_sentence(function.__doc__ or "", inspect.signature(function).parameters))
         out.print(table)
         return
     result = benches.run_benchmark(name, None if no_write else output_dir, tag=tag, **dict(parse_pairs(arg, "--arg")))
@@ -919,9 +925,12 @@ def fuzz(
         raise SystemExit(1)
 
 
-def _first_sentence(doc: str) -> str:
-    """The first sentence of a docstring's first paragraph, however its lines wrap."""
-    paragraph = " ".join(doc.strip().split("\n\n")[0].split()).replace("``", "")  # no reST quoting on screen
+def _first_sentence(doc: str, parameters: Iterable[str] = ()) -> str:
+    """The first sentence of a docstring's first paragraph, however its lines wrap; a ``name`` of ``parameters``
+    shown as <name> (a value the user sets: "on <images> VOC samples"), other reST quoting dropped."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    paragraph = re.sub(r"``(\w+)``", lambda m: f"<{m[1]}>" if m[1] in parameters else m[1], paragraph)
+    paragraph = paragraph.replace("``", "")
     return paragraph.split(". ")[0].rstrip(".") + "."
 
 

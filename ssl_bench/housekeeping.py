@@ -29,7 +29,7 @@ def find_run(store: ResultStore, prefix: str) -> dict:
     """The stored run whose hash starts with ``prefix`` (one clear line when none or several do)."""
     prefix = prefix.strip().lower()
     if not prefix or any(c not in "0123456789abcdef" for c in prefix):
-        raise UserError(f"{prefix!r} is not a run hash -- copy one from ssl-bench runs (e.g. 5cc803ecb8d0)")
+        raise UserError(f"{prefix!r} is not a run hash -- copy one from ssl-bench runs (its first column: 12 hex digits)")
     found = [r for r in store.query("config_hash LIKE ?", (prefix + "%",))]
     if not found:
         raise UserError(f"no stored run has a hash starting with {prefix} in {store.path} -- see ssl-bench runs")
@@ -64,7 +64,8 @@ def run_text(record: dict) -> str:
     the method's statistics, the seconds per stage and the environment it ran in."""
     config = record["config"]
     file = config.get("weights_file", "a file (stored before file names were kept)")
-    weights = (f"random (seed {config.get('weights_seed', 0)})" if record["random_weights"] else
+    weights = (f"random (seed {config.get('weights_seed', 0)}): RANDOM WEIGHTS, a smoke run, not a result"
+               if record["random_weights"] else
                "not learned" if record["weights"] == "none" else
                f"{file}, sha256 {record['weights']}"
                + (" -- the user's own checkpoint, not the registry's" if config.get("own_weights") else ""))

@@ -90,7 +90,11 @@ class KBound:
         """Refuse ``k`` above the most items the split can hold. ``open_split(name)`` gives a dataset,
         ``grid_of(dataset)`` its patches per image (header reads); ``least_per_image``: the fewest patches
         the protocol gives any image, so most K values pass without reading a header."""
-        if self.items == "classes":  # the clusters are the dataset's classes, whatever the regions
+        if self.items == "classes":  # the clusters are the dataset's classes, whatever the regions: K is C
+            classes = getattr(open_split(evaluated_split), "num_classes", 0)
+            if classes and k != classes:
+                raise UserError(f"this task's clusters are the dataset's {classes} classes (a clusterer that names them): "
+                                f"K must be {classes}, got {k} -- drop --k (K = C)")
             return
         split = (params.get(self.split) if self.split else None) or evaluated_split
         dataset = open_split(split)

@@ -121,6 +121,7 @@ class StageSpec:
     value_versions: dict = field(default_factory=dict)  # versions of some values only (see _check_value_versions)
     benchmark: str | None = None  # "module:function" measured by `ssl-bench bench` (see bench.available_benchmarks)
     k_bound: KBound | None = None  # a segmenter's items (segments, proposals): what bounds K in a task using it
+    uses_labels: bool = False  # predicts from the ground truth (a labelled probe): so does a task using it
     source: str = field(default="", compare=False)  # the registry file (or entry point) that registered it
 
     def features_for(self, params: dict) -> tuple[str, ...]:
@@ -152,6 +153,9 @@ class TaskSpec:
     # another task reads as its input features (a ``features_from`` parameter); see methods/feature_source.py
     projection: str | None = None
     reads_projection: str | None = None  # its parameter naming a task whose projection it reads (whose versions count)
+    # {param: [values]}: a run with one of these values makes its headline from ground truth (a probe, an oracle):
+    # reports mark it and never count it "best" among the unsupervised rows
+    uses_labels: dict = field(default_factory=dict)
 
     def cpu_note(self, params: dict) -> str | None:
         """What to say before this task runs with ``params`` on a machine without a GPU (None: nothing)."""
@@ -159,6 +163,12 @@ class TaskSpec:
         if not slow or any(params.get(key) != value for key, value in slow["when"].items()):
             return None
         return f"{self.name} on a CPU: {slow['why']} -- {slow['instead']}"
+
+    def reads_ground_truth(self, params: dict) -> bool:
+        """Whether a run with these parameters predicts from the ground truth (``uses_labels``)."""
+        if any(params.get(key) in values for key, values in self.uses_labels.items()):
+            return True
+        return any(getattr(stages(kind).get(params.get(slot)), "uses_labels", False) for slot, kind in self.stages.items())
 
     def k_bound_for(self, params: dict) -> KBound:
         """What bounds K for a run with these (resolved) parameters: the task's own ``k_bound`` or, in a
@@ -675,6 +685,8 @@ def tasks_in(documents: Iterable[tuple[str, dict]]) -> dict[str, TaskSpec]:
                             f"({sorted(base.params)}) -- e.g. reads_projection: features_from")
         _check_slots(base, path)
         _check_gpu(base.gpu, path, base.name)
+        _check_slow_on_cpu(base.slow_on_cpu, base.params, path)
+        _check_uses_labels(base.uses_labels, base.params, path)
         _register(specs, base, path)
         for variant in variants:
             _register(specs, _variant(base, variant, path), path)
@@ -745,6 +757,12 @@ def _check_slow_on_cpu(slow, params: dict, path: Path) -> None:
             or set(slow["when"]) - set(params)):
         raise UserError(f"{path}: slow_on_cpu needs when (parameter values of the task), why and instead -- "
                         f"e.g. {example}")
+
+
+def _check_uses_labels(uses: dict, params: dict, path: Path) -> None:
+    if any(key not in params or not isinstance(values, list) for key, values in uses.items()):
+        raise UserError(f"{path}: uses_labels maps parameters of the task to the values that read ground truth -- "
+                        f"e.g. uses_labels: {{mode: [linear-probe, oracle]}}")
 
 
 def _variant(base, variant, path: Path):

@@ -499,3 +499,15 @@ def test_variants_on_the_synthetic_set_share_one_trained_generator(runner):
     fits = list(runner.cache.root.rglob("reuse/segmenter-fit-*.npz"))
     segments = list(runner.cache.root.rglob("reuse/segments-val-*.npz"))
     assert len(fits) == 1 and len(segments) == 1  # k-means, the k-NN probe and CLIP: one training, one segmentation
+
+
+def test_k_other_than_c_for_a_class_naming_clusterer_is_refused_before_any_work(runner):
+    from ssl_bench.runner import RunConfig
+
+    def no_work(*_, **__):
+        raise AssertionError("features extracted before K was checked")
+
+    runner.features = no_work
+    with pytest.raises(UserError, match="clusters are the dataset's 5 classes .*: K must be 5, got 3 -- drop --k"):
+        runner.run(RunConfig(backbone="dino-vits16", task="acseg-labelled-knn", dataset="synthetic", k=3,
+                             weights="random", dataset_options=(("n", 2),)))

@@ -267,3 +267,10 @@ def test_the_stage_list_an_error_points_to_exists_and_an_empty_checkpoint_says_s
     (tmp_path / "empty.pth").write_bytes(b"")
     code, output = cli("run", "--backbone", "dino-vits16", "--weights", tmp_path / "empty.pth")
     assert code == 2 and "(EOFError: the file is empty)" in output, output
+
+
+def test_crf_switch_and_parameter_that_disagree_are_refused(cli):
+    code, out = cli("run", "--task", "kmeans", "--crf", "-p", "crf=false", "-o", "n=2")
+    assert code == 2 and one_error_line(out) == "error: --crf and -p crf=false disagree -- give one"
+    code, out = cli("run", "--task", "kmeans-crf", "--no-crf", "-p", "crf=true", "-o", "n=2")
+    assert code == 2 and "--no-crf and -p crf=true disagree" in out

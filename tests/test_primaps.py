@@ -287,6 +287,21 @@ def test_primaps_em_ablation_switches_and_augmentation_hook():
     assert capped.steps == 3
 
 
+def test_em_too_short_to_update_the_teacher_says_so_before_training():
+    """The teacher predicts and is updated every ema_every steps: fewer steps leave the PriMaPs baseline."""
+    import warnings
+
+    k = 4
+    feats, _ = synthetic_set(n_images=16, k=k, seed=3)
+    proposals = [pm.principal_mask_proposals(f) for f in feats]
+    with pytest.warns(UserWarning, match=r"4 EM step\(s\), fewer than ema_every=10: the teacher, which predicts"):
+        short = em.PrimapsEM(k, epochs=2, batch_size=8).fit(feats, proposals, seed=1)
+    assert short.teacher_updates == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 10 steps: one update, nothing to say
+        assert em.PrimapsEM(k, epochs=5, batch_size=8).fit(feats, proposals, seed=1).teacher_updates == 1
+
+
 def test_baseline_and_linear_probe():
     k = 4
     feats, labels = synthetic_set(k=k, noise=0.15, seed=5)

@@ -191,6 +191,22 @@ def test_subset_columns_are_hidden_by_default_and_shown_on_request():
         report.leaderboard(rows, subsets="some")
 
 
+def test_rows_that_predict_from_ground_truth_are_marked_and_never_best():
+    """A supervised probe or an oracle beats every unsupervised row: it is an upper bound, marked, not bold."""
+    rows = [fake_record("dino-vitb16", task="primaps-em", miou=30.0),
+            fake_record("dino-vitb16", task="primaps-linear-probe", miou=90.0, params={"mode": "linear-probe"}),
+            fake_record("dino-vitb16", task="segment-cluster", miou=80.0,
+                        stats={"labelled_probe": "LABELLED: regions classified from the ground truth"})]
+    text = report.to_markdown(report.leaderboard(rows))
+    probe = markdown_row(text, "dino-vitb16‡ | primaps-linear-probe")
+    assert "**" not in probe and "90.0" in probe
+    assert "**" not in markdown_row(text, "dino-vitb16‡ | segment-cluster")  # marked by what the run stored
+    assert "**30.0**" in markdown_row(text, "dino-vitb16 | primaps-em")
+    assert "‡ uses ground-truth labels" in text and "among rows not marked ‡" in text
+    assert r"$^\ddagger$" in report.to_latex(report.leaderboard(rows))
+    assert "uses_labels" in report.to_csv(report.leaderboard(rows)).splitlines()[0]
+
+
 def test_many_datasets_make_a_long_leaderboard_with_best_per_dataset():
     rows = [fake_record(b, dataset="folder", root=f"/d/set{i}", miou=m + i)
             for i in range(5) for b, m in (("reference", 40.0), ("dino-vitb16", 50.0))]
@@ -282,7 +298,7 @@ def test_results_of_an_earlier_task_version_are_kept_apart_and_labelled():
     assert "**6" not in text and "**40.0**" in text  # a superseded result is never "best"
     assert "among rows of the current task versions" in text and "run or sweep again for the current one (kmeans v" in text
     only_old = report.to_markdown(report.leaderboard(rows[1:] + [fake_record("dino-vits16", random=True)]))
-    assert "| **" not in only_old and "No value is bold: every row is a random-weight smoke run or from another" in only_old
+    assert "| **" not in only_old and "No value is bold: every row is a random-weight smoke run, from another" in only_old
 
 
 def test_segment_statistics_table():

@@ -505,6 +505,7 @@ def test_cli_warnings_and_listings_read_as_text():
     Details."""
     assert _first_sentence(doc) == "Cost of one more K (k-means cells over cached features)."
     assert _first_sentence("The fit: ``spherical_kmeans`` with bounds. More.") == "The fit: spherical_kmeans with bounds."
+    assert _first_sentence("Seconds on ``images`` VOC samples. More.", ["images"]) == "Seconds on <images> VOC samples."
 
 
 def test_printed_lines_keep_their_brackets():

@@ -13,6 +13,7 @@ from the reference code are listed in ``primaps.py``'s docstring.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -260,13 +261,18 @@ def kmeans_pretrain(head: PrototypeHead, features: Sequence, epochs: int, batch_
     return losses
 
 
+def planned_steps(epochs: int, n: int, batch_size: int, max_steps: int | None = None) -> int:
+    """The batches ``_epoch_batches`` yields: ``epochs`` passes over ``n`` items, capped at ``max_steps``."""
+    per_epoch = len(_batches(n, batch_size, torch.Generator()))  # the count only (a throw-away generator)
+    return epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+
+
 def _epoch_batches(progress: Callable | None, epochs: int, n: int, batch_size: int, gen: torch.Generator,
                    desc: str, max_steps: int | None = None):
     """(epoch, batch indices) of every epoch in turn, under one bar over the whole training, so its time left
     is the stage's, not one epoch's. Each epoch's batches are drawn from ``gen`` as that epoch starts, exactly
     as a loop per epoch draws them; ``max_steps`` stops after that many batches."""
-    per_epoch = len(_batches(n, batch_size, torch.Generator()))  # the count only (a throw-away generator)
-    total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+    total = planned_steps(epochs, n, batch_size, max_steps)
 
     def every_batch():
         step = 0
@@ -376,6 +382,12 @@ class PrimapsEM:
         self.theta_t = copy.deepcopy(self.theta_s).requires_grad_(False) if self.ema else self.theta_s
         opt = torch.optim.Adam(self.theta_s.parameters(), lr=self.lr)
         self.history: dict[str, list[float]] = {"loss": [], "pseudo_fraction": []}
+        steps = planned_steps(self.epochs, len(features), self.batch_size, self.max_steps)
+        if self.ema and steps < self.ema_every:  # the teacher predicts: unchanged, EM changes nothing
+            warnings.warn(f"PriMaPs-EM will run {steps} EM step(s), fewer than ema_every={self.ema_every}: the "
+                          f"teacher, which predicts, is never updated, so the result is its initial prototypes "
+                          f"(the PriMaPs baseline) -- raise -p epochs, use more images, or lower -p ema_every",
+                          stacklevel=2)
         step, updates = 0, 0
         for _, idx in _epoch_batches(self.progress, self.epochs, len(features), self.batch_size, gen,
                                      f"PriMaPs-EM ({self.epochs} epochs)", self.max_steps):
@@ -389,7 +401,7 @@ class PrimapsEM:
             if self.ema and step % self.ema_every == 0:
                 updates += 1
                 ema_update(self.theta_t, self.theta_s, ema_decay_at(updates, self.ema_decay))
-        self.steps = step
+        self.steps, self.teacher_updates = step, updates
         return self
 
     def _student_views(self, idx, feats, gen, rng):

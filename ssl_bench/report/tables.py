@@ -34,6 +34,9 @@ from ..errors import UserError
 METRICS = {"miou": "mIoU", "acc": "Acc", "f1": "F1"}
 DAGGER = "†"
 RANDOM_NOTE = f"{DAGGER} random weights: smoke run, not a result."
+DOUBLE_DAGGER = "‡"
+LABELLED_NOTE = (f"{DOUBLE_DAGGER} uses ground-truth labels (a supervised probe, an oracle or a labelled retrieval): "
+                 f"an upper bound, not an unsupervised result; never bold.")
 SEEDS_NOTE = "mean ± std (sample standard deviation) over seeds where more than one seed ran."
 
 
@@ -83,6 +86,7 @@ class Table:
     rows: list[list[Cell]] = field(default_factory=list)
     random: list[bool] = field(default_factory=list)  # per row: random weights
     superseded: set[int] = field(default_factory=set)  # rows stored by another version of their task
+    labelled: set[int] = field(default_factory=set)  # rows whose method predicts from the ground truth
     notes: list[str] = field(default_factory=list)
     scoring: list[dict] = field(default_factory=list)  # per row: its scoring rules (CSV columns), when they apply
     groups: list = field(default_factory=list)  # per row: rows compared for "best" (one dataset); empty: all rows
@@ -92,9 +96,11 @@ class Table:
         return not self.rows
 
     def add(self, cells: list[Cell], random: bool = False, superseded: bool = False, scoring: dict | None = None,
-            group=None) -> None:
+            group=None, labelled: bool = False) -> None:
         if superseded:
             self.superseded.add(len(self.rows))
+        if labelled:
+            self.labelled.add(len(self.rows))
         self.rows.append(cells)
         self.random.append(bool(random))
         self.scoring.append(scoring or {})
@@ -104,6 +110,8 @@ class Table:
     def finish(self, extra_notes: list[str] = ()) -> "Table":
         if any(self.random):
             self.notes.append(RANDOM_NOTE)
+        if self.labelled:
+            self.notes.append(LABELLED_NOTE)
         self.notes.extend(extra_notes)
         return self
 
@@ -111,13 +119,15 @@ class Table:
         texts = [cell.text() for cell in self.rows[row]]
         if self.random[row]:
             texts[0] += DAGGER
+        if row in self.labelled:
+            texts[0] += DOUBLE_DAGGER
         return texts
 
 
 def mark_best(table: Table) -> None:
     """Bold the highest mean of each numeric column among the rows neither from random weights nor stored by
     another version of their task (none when there are no such rows: a smoke run is never "best")."""
-    candidates = [i for i, r in enumerate(table.random) if not r and i not in table.superseded]
+    candidates = [i for i, r in enumerate(table.random) if not r and i not in table.superseded | table.labelled]
     groups = table.groups or [None] * len(table.rows)
     for group in dict.fromkeys(groups):
         rows = [i for i in candidates if groups[i] == group]
@@ -167,7 +177,7 @@ def latex_escape(text: str) -> str:
         out.append({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                     "|": r"\textbar{}", "<": r"\textless{}", ">": r"\textgreater{}",
-                    "±": r"$\pm$", "–": "--", DAGGER: r"$^\dagger$"}.get(ch, ch))
+                    "±": r"$\pm$", "–": "--", DAGGER: r"$^\dagger$", DOUBLE_DAGGER: r"$^\ddagger$"}.get(ch, ch))
     return "".join(out)
 
 
@@ -225,7 +235,9 @@ def to_csv(table: Table) -> str:
         rec.update(table.scoring[i])
         rec["random_weights"] = table.random[i]
         rec["current_task_version"] = i not in table.superseded
+        rec["uses_labels"] = i in table.labelled
         notes = [RANDOM_NOTE.lstrip(DAGGER + " ")] if table.random[i] else []
+        notes += [LABELLED_NOTE.lstrip(DOUBLE_DAGGER + " ").split(";")[0]] if i in table.labelled else []
         notes += ["stored by another version of the task"] if i in table.superseded else []
         rec["note"] = "; ".join(notes)
         records.append(rec)
@@ -303,6 +315,14 @@ def _distinct_columns(labels, roots: list[str | None]) -> list[str]:
     return out
 
 
+def uses_labels(record: dict) -> bool:
+    """Whether a run predicted from the ground truth: its task's ``uses_labels`` values, or its own stats."""
+    spec = registry.tasks().get(record["task"])
+    params = record["config"].get("params") or {}
+    return bool((spec is not None and spec.reads_ground_truth(params))
+                or (record.get("stats") or {}).get("labelled_probe"))
+
+
 def runs_frame(records: list[dict]) -> pd.DataFrame:
     """Flat table of runs, one row per stored run, with the labels reports group on."""
     rows = []
@@ -324,6 +344,7 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
     frame["column"] = _distinct_columns(frame.column, roots)
     frame["full_column"] = _distinct_columns(frame.full_column, roots)
     frame["own_weights"] = [bool(r["config"].get("own_weights")) for r in records]
+    frame["uses_labels"] = [uses_labels(r) for r in records]
     frame["in_memory"] = [r["config"].get("model") for r in records]  # ssl_bench.evaluate's {name, step, ...}
     frame["model"] = [model_label(r, several) for r, several in zip(records, _several_checkpoints(frame))]
     return frame
@@ -494,14 +515,17 @@ def leaderboard(records: list[dict], k: str | int = "classes", task: str | None 
         cells.append(Cell(max(ran), shown=f"{min(ran)}–{max(ran)}" if uneven else str(max(ran))))
         # the method label carries the version, so a row's runs share it
         table.add(cells + numbers, random=bool(random), superseded=not runs.current_version.iloc[0],
-                  scoring=row_scoring(runs, [dataset] if long else datasets), group=dataset)
+                  scoring=row_scoring(runs, [dataset] if long else datasets), group=dataset,
+                  labelled=bool(runs.uses_labels.any()))
     mark_best(table)
     if all(table.random):
         notes = ["No value is bold: every row is a random-weight smoke run."]
-    elif all(random or i in table.superseded for i, random in enumerate(table.random)):
-        notes = ["No value is bold: every row is a random-weight smoke run or from another task version."]
+    elif all(random or i in table.superseded | table.labelled for i, random in enumerate(table.random)):
+        notes = ["No value is bold: every row is a random-weight smoke run, from another task version or uses "
+                 "ground-truth labels."]
     else:
-        rows = [what for what, present in (("not marked †", any(table.random)),
+        marks = DAGGER * any(table.random) + DOUBLE_DAGGER * bool(table.labelled)
+        rows = [what for what, present in ((f"not marked {'/'.join(marks)}", marks),
                                            ("of the current task versions", table.superseded)) if present]
         per = " of each dataset" if long else ""
         notes = [f"Bold: best per column{per}" + (f" among rows {' and '.join(rows)}." if rows else ".")]

@@ -132,8 +132,8 @@ def benchmark(sizes: tuple[int, ...] = (10_000, 100_000), dim: int = 384, k: int
 
 def abc_stopping(regions: int = 10_000, dim: int = 384, k: int = 27, tolerances: str = "0.003,0.001,0.0003",
                  patience: int = 10, threads: int = 1) -> dict:
-    """``ssl-bench bench abc-stopping``: the attention-based clusterer's opt-in stopping rule against its paper
-    setting on the same regions. The reference fit runs the paper's 500 epochs and records each epoch's share
+    """The attention-based clusterer's opt-in stopping rule against its paper setting on the same regions
+    (``ssl-bench bench abc-stopping``). The reference fit runs the paper's 500 epochs and records each epoch's share
     of regions whose label changed (it ends early only once no region changed for ``patience`` epochs: its
     labels are then final). A fit with a tolerance follows the same seeded trajectory up to the epoch where
     its rule fires; its labels are compared with the reference's by the adjusted Rand index."""

@@ -23,7 +23,8 @@ def _per_second(count: int, call, repeats: int) -> float:
 
 def benchmark(backbone: str = "dino-vits8", images: int = 32, size: int = 224, iterations: int = 100,
               batch_size: int = 32, repeats: int = 2, threads: int = 0, device: str = "") -> dict:
-    """Patch features of ``images`` CamVid images (random-weight ``backbone``, shorter side ``size``, centre crop:
+    """ACSeg's concept generator against per-image k-means, inference images/s and training seconds, on the
+    patch features of ``images`` CamVid images (random-weight ``backbone``, shorter side ``size``, centre crop:
     28 x 28 patches for a /8 ViT at 224, the paper's setting). Inference, images/s: the generator (the paper's 5
     prototypes and 6 stages) one image at a time, as the segmenter stage runs (soft assignment, argmax on the
     patch grid; and with the bilinear upsampling to the image), and ``batch_size`` images per forward pass; the
