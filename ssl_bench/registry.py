@@ -156,6 +156,7 @@ class TaskSpec:
     # {param: [values]}: a run with one of these values makes its headline from ground truth (a probe, an oracle):
     # reports mark it and never count it "best" among the unsupervised rows
     uses_labels: dict = field(default_factory=dict)
+    renamed: dict = field(default_factory=dict)  # {old name: new name} of parameters an earlier version had: hints
 
     def cpu_note(self, params: dict) -> str | None:
         """What to say before this task runs with ``params`` on a machine without a GPU (None: nothing)."""
@@ -209,7 +210,9 @@ class TaskSpec:
         own = self.own_params()
         unknown = set(plain) - set(own) | {key for key in dotted if key.split(".", 1)[0] not in self.stages}
         if unknown:
-            hint = _dotted_hint(sorted(unknown)[0], self)
+            first = sorted(unknown)[0]
+            hint = (f" ({first} is now {self.renamed[first]}: renamed by a later version)" if first in self.renamed
+                    else _dotted_hint(first, self))
             raise UserError(f"task '{self.name}' has no parameter(s) {sorted(unknown)} -- known: {sorted(own)}"
                             f"{hint}")
         what = f"task '{self.name}' parameter"
@@ -687,6 +690,7 @@ def tasks_in(documents: Iterable[tuple[str, dict]]) -> dict[str, TaskSpec]:
         _check_gpu(base.gpu, path, base.name)
         _check_slow_on_cpu(base.slow_on_cpu, base.params, path)
         _check_uses_labels(base.uses_labels, base.params, path)
+        _check_renamed(base, path)
         _register(specs, base, path)
         for variant in variants:
             _register(specs, _variant(base, variant, path), path)
@@ -757,6 +761,17 @@ def _check_slow_on_cpu(slow, params: dict, path: Path) -> None:
             or set(slow["when"]) - set(params)):
         raise UserError(f"{path}: slow_on_cpu needs when (parameter values of the task), why and instead -- "
                         f"e.g. {example}")
+
+
+def _check_renamed(spec: TaskSpec, path: Path) -> None:
+    """``renamed: {old: new}``: each new name is a parameter of the task or ``slot.key`` of its slot's stage."""
+    for old, new in spec.renamed.items():
+        slot, _, key = str(new).partition(".")
+        known = (key in stage_spec(spec.stages[slot], spec.params[slot]).params if key and slot in spec.stages
+                 else new in spec.params)
+        if not known:
+            raise UserError(f"{path}: renamed: {old} -> {new} names no parameter of the task -- give the new name, "
+                            f"e.g. renamed: {{tau: segmenter.tau}}")
 
 
 def _check_uses_labels(uses: dict, params: dict, path: Path) -> None:

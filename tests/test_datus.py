@@ -354,7 +354,8 @@ def test_adapter_crops_go_to_the_named_backbone():
     ({"segmenter.backend": "leiden"}, "backend='leiden'"),
     ({"embed.fit": "squash"}, "fit='squash'"),
     ({"denoiser": "tpu"}, "denoiser preset 'tpu'"),
-    ({"tau": 3}, r"did you mean segmenter.tau\?"),
+    ({"tau": 3}, r"tau is now segmenter.tau: renamed by a later version"),  # version 1's name
+    ({"crop_size": 224}, r"crop_size is now embed.size"),
     ({"clusterer.tau": 3}, r"kmeans' \(clusterer\) has no parameter\(s\) \['clusterer.tau'\]"),
 ])
 def test_adapter_bad_params_are_one_clear_error(params, message):
