@@ -159,8 +159,10 @@ class FeatureCache:
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else default_cache_dir()
-        if self.root.exists() and not self.root.is_dir():
-            raise UserError(f"--cache {self.root} is a file, not a folder -- give a folder (made if missing)")
+        existing = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():  # the folder, or one it would be made in, is a file
+            raise UserError(f"the feature cache {self.root} cannot be a folder: {existing} is a file -- give a "
+                            f"folder (--cache or $SSL_BENCH_CACHE; made if missing)")
         self.labels = LabelCache(self.root / "_labels")  # no backbone is called "_labels"
         self._verified: dict[tuple, int] = {}  # (file signatures) -> images whose rows were checked
         self.opened: set[str] = set()  # entry folders (relative to root) opened since the runner last cleared it

@@ -30,6 +30,11 @@ from typing import Callable
 from .errors import UserError
 
 
+class KIsClasses(UserError):
+    """A K other than C for a task whose clusters are the dataset's classes: a run refuses it; a sweep skips
+    that task x K pair of its grid, as it skips a backbone x task pair that cannot run."""
+
+
 @dataclass(frozen=True)
 class KBound:
     items: str = "patches"  # what the K clusters are made of (in messages)
@@ -93,8 +98,8 @@ class KBound:
         if self.items == "classes":  # the clusters are the dataset's classes, whatever the regions: K is C
             classes = getattr(open_split(evaluated_split), "num_classes", 0)
             if classes and k != classes:
-                raise UserError(f"this task's clusters are the dataset's {classes} classes (a clusterer that names them): "
-                                f"K must be {classes}, got {k} -- drop --k (K = C)")
+                raise KIsClasses(f"this task's clusters are the dataset's {classes} classes (a clusterer that names "
+                                 f"them): K must be {classes}, got {k} -- drop --k (K = C)")
             return
         split = (params.get(self.split) if self.split else None) or evaluated_split
         dataset = open_split(split)

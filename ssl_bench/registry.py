@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import importlib.util
 import json
 import dataclasses
 import os
@@ -55,17 +56,34 @@ def slot_params(params: dict, slot: str) -> dict:
     return {key[len(prefix):]: v for key, v in params.items() if key.startswith(prefix)}
 
 
+def _not_importable(path: str, err: Exception) -> UserError:
+    module = path.partition(":")[0]
+    if isinstance(err, ModuleNotFoundError) and err.name and module.split(".")[0] == err.name.split(".")[0]:
+        fix = (f"make module {module} importable (pip install its package, or add the folder holding it to "
+               f"PYTHONPATH: a registry folder is not on the import path), or fix the registry file")
+    else:
+        fix = "check the registry file"
+    return UserError(f"entrypoint '{path}' cannot be imported ({err}) -- {fix}")
+
+
 def load_entrypoint(path: str) -> Callable[..., Any]:
     module, _, attr = path.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:
-        if isinstance(err, ModuleNotFoundError) and err.name and module.split(".")[0] == err.name.split(".")[0]:
-            fix = (f"make module {module} importable (pip install its package, or add the folder holding it to "
-                   f"PYTHONPATH: a registry folder is not on the import path), or fix the registry file")
-        else:
-            fix = "check the registry file"
-        raise UserError(f"entrypoint '{path}' cannot be imported ({err}) -- {fix}") from err
+        raise _not_importable(path, err) from err
+
+
+def check_findable(path: str) -> None:
+    """One line now when the module of entrypoint ``path`` is not on the import path, found without running it
+    (a planning process, e.g. a Ray driver, need not import what only the workers run)."""
+    module = path.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError) as err:  # a parent package missing
+        raise _not_importable(path, err) from None
+    if not found:
+        raise _not_importable(path, ModuleNotFoundError(f"No module named '{module}'", name=module))
 
 
 @dataclass(frozen=True)
@@ -164,6 +182,13 @@ class TaskSpec:
         if not slow or any(params.get(key) != value for key, value in slow["when"].items()):
             return None
         return f"{self.name} on a CPU: {slow['why']} -- {slow['instead']}"
+
+    def check_findable(self, params: dict) -> None:
+        """The task's module and its slots' stage modules are on the import path (one line otherwise)."""
+        stages_chosen = [stage_spec(kind, params[slot], slot) for slot, kind in self.stages.items()
+                         if isinstance(params.get(slot), str)]  # an optional slot may be empty (null)
+        for entrypoint in [self.entrypoint] + [stage.entrypoint for stage in stages_chosen]:
+            check_findable(entrypoint)
 
     def reads_ground_truth(self, params: dict) -> bool:
         """Whether a run with these parameters predicts from the ground truth (``uses_labels``)."""
@@ -767,6 +792,8 @@ def _check_renamed(spec: TaskSpec, path: Path) -> None:
     """``renamed: {old: new}``: each new name is a parameter of the task or ``slot.key`` of its slot's stage."""
     for old, new in spec.renamed.items():
         slot, _, key = str(new).partition(".")
+        if key and slot in spec.stages and spec.params.get(slot) is None:
+            continue  # an optional slot, empty by default: its stage (and parameters) are the run's choice
         known = (key in stage_spec(spec.stages[slot], spec.params[slot]).params if key and slot in spec.stages
                  else new in spec.params)
         if not known:

@@ -517,8 +517,8 @@ class Runner:
         live_source, live_config = self._live.get(cfg.backbone, (None, {}))
         spec = self._backbones[(cfg.backbone, live_source.identity)].spec if live_source else registry.backbone(cfg.backbone)
         task = registry.task(cfg.task)
-        registry.load_entrypoint(task.entrypoint)  # a task whose code cannot be imported fails before any extraction
         params = task.resolve_params(dict(cfg.params))
+        task.check_findable(params)  # a task or stage whose module is not on the path fails before any extraction
         options = dict(cfg.dataset_options)
         probe = self.open_dataset(cfg.dataset, cfg.data_root, cfg.split, options)
         if cfg.k is None and not probe.has_labels:

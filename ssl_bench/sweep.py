@@ -26,6 +26,7 @@ from . import registry, versions
 from .registry import brief
 from .data.protocol import Protocol
 from .errors import UserError
+from .kbounds import KIsClasses
 from .features import CacheKey
 from .models.weights import is_non_learned
 from .runner import ResolvedRun, RunConfig, Runner, before_scoring_rules_hashes, earlier_version_hashes
@@ -475,7 +476,12 @@ def make_plan(grid: Grid | Sequence[Grid], runner: Runner, select: Callable[[Cel
     skipped: dict[str, int] = {}
     grids = [grid] if isinstance(grid, Grid) else list(grid)
     for cfg in (cfg for g in grids for cfg in expand(g, runner)):
-        run = runner.resolve(cfg)
+        try:
+            run = runner.resolve(cfg)
+        except KIsClasses:  # a grid crosses every task with every K: this task takes K = C only
+            why = f"{cfg.task} names the dataset's classes: K = C only"
+            skipped[why] = skipped.get(why, 0) + 1
+            continue
         cell = Cell(cfg, run, run.config_hash in stored and not runner.predictions_missing(run))
         cell.earlier_version_stored = not cell.stored and any(h in stored for h in earlier_version_hashes(run.config))
         cell.stored_before_scoring_rules = not cell.stored and any(

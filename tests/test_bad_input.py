@@ -274,3 +274,27 @@ def test_crf_switch_and_parameter_that_disagree_are_refused(cli):
     assert code == 2 and one_error_line(out) == "error: --crf and -p crf=false disagree -- give one"
     code, out = cli("run", "--task", "kmeans-crf", "--no-crf", "-p", "crf=true", "-o", "n=2")
     assert code == 2 and "--no-crf and -p crf=true disagree" in out
+
+
+def test_a_cache_that_cannot_be_a_folder_is_one_line_for_run_and_sweep(cli, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for cache in (blocker, blocker / "sub"):  # the folder itself, or one above it, is a file
+        code, out = cli("run", "-o", "n=2", "--cache", cache)
+        assert code == 2 and one_error_line(out) == (f"error: the feature cache {cache} cannot be a folder: {blocker} "
+                                                     f"is a file -- give a folder (--cache or $SSL_BENCH_CACHE; made "
+                                                     f"if missing)")
+        code, out = cli("sweep", "-b", "reference", "-t", "kmeans", "-d", "synthetic", "-o", "n=2", "--cache", cache)
+        assert code == 2 and "is a file -- give a folder" in one_error_line(out)
+    from ssl_bench.integrity import disk_error
+
+    # a folder that cannot be made though no file is in the way (a path under /proc)
+    err = disk_error(FileNotFoundError(2, "No such file or directory", "/proc/nope"), Path("/proc/nope/x"), "the features",
+                     "pass --cache")
+    assert str(err) == ("/proc/nope/x cannot be made a folder (No such file or directory: /proc/nope) and the features "
+                        "must be written there -- pass --cache")
+    from ssl_bench.errors import UserError
+    from ssl_bench.sweep import one_line
+
+    assert one_line(UserError("a line -- the fix")) == "a line -- the fix"  # no class name before a user's line
+    assert one_line(ValueError("bad")) == "ValueError: bad"

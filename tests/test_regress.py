@@ -359,7 +359,7 @@ def test_the_project_suite_is_a_suite_file_whose_cells_are_the_committed_baselin
         assert all("camvid" in name for name in set(committed.cells) - names)
     else:
         assert names == set(committed.cells)
-    assert "reference/primaps-em-fast(ema_every=1,epochs=10)/synthetic:val[n=12] K=5 seed=0" in names
+    assert "dino-vits16(random)/primaps-em-fast(ema_every=1,epochs=10)/synthetic:val[n=12] K=5 seed=0" in names
     assert ".ci/run" and "ssl-bench regress\n" in (ROOT / ".ci" / "run").read_text()  # CI runs this suite
 
 

@@ -205,6 +205,14 @@ def test_rows_that_predict_from_ground_truth_are_marked_and_never_best():
     assert "‡ uses ground-truth labels" in text and "among rows not marked ‡" in text
     assert r"$^\ddagger$" in report.to_latex(report.leaderboard(rows))
     assert "uses_labels" in report.to_csv(report.leaderboard(rows)).splitlines()[0]
+    per_class = {"final@val": {"miou": 50.0, "acc": 70.0, "f1": 60.0, "per_class_iou": [10.0, 20.0, 30.0, 40.0, 50.0],
+                               "cluster_to_class": []}}
+    classes = report.build_tables([fake_record(task="primaps-em", metrics=per_class),
+                                   fake_record(task="primaps-linear-probe", params={"mode": "linear-probe"},
+                                               metrics={"final@val": {**per_class["final@val"], "per_class_iou":
+                                                                      [90.0, 90.0, 90.0, 90.0, 90.0]}})])
+    text = report.to_markdown(classes["classes_synthetic"])
+    assert "**90.0**" not in text and "**10.0**" in text and "‡ uses ground-truth labels" in text  # per class too
 
 
 def test_many_datasets_make_a_long_leaderboard_with_best_per_dataset():

@@ -602,3 +602,15 @@ def test_sweep_command_runs_a_file_of_grids_and_refuses_grid_flags_with_it(tmp_p
     assert "grid 2 (camvid) skipped:" in result.output and "cells: 1 in the grid" in result.output
     flags = CliRunner().invoke(app, ["sweep", str(path), "--seed", "1", "--plan", *store])
     assert "holds several grids, and grid flags replace the axes of one grid" in str(flags.exception)
+
+
+def test_a_task_of_k_equal_c_only_skips_its_other_k_cells_of_a_grid(runner):
+    """A grid crosses every task with every K: a class-naming clusterer's K = 2C cells are skipped, with the
+    reason, and the other tasks' cells are planned (``ssl-bench run`` refuses such a K in one line)."""
+    grid = grid_from_mapping({"backbones": [{"name": "dino-vits16", "weights": "random"}],
+                              "tasks": ["kmeans", "acseg-labelled-knn"],
+                              "datasets": [{"name": "synthetic", "options": {"n": 2}}], "k": ["C", "2C"]})
+    plan = make_plan(grid, runner)
+    assert sorted((c.config.task, c.run.config["k"]) for c in plan.cells) == \
+        [("acseg-labelled-knn", 5), ("kmeans", 5), ("kmeans", 10)]
+    assert plan.skipped == {"acseg-labelled-knn names the dataset's classes: K = C only": 1}

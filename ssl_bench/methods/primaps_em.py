@@ -384,10 +384,11 @@ class PrimapsEM:
         self.history: dict[str, list[float]] = {"loss": [], "pseudo_fraction": []}
         steps = planned_steps(self.epochs, len(features), self.batch_size, self.max_steps)
         if self.ema and steps < self.ema_every:  # the teacher predicts: unchanged, EM changes nothing
+            capped = self.max_steps is not None and steps == self.max_steps
             warnings.warn(f"PriMaPs-EM will run {steps} EM step(s), fewer than ema_every={self.ema_every}: the "
-                          f"teacher, which predicts, is never updated, so the result is its initial prototypes "
-                          f"(the PriMaPs baseline) -- raise -p epochs, use more images, or lower -p ema_every",
-                          stacklevel=2)
+                          f"teacher, which predicts, is never updated, so the result is its initial prototypes -- "
+                          + ("raise -p max_steps" if capped else "raise -p epochs, use more images")
+                          + ", or lower -p ema_every", stacklevel=2)
         step, updates = 0, 0
         for _, idx in _epoch_batches(self.progress, self.epochs, len(features), self.batch_size, gen,
                                      f"PriMaPs-EM ({self.epochs} epochs)", self.max_steps):

@@ -92,7 +92,7 @@ def resolve(spec: BackboneSpec, weights: str | None, seed: int = 0) -> WeightsSo
         path = Path(weights).expanduser()
         if not path.is_file():
             raise UserError(f"weights {weights}: no such file -- give the checkpoint's path (a sweep or suite file's "
-                            f"paths are read from that file's folder), or random weights for a smoke run")
+                            f"paths are read from that file's folder), or --weights random for a smoke run")
         identity = _identity(spec, path)
         # The registry's own file (its name, or its published sha256) keeps the registry's description;
         # any other file is the user's checkpoint, whose training the registry knows nothing of.

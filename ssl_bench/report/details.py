@@ -60,7 +60,8 @@ def class_tables(records: list[dict], k: str | int = "classes", task: str | None
             for c in range(len(names)):
                 cells.append(Cell(*_mean_std(ious[c] if c < len(ious) else None for ious in group.per_class)))
             cells.append(Cell(*_mean_std(group.miou)))
-            table.add(cells, random=bool(random), superseded=not group.current_version.iloc[0])
+            table.add(cells, random=bool(random), superseded=not group.current_version.iloc[0],
+                      labelled=bool(group.uses_labels.any()))
         mark_best(table)
         tables[column] = table.finish(["Classes absent from the images (and never predicted) read –; "
                                        "bold: best per class."])

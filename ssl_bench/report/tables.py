@@ -125,8 +125,9 @@ class Table:
 
 
 def mark_best(table: Table) -> None:
-    """Bold the highest mean of each numeric column among the rows neither from random weights nor stored by
-    another version of their task (none when there are no such rows: a smoke run is never "best")."""
+    """Bold the highest mean of each numeric column among the rows neither from random weights, stored by
+    another version of their task, nor predicting from the ground truth (none when there are no such rows: a
+    smoke run or a supervised probe is never "best")."""
     candidates = [i for i, r in enumerate(table.random) if not r and i not in table.superseded | table.labelled]
     groups = table.groups or [None] * len(table.rows)
     for group in dict.fromkeys(groups):
@@ -315,9 +316,10 @@ def _distinct_columns(labels, roots: list[str | None]) -> list[str]:
     return out
 
 
-def uses_labels(record: dict) -> bool:
-    """Whether a run predicted from the ground truth: its task's ``uses_labels`` values, or its own stats."""
-    spec = registry.tasks().get(record["task"])
+def uses_labels(record: dict, tasks: dict | None = None) -> bool:
+    """Whether a run predicted from the ground truth: its task's ``uses_labels`` values (``tasks``: the registry's,
+    read once by the caller of many records), or its own stats."""
+    spec = (registry.tasks() if tasks is None else tasks).get(record["task"])
     params = record["config"].get("params") or {}
     return bool((spec is not None and spec.reads_ground_truth(params))
                 or (record.get("stats") or {}).get("labelled_probe"))
@@ -344,7 +346,8 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
     frame["column"] = _distinct_columns(frame.column, roots)
     frame["full_column"] = _distinct_columns(frame.full_column, roots)
     frame["own_weights"] = [bool(r["config"].get("own_weights")) for r in records]
-    frame["uses_labels"] = [uses_labels(r) for r in records]
+    tasks = registry.tasks()
+    frame["uses_labels"] = [uses_labels(r, tasks) for r in records]
     frame["in_memory"] = [r["config"].get("model") for r in records]  # ssl_bench.evaluate's {name, step, ...}
     frame["model"] = [model_label(r, several) for r, several in zip(records, _several_checkpoints(frame))]
     return frame

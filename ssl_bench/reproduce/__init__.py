@@ -177,7 +177,8 @@ def describe(s: Setup) -> list[str]:
     r = s.recipe
     lines = [f"{r.name}: {r.title}", f"  paper: {r.reference}"]
     runnable = sum(s.not_run(c.measure) is None for c in r.cells)
-    lines.append(f"  {len(r.rows)} rows, {len(r.cells)} paper values; {runnable} can run here")
+    lines.append(f"  {len(r.rows)} row{'' if len(r.rows) == 1 else 's'}, {len(r.cells)} paper value"
+                 f"{'' if len(r.cells) == 1 else 's'}; {runnable} can run here")
     lines.append("rows:")
     for row in r.rows:
         cells = [c for c in r.cells if c.row == row]
@@ -207,7 +208,7 @@ def describe(s: Setup) -> list[str]:
         else:
             lines.append(f"  {n.label} (folder '{n.folder}'): MISSING -- {n.problem}{paper}"
                          + (f"; looked in {', '.join(n.looked)}" if n.looked else ""))
-    backbones, passes = needs.work(r, s.data, limited=s.limit is not None)
+    backbones, passes = needs.work(r, s.data, limit=s.limit)
     lines.append(f"work: {backbones} backbone(s), {passes:,} image passes in all (images x backbones, one "
                  f"extraction per backbone and split; methods add their own passes, e.g. DatUS^2's crops)")
     return lines

@@ -240,10 +240,10 @@ def _locate(m: Measure, data_roots: dict[str, str], options: dict) -> DataNeed:
     return need
 
 
-def work(recipe: Recipe, needs: list[DataNeed], runnable_only: bool = False, limited: bool = False) -> tuple[int, int]:
+def work(recipe: Recipe, needs: list[DataNeed], runnable_only: bool = False, limit: int | None = None) -> tuple[int, int]:
     """(backbones, image passes in all): one extraction pass per (backbone, dataset split), of the paper's image
-    count where the recipe gives it (else of the images found here); ``limited`` (--limit): of the images
-    found here, which the limit already cut."""
+    count where the recipe gives it (else of the images found here); with ``limit`` (--limit): of the images
+    found here, which the limit already cut (absent data: the limit, or the paper's count if fewer)."""
     found = {n.key: n for n in needs}
     passes, backbones = {}, set()
     for cell in recipe.cells:
@@ -252,7 +252,10 @@ def work(recipe: Recipe, needs: list[DataNeed], runnable_only: bool = False, lim
             continue
         need = found.get((m.dataset, m.split, m.options))
         found_here = need.images if need and need.present else None
-        images = (found_here if limited else m.images or found_here) or 0  # the paper's work, unless limited
+        if limit is not None:  # this run's work
+            images = found_here if found_here is not None else min(limit, m.images or limit)
+        else:  # the paper's work
+            images = m.images or found_here or 0
         passes[(m.backbone, m.dataset, m.split, m.options)] = images
         backbones.add(m.backbone)
     return len(backbones), sum(passes.values())
