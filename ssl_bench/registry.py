@@ -213,6 +213,7 @@ class TaskSpec:
         if unknown:
             raise UserError(
                 f"task '{self.name}' has no parameter(s) {sorted(unknown)} -- known: {sorted(self.params)}"
+                f"{self._renamed_hint(sorted(unknown)[0])}"
             )
         what = f"task '{self.name}' parameter"
         for key, value in (overrides or {}).items():
@@ -229,6 +230,9 @@ class TaskSpec:
         """The task's parameters without the stage parameters its file sets (``slot.param`` keys)."""
         return {key: v for key, v in self.params.items() if "." not in key}
 
+    def _renamed_hint(self, key: str) -> str:
+        return f" ({key} is now {self.renamed[key]}: renamed by a later version)" if key in self.renamed else ""
+
     def _resolve_composed(self, overrides: dict) -> dict:
         dotted = {key: v for key, v in overrides.items() if "." in key}
         plain = {key: v for key, v in overrides.items() if "." not in key}
@@ -236,8 +240,7 @@ class TaskSpec:
         unknown = set(plain) - set(own) | {key for key in dotted if key.split(".", 1)[0] not in self.stages}
         if unknown:
             first = sorted(unknown)[0]
-            hint = (f" ({first} is now {self.renamed[first]}: renamed by a later version)" if first in self.renamed
-                    else _dotted_hint(first, self))
+            hint = self._renamed_hint(first) or _dotted_hint(first, self)
             raise UserError(f"task '{self.name}' has no parameter(s) {sorted(unknown)} -- known: {sorted(own)}"
                             f"{hint}")
         what = f"task '{self.name}' parameter"

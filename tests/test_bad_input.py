@@ -298,3 +298,8 @@ def test_a_cache_that_cannot_be_a_folder_is_one_line_for_run_and_sweep(cli, tmp_
 
     assert one_line(UserError("a line -- the fix")) == "a line -- the fix"  # no class name before a user's line
     assert one_line(ValueError("bad")) == "ValueError: bad"
+
+
+def test_a_k_past_the_patches_is_said_before_the_memory_it_would_take(cli, machine_of_24_gib):
+    code, out = cli("run", "-o", "n=4", "--k", "100000")  # 4 images hold far fewer patches than that
+    assert code == 2 and "K=100000 clusters need at least 100000 patches" in one_error_line(out)

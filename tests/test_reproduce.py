@@ -442,3 +442,16 @@ def test_the_plan_lists_the_weights_a_task_and_its_stages_declare(tmp_path):
     mine = Measure(backbone="dino-vits8", task="comus", dataset="voc2012",
                    params=(("denoise", False), ("segmenter", "saliency-basnet"), ("segmenter.weights", str(own))))
     assert needs.declared_weights(mine) == []
+
+
+def test_a_refusal_names_only_the_fixes_that_apply(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSL_BENCH_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("SSL_BENCH_SHARED_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.delenv("SSL_BENCH_DATA", raising=False)
+    smoke = rep.cannot_run(rep.setup(rep.load("datus2-table4"), weights_choice="random"))
+    assert "data not found: suim" in smoke and "--weights random" not in smoke  # it has random weights already
+    full = rep.cannot_run(rep.setup(rep.load("datus2-table4")))
+    assert "weight file(s) not found" in full and "; without the weights, --weights random makes a smoke run" in full
+    plan = "\n".join(rep.describe(rep.setup(rep.load("datus2-table4"), weights_choice="random", limit=8)))
+    assert "MISSING -- download" not in plan and "weights: random (--weights random)" in plan
+    assert "work: 1 backbone(s), 8 image passes" in plan  # the limit, not the paper's 110 images

@@ -208,3 +208,22 @@ def test_a_task_file_with_a_missing_or_unknown_key_names_them(own, monkeypatch):
     message = str(err.value)
     assert "bad.yaml: bad task entry: unknown key(s) foo; missing key(s) title, entrypoint -- keys: name," in message
     assert "__init__" not in message and "source" not in message.split("keys:")[1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("uses_labels: {nope: [x]}\n", "uses_labels maps parameters of the task"),
+    ("renamed: {old_iters: nope}\n", "renamed: old_iters -> nope names no parameter of the task"),
+    ("slow_on_cpu: {when: {nope: 1}, why: w, instead: i}\n", "slow_on_cpu needs when"),
+])
+def test_declarative_task_keys_that_name_no_parameter_are_one_line(own, monkeypatch, extra, message):
+    (own / "tasks" / "mine.yaml").write_text(TASK.replace("NAME", "my-declared") + extra)
+    monkeypatch.setenv(registry.REGISTRY_ENV, str(own))
+    with pytest.raises(UserError, match=message):
+        registry.tasks()
+    (own / "tasks" / "mine.yaml").write_text(TASK.replace("NAME", "my-declared")
+                                             + "renamed: {iters: iterations}\nuses_labels: {crf: [true]}\n")
+    registry.refresh()
+    spec = registry.tasks()["my-declared"]
+    assert spec.reads_ground_truth({"crf": True}) and not spec.reads_ground_truth({"crf": False})
+    with pytest.raises(UserError, match=r"iters is now iterations"):
+        spec.resolve_params({"iters": 3})
