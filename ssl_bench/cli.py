@@ -521,7 +521,7 @@ def regress(
             raise SystemExit(2)
         measured = len(report.cells("ok", "drift", "new", "weights"))
         kept = len(written.cells) - measured
-        out.print(f"wrote {measured} cell{'' if measured == 1 else 's'} to {baselines_path} ({len(report.cells('drift'))} moved beyond tolerance, "
+        out.print(f"wrote {registry.counted(measured, 'cell')} to {baselines_path} ({len(report.cells('drift'))} moved beyond tolerance, "
                   f"{len(report.cells('new'))} new, {len(report.cells('gone'))} gone and dropped, {kept} kept without "
                   f"running); review and commit it", highlight=False)
         return

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from .features import TIMING_FILE
 from .integrity import Damaged, read_checked_json
-from .sweep import Plan, counted
+from .registry import counted
+from .sweep import Plan
 
 CELL_STAGES = ("labels", "task", "evaluate")  # an extraction is priced on its own, once per cache entry
 

@@ -316,6 +316,11 @@ _BRIEF = reprlib.Repr()
 _BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother = 3, 6, 6, 6, 60, 60
 
 
+def counted(n: int, thing: str) -> str:
+    """``1 cell``, ``2 cells``."""
+    return f"{n} {thing}" + ("" if n == 1 else "s")
+
+
 def brief(value) -> str:
     """``repr(value)`` cut to a line: an error message quotes what the user gave, never all of a huge value."""
     return _BRIEF.repr(value)

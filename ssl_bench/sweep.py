@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import registry, versions
-from .registry import brief
+from .registry import brief, counted
 from .data.protocol import Protocol
 from .errors import UserError
 from .kbounds import KIsClasses
@@ -84,8 +84,6 @@ class Grid:
             registry.backbone(choice.name)  # unknown names fail now, with a suggestion, not mid-sweep
         for choice in self.tasks:
             registry.task(choice.name).resolve_params(dict(choice.params))
-        for k in self.ks:
-            resolve_k(k, 1)
 
 
 def resolve_k(k: int | str, num_classes: int) -> int:
@@ -549,11 +547,6 @@ def describe(plan: Plan) -> list[str]:
 
 
 # ---- outcome ------------------------------------------------------------------------------------------
-
-def counted(n: int, thing: str) -> str:
-    """``1 cell``, ``2 cells``."""
-    return f"{n} {thing}" + ("" if n == 1 else "s")
-
 
 @dataclass
 class SweepSummary:

@@ -238,7 +238,8 @@ def run(ctx):
         with ctx.timed("training"):
             model.fit(fit_input, proposals, ctx.seed, None if head is None else head.clusters)
         hist = model.history
-        stats.update(steps=model.steps, teacher_updates=model.teacher_updates if p["ema"] else None, final_loss=hist["loss"][-1] if hist["loss"] else None,
+        stats.update(steps=model.steps, teacher_updates=model.teacher_updates if p["ema"] else None,
+                     final_loss=hist["loss"][-1] if hist["loss"] else None,
                      pseudo_fraction=float(np.mean(hist["pseudo_fraction"])) if hist["loss"] else None,
                      augmentation=p["augment"], train_resolution=p["train_resolution"])
 

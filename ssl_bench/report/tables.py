@@ -458,8 +458,7 @@ def _largest_subsets(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
             shown = [row not in covered for row in rows]
             keep += list(in_column.index[shown])
             if not all(shown):
-                left_out = len(shown) - sum(shown)
-                hidden.append(f"{column} ({left_out} run{'' if left_out == 1 else 's'})")
+                hidden.append(f"{column} ({registry.counted(len(shown) - sum(shown), 'run')})")
             covered |= set(rows)
     return frame.loc[keep], sorted(hidden)
 

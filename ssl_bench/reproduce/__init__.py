@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from ..registry import counted
 from . import needs
 from .compare import Observation, Outcome, comparison_table, outcome, verdict, verdict_text
 from .recipe import Measure, PaperCell, Recipe, load, recipe_paths
@@ -177,8 +178,8 @@ def describe(s: Setup) -> list[str]:
     r = s.recipe
     lines = [f"{r.name}: {r.title}", f"  paper: {r.reference}"]
     runnable = sum(s.not_run(c.measure) is None for c in r.cells)
-    lines.append(f"  {len(r.rows)} row{'' if len(r.rows) == 1 else 's'}, {len(r.cells)} paper value"
-                 f"{'' if len(r.cells) == 1 else 's'}; {runnable} can run here")
+    lines.append(f"  {counted(len(r.rows), 'row')}, {counted(len(r.cells), 'paper value')}; "
+                 f"{runnable} can run here")
     lines.append("rows:")
     for row in r.rows:
         cells = [c for c in r.cells if c.row == row]
